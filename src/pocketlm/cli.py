@@ -1,0 +1,321 @@
+"""`pocketlm <verb>`: the only entry point. Each verb is one plain function over parsed arguments.
+
+MODEL, wherever it appears, is a checkpoint folder (official Hugging Face layout), a weight file
+(`.safetensors` with `config.json` beside it, or `.gguf`), or a preset name (a randomly initialised model with
+that exact structure, see `pocketlm info --presets`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pocketlm.errors import PocketLMError
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------------------
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder, .safetensors/.gguf file, or preset name")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer folder or .gguf (default: the model's own, else the bundled Phi-3 tokenizer)")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--chat-format", default=None, help="chat format name (default: the model's)")
+
+
+def _sampling(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def _load(args):
+    from pocketlm.api import load
+    return load(args.model, dtype=args.dtype)
+
+
+def _tokenizer_for(args, model):
+    from pocketlm.tokenizer import Tokenizer
+    source = args.tokenizer
+    if source is None:
+        p = Path(args.model)
+        folder = p if p.is_dir() else p.parent
+        if p.suffix == ".gguf":
+            source = p
+        elif p.exists() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+            source = folder
+    tok = Tokenizer.from_pretrained(source) if source is not None else Tokenizer.default()
+    if len(tok) > model.config.vocab_size:
+        raise PocketLMError(f"the tokenizer defines {len(tok)} ids but the model has only "
+                            f"{model.config.vocab_size} embedding rows")
+    return tok
+
+
+def _chat_format(args, model) -> str:
+    return args.chat_format or model.config.chat_format
+
+
+def _print_stats(result, file=sys.stderr) -> None:
+    # the figures `ollama run --verbose` prints
+    print(f"\nprompt eval count:    {result.prompt_tokens} token(s)\n"
+          f"prompt eval duration: {result.prompt_seconds * 1000:.1f} ms\n"
+          f"prompt eval rate:     {result.prompt_tokens_per_s:.2f} tokens/s\n"
+          f"eval count:           {result.completion_tokens} token(s)\n"
+          f"eval duration:        {result.decode_seconds * 1000:.1f} ms\n"
+          f"eval rate:            {result.decode_tokens_per_s:.2f} tokens/s\n"
+          f"finish reason:        {result.finish_reason}", file=file)
+
+
+def _stream_to_stdout(model, tok, prompt, args):
+    from pocketlm.engine.generate import GenerationResult, stream_events
+    result = None
+    for event in stream_events(model, tok, prompt, chat_format=_chat_format(args, model), **_sampling(args)):
+        if isinstance(event, GenerationResult):
+            result = event
+        else:
+            sys.stdout.write(event)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return result
+
+
+# ---- verbs --------------------------------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    """Generate a reply to one prompt (chat format unless --raw) and print it as it is produced."""
+    model = _load(args)
+    tok = _tokenizer_for(args, model)
+    prompt = args.prompt if args.raw else [{"role": "system", "content": args.system}] * bool(args.system) + [
+        {"role": "user", "content": args.prompt}]
+    result = _stream_to_stdout(model, tok, prompt, args)
+    if args.verbose:
+        _print_stats(result)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive multi-turn chat. /reset clears the conversation, /exit (or Ctrl-D) quits."""
+    model = _load(args)
+    tok = _tokenizer_for(args, model)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    print(f"pocketlm chat: {model.config.name or args.model} ({_chat_format(args, model)}); "
+          "/reset to start over, /exit to quit", file=sys.stderr)
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.rstrip("\n")
+        if text.strip() in ("/exit", "/quit", "/bye"):
+            break
+        if text.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        result = _stream_to_stdout(model, tok, messages, args)
+        messages.append({"role": "assistant", "content": result.text})
+        print(f"[{result.completion_tokens} tokens, {result.decode_tokens_per_s:.1f} tokens/s, "
+              f"prompt {result.prompt_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _describe(config, *, source: str, file_info: dict | None = None) -> dict:
+    n = config.num_parameters()
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+    rs = config.rope_scaling
+    info = {
+        "model": source,
+        "architecture": "Phi3ForCausalLM",
+        "parameters": n,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "attention_heads": config.num_attention_heads,
+        "kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "context_length": config.max_position_embeddings,
+        "rope": (f"LongRoPE (theta {config.rope_theta:g}, switch above {config.original_max_position_embeddings}, "
+                 f"magnitude {config.rope_attention_factor:.6f}, policy {config.longrope_policy})" if rs else
+                 f"RoPE (theta {config.rope_theta:g})"),
+        "sliding_window": (f"{config.sliding_window} ({config.attention_window} visible keys)"
+                           if config.sliding_window is not None else None),
+        "tied_embeddings": config.tie_word_embeddings,
+        "chat_format": config.chat_format,
+        "weights_bytes": {"float32": 4 * n, "bfloat16": 2 * n},
+        "kv_cache_bytes_per_token_bf16": 2 * kv_per_token,
+        "kv_cache_bytes_full_context_bf16": 2 * kv_per_token * config.max_position_embeddings,
+    }
+    if file_info:
+        info.update(file_info)
+    return info
+
+
+def _gib(x: int) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.1f} MiB"
+
+
+def cmd_info(args) -> int:
+    """Architecture, parameter count and memory of a model, without loading its weights."""
+    from pocketlm.config import PRESETS, Phi3Config, preset
+    if args.presets:
+        for name in PRESETS:
+            c = preset(name)
+            print(f"{name:20s} {c.num_parameters() / 1e9:7.3f}B  layers {c.num_hidden_layers:2d}  hidden "
+                  f"{c.hidden_size:5d}  heads {c.num_attention_heads}/{c.num_key_value_heads}  context "
+                  f"{c.max_position_embeddings}")
+        return 0
+    if args.model is None:
+        raise PocketLMError("info needs MODEL (or --presets)")
+    path = Path(args.model)
+    file_info = None
+    if path.exists() and path.suffix == ".gguf":
+        from pocketlm.formats.gguf_model import gguf_config
+        config, file_info = gguf_config(path)
+    elif path.exists():
+        folder = path if path.is_dir() else path.parent
+        config = Phi3Config.from_json_file(folder / "config.json")
+        from pocketlm.formats.safetensors_io import CheckpointReader
+        with CheckpointReader(path) as r:
+            dtypes = sorted({str(r.dtype(k)).replace("torch.", "") for k in r.keys()})
+            file_info = {"files": [str(f) for f in r.files], "file_bytes": r.total_bytes, "file_dtypes": dtypes}
+    elif args.model in PRESETS:
+        config = preset(args.model)
+    else:
+        raise PocketLMError(f"{args.model!r} is neither an existing path nor a preset; presets: {sorted(PRESETS)}")
+    info = _describe(config, source=args.model, file_info=file_info)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model            {info['model']}")
+    print(f"architecture     {info['architecture']}")
+    print(f"parameters       {info['parameters'] / 1e9:.2f}B ({info['parameters']:,})")
+    print(f"layers           {info['layers']}")
+    print(f"hidden / ffn     {info['hidden_size']} / {info['intermediate_size']}")
+    print(f"heads (q / kv)   {info['attention_heads']} / {info['kv_heads']} x {info['head_dim']}")
+    print(f"vocabulary       {info['vocab_size']}")
+    print(f"context          {info['context_length']}")
+    print(f"position         {info['rope']}")
+    print(f"sliding window   {info['sliding_window'] or 'none'}")
+    print(f"tied embeddings  {info['tied_embeddings']}")
+    print(f"chat format      {info['chat_format']}")
+    print(f"weights          {_gib(info['weights_bytes']['bfloat16'])} bf16, "
+          f"{_gib(info['weights_bytes']['float32'])} fp32")
+    print(f"KV cache (bf16)  {info['kv_cache_bytes_per_token_bf16'] // 1024} KiB/token, "
+          f"{_gib(info['kv_cache_bytes_full_context_bf16'])} at {info['context_length']} tokens")
+    if file_info and "file_bytes" in file_info:
+        print(f"files            {len(file_info['files'])} ({_gib(file_info['file_bytes'])}, "
+              f"{', '.join(file_info['file_dtypes'])})")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    """Write MODEL (preset, folder, .safetensors or .gguf) as an official-layout checkpoint folder."""
+    from pocketlm.formats.hf import save_checkpoint
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise PocketLMError(f"{out} exists and is not empty; pass --force to write into it")
+    t = time.perf_counter()
+    model = _load(args)
+    tok = _tokenizer_for(args, model)
+    save_checkpoint(model, out, dtype=args.dtype, max_shard_bytes=_parse_size(args.max_shard_size),
+                    tokenizer=tok)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out} ({', '.join(files)}) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = text.strip().upper()
+    num = s.rstrip("KMGIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise PocketLMError(f"--max-shard-size {text!r} is not a size like 2GB, 500MB or 1GiB") from None
+    if value < 1:
+        raise PocketLMError(f"--max-shard-size {text!r} must be positive")
+    return int(value)
+
+
+# ---- the table ------------------------------------------------------------------------------------------------------
+
+COMMANDS = {
+    "run": cmd_run,
+    "chat": cmd_chat,
+    "info": cmd_info,
+    "convert": cmd_convert,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pocketlm", description="Phi-3 models, end to end, on your machine.")
+    parser.add_argument("--version", action="version", version=f"pocketlm {__import__('pocketlm').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
+    _add_model(p)
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
+    p.add_argument("--system", default=None, help="system message (chat format only)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print prompt and decode tokens/s")
+    _add_sampling(p)
+
+    p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
+    _add_model(p)
+    p.add_argument("--system", default=None, help="system message")
+    _add_sampling(p)
+
+    p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
+    p.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint folder, weight file or preset name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--presets", action="store_true", help="list the presets")
+
+    p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
+    _add_model(p)
+    p.add_argument("output", metavar="OUTPUT", help="folder to write")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--force", action="store_true", help="write into a non-empty folder")
+
+    assert set(sub.choices) == set(COMMANDS), "COMMANDS and the subparsers must list the same verbs"
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PocketLMError as e:
+        print(f"pocketlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

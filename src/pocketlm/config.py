@@ -1,0 +1,362 @@
+"""Phi-3 architecture configuration: one frozen dataclass, named presets looked up exactly, and the Hugging Face
+`config.json` reader/writer.
+
+The maths each field controls is in ../shared/phi3-spec.md (§1 variant table, §3.2-3.3 RoPE/LongRoPE, §3.8 the
+sliding window). This module imports nothing heavy (no torch), so the CLI and the data pipeline can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pocketlm import longrope_factors
+from pocketlm.errors import ConfigError
+
+ROPE_POLICIES = ("dynamic", "long", "short")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """LongRoPE ("su"/"longrope") per-frequency rescale factors (phi3-spec §3.3)."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    attention_factor: float | None = None  # explicit magnitude m; None = sqrt(1 + ln(s)/ln(orig)), s = max/orig
+    short_mscale: float | None = None  # PhiMoE-style per-mode magnitude overrides (absent in Phi-3 configs)
+    long_mscale: float | None = None
+
+
+@dataclass(frozen=True)
+class Phi3Config:
+    vocab_size: int = 32064  # embedding rows; the tokenizer defines 32011 ids, 32011-32063 are padding rows
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # < num_attention_heads: grouped-query attention (medium: 10)
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096  # the LongRoPE switch point
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0  # fraction of head_dim that is rotated (1.0 for every Phi-3 model)
+    sliding_window: int | None = None  # as written in config.json (2047 for the 4k models)
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 32000
+    pad_token_id: int | None = 32000
+    initializer_range: float = 0.02
+    torch_dtype: str = "bfloat16"
+    # --- pocketlm runtime choices (not part of the checkpoint's architecture) ---
+    chat_format: str = "phi3-mini-2024-07"
+    longrope_policy: str = "dynamic"
+    """How the LongRoPE factor set is chosen: "dynamic" is the reference rule (long factors iff the whole sequence
+    is longer than original_max_position_embeddings; a KV cache built with short factors is rebuilt when a sequence
+    crosses the boundary); "long" / "short" use one set for every length (what llama.cpp and vLLM do when they
+    serve a context longer / not longer than original_max_position_embeddings)."""
+    window_keys: int | None = None
+    """Keys a query sees under the sliding window, itself included. None = sliding_window + 1: flash-attn
+    semantics, which the 4k checkpoints were trained with (2047 -> 2048 keys; newer transformers SDPA masks
+    show 2047). Ignored when sliding_window is None."""
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings")
+        for key in positive:
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                              f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                              f"num_key_value_heads {self.num_key_value_heads}")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
+            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} gives an odd or empty rotary "
+                              f"dimension {self.rotary_dim} for head_dim {self.head_dim}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
+        if self.window_keys is not None and self.window_keys <= 0:
+            raise ConfigError(f"window_keys must be a positive integer or None, got {self.window_keys!r}")
+        if self.longrope_policy not in ROPE_POLICIES:
+            raise ConfigError(f"longrope_policy {self.longrope_policy!r} is not one of {ROPE_POLICIES}")
+        if self.torch_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of float32, float16, bfloat16")
+        for key in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(f"{key} {value} is outside the vocabulary [0, {self.vocab_size})")
+        rs = self.rope_scaling
+        if rs is not None:
+            n = self.rotary_dim // 2
+            for key in ("short_factor", "long_factor"):
+                factors = getattr(rs, key)
+                if len(factors) != n:
+                    raise ConfigError(f"rope_scaling.{key} has {len(factors)} entries; rotary dimension "
+                                      f"{self.rotary_dim} needs {n}")
+                if not all(isinstance(f, (int, float)) and f > 0 and math.isfinite(f) for f in factors):
+                    raise ConfigError(f"rope_scaling.{key} must hold positive finite numbers, got {list(factors)}")
+
+    # ---- derived quantities -------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_window(self) -> int | None:
+        """Number of keys (self included) a query attends to; None = unlimited (causal only)."""
+        if self.sliding_window is None:
+            return None
+        return self.window_keys if self.window_keys is not None else self.sliding_window + 1
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """LongRoPE magnitude m applied to cos and sin in both modes (phi3-spec §3.3); 1.0 without scaling."""
+        rs = self.rope_scaling
+        if rs is None:
+            return 1.0
+        if rs.attention_factor is not None:
+            return float(rs.attention_factor)
+        s = self.max_position_embeddings / self.original_max_position_embeddings
+        return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(self.original_max_position_embeddings))
+
+    def num_parameters(self) -> int:
+        h, i, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * hd
+        per_layer = qkv + h * h + 2 * i * h + i * h + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_hidden_layers * per_layer + h + head
+
+    # ---- Hugging Face config.json ------------------------------------------------------------------------
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> Phi3Config:
+        """Build a config from a parsed Hugging Face `config.json` (Phi3ForCausalLM, model_type "phi3")."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        model_type = d.get("model_type")
+        if model_type != "phi3":
+            raise ConfigError(f"{source}: model_type {model_type!r} is not supported; pocketlm loads 'phi3' "
+                              "checkpoints (Phi-3-mini, Phi-3-medium, Phi-3.5-mini)")
+        for key in ("attention_bias", "mlp_bias", "lm_head_bias"):
+            if d.get(key):
+                raise ConfigError(f"{source}: {key}=true is not part of the Phi-3 architecture")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Phi-3 uses 'silu')")
+
+        def get(key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+            value = d.get(key, default)
+            if value is None and default is None:
+                return None
+            if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+                raise ConfigError(f"{source}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+            return value
+
+        heads = get("num_attention_heads", int, 32)
+        rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+        scaling = d.get("rope_scaling") or rope_params or None
+        theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        original = d.get("original_max_position_embeddings")
+        if isinstance(scaling, dict) and scaling.get("original_max_position_embeddings") is not None:
+            original = original or scaling["original_max_position_embeddings"]
+        max_pos = get("max_position_embeddings", int, 4096)
+        eos = d.get("eos_token_id", 32000)
+        if isinstance(eos, list):
+            eos = tuple(eos)
+        partial = d.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0))
+        dtype = d.get("torch_dtype", d.get("dtype", "bfloat16")) or "bfloat16"
+        try:
+            return cls(
+                vocab_size=get("vocab_size", int, 32064),
+                hidden_size=get("hidden_size", int, 3072),
+                intermediate_size=get("intermediate_size", int, 8192),
+                num_hidden_layers=get("num_hidden_layers", int, 32),
+                num_attention_heads=heads,
+                num_key_value_heads=get("num_key_value_heads", int, heads) or heads,
+                max_position_embeddings=max_pos,
+                original_max_position_embeddings=int(original or max_pos),
+                rope_theta=float(theta),
+                rope_scaling=_parse_rope_scaling(scaling, source),
+                partial_rotary_factor=float(partial),
+                sliding_window=get("sliding_window", int, None),
+                rms_norm_eps=float(get("rms_norm_eps", (int, float), 1e-5)),
+                tie_word_embeddings=get("tie_word_embeddings", bool, False),
+                bos_token_id=get("bos_token_id", int, None),
+                eos_token_id=eos,
+                pad_token_id=get("pad_token_id", int, None),
+                initializer_range=float(get("initializer_range", (int, float), 0.02)),
+                torch_dtype=str(dtype),
+                name=d.get("_name_or_path") if isinstance(d.get("_name_or_path"), str) else None,
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> Phi3Config:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config.json not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read config.json ({e})") from None
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` that transformers' Phi3ForCausalLM (and pocketlm) load."""
+        d: dict[str, Any] = {
+            "architectures": ["Phi3ForCausalLM"],
+            "model_type": "phi3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "sliding_window": self.sliding_window,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "initializer_range": self.initializer_range,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+            "torch_dtype": self.torch_dtype,
+            "use_cache": True,
+        }
+        if self.partial_rotary_factor != 1.0:
+            d["partial_rotary_factor"] = self.partial_rotary_factor
+        rs = self.rope_scaling
+        if rs is not None:
+            d["rope_scaling"] = {"type": "longrope", "short_factor": list(rs.short_factor),
+                                 "long_factor": list(rs.long_factor)}
+            for key in ("attention_factor", "short_mscale", "long_mscale"):
+                if getattr(rs, key) is not None:
+                    d["rope_scaling"][key] = getattr(rs, key)
+        if self.name:
+            d["_name_or_path"] = self.name
+        return d
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def replace(self, **changes: Any) -> Phi3Config:
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config fields {sorted(unknown)}")
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _parse_rope_scaling(scaling: Any, source: str) -> RopeScaling | None:
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object or null, got {scaling!r}")
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind in (None, "default") and "short_factor" not in scaling:
+        return None
+    if kind not in ("su", "longrope"):
+        raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported; Phi-3 uses 'su' or 'longrope'")
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = scaling.get(key)
+        if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  for x in value):
+            raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers, got {value!r}")
+        factors[key] = tuple(float(x) for x in value)
+    extras = {}
+    for key in ("attention_factor", "short_mscale", "long_mscale"):
+        value = scaling.get(key)
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{source}: rope_scaling.{key} must be a positive number, got {value!r}")
+            extras[key] = float(value)
+    return RopeScaling(**factors, **extras)
+
+
+def _longrope(factors: dict[str, list[float]]) -> RopeScaling:
+    return RopeScaling(short_factor=tuple(factors["short_factor"]), long_factor=tuple(factors["long_factor"]))
+
+
+def _ramp(n: int, lo: float, hi: float) -> tuple[float, ...]:
+    return tuple(lo + (hi - lo) * i / (n - 1) for i in range(n))
+
+
+_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+             num_key_value_heads=32)
+_MEDIUM = dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
+               num_key_value_heads=10, chat_format="phi3-medium")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json
+    "phi-3-mini-4k": dict(**_MINI, max_position_embeddings=4096, sliding_window=2047),
+    # https://huggingface.co/microsoft/Phi-3-mini-128k-instruct/blob/main/config.json (April 2024 factors)
+    "phi-3-mini-128k": dict(**_MINI, max_position_embeddings=131072, sliding_window=262144,
+                            rope_scaling=_longrope(longrope_factors.PHI3_MINI_128K_APRIL_2024)),
+    # https://huggingface.co/microsoft/Phi-3-medium-4k-instruct/blob/main/config.json
+    "phi-3-medium-4k": dict(**_MEDIUM, max_position_embeddings=4096, sliding_window=2047),
+    # https://huggingface.co/microsoft/Phi-3-medium-128k-instruct/blob/main/config.json
+    "phi-3-medium-128k": dict(**_MEDIUM, max_position_embeddings=131072, sliding_window=131072,
+                              pad_token_id=None, rope_scaling=_longrope(longrope_factors.PHI3_MEDIUM_128K)),
+    # https://huggingface.co/microsoft/Phi-3.5-mini-instruct/blob/main/config.json
+    "phi-3.5-mini": dict(**_MINI, max_position_embeddings=131072, sliding_window=262144, chat_format="phi3.5",
+                         rope_scaling=_longrope(longrope_factors.PHI35_MINI)),
+    # --- small structures for tests: the real 32064-row vocabulary so the real tokenizer works with them ---
+    # mini-4k structure (MHA, sliding window 2047 -> 2048 keys)
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=4096, sliding_window=2047, torch_dtype="float32"),
+    # medium structure (GQA 2:1)
+    "tiny-gqa": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=4096, sliding_window=2047,
+                     chat_format="phi3-medium", torch_dtype="float32"),
+    # 128k structure: LongRoPE switching at 4096, 32 factors per set for head_dim 64
+    "tiny-longrope": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, max_position_embeddings=131072, sliding_window=262144,
+                          rope_scaling=RopeScaling(short_factor=_ramp(32, 1.0, 3.0), long_factor=_ramp(32, 1.0, 64.0)),
+                          torch_dtype="float32"),
+    # --- the small models we train ourselves (issue 8 sizes them for the CPU and GPU recipes) ---
+    "nano": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
+                 torch_dtype="float32"),
+    "micro": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True,
+                  torch_dtype="float32"),
+}
+
+
+def preset(name: str) -> Phi3Config:
+    """The named preset, looked up exactly (no fuzzy matching)."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"{name!r} is not a preset; choose from {sorted(PRESETS)}")
+    return Phi3Config(**PRESETS[name], name=name)

@@ -1,0 +1,149 @@
+"""The official Hugging Face checkpoint layout for Phi-3: `config.json` + `model.safetensors` (or shards with
+`model.safetensors.index.json`), optionally with the tokenizer files beside them.
+
+The one name/shape table lives here (`expected_shapes`); pocketlm's module names are the checkpoint's names
+(phi3-spec §2.1), so no renaming happens. Loading builds the model on the meta device and fills it one tensor
+at a time from memory-mapped files, so it never needs twice the model's memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pocketlm.config import Phi3Config
+from pocketlm.errors import WeightFormatError
+from pocketlm.formats.safetensors_io import CheckpointReader, write_checkpoint
+from pocketlm.model import Phi3ForCausalLM
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# generation_config.json of the instruct checkpoints: stop on <|endoftext|>, <|assistant|>, <|end|>
+GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
+
+
+def expected_shapes(config: Phi3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Phi-3 checkpoint with its shape (PyTorch order: Linear weights are (out, in))."""
+    h, i, v, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.qkv_proj.weight"] = (qkv_rows, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, config.num_attention_heads * hd)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+    shapes["model.norm.weight"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: Phi3Config) -> torch.dtype:
+    if dtype is None:
+        return DTYPES[config.torch_dtype]
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise WeightFormatError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+        return dtype
+    if dtype not in DTYPES:
+        raise WeightFormatError(f"dtype {dtype!r} is not supported; choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def empty_model(config: Phi3Config, dtype: torch.dtype, device: str | torch.device = "cpu") -> Phi3ForCausalLM:
+    """The model with uninitialised storage (built on meta, then materialised once)."""
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    # non-persistent RoPE tables were lost on meta: rebuild them in fp32
+    model.rotary_emb = type(model.rotary_emb)(config).to(device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def init_weights(model: Phi3ForCausalLM, seed: int = 0) -> Phi3ForCausalLM:
+    """Random initialisation as the reference does it: N(0, initializer_range) for Linear and Embedding, ones
+    for the norms. Seeded, so the same preset and seed always give the same weights."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+                p.fill_(1.0)
+            elif p.device.type == "cpu":
+                for chunk in p.view(-1).split(1 << 24):  # chunked so a bf16 model never holds an fp32 copy
+                    chunk.copy_(torch.randn(chunk.shape, generator=g) * std)
+            else:
+                p.copy_((torch.randn(p.shape, generator=g) * std).to(p.device))
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu", config: Phi3Config | None = None) -> Phi3ForCausalLM:
+    """Load an official-layout checkpoint folder (or a `.safetensors` file with `config.json` beside it)."""
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    if not folder.is_dir():
+        raise WeightFormatError(f"{path}: no such checkpoint folder")
+    if config is None:
+        config = Phi3Config.from_json_file(folder / "config.json")
+    dtype = resolve_dtype(dtype, config)
+    expected = expected_shapes(config)
+    with CheckpointReader(path) as reader:
+        names = set(reader.keys())
+        missing = sorted(set(expected) - names)
+        extra = sorted(names - set(expected))
+        if config.tie_word_embeddings and "lm_head.weight" in extra:
+            extra.remove("lm_head.weight")  # some exporters store the tied head too: accepted if identical shape
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensors: {_preview(missing)}")
+        if extra:
+            problems.append(f"unexpected {len(extra)} tensors: {_preview(extra)}")
+        bad = [f"{n} has shape {tuple(reader.shape(n))}, expected {s}"
+               for n, s in expected.items() if n in names and tuple(reader.shape(n)) != s]
+        problems += bad[:8]
+        if problems:
+            raise WeightFormatError(f"{path}: checkpoint does not match config.json "
+                                    f"({config.num_hidden_layers} layers, hidden {config.hidden_size}): "
+                                    + "; ".join(problems))
+        for n in expected:
+            if not reader.dtype(n).is_floating_point:
+                raise WeightFormatError(f"{path}: tensor {n} has dtype {reader.dtype(n)}; weights must be "
+                                        "float32, float16 or bfloat16")
+        model = empty_model(config, dtype, device)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n in expected:
+                params[n].copy_(reader.get(n))  # one tensor in memory at a time; copy_ converts the dtype
+    return model
+
+
+def save_checkpoint(model: Phi3ForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                    max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> Path:
+    """Write `config.json`, `generation_config.json` and the safetensors file(s) in the official layout; with a
+    tokenizer, its files too."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    target = resolve_dtype(dtype, config) if dtype is not None else next(model.parameters()).dtype
+    dtype_name = {v: k for k, v in DTYPES.items()}[target]
+    config.replace(torch_dtype=dtype_name).save_json(folder / "config.json")
+    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    params = dict(model.named_parameters())
+    tensors = ((n, params[n].detach().to("cpu", target)) for n in expected_shapes(config))
+    write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _preview(names: list[str], n: int = 6) -> str:
+    head = ", ".join(names[:n])
+    return head + (f", ... (+{len(names) - n} more)" if len(names) > n else "")

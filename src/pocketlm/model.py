@@ -1,0 +1,234 @@
+"""The Phi-3 decoder (phi-3-mini, phi-3-medium, phi-3.5-mini), all of it in this one file.
+
+Notable features, each defined in ../shared/phi3-spec.md:
+- pre-norm blocks: RMSNorm computed in fp32, weight applied after the cast back (§3.1);
+- rotary embeddings, NeoX "rotate-half" style, with LongRoPE scaling for the 128k models: per-frequency
+  factors, short set iff the sequence fits in `original_max_position_embeddings`, and the magnitude factor
+  m = sqrt(1 + ln(s)/ln(orig)) applied to cos and sin in both modes (§3.2-3.3);
+- fused `qkv_proj` (rows [Q; K; V], contiguous slices) and `gate_up_proj` (rows [gate; up]), names as in the
+  official checkpoints (§2.1), so the state dict is the checkpoint;
+- grouped-query attention (phi-3-medium: 40 query heads share 10 KV heads);
+- the 4k models' sliding window: `sliding_window + 1` visible keys by default, flash-attn semantics (§3.8);
+- a preallocated KV cache for incremental decoding that remembers which LongRoPE factor set its keys were
+  rotated with. Policy at the 4096 boundary: the model refuses to mix factor sets (StaleCacheError); the
+  decode loop then rebuilds the cache from the whole sequence with the long factors, so every step's logits
+  equal a full forward pass over the sequence so far (the rule transformers adopted in PR #33129, §4).
+
+References: transformers `models/phi3/modeling_phi3.py` (v4.41-v5.x) and `modeling_rope_utils.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.config import Phi3Config
+from pocketlm.errors import GenerationError, StaleCacheError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)  # weight applied after the cast, as the reference does
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions; LongRoPE keeps one inverse-frequency set per mode."""
+
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.config = config
+        d = config.rotary_dim
+        exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # (d/2,)
+        rs = config.rope_scaling
+        short = torch.tensor(rs.short_factor, dtype=torch.float32) if rs else torch.ones(d // 2)
+        long = torch.tensor(rs.long_factor, dtype=torch.float32) if rs else torch.ones(d // 2)
+        self.register_buffer("inv_freq_short", 1.0 / (short * config.rope_theta ** exponents), persistent=False)
+        self.register_buffer("inv_freq_long", 1.0 / (long * config.rope_theta ** exponents), persistent=False)
+
+    def magnitude(self, mode: str) -> float:
+        rs = self.config.rope_scaling
+        if rs is not None:
+            override = rs.long_mscale if mode == "long" else rs.short_mscale
+            if override is not None:
+                return override
+        return self.config.rope_attention_factor
+
+    def forward(self, positions: torch.Tensor, mode: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq_long if mode == "long" else self.inv_freq_short
+        freqs = positions[:, None].float() * inv_freq[None, :]  # (T, d/2), fp32 whatever the model dtype
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
+        m = self.magnitude(mode)
+        return (emb.cos() * m).to(dtype), (emb.sin() * m).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin: (T, rotary_dim). Dimensions past rotary_dim pass through."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    out = x_rot * cos + rotate_half(x_rot) * sin
+    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (layers, B, n_kv, capacity, hd)."""
+
+    def __init__(self, config: Phi3Config, batch_size: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0  # positions filled, the same for every layer between forward calls
+        self.rope_mode: str | None = None  # LongRoPE factor set the cached keys were rotated with
+
+    def reset(self) -> None:
+        self.length = 0
+        self.rope_mode = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (B, n_kv, T, hd) at positions [length, length+T); return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # contiguous [Q; K; V] rows
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, L, hd), L = cached + T
+        causal = mask is None and k.shape[2] == T and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           scale=self.head_dim ** -0.5, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, q_size))  # (B, T, hidden)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # rows [gate; up]
+        return self.down_proj(up * F.silu(gate))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Phi3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Phi3ForCausalLM(nn.Module):
+    """`model(input_ids (B, T), cache=None) -> logits (B, T, vocab)`; state-dict names are the checkpoint's."""
+
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.config = config
+        self.model = Phi3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def rope_mode_for(self, seq_len: int) -> str:
+        """The LongRoPE factor set a sequence of `seq_len` tokens needs: "default", "short" or "long"."""
+        c = self.config
+        if c.rope_scaling is None:
+            return "default"
+        if c.longrope_policy != "dynamic":
+            return c.longrope_policy
+        return "long" if seq_len > c.original_max_position_embeddings else "short"  # `>`: 4096 is still short
+
+    def make_cache(self, batch_size: int, capacity: int) -> KVCache:
+        if not 0 < capacity <= self.config.max_position_embeddings:
+            raise GenerationError(f"KV cache capacity {capacity} is outside [1, max_position_embeddings="
+                                  f"{self.config.max_position_embeddings}]")
+        p = self.lm_head.weight
+        return KVCache(self.config, batch_size, capacity, p.dtype, p.device)
+
+    def _mask(self, start: int, T: int, L: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (T, L) mask, True = attend; None when plain causal attention (or no mask) is exact."""
+        window = self.config.attention_window
+        binds = window is not None and L > window
+        if not binds and (T == 1 or start == 0):
+            return None  # decode step sees every key; a prefill from 0 is plain causal (is_causal in SDPA)
+        q_pos = torch.arange(start, start + T, device=device)[:, None]
+        k_pos = torch.arange(L, device=device)[None, :]
+        mask = k_pos <= q_pos
+        if binds:
+            mask &= q_pos - k_pos < window
+        return mask
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                last_only: bool = False) -> torch.Tensor:
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        L = start + T
+        if L > self.config.max_position_embeddings:
+            raise GenerationError(f"sequence of {L} tokens exceeds max_position_embeddings "
+                                  f"{self.config.max_position_embeddings}")
+        mode = self.rope_mode_for(L)
+        if cache is not None:
+            if L > cache.capacity:
+                raise GenerationError(f"{L} tokens do not fit the KV cache of capacity {cache.capacity}")
+            if start > 0 and cache.rope_mode != mode:
+                raise StaleCacheError(f"the KV cache holds {start} keys rotated with the {cache.rope_mode!r} "
+                                      f"LongRoPE factors but a {L}-token sequence needs {mode!r}: reset the cache "
+                                      "and prefill the whole sequence")
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        positions = torch.arange(start, L, device=input_ids.device)
+        cos, sin = self.rotary_emb(positions, mode, x.dtype)  # (T, rotary_dim)
+        mask = self._mask(start, T, L, input_ids.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length, cache.rope_mode = L, mode
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))  # (B, T or 1, vocab)
