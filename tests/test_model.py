@@ -219,3 +219,17 @@ def test_parameter_counts():
     assert round(preset("phi-3-medium-4k").num_parameters() / 1e9, 2) == 13.96
     model = pocketlm.load("tiny-gqa")
     assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
+
+
+def test_chunked_prefill_past_the_switch_with_forced_long_factors():
+    config = preset("tiny-longrope").replace(original_max_position_embeddings=16)
+    model = Phi3ForCausalLM(config).eval()
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(ids)  # 40 > 16: long factors everywhere
+        cache = model.make_cache(1, 40)
+        parts = [model(ids[:, t:t + 8], cache, rope_mode="long") for t in range(0, 40, 8)]
+        with pytest.raises(GenerationError, match="rope_mode 'default'"):
+            model(ids, rope_mode="default")
+    assert cache.rope_mode == "long"
+    assert (torch.cat(parts, 1) - full).abs().max().item() <= TOL

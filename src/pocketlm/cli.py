@@ -135,8 +135,8 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": text})
         result = _stream_to_stdout(model, tok, messages, args)
         messages.append({"role": "assistant", "content": result.text})
-        print(f"[{result.completion_tokens} tokens, {result.decode_tokens_per_s:.1f} tokens/s, "
-              f"prompt {result.prompt_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{result.completion_tokens} tokens at {result.decode_tokens_per_s:.1f} tokens/s; prompt "
+              f"{result.prompt_tokens} tokens at {result.prompt_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

@@ -205,15 +205,23 @@ class Phi3ForCausalLM(nn.Module):
             mask &= q_pos - k_pos < window
         return mask
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
+                rope_mode: str | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+
+        With a cache, `input_ids` continue the cached sequence. `rope_mode` forces the LongRoPE factor set; a
+        chunked prefill passes `rope_mode_for(final length)` so that every chunk of a prompt longer than
+        original_max_position_embeddings uses the long factors (default: `rope_mode_for(cached + T)`).
+        """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
         L = start + T
         if L > self.config.max_position_embeddings:
             raise GenerationError(f"sequence of {L} tokens exceeds max_position_embeddings "
                                   f"{self.config.max_position_embeddings}")
-        mode = self.rope_mode_for(L)
+        mode = self.rope_mode_for(L) if rope_mode is None else rope_mode
+        if mode not in (("short", "long") if self.config.rope_scaling is not None else ("default",)):
+            raise GenerationError(f"rope_mode {mode!r} is not valid for this model")
         if cache is not None:
             if L > cache.capacity:
                 raise GenerationError(f"{L} tokens do not fit the KV cache of capacity {cache.capacity}")

@@ -1,0 +1,189 @@
+"""Logits processing and sampling for one sequence.
+
+`SamplingParams` holds every knob a request can set and checks it once, in `__post_init__`. The processors are
+pure functions over a logits tensor of shape (..., V) and follow HF transformers' warpers exactly (same masks,
+same values; tests/test_sampling.py compares them), applied in HF's order:
+
+    repetition penalty -> temperature -> top-k -> top-p -> min-p -> softmax -> multinomial
+
+Greedy decoding (temperature 0) is argmax over the repetition-penalised logits; top-k/top-p/min-p never remove
+the argmax, so they are skipped, and the seed is ignored.
+
+Reference: transformers `generation/logits_process.py` (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper); the repetition penalty is CTRL's (Keskar et al. 2019,
+https://arxiv.org/abs/1909.05858) with HF's sign rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pocketlm.errors import GenerationError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Settings for one generation request.
+
+    Args:
+        temperature: softmax temperature; 0 means greedy (argmax), which ignores `seed`.
+        top_k: keep only the k most likely tokens; 0 turns it off.
+        top_p: nucleus sampling, keep the smallest set of tokens whose probability sums to at least top_p; 1 = off.
+        min_p: drop tokens whose probability is below min_p times the top token's; 0 = off.
+        repetition_penalty: CTRL penalty over every token of prompt + output (divide positive logits, multiply
+            negative ones); 1 = off, > 1 discourages repeats.
+        seed: seeds the sampler's `torch.Generator`; the same seed gives the same output. None = random.
+        max_tokens: most tokens to generate (the stop token counts).
+        stop: strings that end generation; the output is cut before the first one. At most 16, none empty.
+        stop_token_ids: token ids that end generation, added to the caller's defaults (e.g. `<|end|>`).
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: Sequence[str] = field(default_factory=tuple)
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        def bad(name, value, rule):
+            raise GenerationError(f"{name}={value!r} is invalid: {rule}")
+
+        def is_number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_number(self.temperature) or self.temperature < 0:
+            bad("temperature", self.temperature, "must be a finite number >= 0 (0 = greedy)")
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", self.top_k, "must be an integer >= 0 (0 = off)")
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "must be in (0, 1]")
+        if not is_number(self.min_p) or not 0 <= self.min_p < 1:
+            bad("min_p", self.min_p, "must be in [0, 1)")
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "must be a finite number > 0 (1 = off)")
+        if self.seed is not None and not is_int(self.seed):
+            bad("seed", self.seed, "must be an integer or None")
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            bad("max_tokens", self.max_tokens, "must be an integer >= 1")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, Iterable):
+            bad("stop", self.stop, "must be a string or a list of strings")
+        stop = tuple(stop)
+        if len(stop) > MAX_STOP_STRINGS:
+            bad("stop", self.stop, f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stop)}")
+        if any(not isinstance(s, str) or s == "" for s in stop):
+            bad("stop", self.stop, "every stop string must be a non-empty string")
+        if not isinstance(self.stop_token_ids, Iterable) or isinstance(self.stop_token_ids, str):
+            bad("stop_token_ids", self.stop_token_ids, "must be a list of token ids")
+        ids = tuple(self.stop_token_ids)
+        if any(not is_int(i) or i < 0 for i in ids):
+            bad("stop_token_ids", self.stop_token_ids, "every id must be an integer >= 0")
+        # normalise to tuples so the frozen dataclass stays hashable and immutable
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> torch.Tensor:
+    """CTRL/HF repetition penalty: for every id in `seen_ids`, divide its logit by `penalty` if positive, else
+    multiply. Each id is penalised once however often it occurred. logits: (V,) or (B, V); seen_ids: ids in
+    range, a list or a LongTensor shaped (N,) or (B, N)."""
+    if penalty == 1.0:
+        return logits
+    seen = torch.as_tensor(seen_ids, dtype=torch.long, device=logits.device)
+    if seen.numel() == 0:
+        return logits
+    squeeze = logits.dim() == 1
+    scores = logits.unsqueeze(0) if squeeze else logits  # (B, V)
+    seen = seen.reshape(1, -1) if seen.dim() == 1 else seen  # (B or 1, N)
+    seen = seen.expand(scores.shape[0], -1)
+    score = torch.gather(scores, 1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    out = scores.scatter(1, seen, score)
+    return out.squeeze(0) if squeeze else out
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by the temperature (> 0)."""
+    return logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits (ties with the k-th are kept, as in HF); the rest become -inf. k=0 is a no-op."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k)[0][..., -1, None]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: drop the least likely tokens whose cumulative probability is <= 1 - p; the most likely
+    token is always kept. p=1 is a no-op."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
+    cum_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    sorted_remove = cum_probs <= (1 - p)
+    sorted_remove[..., -1:] = False  # keep at least one token
+    remove = sorted_remove.scatter(-1, sorted_idx, sorted_remove)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below `min_p` times the top token's probability. min_p=0 is a no-op."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    remove = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, torch.topk(probs, 1, dim=-1).indices, False)  # keep at least one token
+    return logits.masked_fill(remove, -math.inf)
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, seen_ids=()) -> torch.Tensor:
+    """All processors in HF's order, for sampling (temperature > 0). Works in float32."""
+    logits = apply_repetition_penalty(logits.float(), seen_ids, params.repetition_penalty)
+    logits = apply_temperature(logits, params.temperature)
+    logits = apply_top_k(logits, params.top_k)
+    logits = apply_top_p(logits, params.top_p)
+    return apply_min_p(logits, params.min_p)
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
+    """A `torch.Generator` on `device`, seeded from `params.seed` (a random seed when None)."""
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           seen_ids=()) -> int:
+    """Pick the next token id from one position's logits (V,).
+
+    Greedy when `params.temperature == 0` (the generator is not used); otherwise the processed distribution is
+    sampled with `torch.multinomial` drawing from `generator`. `seen_ids` (prompt + output so far) feed the
+    repetition penalty.
+    """
+    if params.greedy:
+        logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
+        return int(torch.argmax(logits, dim=-1))
+    probs = torch.softmax(process_logits(logits, params, seen_ids), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,91 @@
+"""The `pocketlm` command: every verb end to end on tiny models, and bad input -> exit 2 with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pocketlm
+from pocketlm import cli
+
+
+def run_cli(*args, stdin=None, timeout=300):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "pocketlm.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_command_table_in_sync():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(sub.choices) == set(cli.COMMANDS)
+    for fn in cli.COMMANDS.values():
+        assert fn.__doc__, f"{fn.__name__} needs a docstring: it is the --help text"
+
+
+def test_info_preset_reports_3_82b(capsys):
+    assert cli.main(["info", "phi-3-mini-4k"]) == 0
+    out = capsys.readouterr().out
+    assert "3.82B" in out and "2048 visible keys" in out and "384 KiB/token" in out
+    assert cli.main(["info", "phi-3-medium-128k", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kv_heads"] == 10 and info["context_length"] == 131072
+    assert info["rope"].startswith("LongRoPE") and "1.190238" in info["rope"]
+    assert cli.main(["info", "--presets"]) == 0
+    assert "phi-3.5-mini" in capsys.readouterr().out
+
+
+def test_convert_and_info_on_folder(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert cli.main(["convert", "tiny", str(out), "--dtype", "bfloat16", "--max-shard-size", "8MB"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in names and "tokenizer.json" in names and "config.json" in names
+    assert cli.main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["file_dtypes"] == ["bfloat16"] and len(info["files"]) > 1
+    a, b = pocketlm.load("tiny", dtype="bfloat16"), pocketlm.load(out)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # refuses to overwrite a non-empty folder
+    assert cli.main(["convert", "tiny", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_run_prints_reply_and_stats():
+    r = run_cli("run", "tiny", "Hello there", "--max-tokens", "8", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "eval rate:" in r.stderr and "prompt eval rate:" in r.stderr
+    assert "eval count:           8 token(s)" in r.stderr or "finish reason:        stop" in r.stderr
+    # greedy is deterministic
+    r2 = run_cli("run", "tiny", "Hello there", "--max-tokens", "8")
+    assert r2.stdout == r.stdout
+
+
+def test_chat_multi_turn():
+    r = run_cli("chat", "tiny", "--max-tokens", "4", stdin="Hi\nHi again\n/reset\nHi\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert "conversation cleared" in r.stderr
+    prompts = [int(x) for x in re.findall(r"prompt (\d+) tokens at", r.stderr)]
+    assert len(prompts) == 3
+    assert prompts[1] > prompts[0] + 4  # the second turn carries the first exchange
+    assert prompts[2] == prompts[0]  # after /reset the conversation starts over
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "no-such-model", "hi"], "neither an existing path nor a preset"),
+    (["run", "tiny", "hi", "--temperature", "-1"], "temperature"),
+    (["run", "tiny", "hi", "--top-p", "0"], "top_p"),
+    (["run", "tiny", "hi", "--max-tokens", "0"], "max_tokens"),
+    (["info", "Phi-3-mini-4k"], "neither an existing path nor a preset"),
+    (["convert", "tiny", "/tmp/x", "--max-shard-size", "lots"], "not a size"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
