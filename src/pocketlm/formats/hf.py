@@ -58,8 +58,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: Phi3Config) -> torch.
 def empty_model(config: Phi3Config, dtype: torch.dtype, device: str | torch.device = "cpu") -> Phi3ForCausalLM:
     """The model with uninitialised storage (built on meta, then materialised once)."""
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+        model = Phi3ForCausalLM(config).to(dtype)  # the dtype is set on meta: storage is allocated once
+    model = model.to_empty(device=device)
     # non-persistent RoPE tables were lost on meta: rebuild them in fp32
     model.rotary_emb = type(model.rotary_emb)(config).to(device)
     if config.tie_word_embeddings:
