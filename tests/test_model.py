@@ -233,3 +233,48 @@ def test_chunked_prefill_past_the_switch_with_forced_long_factors():
             model(ids, rope_mode="default")
     assert cache.rope_mode == "long"
     assert (torch.cat(parts, 1) - full).abs().max().item() <= TOL
+
+
+def test_forward_batched_rows_at_their_own_positions():
+    # two rows of different lengths, left-aligned in a shared slot cache, decode together; plus packing
+    torch.manual_seed(0)
+    config = preset("tiny-gqa").replace(sliding_window=11)  # 12 visible keys: the window binds
+    model = Phi3ForCausalLM(config).eval()
+    a, b = torch.randint(0, 1000, (1, 20)), torch.randint(0, 1000, (1, 9))
+
+    class SlotCache:  # the simplest external cache: per-row lengths, fixed capacity
+        def __init__(self, rows, cap):
+            self.k = torch.zeros(config.num_hidden_layers, rows, config.num_key_value_heads, cap, config.head_dim)
+            self.v = torch.zeros_like(self.k)
+            self.pos = None
+
+        def update(self, layer, k, v):
+            rows = torch.arange(k.shape[0])[:, None]
+            self.k[layer, rows, :, self.pos] = k.transpose(1, 2)
+            self.v[layer, rows, :, self.pos] = v.transpose(1, 2)
+            return self.k[layer], self.v[layer]
+
+    cache = SlotCache(2, 32)
+    k_pos = torch.arange(32)[None].expand(2, 32)
+    with torch.no_grad():
+        for row, ids in enumerate((a, b)):  # prefill each row alone into its slot
+            one = SlotCache(1, 32)
+            one.pos = torch.arange(ids.shape[1])[None]
+            mask = model.attention_mask(one.pos, k_pos[:1], k_valid=k_pos[:1] < ids.shape[1])
+            model.forward_batched(ids, one.pos, mask, one)
+            cache.k[:, row], cache.v[:, row] = one.k[:, 0], one.v[:, 0]
+        lengths = torch.tensor([20, 9])
+        nxt = torch.tensor([[5], [7]])
+        cache.pos = lengths[:, None]
+        mask = model.attention_mask(cache.pos, k_pos, k_valid=k_pos <= lengths[:, None])
+        step = model.forward_batched(nxt, cache.pos, mask, cache)[:, -1]
+        full_a = model(torch.cat([a, nxt[:1]], 1))[:, -1]
+        full_b = model(torch.cat([b, nxt[1:]], 1))[:, -1]
+        assert (step[0] - full_a[0]).abs().max() <= TOL and (step[1] - full_b[0]).abs().max() <= TOL
+        # packing: two documents in one row, positions restart, no attention across the boundary
+        packed = torch.cat([a, b], 1)
+        pos = torch.cat([torch.arange(20), torch.arange(9)])[None]
+        doc = torch.tensor([0] * 20 + [1] * 9)[None]
+        out = model.forward_batched(packed, pos, model.attention_mask(pos, pos, q_doc=doc, k_doc=doc))
+        assert (out[0, 20:] - model(b)[0]).abs().max() <= TOL
+        assert (out[0, :20] - model(a)[0]).abs().max() <= TOL

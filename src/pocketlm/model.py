@@ -76,7 +76,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, hd); cos/sin: (T, rotary_dim). Dimensions past rotary_dim pass through."""
+    """x: (B, H, T, hd); cos/sin: (T, rotary_dim) or (B, 1, T, rotary_dim). Dims past rotary_dim pass through."""
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
     out = x_rot * cos + rotate_half(x_rot) * sin
@@ -237,6 +237,46 @@ class Phi3ForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length, cache.rope_mode = L, mode
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))  # (B, T or 1, vocab)
+
+    # ---- rows at their own positions: continuous batching (serving) and packed sequences (training) ----------
+
+    def attention_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, k_valid: torch.Tensor | None = None,
+                       q_doc: torch.Tensor | None = None, k_doc: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, T, L) boolean mask, True = attend: causal by position, the sliding window, and optionally only
+        valid keys (k_valid (B, L)) of the same document (q_doc (B, T) / k_doc (B, L), for packed sequences)."""
+        q, k = q_pos[:, :, None], k_pos[:, None, :]  # (B, T, 1), (B, 1, L)
+        mask = k <= q
+        window = self.config.attention_window
+        if window is not None:
+            mask &= q - k < window
+        if k_valid is not None:
+            mask &= k_valid[:, None, :]
+        if q_doc is not None:
+            mask &= q_doc[:, :, None] == k_doc[:, None, :]
+        return mask[:, None]
+
+    def forward_batched(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor,
+                        cache=None, *, rope_mode: str | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for rows that sit at their own positions.
+
+        input_ids, positions: (B, T). attn_mask: (B, 1, T, L) boolean (see `attention_mask`); the caller owns
+        the layout. cache: None (L = T), or any object whose `update(layer, k, v)` stores the new (B, n_kv, T, hd)
+        keys/values and returns the (B, n_kv, L, hd) keys/values to attend over. One LongRoPE factor set serves
+        the whole batch (`rope_mode`, default: the set the largest position needs), so a server should pick a
+        static `longrope_policy`.
+        """
+        B, T = input_ids.shape
+        mode = self.rope_mode_for(int(positions.max()) + 1) if rope_mode is None else rope_mode
+        if mode not in (("short", "long") if self.config.rope_scaling is not None else ("default",)):
+            raise GenerationError(f"rope_mode {mode!r} is not valid for this model")
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = self.rotary_emb(positions.reshape(-1), mode, x.dtype)  # (B*T, rotary_dim)
+        cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # broadcast over heads
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, attn_mask, cache)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))  # (B, T or 1, vocab)
