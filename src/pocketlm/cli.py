@@ -8,6 +8,7 @@ that exact structure, see `pocketlm info --presets`).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -267,6 +268,12 @@ COMMANDS = {
     "info": cmd_info,
     "convert": cmd_convert,
 }
+# Verbs whose arguments and function live with their stage: module.add_arguments(parser), module.run(args) -> int.
+STAGE_COMMANDS = {
+    "serve": "pocketlm.serve.commands",
+    "eval": "pocketlm.eval.commands",
+    "train": "pocketlm.train.commands",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
+    for verb, module_name in STAGE_COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and module_name.startswith(e.name):
+                continue  # that stage is not built yet
+            raise
+        doc = (module.__doc__ or verb).strip().splitlines()[0]
+        module.add_arguments(sub.add_parser(verb, help=doc, description=module.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
+        COMMANDS.setdefault(verb, module.run)
     assert set(sub.choices) == set(COMMANDS), "COMMANDS and the subparsers must list the same verbs"
     return parser
 
