@@ -100,21 +100,11 @@ def test_default_window_is_flash_semantics(tmp_path):
 
 
 def greedy_with_cache(model, ids, n):
-    """Reference-free greedy loop over pocketlm's KV cache with the LongRoPE re-prefill policy."""
-    seq = ids[0].tolist()
-    cache = model.make_cache(1, len(seq) + n)
-    logits = model(ids, cache)[:, -1]
-    out = []
-    for _ in range(n):
-        nxt = int(logits.argmax(-1))
-        out.append(nxt)
-        seq.append(nxt)
-        if model.rope_mode_for(len(seq)) != cache.rope_mode:
-            cache.reset()
-            logits = model(torch.tensor([seq]), cache)[:, -1]
-        else:
-            logits = model(torch.tensor([[nxt]]), cache)[:, -1]
-    return out
+    """pocketlm's public decode loop (KV cache, chunked prefill, LongRoPE re-prefill), greedy."""
+    from pocketlm.engine.generate import generate_ids
+    from pocketlm.engine.sampling import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=n)
+    return list(generate_ids(model, ids[0].tolist(), params, prefill_chunk_size=1000))
 
 
 @pytest.mark.parametrize("name", ["phi-3-mini-4k", "phi-3-medium-128k", "phi-3.5-mini"])

@@ -435,10 +435,10 @@ class Tokenizer:
         }
         return json.dumps(doc, ensure_ascii=False, indent=2) + "\n"
 
-    def save_pretrained(self, folder: str | os.PathLike[str]) -> None:
+    def save_pretrained(self, folder: str | os.PathLike[str], *, chat_template: str | None = None) -> None:
         """Write `tokenizer.json` (official layout) and `tokenizer_config.json` (added tokens, bos/eos/unk/pad,
-        add_bos_token; no chat template) into `folder`, which `from_pretrained` and transformers' fast tokenizer
-        both load to the same ids."""
+        add_bos_token, and `chat_template` when given, for other tools) into `folder`, which `from_pretrained`
+        and transformers' fast tokenizer both load to the same ids."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "tokenizer.json").write_text(self.to_tokenizer_json(), encoding="utf-8")
@@ -455,6 +455,8 @@ class Tokenizer:
                        ("pad_token", self._pad)):
             if i is not None:
                 config[key] = self.id_to_token(i)
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
                                                       encoding="utf-8")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,8 +78,7 @@ def init_weights(model: Phi3ForCausalLM, seed: int = 0) -> Phi3ForCausalLM:
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 p.fill_(1.0)
             elif p.device.type == "cpu":
-                for chunk in p.view(-1).split(1 << 24):  # chunked so a bf16 model never holds an fp32 copy
-                    chunk.copy_(torch.randn(chunk.shape, generator=g) * std)
+                p.normal_(0.0, std, generator=g)  # in the parameter's own dtype: no fp32 copy of a bf16 model
             else:
                 p.copy_((torch.randn(p.shape, generator=g) * std).to(p.device))
     return model
@@ -93,6 +93,7 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         raise WeightFormatError(f"{path}: no such checkpoint folder")
     if config is None:
         config = Phi3Config.from_json_file(folder / "config.json")
+        config = config.replace(chat_format=chat_format_of(folder, default=config.chat_format))
     dtype = resolve_dtype(dtype, config)
     expected = expected_shapes(config)
     with CheckpointReader(path) as reader:
@@ -140,8 +141,35 @@ def save_checkpoint(model: Phi3ForCausalLM, folder: str | os.PathLike, *, dtype:
     tensors = ((n, params[n].detach().to("cpu", target)) for n in expected_shapes(config))
     write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        from pocketlm.chat import TEMPLATES
+        # the official template text, as tokenizer_config.json files carry it (real newlines), so that other
+        # tools render the same prompts; pocketlm itself only recognises it (chat_format_of)
+        tokenizer.save_pretrained(folder, chat_template=TEMPLATES[config.chat_format].replace("\\n", "\n"))
     return folder
+
+
+def chat_format_of(folder: Path, *, default: str) -> str:
+    """The chat format whose official template a checkpoint's tokenizer_config.json carries (exact match);
+    `default` when there is none, with a warning when the template is unknown."""
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return default
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return default  # the tokenizer loader reports a broken tokenizer_config.json with its own error
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template") for t in template if isinstance(t, dict)
+                         and t.get("name") == "default"), None)
+    if template is None:
+        return default
+    from pocketlm.chat import format_for_template
+    name = format_for_template(template)
+    if name is None:
+        warnings.warn(f"{path}: chat_template is not one of the official Phi-3 templates; using the "
+                      f"{default!r} format (pass --chat-format to choose)", stacklevel=2)
+        return default
+    return name
 
 
 def _preview(names: list[str], n: int = 6) -> str:

@@ -1,0 +1,318 @@
+"""Request validation: raw JSON bodies -> typed `GenRequest`s, or an `APIError` 400/404 naming the bad field.
+
+Hand-written rather than pydantic models so every rule, bound and message is explicit and the failing field is
+the envelope's `param` (the checklist in RELIABILITY.md §6 item 13; vLLM's and nanochat's bounds). Rules:
+- `model` must be a served name (404 `model_not_found`); JSON types are strict (`true` is not a number, `1.0`
+  is not an integer); numbers must be finite.
+- temperature in [0, 2]; top_p in (0, 1]; n in [1, max_n]; max_tokens (chat also `max_completion_tokens`) >= 1;
+  stop: a string or at most 4 strings of 1..256 characters; seed within int64; logprobs/top_logprobs in
+  [0, 20]; logit_bias keys are token ids of the tokenizer, values in [-100, 100]; presence_penalty and
+  frequency_penalty in [-2, 2]; extensions top_k >= 0, min_p in [0, 1), repetition_penalty in (0, 2].
+- chat `messages` go through `pocketlm.chat.parse_messages` (roles system/user/assistant; `developer` is read
+  as `system`; content a string or text parts); they are rendered by `pocketlm.chat.render`, never by string
+  templating, so message text cannot become control tokens.
+- completions `prompt`: a string, a list of strings, a list of token ids or a list of such lists (each id in
+  the tokenizer's range); encoded with BOS when the tokenizer asks for it.
+- prompt + max_tokens must fit the served context: otherwise 400 `context_length_exceeded` (never silent
+  truncation). max_tokens defaults to what is left of the context.
+- Unsupported features are refused, not ignored: tools/functions, echo, best_of > 1, suffix, and
+  `response_format` schemas with keywords `grammar.py` does not enforce.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from pocketlm import chat
+from pocketlm.engine.sampling import SamplingParams
+from pocketlm.errors import ChatFormatError, GenerationError
+from pocketlm.serve.errors import APIError, bad_request
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+MAX_STOP = 4
+MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20
+MAX_MESSAGES = 1000
+
+
+@dataclass
+class Limits:
+    max_n: int = 8  # most sequences one request may ask for (n x prompts), vLLM CVE-2026-34756
+    context_length: int = 4096  # prompt + max_tokens must fit
+
+
+@dataclass
+class GenRequest:
+    """One validated request: a list of prompts (ids), `n` sequences per prompt and how to sample them."""
+
+    kind: str  # "chat" | "completion"
+    model: str
+    prompts: list[list[int]]
+    n: int
+    params: list[SamplingParams]  # one per prompt (max_tokens depends on the prompt length)
+    stop_token_ids: frozenset[int]
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "schema": ...}
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.prompts) * self.n
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
+
+
+def _type_name(x) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null", int: "integer",
+            float: "number"}.get(type(x), type(x).__name__)
+
+
+def _get_int(body: dict, name: str, default, lo=None, hi=None, *, nullable=True):
+    v = body.get(name, default)
+    if v is None and nullable:
+        return default
+    if not _is_int(v):
+        raise bad_request(f"'{name}' must be an integer, got {_type_name(v)} {v!r:.60}", name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise bad_request(f"'{name}' must be {'in ' if hi is not None else ''}{rng}, got {v}", name)
+    return v
+
+
+def _get_num(body: dict, name: str, default, lo, hi, *, lo_open=False):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not _is_num(v):
+        raise bad_request(f"'{name}' must be a finite number, got {_type_name(v)} {v!r:.60}", name)
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise bad_request(f"'{name}' must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}", name)
+    return float(v)
+
+
+def _get_bool(body: dict, name: str, default: bool) -> bool:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad_request(f"'{name}' must be a boolean, got {_type_name(v)} {v!r:.60}", name)
+    return v
+
+
+def _stop_list(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise bad_request(f"'stop' must be a string or a list of strings, got {_type_name(v)}", "stop")
+    if len(v) > MAX_STOP:
+        raise bad_request(f"'stop' may hold at most {MAX_STOP} sequences, got {len(v)}", "stop")
+    for s in v:
+        if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_CHARS:
+            raise bad_request(f"each 'stop' entry must be a string of 1 to {MAX_STOP_CHARS} characters, got "
+                              f"{_type_name(s)} of length {len(s) if isinstance(s, str) else '-'}", "stop")
+    return v
+
+
+def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
+    v = body.get("logit_bias")
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise bad_request(f"'logit_bias' must be an object mapping token ids to numbers, got {_type_name(v)}",
+                          "logit_bias")
+    if len(v) > 300:
+        raise bad_request(f"'logit_bias' may hold at most 300 entries, got {len(v)}", "logit_bias")
+    out = {}
+    for key, bias in v.items():
+        try:
+            tid = int(key)
+        except ValueError:
+            tid = -1
+        if not key.strip().lstrip("-").isdigit() or not 0 <= tid < vocab:
+            raise bad_request(f"'logit_bias' key {key!r:.40} is not a token id in [0, {vocab})", "logit_bias")
+        if not _is_num(bias) or not -100 <= bias <= 100:
+            raise bad_request(f"'logit_bias' value for {key} must be a number in [-100, 100], got {bias!r:.40}",
+                              "logit_bias")
+        out[tid] = float(bias)
+    return out
+
+
+def _response_format(body: dict) -> dict | None:
+    from pocketlm.serve.grammar import SchemaError, check_schema
+
+    v = body.get("response_format")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+        raise bad_request("'response_format' must be an object with a 'type'", "response_format")
+    kind = v["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object", "schema": {"type": "object"}}
+    if kind == "json_schema":
+        js = v.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+            raise bad_request("'response_format.json_schema' must be an object with a 'schema' object",
+                              "response_format.json_schema")
+        schema = js.get("schema", {})
+        try:
+            check_schema(schema)
+        except SchemaError as e:
+            raise bad_request(f"unsupported JSON schema: {e}", "response_format.json_schema.schema") from None
+        return {"type": "json_schema", "schema": schema}
+    raise bad_request(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r:.40}",
+                      "response_format.type")
+
+
+def _refuse_unsupported(body: dict, kind: str) -> None:
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise bad_request(f"'{name}' (function calling) is not supported by this server", name)
+    if kind == "completion":
+        if body.get("echo") not in (None, False):
+            raise bad_request("'echo' is not supported by this server", "echo")
+        if body.get("suffix") not in (None, ""):
+            raise bad_request("'suffix' is not supported by this server", "suffix")
+        best_of = body.get("best_of")
+        if best_of is not None and best_of != 1:
+            raise bad_request("'best_of' other than 1 is not supported by this server", "best_of")
+
+
+def _prompts_from_completion(body: dict, tokenizer, vocab: int) -> list[list[int]]:
+    if "prompt" not in body:
+        raise bad_request("'prompt' is required", "prompt")
+    p = body["prompt"]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_bos=tokenizer.add_bos_default)
+
+    def ids(seq: list) -> list[int]:
+        for i in seq:
+            if not _is_int(i) or not 0 <= i < vocab:
+                raise bad_request(f"prompt token id {i!r:.40} is outside the vocabulary [0, {vocab})", "prompt")
+        return list(seq)
+
+    if isinstance(p, str):
+        prompts = [encode(p)]
+    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        prompts = [encode(x) for x in p]
+    elif isinstance(p, list) and p and all(_is_int(x) for x in p):
+        prompts = [ids(p)]
+    elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+        prompts = [ids(x) for x in p]
+    else:
+        raise bad_request("'prompt' must be a string, a non-empty list of strings, a list of token ids or a list "
+                          f"of such lists, got {_type_name(p)} {p!r:.60}", "prompt")
+    for q in prompts:
+        if not q:
+            raise bad_request("the prompt is empty (no tokens): nothing to generate from", "prompt")
+    return prompts
+
+
+def _prompt_from_chat(body: dict, tokenizer, chat_format: str | None) -> list[int]:
+    if "messages" not in body:
+        raise bad_request("'messages' is required", "messages")
+    messages = body["messages"]
+    if isinstance(messages, list):
+        if len(messages) > MAX_MESSAGES:
+            raise bad_request(f"'messages' may hold at most {MAX_MESSAGES} messages, got {len(messages)}",
+                              "messages")
+        messages = [dict(m, role="system") if isinstance(m, dict) and m.get("role") == "developer" else m
+                    for m in messages]
+    try:
+        return chat.render(messages, tokenizer, add_generation_prompt=True, format=chat_format)
+    except ChatFormatError as e:
+        raise bad_request(str(e), "messages") from None
+
+
+def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], limits: Limits,
+                  vocab_size: int, chat_format: str | None = None) -> GenRequest:
+    """Validate a chat ("chat") or completions ("completion") body; raise APIError on the first problem."""
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {_type_name(body)}")
+    model = body.get("model")
+    if not isinstance(model, str):
+        raise bad_request(f"'model' must be a string, got {_type_name(model)}", "model")
+    if model not in model_names:
+        raise APIError(404, f"The model '{model[:100]}' does not exist; this server serves {model_names}",
+                       param="model", code="model_not_found")
+    _refuse_unsupported(body, kind)
+    vocab = len(tokenizer)
+    if kind == "chat":
+        prompts = [_prompt_from_chat(body, tokenizer, chat_format)]
+        stop_ids = frozenset(chat.stop_token_ids(tokenizer)) | {tokenizer.eos_id}
+        logprobs = _get_bool(body, "logprobs", False)
+        top_logprobs = _get_int(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
+        if top_logprobs and not logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    else:
+        prompts = _prompts_from_completion(body, tokenizer, vocab)
+        stop_ids = frozenset({tokenizer.eos_id})
+        lp = _get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
+        logprobs, top_logprobs = lp is not None, lp or 0
+        max_name = "max_tokens"
+    max_tokens = _get_int(body, max_name, None, 1)
+    n = _get_int(body, "n", 1, 1, limits.max_n)
+    if n * len(prompts) > limits.max_n:
+        raise bad_request(f"{len(prompts)} prompts x n={n} = {n * len(prompts)} sequences; at most "
+                          f"{limits.max_n} per request", "n")
+    temperature = _get_num(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _get_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    top_k = _get_int(body, "top_k", 0, 0, vocab)
+    min_p = _get_num(body, "min_p", 0.0, 0.0, 1.0)
+    if min_p >= 1.0:
+        raise bad_request(f"'min_p' must be in [0, 1), got {min_p}", "min_p")
+    repetition_penalty = _get_num(body, "repetition_penalty", 1.0, 0.0, 2.0, lo_open=True)
+    presence = _get_num(body, "presence_penalty", 0.0, -2.0, 2.0)
+    frequency = _get_num(body, "frequency_penalty", 0.0, -2.0, 2.0)
+    seed = _get_int(body, "seed", None, INT64_MIN, INT64_MAX)
+    stop = _stop_list(body)
+    stream = _get_bool(body, "stream", False)
+    so = body.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise bad_request(f"'stream_options' must be an object, got {_type_name(so)}", "stream_options")
+    include_usage = _get_bool(so or {}, "include_usage", False)
+    if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
+        raise bad_request("'user' must be a string", "user")
+    response_format = _response_format(body)
+    logit_bias = _logit_bias(body, vocab)
+
+    params = []
+    for ids in prompts:
+        room = limits.context_length - len(ids)
+        want = room if max_tokens is None else max_tokens
+        if room < 1 or want > room:
+            asked = f"{len(ids)} in the prompt and {want} to generate" if max_tokens is not None else \
+                f"{len(ids)} in the prompt"
+            raise bad_request(f"This model's maximum context length is {limits.context_length} tokens. However, "
+                              f"you requested {len(ids) + max(want, 1)} tokens ({asked}). Please reduce the length "
+                              "of the messages or prompt, or max_tokens.",
+                              "messages" if kind == "chat" else "prompt", "context_length_exceeded")
+        try:
+            params.append(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                         repetition_penalty=repetition_penalty, seed=seed, max_tokens=want,
+                                         stop=tuple(stop)))
+        except GenerationError as e:  # the bounds above should make this unreachable
+            raise bad_request(str(e)) from None
+    return GenRequest(kind=kind, model=model, prompts=prompts, n=n, params=params, stop_token_ids=stop_ids,
+                      stream=stream, include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs,
+                      response_format=response_format, logit_bias=logit_bias, presence_penalty=presence,
+                      frequency_penalty=frequency)
