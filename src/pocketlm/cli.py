@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from pocketlm.errors import PocketLMError
+from pocketlm.errors import PocketLMError, TokenizerError
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------------------
@@ -57,13 +57,15 @@ def _tokenizer_for(args, model):
     if source is None:
         p = Path(args.model)
         folder = p if p.is_dir() else p.parent
-        if p.suffix == ".gguf":
-            source = p
+        if p.suffix == ".gguf" and p.is_file():
+            from pocketlm.formats.gguf import GGUFFile
+            with GGUFFile(p) as g:
+                source = p if "tokenizer.ggml.tokens" in g.metadata else None
         elif p.exists() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
             source = folder
     tok = Tokenizer.from_pretrained(source) if source is not None else Tokenizer.default()
     if len(tok) > model.config.vocab_size:
-        raise PocketLMError(f"the tokenizer defines {len(tok)} ids but the model has only "
+        raise TokenizerError(f"the tokenizer defines {len(tok)} ids but the model has only "
                             f"{model.config.vocab_size} embedding rows")
     return tok
 
@@ -276,6 +278,13 @@ STAGE_COMMANDS = {
 }
 
 
+def _unavailable(verb: str, error: ImportError):
+    def run(args) -> int:
+        raise PocketLMError(f"'pocketlm {verb}' cannot start: {error} (install the project with its extras: "
+                            "`pip install -e .[all]`)")
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pocketlm", description="Phi-3 models, end to end, on your machine.")
     parser.add_argument("--version", action="version", version=f"pocketlm {__import__('pocketlm').__version__}")
@@ -308,10 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, module_name in STAGE_COMMANDS.items():
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and module_name.startswith(e.name):
+        except ImportError as e:
+            if isinstance(e, ModuleNotFoundError) and e.name is not None and module_name.startswith(e.name):
                 continue  # that stage is not built yet
-            raise
+            # a missing optional dependency must not take the other verbs down: the verb reports it when used
+            p = sub.add_parser(verb, help=f"(unavailable: {e})", add_help=False)
+            p.add_argument("rest", nargs=argparse.REMAINDER)
+            COMMANDS.setdefault(verb, _unavailable(verb, e))
+            continue
         doc = (module.__doc__ or verb).strip().splitlines()[0]
         module.add_arguments(sub.add_parser(verb, help=doc, description=module.__doc__,
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
