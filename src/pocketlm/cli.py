@@ -275,6 +275,7 @@ STAGE_COMMANDS = {
     "serve": "pocketlm.serve.commands",
     "eval": "pocketlm.eval.commands",
     "train": "pocketlm.train.commands",
+    "quantize": "pocketlm.quant.commands",
 }
 
 
