@@ -37,6 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pocketlm.errors import WeightFormatError
+from pocketlm.fsutil import fsync_path
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors MAX_HEADER_SIZE
 INT64_MAX = 2**63 - 1  # a dimension must fit torch's int64 sizes (an empty tensor could otherwise claim 2^64)
@@ -337,19 +338,6 @@ class CheckpointReader:
 
 # ----- the writer -----------------------------------------------------------------------------------------------
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _prepare(name: object, t: object) -> torch.Tensor:
     if not isinstance(name, str) or not name or name == "__metadata__":
         raise ValueError(f"tensor name must be a non-empty string other than '__metadata__', got {name!r}")
@@ -395,7 +383,7 @@ def write_checkpoint(folder: str | os.PathLike[str],
         tmp = folder / f".tmp-{token}-{len(temps):05d}.safetensors"
         temps.append(tmp)
         save_file(shard, tmp, metadata=meta)
-        _fsync_file(tmp)
+        fsync_path(tmp)
         shard_names.append(list(shard))
 
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
@@ -434,13 +422,13 @@ def write_checkpoint(folder: str | os.PathLike[str],
             tmp_index = folder / f".tmp-{token}-index.json"
             temps.append(tmp_index)
             tmp_index.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            _fsync_file(tmp_index)
+            fsync_path(tmp_index)
             os.replace(tmp_index, folder / INDEX_FILE)
         keep = {f.name for f in finals}
         for stale in folder.iterdir():
             if SHARD_PATTERN.match(stale.name) and stale.name not in keep:
                 stale.unlink()
-        _fsync_dir(folder)
+        fsync_path(folder)
         return finals
     finally:
         for tmp in temps:
