@@ -276,6 +276,7 @@ STAGE_COMMANDS = {
     "eval": "pocketlm.eval.commands",
     "train": "pocketlm.train.commands",
     "quantize": "pocketlm.quant.commands",
+    "data": "pocketlm.data.commands",
 }
 
 
