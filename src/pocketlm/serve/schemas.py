@@ -14,7 +14,8 @@ the envelope's `param` (the checklist in RELIABILITY.md §6 item 13; vLLM's and 
 - completions `prompt`: a string, a list of strings, a list of token ids or a list of such lists (each id in
   the tokenizer's range); encoded with BOS when the tokenizer asks for it.
 - prompt + max_tokens must fit the served context: otherwise 400 `context_length_exceeded` (never silent
-  truncation). max_tokens defaults to what is left of the context.
+  truncation). max_tokens defaults to what is left of the context. A text longer than 16 characters (the
+  longest piece) per context token is refused before tokenizing; lone surrogates are refused by the app.
 - Unsupported features are refused, not ignored: tools/functions, echo, best_of > 1, suffix, and
   `response_format` schemas with keywords `grammar.py` does not enforce.
 """
@@ -27,7 +28,7 @@ from typing import Any
 
 from pocketlm import chat
 from pocketlm.engine.sampling import SamplingParams
-from pocketlm.errors import ChatFormatError, GenerationError
+from pocketlm.errors import ChatFormatError, GenerationError, TokenizerError
 from pocketlm.serve.errors import APIError, bad_request
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
@@ -195,13 +196,33 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
             raise bad_request("'best_of' other than 1 is not supported by this server", "best_of")
 
 
-def _prompts_from_completion(body: dict, tokenizer, vocab: int) -> list[list[int]]:
+MAX_CHARS_PER_TOKEN = 16  # the longest Phi-3 piece; a text longer than this x the context cannot fit
+
+
+def _refuse_long_text(chars: int, limits: Limits, param: str) -> None:
+    """Refuse a text that cannot fit the context whatever it tokenizes to, before spending time tokenizing it."""
+    if chars > MAX_CHARS_PER_TOKEN * limits.context_length:
+        raise bad_request(f"This model's maximum context length is {limits.context_length} tokens. However, your "
+                          f"{param} has {chars} characters, which is more than any {limits.context_length}-token "
+                          "text can hold. Please reduce the length of the messages or prompt.", param,
+                          "context_length_exceeded")
+
+
+def _encode_guard(fn, *args, param: str):
+    try:
+        return fn(*args)
+    except (TokenizerError, ValueError, TypeError) as e:
+        raise bad_request(f"could not tokenize the {param}: {str(e)[:200]}", param) from None
+
+
+def _prompts_from_completion(body: dict, tokenizer, vocab: int, limits: Limits) -> list[list[int]]:
     if "prompt" not in body:
         raise bad_request("'prompt' is required", "prompt")
     p = body["prompt"]
 
     def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_bos=tokenizer.add_bos_default)
+        _refuse_long_text(len(text), limits, "prompt")
+        return _encode_guard(lambda t: tokenizer.encode(t, add_bos=tokenizer.add_bos_default), text, param="prompt")
 
     def ids(seq: list) -> list[int]:
         for i in seq:
@@ -226,7 +247,7 @@ def _prompts_from_completion(body: dict, tokenizer, vocab: int) -> list[list[int
     return prompts
 
 
-def _prompt_from_chat(body: dict, tokenizer, chat_format: str | None) -> list[int]:
+def _prompt_from_chat(body: dict, tokenizer, chat_format: str | None, limits: Limits) -> list[int]:
     if "messages" not in body:
         raise bad_request("'messages' is required", "messages")
     messages = body["messages"]
@@ -236,10 +257,22 @@ def _prompt_from_chat(body: dict, tokenizer, chat_format: str | None) -> list[in
                               "messages")
         messages = [dict(m, role="system") if isinstance(m, dict) and m.get("role") == "developer" else m
                     for m in messages]
+        _refuse_long_text(sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict)), limits,
+                          "messages")
     try:
         return chat.render(messages, tokenizer, add_generation_prompt=True, format=chat_format)
     except ChatFormatError as e:
         raise bad_request(str(e), "messages") from None
+    except (TokenizerError, ValueError, TypeError) as e:
+        raise bad_request(f"could not tokenize the messages: {str(e)[:200]}", "messages") from None
+
+
+def _text_chars(content) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(p.get("text")) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return 0
 
 
 def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], limits: Limits,
@@ -256,7 +289,7 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
     _refuse_unsupported(body, kind)
     vocab = len(tokenizer)
     if kind == "chat":
-        prompts = [_prompt_from_chat(body, tokenizer, chat_format)]
+        prompts = [_prompt_from_chat(body, tokenizer, chat_format, limits)]
         stop_ids = frozenset(chat.stop_token_ids(tokenizer)) | {tokenizer.eos_id}
         logprobs = _get_bool(body, "logprobs", False)
         top_logprobs = _get_int(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
@@ -264,7 +297,7 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
             raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     else:
-        prompts = _prompts_from_completion(body, tokenizer, vocab)
+        prompts = _prompts_from_completion(body, tokenizer, vocab, limits)
         stop_ids = frozenset({tokenizer.eos_id})
         lp = _get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
         logprobs, top_logprobs = lp is not None, lp or 0

@@ -1,0 +1,163 @@
+"""Serving throughput: aggregate tokens/s at 1, 4, 16 and 32 concurrent requests, against the same requests run
+one at a time, through a real `pocketlm serve` process on 127.0.0.1.
+
+For each concurrency level c: c chat requests (distinct prompts, greedy, max_tokens fixed, stop tokens biased
+away so every request generates exactly max_tokens) are sent at once as streams, then the same c requests are
+sent one after another. Reported: wall time, aggregate tokens/s both ways, the speedup (the ratio against the
+sequential baseline measured in the same run), p50/p99 time to first token of the concurrent run. One more
+baseline row: `pocketlm.engine.generate` in-process (no HTTP) on the first 4 prompts.
+
+    python bench/bench_serve.py [--model tiny] [--max-tokens 64] [--levels 1,4,16,32] [--threads 1]
+                                [--out FILE.json]
+
+The server runs in its own process (so the client's Python does not share its GIL); prints a table and writes
+JSON. On the shared 2-core development machine the numbers move with other load: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+try:  # the HTTP client openai>=3 depends on; older openai releases use httpx, the same API
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+NO_STOP = {"32000": -100, "32001": -100, "32007": -100}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def body(i: int, max_tokens: int) -> dict:
+    return {"model": "bench", "messages": [{"role": "user", "content": f"Request {i}: say something about {i}."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "logit_bias": NO_STOP,
+            "stream_options": {"include_usage": True}}
+
+
+async def one(client: httpx.AsyncClient, url: str, b: dict) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url, json=b) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()!r:.200}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if ttft is None and any(c.get("delta", {}).get("content") for c in obj.get("choices", [])):
+                ttft = time.perf_counter() - t0
+            if obj.get("usage"):
+                tokens = obj["usage"]["completion_tokens"]
+    return (ttft if ttft is not None else time.perf_counter() - t0), tokens
+
+
+async def run_level(url: str, c: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=c + 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        bodies = [body(i, max_tokens) for i in range(c)]
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*[one(client, url, b) for b in bodies])
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        seq_tokens = 0
+        for b in bodies:
+            seq_tokens += (await one(client, url, b))[1]
+        seq_wall = time.perf_counter() - t1
+    ttfts = sorted(r[0] for r in res)
+    tokens = sum(r[1] for r in res)
+    return {"concurrency": c, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "sequential_wall_s": seq_wall, "sequential_tokens_per_s": seq_tokens / seq_wall,
+            "speedup": (tokens / wall) / (seq_tokens / seq_wall),
+            "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+
+def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4) -> dict:
+    import torch
+
+    import pocketlm
+    from pocketlm import Tokenizer
+    from pocketlm.engine.generate import generate_full
+
+    torch.set_num_threads(threads)
+    model, tok = pocketlm.load(model_name), Tokenizer.default()
+    tokens, t0 = 0, time.perf_counter()
+    for i in range(n):
+        msgs = body(i, max_tokens)["messages"]
+        # generate() has no logit_bias: a reply may stop early, so count what it produced
+        tokens += generate_full(model, tok, msgs, max_tokens=max_tokens, temperature=0).completion_tokens
+    wall = time.perf_counter() - t0
+    return {"requests": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--levels", default="1,4,16,32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="JSON output (default: <tmp>/pocketlm-bench/serve-<device>.json)")
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    port = free_port()
+    cmd = [sys.executable, "-m", "pocketlm.cli", "serve", args.model, "--name", "bench", "--port", str(port),
+           "--max-slots", str(max(levels)), "--threads", str(args.threads), "--device", args.device,
+           "--context-length", str(min(1024, 64 + args.max_tokens * 2)), "--log-level", "warning"]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):  # bounded: 60 s to start
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        asyncio.run(run_level(url, 2, 8))  # warm-up
+        rows = [asyncio.run(run_level(url, c, args.max_tokens)) for c in levels]
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    base = generate_baseline(args.model, args.max_tokens, args.threads) if args.device == "cpu" else None
+    print(f"\npocketlm serve, model {args.model}, {args.max_tokens} tokens per request, greedy, "
+          f"torch threads {args.threads}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    print(f"{'concurrent':>10} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} {'one-at-a-time tok/s':>20} "
+          f"{'speedup':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
+    for r in rows:
+        print(f"{r['concurrency']:>10} {r['tokens']:>7} {r['wall_s']:>8.2f} {r['tokens_per_s']:>10.1f} "
+              f"{r['sequential_tokens_per_s']:>20.1f} {r['speedup']:>7.2f}x {r['ttft_p50_s'] * 1000:>12.1f} "
+              f"{r['ttft_p99_s'] * 1000:>12.1f}")
+    if base:
+        print(f"in-process pocketlm.engine.generate, one at a time ({base['requests']} requests): "
+              f"{base['tokens_per_s']:.1f} tokens/s")
+    result = {"model": args.model, "max_tokens": args.max_tokens, "threads": args.threads, "device": args.device,
+              "levels": rows, "generate_baseline": base, "command": " ".join(cmd[1:])}
+    out = args.out or os.path.join(tempfile.gettempdir(), "pocketlm-bench", f"serve-{args.device.split(':')[0]}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,431 @@
+"""Continuous batching: one scheduler thread owns the model; requests join the running batch between steps.
+
+    submit() -> waiting queue -> free slot? -> prefill alone, in 512-token chunks (interleaved with decode
+    steps) -> its keys/values copied into its slot -> every decoding row advances in ONE forward_batched call
+    -> per-row sampling, stop tokens/strings, detokenization -> events to the request's asyncio queue
+
+Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one model):
+- Slots: `SlotKVCache` holds (layers, slots, n_kv, capacity, head_dim) keys/values; each row is written at its
+  own position (`update(layer, k, v)`) and the batch attends over its rows' first L positions with the mask of
+  `model.attention_mask` (causal by position, sliding window), so stale keys a previous occupant left beyond a
+  row's length are never seen. Capacity grows in 256-position steps up to the context, so idle capacity costs
+  no memory.
+- Exactness: a prompt is prefilled with the core `model(...)` forward and KVCache exactly as
+  `pocketlm.engine.generate.prefill` does (same 512-token chunk boundaries), so the first token equals the
+  single-request path bit for bit; decode rows then use `forward_batched`. On CPU fp32 the batched decode
+  gave identical greedy ids to `generate` in every test we ran (tests/test_serve_load.py checks 32 streams);
+  floating-point reduction order is not formally batch-invariant, so on other devices/dtypes a near-tie could
+  resolve differently (the comparison to make there is the same batch shape).
+- LongRoPE: one factor set serves a whole batch, so the server fixes `model.config.longrope_policy` from its
+  context length (long iff context > original_max_position_embeddings, vLLM's rule); see `fix_longrope_policy`.
+- Cancellation: `cancel()` marks a request; the scheduler frees its slots before the next step (one decode
+  step of latency) and counts exactly one abort per request.
+- Admission: at most `max_slots` sequences decode together and `max_queue` more wait; beyond that `submit`
+  raises QueueFullError (HTTP 429 with Retry-After). Each request's `n` sequences take one slot each.
+- Failure isolation: an exception while serving a step fails the requests in that step (HTTP 500 / an SSE
+  error event) and the loop goes on; it never takes the server down.
+
+Sampling per row uses `pocketlm.engine.sampling.sample` with a per-sequence generator (seed + choice index),
+after optional logit_bias, OpenAI presence/frequency penalties and the JSON constraint mask (grammar.py).
+Logprobs are those of the model's distribution after logit_bias and penalties (before temperature, top_p and
+the JSON mask), restricted to the tokenizer's real ids.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pocketlm.engine.detok import IncrementalDecoder
+from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
+from pocketlm.engine.sampling import SamplingParams, make_generator, sample
+from pocketlm.serve.errors import QueueFullError
+from pocketlm.serve.grammar import JsonConstraint, token_table
+from pocketlm.serve.schemas import GenRequest
+
+log = logging.getLogger("pocketlm.serve")
+CAPACITY_STEP = 256
+
+
+def fix_longrope_policy(model, context_length: int) -> str | None:
+    """Pin a LongRoPE model's factor set for serving: "long" iff context_length > original_max_position_embeddings.
+
+    Returns the policy set (None for models without LongRoPE). Replaces `model.config` in place.
+    """
+    c = model.config
+    if c.rope_scaling is None:
+        return None
+    policy = "long" if context_length > c.original_max_position_embeddings else "short"
+    model.config = c.replace(longrope_policy=policy)
+    return policy
+
+
+class SlotKVCache:
+    """Keys/values of `slots` rows, each row at its own length; the `cache` object `forward_batched` takes."""
+
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device):
+        self.shape = (config.num_hidden_layers, slots, config.num_key_value_heads, 0, config.head_dim)
+        self.max_len = max_len
+        self.dtype, self.device = dtype, device
+        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.rows = self.pos = None
+        self.L = 0
+        self.contiguous = False
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def ensure(self, length: int) -> None:
+        """Grow the position axis to hold `length` positions (rounded up to CAPACITY_STEP)."""
+        if length <= self.capacity:
+            return
+        assert length <= self.max_len, (length, self.max_len)
+        new = min(self.max_len, -(-length // CAPACITY_STEP) * CAPACITY_STEP)
+        shape = self.shape[:3] + (new,) + self.shape[4:]
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            t = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            t[:, :, :, :old.shape[3]] = old
+            setattr(self, name, t)
+
+    def load(self, slot: int, kv, n: int) -> None:
+        """Copy the first n positions of a batch-1 core KVCache into `slot`."""
+        self.ensure(n)
+        self.k[:, slot, :, :n] = kv.k[:, 0, :, :n]
+        self.v[:, slot, :, :n] = kv.v[:, 0, :, :n]
+
+    def begin(self, rows: list[int], positions: list[int]) -> None:
+        """Set the rows (slots) and the position each writes its one new key at, for the next forward."""
+        self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self.L = max(positions) + 1
+        self.ensure(self.L)
+        self.contiguous = rows == list(range(len(rows)))
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        assert k.shape[2] == 1, "the slot cache takes one new position per row (decode steps)"
+        self.k[layer, self.rows, :, self.pos] = k[:, :, 0]
+        self.v[layer, self.rows, :, self.pos] = v[:, :, 0]
+        if self.contiguous:
+            n = len(self.rows)
+            return self.k[layer, :n, :, :self.L], self.v[layer, :n, :, :self.L]
+        return self.k[layer, :, :, :self.L][self.rows], self.v[layer, :, :, :self.L][self.rows]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one prompt of a request."""
+
+    req: "EngineRequest"
+    index: int  # choice index in the response
+    prompt_index: int
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    constraint: JsonConstraint | None
+    detok: IncrementalDecoder
+    filter: StopStringFilter
+    out: list[int] = field(default_factory=list)
+    counts: collections.Counter = field(default_factory=collections.Counter)
+    slot: int | None = None
+    length: int = 0  # positions in the slot cache
+    prefill_cache: object = None
+    prefill_pos: int = 0
+    finished: bool = False
+
+
+class EngineRequest:
+    """A submitted request: its sequences and the asyncio queue its events go to."""
+
+    _ids = itertools.count()
+
+    def __init__(self, gen: GenRequest, loop, queue):
+        self.gen = gen
+        self.loop = loop
+        self.queue = queue
+        self.number = next(self._ids)
+        self.seqs: list[Sequence] = []
+        self.cancelled = threading.Event()
+        self.aborted = False
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.unfinished = 0
+
+    def emit(self, event: dict) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+class Engine:
+    """The scheduler. `submit` from the event loop; the thread does everything else."""
+
+    def __init__(self, model, tokenizer, *, max_slots: int = 8, max_queue: int = 64, context_length: int | None = None,
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE, metrics=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.context_length = context_length or model.config.max_position_embeddings
+        self.max_slots, self.max_queue = max_slots, max_queue
+        self.chunk = prefill_chunk_size
+        self.metrics = metrics
+        self.vocab_limit = min(len(tokenizer), model.config.vocab_size)
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = SlotKVCache(model.config, max_slots, self.context_length, p.dtype, p.device)
+        self.table = token_table(tokenizer)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._free = list(range(max_slots))[::-1]
+        self._active: list[Sequence] = []  # holding a slot (prefilling or decoding); scheduler thread only
+        self._n_active = 0  # len(_active), readable from other threads under the lock
+        self._cancel_flag = False
+        self._stop = False
+        self.aborts = 0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="pocketlm-scheduler", daemon=True)
+        self._thread.start()
+
+    # ---- called from the event loop -----------------------------------------------------------------------------
+
+    def submit(self, gen: GenRequest, loop, queue) -> EngineRequest:
+        req = EngineRequest(gen, loop, queue)
+        for p_i, (prompt, params) in enumerate(zip(gen.prompts, gen.params)):
+            for j in range(gen.n):
+                seed = None if params.seed is None else (params.seed + j) % 2**63
+                sp = params if seed == params.seed else SamplingParams(**{**params.__dict__, "seed": seed})
+                constraint = (JsonConstraint(gen.response_format["schema"], self.table, gen.stop_token_ids)
+                              if gen.response_format else None)
+                req.seqs.append(Sequence(
+                    req=req, index=p_i * gen.n + j, prompt_index=p_i, prompt=list(prompt), params=sp,
+                    generator=None if sp.greedy else make_generator(sp, self.device), constraint=constraint,
+                    detok=IncrementalDecoder(self.tokenizer, skip_special=True), filter=StopStringFilter(sp.stop)))
+        req.unfinished = len(req.seqs)
+        with self._cond:
+            if self._stop:
+                raise QueueFullError("the server is shutting down", retry_after=5)
+            if len(self._waiting) + self._n_active + len(req.seqs) > self.max_slots + self.max_queue:
+                raise QueueFullError(f"the server is at capacity ({self.max_slots} concurrent sequences and "
+                                     f"{self.max_queue} queued); retry later", retry_after=1)
+            self._waiting.extend(req.seqs)
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: EngineRequest) -> None:
+        """Stop a request's generation (client gone); idempotent. Its slots are free before the next step."""
+        if req.unfinished == 0 or req.cancelled.is_set():
+            return
+        req.cancelled.set()
+        with self._cond:
+            self._cancel_flag = True
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"active": self._n_active, "waiting": len(self._waiting), "free_slots": len(self._free),
+                    "slots": self.max_slots, "aborts": self.aborts, "steps": self.steps,
+                    "cache_capacity": self.cache.capacity}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        for seq in list(self._active) + list(self._waiting):
+            if not seq.finished:
+                self._fail(seq.req, "the server shut down")
+
+    # ---- the scheduler thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                if not self._waiting and not self._active and not self._cancel_flag:
+                    self._cond.wait(0.5)
+                    continue
+                self._reap_cancelled()
+                while self._waiting and self._free:
+                    seq = self._waiting.popleft()
+                    seq.slot = self._free.pop()
+                    self._active.append(seq)
+                self._n_active = len(self._active)
+            if not self._active:
+                continue
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as e:  # a bug must not kill the loop: fail what was running and go on
+                log.exception("engine step failed")
+                for seq in list(self._active):
+                    self._fail(seq.req, f"internal error during generation ({type(e).__name__})")
+            self.steps += 1
+
+    def _reap_cancelled(self) -> None:
+        """Under the lock: drop cancelled requests from the queue and the slots, one abort per request."""
+        self._cancel_flag = False
+        gone = [s for s in itertools.chain(self._waiting, self._active) if s.req.cancelled.is_set()]
+        if not gone:
+            return
+        self._waiting = collections.deque(s for s in self._waiting if not s.req.cancelled.is_set())
+        for seq in gone:
+            self._release(seq, locked=True)
+        for req in {s.req for s in gone}:
+            if not req.aborted:
+                req.aborted = True
+                self.aborts += 1
+                if self.metrics:
+                    self.metrics.aborted()
+
+    def _release(self, seq: Sequence, locked: bool = False) -> None:
+        if seq.finished and seq.slot is None:
+            return
+        seq.finished = True
+        seq.prefill_cache = None
+        if seq in self._active:
+            self._active.remove(seq)
+        if seq.slot is not None:
+            if locked:
+                self._free.append(seq.slot)
+            else:
+                with self._cond:
+                    self._free.append(seq.slot)
+            seq.slot = None
+        self._n_active = len(self._active)
+
+    def _fail(self, req: EngineRequest, message: str) -> None:
+        for seq in req.seqs:
+            self._release(seq)
+        req.cancelled.set()
+        req.unfinished = 0
+        req.emit({"type": "error", "message": message})
+
+    def _step(self) -> None:
+        # 1) prefill: up to one chunk's worth of prompt tokens, each prompt alone (exactly the core prefill)
+        budget = self.chunk
+        for seq in [s for s in self._active if s.length == 0 and not s.finished]:
+            if budget <= 0:
+                break
+            if seq.prefill_cache is None:
+                seq.prefill_cache = self.model.make_cache(1, len(seq.prompt))
+            mode = self.model.rope_mode_for(len(seq.prompt))
+            tokens = torch.tensor([seq.prompt[seq.prefill_pos:seq.prefill_pos + self.chunk]], device=self.device)
+            logits = self._mask_padding(self.model(tokens, seq.prefill_cache, last_only=True, rope_mode=mode))[0, -1]
+            seq.prefill_pos += tokens.shape[1]
+            budget -= tokens.shape[1]
+            if seq.prefill_pos == len(seq.prompt):
+                self.cache.load(seq.slot, seq.prefill_cache, len(seq.prompt))
+                seq.prefill_cache = None
+                seq.length = len(seq.prompt)
+                self._guarded_accept(seq, logits)
+        # 2) one decode step for every row that has a token to feed
+        rows = [s for s in self._active if s.length > 0 and not s.finished]
+        if not rows:
+            return
+        self.cache.begin([s.slot for s in rows], [s.length for s in rows])
+        ids = torch.tensor([[s.out[-1]] for s in rows], device=self.device)
+        positions = self.cache.pos[:, None]
+        k_pos = torch.arange(self.cache.L, device=self.device)[None, :].expand(len(rows), -1)
+        mask = self.model.attention_mask(positions, k_pos)
+        logits = self._mask_padding(self.model.forward_batched(ids, positions, mask, self.cache))[:, -1]
+        for i, seq in enumerate(rows):
+            seq.length += 1
+            self._guarded_accept(seq, logits[i])
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """Embedding rows past the tokenizer are never sampled: -inf in place, as `generate._pick` does on a copy
+        (the same full-size tensor reaches the sampler, so seeded draws match the single-request path)."""
+        if self.vocab_limit < logits.shape[-1]:
+            logits[..., self.vocab_limit:] = -math.inf
+        return logits
+
+    def _guarded_accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        try:
+            self._accept(seq, logits)
+        except Exception as e:
+            log.exception("sampling failed")
+            self._fail(seq.req, f"internal error while sampling ({type(e).__name__})")
+
+    # ---- one row's token -----------------------------------------------------------------------------------------
+
+    def _choose(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """Pick the next id; return it with the row's processed logits (ids past the tokenizer at -inf)."""
+        gen = seq.req.gen
+        lg = logits  # ids past the tokenizer are already -inf (`_mask_padding`)
+        if gen.logit_bias or gen.presence_penalty or gen.frequency_penalty:
+            lg = lg.float().clone()
+            for tid, bias in gen.logit_bias.items():
+                if tid < lg.shape[0]:
+                    lg[tid] += bias
+            if seq.counts and (gen.presence_penalty or gen.frequency_penalty):
+                ids = torch.tensor(list(seq.counts), device=lg.device)
+                cnt = torch.tensor(list(seq.counts.values()), dtype=lg.dtype, device=lg.device)
+                lg[ids] -= gen.presence_penalty + gen.frequency_penalty * cnt
+        seen = seq.prompt + seq.out if seq.params.repetition_penalty != 1.0 else ()
+        c = seq.constraint
+        if c is None:
+            return sample(lg, seq.params, seq.generator, seen_ids=seen), lg
+        if seq.params.greedy and seq.params.repetition_penalty == 1.0:
+            for tid in torch.topk(lg, 64).indices.tolist():  # usually the best candidate already fits
+                if c.allows(tid):
+                    return tid, lg
+        allowed = torch.tensor(c.allowed_ids(), dtype=torch.long, device=lg.device)
+        masked = torch.full_like(lg, -math.inf, dtype=torch.float32)
+        masked[allowed] = lg.float()[allowed]
+        return sample(masked, seq.params, seq.generator, seen_ids=seen), lg
+
+    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        if seq.finished:
+            return
+        req = seq.req
+        token, lg = self._choose(seq, logits)
+        seq.out.append(token)
+        seq.counts[token] += 1
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
+        event = {"type": "token", "index": seq.index, "token": token, "text": "", "finish_reason": None}
+        if req.gen.logprobs:
+            lp = torch.log_softmax(lg.float(), dim=-1)
+            event["logprob"] = float(lp[token])
+            if req.gen.top_logprobs:
+                top = torch.topk(lp, req.gen.top_logprobs)
+                event["top"] = list(zip(top.indices.tolist(), top.values.tolist()))
+        finish = None
+        if token in req.gen.stop_token_ids:
+            finish = "stop"
+        else:
+            event["text"] = seq.filter.push(seq.detok.push(token))
+            if seq.filter.stopped:
+                finish = "stop"
+        if finish is None and len(seq.out) >= seq.params.max_tokens:
+            finish = "length"
+        if finish is not None:  # the same tail handling as pocketlm.engine.generate._text_events
+            tail = seq.filter.push(seq.detok.flush())
+            finish = "stop" if seq.filter.stopped else finish
+            event["text"] += tail + seq.filter.flush()
+            event["finish_reason"] = finish
+            event["completion_tokens"] = len(seq.out)
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+            if self.metrics:
+                self.metrics.first_token(now - req.t_submit)
+        if self.metrics:
+            self.metrics.token()
+        req.emit(event)
+        if finish is not None:
+            self._release(seq)
+            req.unfinished -= 1
+            if req.unfinished == 0:
+                req.emit({"type": "done"})

@@ -1,0 +1,104 @@
+"""Serve a model over an OpenAI-compatible HTTP API with a web chat page (continuous batching).
+
+  pocketlm serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 8] [--max-queue 64]
+                       [--context-length N] [--name NAME] [--device cpu|cuda] [--dtype ...]
+
+Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, and the chat page at /.
+Binds to 127.0.0.1 unless --host says otherwise. LongRoPE models serve with one factor set, fixed from
+--context-length (long iff it exceeds original_max_position_embeddings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from pocketlm.errors import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Register `pocketlm serve` options on its subparser."""
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder, .safetensors/.gguf file, or preset name")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="weight dtype (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer folder or .gguf (default: the model's own, else the bundled Phi-3 tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--name", default=None, help="model id clients send (default: the MODEL argument's name)")
+    p.add_argument("--api-key", default=os.environ.get("POCKETLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: $POCKETLM_API_KEY)")
+    p.add_argument("--max-slots", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond those; then 429 (default 64)")
+    p.add_argument("--max-n", type=int, default=8, help="most choices (n x prompts) per request (default 8)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; then 413 (default 4)")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="prompt + max_tokens limit (default: the model's max_position_embeddings)")
+    p.add_argument("--chat-format", default=None, help="chat format name (default: the model's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is fastest for tiny models on shared cores)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _model_name(spec: str) -> str:
+    p = Path(spec)
+    if p.exists():
+        return (p if p.is_dir() else p.with_suffix("")).name
+    return spec
+
+
+def run(args) -> int:
+    """Serve MODEL over an OpenAI-compatible HTTP API with a web chat page, until interrupted."""
+    import torch
+    import uvicorn
+
+    from pocketlm.api import load
+    from pocketlm.serve.app import ServerConfig, create_app
+    from pocketlm.tokenizer import Tokenizer
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
+    for name, lo in (("--max-slots", 1), ("--max-queue", 0), ("--max-n", 1), ("--port", 0)):
+        v = getattr(args, name[2:].replace("-", "_"))
+        if v < lo:
+            raise ConfigError(f"{name} {v} must be >= {lo}")
+    if not 0 < args.max_body_mb <= 1024:
+        raise ConfigError(f"--max-body-mb {args.max_body_mb} must be in (0, 1024]")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not args.api_key:
+        print(f"pocketlm serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "address can use the model", file=sys.stderr)
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    source = args.tokenizer
+    if source is None:
+        p = Path(args.model)
+        folder = p if p.is_dir() else p.parent
+        if p.suffix == ".gguf":
+            source = p
+        elif p.exists() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+            source = folder
+    tok = Tokenizer.from_pretrained(source) if source is not None else Tokenizer.default()
+    if args.context_length is not None and not 0 < args.context_length <= model.config.max_position_embeddings:
+        raise ConfigError(f"--context-length {args.context_length} is outside [1, "
+                          f"{model.config.max_position_embeddings}]")
+    config = ServerConfig(model_name=args.name or _model_name(args.model), api_key=args.api_key,
+                          max_slots=args.max_slots, max_queue=args.max_queue, max_n=args.max_n,
+                          max_body_bytes=int(args.max_body_mb * 2**20), context_length=args.context_length,
+                          chat_format=args.chat_format)
+    torch.set_grad_enabled(False)
+    app = create_app(model, tok, config)
+    print(f"pocketlm serve: {config.model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1; "
+          f"{args.max_slots} slots, context {config.context_length or model.config.max_position_embeddings}"
+          + (f", LongRoPE policy {app.state.longrope_policy}" if app.state.longrope_policy else "") + ")",
+          file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
