@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from pocketlm.errors import PocketLMError
+from pocketlm.fsutil import fsync_path
 
 FORMAT = "pocketlm-token-shards"
 VERSION = 1
@@ -49,14 +50,6 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 class DataError(PocketLMError, ValueError):
     """A token shard folder, dataset file or loader state is missing, corrupt or inconsistent."""
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ShardWriter:
@@ -125,10 +118,10 @@ class ShardWriter:
         index = {"format": FORMAT, "version": VERSION, "dtype": self.dtype, "eos_id": self.eos_id,
                  "num_tokens": self.num_tokens, "num_documents": self.num_documents, "shards": self._shards}
         (self.tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-        _fsync(self.tmp / "index.json")
-        _fsync(self.tmp)
+        fsync_path(self.tmp / "index.json")
+        fsync_path(self.tmp)
         os.replace(self.tmp, self.folder)
-        _fsync(self.folder.parent)
+        fsync_path(self.folder.parent)
         self._closed = True
         return self.folder
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from pocketlm.errors import PocketLMError
+from pocketlm.fsutil import atomic_write_text, fsync_path
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -43,14 +44,6 @@ class CheckpointError(PocketLMError, RuntimeError):
 
 def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: Path) -> str:
@@ -124,11 +117,7 @@ def commit(tmp: Path, step: int) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_path(final.parent)
-    marker = final / "COMPLETE.tmp"
-    marker.write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-    fsync_path(marker)
-    os.replace(marker, final / "COMPLETE")
-    fsync_path(final)
+    atomic_write_text(final / "COMPLETE", json.dumps({"step": step, "files": files}, indent=1) + "\n")
     return final
 
 

@@ -95,7 +95,8 @@ class TrainConfig:
     peak_flops: float | None = None
     """Peak FLOP/s for MFU (default: the device table, or a measured matmul peak on CPU)."""
     num_threads: int | None = None
-    """torch CPU threads (None: torch's default)."""
+    """torch CPU threads (None: torch's default). The tiny recipes use 1: on a shared 2-core machine two
+    OpenMP threads were 10x slower than one for these small matmuls."""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -208,12 +209,13 @@ def _index(node: list, part: str, key: str) -> int:
 def tiny_pretrain() -> TrainConfig:
     """Two-phase pretraining of a small-vocabulary tiny model: the test and golden-loss recipe (CPU, seconds)."""
     return TrainConfig(
-        task="pretrain", model="tiny", model_overrides={"vocab_size": 512, "max_position_embeddings": 256},
+        task="pretrain", model="tiny", model_overrides={"vocab_size": 512, "max_position_embeddings": 256,
+                                       "pad_token_id": 0, "eos_token_id": 2},
         sources={"web": "data/tiny/web", "synthetic": "data/tiny/synthetic"},
         phases=(Phase("phase1", 24, {"web": 0.9, "synthetic": 0.1}),
                 Phase("phase2", 16, {"web": 0.4, "synthetic": 0.6})),
         seq_len=32, batch_size=8, micro_batch_size=4, optim=OptimConfig(lr=3e-3, weight_decay=0.1),
-        schedule=ScheduleConfig(kind="wsd", warmup_steps=4), save_every=10)
+        schedule=ScheduleConfig(kind="wsd", warmup_steps=4), save_every=10, num_threads=1)
 
 
 def tiny_sft() -> TrainConfig:
@@ -222,7 +224,7 @@ def tiny_sft() -> TrainConfig:
         task="sft", model="tiny", sources={"chat": "data/tiny/chat.jsonl"},
         phases=(Phase("sft", 40, {"chat": 1.0}),), seq_len=64, batch_size=4, micro_batch_size=2,
         optim=OptimConfig(lr=1e-3, weight_decay=0.0), schedule=ScheduleConfig(kind="cosine", warmup_steps=4),
-        save_every=10)
+        save_every=10, num_threads=1)
 
 
 def tiny_dpo() -> TrainConfig:
@@ -231,7 +233,7 @@ def tiny_dpo() -> TrainConfig:
         task="dpo", model="tiny", sources={"prefs": "data/tiny/prefs.jsonl"},
         phases=(Phase("dpo", 40, {"prefs": 1.0}),), seq_len=48, batch_size=4, micro_batch_size=2,
         optim=OptimConfig(lr=1e-4, weight_decay=0.0), schedule=ScheduleConfig(kind="cosine", warmup_steps=2),
-        save_every=10)
+        save_every=10, num_threads=1)
 
 
 def nano_pretrain_cpu() -> TrainConfig:
