@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Pretrain, fine-tune (SFT) or preference-tune (DPO) a model from a named recipe; list the recipes."""
     from pocketlm.train.config import RECIPES, apply_overrides, recipe
     if args.train_command == "recipes":
         if args.json:
