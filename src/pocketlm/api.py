@@ -18,8 +18,9 @@ def load(path_or_preset: str | os.PathLike, *, dtype: torch.dtype | str | None =
     """Load a model.
 
     Args:
-        path_or_preset: a checkpoint folder in the official layout, a `.safetensors` file with `config.json`
-            beside it, or a preset name (see `pocketlm.config.PRESETS`), which builds a randomly initialised
+        path_or_preset: a checkpoint folder in the official layout (or written by `pocketlm quantize`), a
+            `.safetensors` file with `config.json` beside it, a `.gguf` file (phi3 or llama architecture,
+            float or quantized tensors), or a preset name (see `pocketlm.config.PRESETS`), which builds a randomly initialised
             model with that exact structure.
         dtype: float32, float16 or bfloat16; default: the checkpoint's `torch_dtype` (the preset's for presets).
         device: where the weights live.
@@ -29,11 +30,15 @@ def load(path_or_preset: str | os.PathLike, *, dtype: torch.dtype | str | None =
     path = Path(spec)
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            from pocketlm.formats.gguf_model import load_gguf_model
-            return load_gguf_model(path, dtype=dtype, device=device)
+            from pocketlm.quant.gguf_import import load_gguf  # phi3 and llama; float and quantized tensors
+            return load_gguf(path, dtype=dtype, device=device)
         if path.is_file() and path.suffix != ".safetensors":
             raise WeightFormatError(f"{path}: not a model file; expected a checkpoint folder, a .safetensors "
                                     "file or a .gguf file")
+        from pocketlm.quant.qcheckpoint import is_quantized_checkpoint, load_quantized
+        folder = path if path.is_dir() else path.parent
+        if is_quantized_checkpoint(folder):  # the scheme is read from the file's metadata, never from its name
+            return load_quantized(folder, dtype=dtype, device=device)
         return hf.load_checkpoint(path, dtype=dtype, device=device)
     if spec in PRESETS:
         config = preset(spec)

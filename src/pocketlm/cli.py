@@ -60,13 +60,21 @@ def _tokenizer_for(args, model):
         if p.suffix == ".gguf" and p.is_file():
             from pocketlm.formats.gguf import GGUFFile
             with GGUFFile(p) as g:
-                source = p if "tokenizer.ggml.tokens" in g.metadata else None
+                has_vocab = "tokenizer.ggml.tokens" in g.metadata
+            if has_vocab:
+                from pocketlm.quant.gguf_import import load_gguf_tokenizer  # llama and gpt2 vocabularies
+                tok = load_gguf_tokenizer(p)
+                return _check_vocab(tok, model)
         elif p.exists() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
             source = folder
     tok = Tokenizer.from_pretrained(source) if source is not None else Tokenizer.default()
+    return _check_vocab(tok, model)
+
+
+def _check_vocab(tok, model):
     if len(tok) > model.config.vocab_size:
         raise TokenizerError(f"the tokenizer defines {len(tok)} ids but the model has only "
-                            f"{model.config.vocab_size} embedding rows")
+                             f"{model.config.vocab_size} embedding rows")
     return tok
 
 

@@ -1,9 +1,9 @@
-"""Phi-3 models from GGUF files of the `phi3` architecture (as llama.cpp's converter writes them).
+"""The `phi3` GGUF architecture (as llama.cpp's converter writes it): metadata -> Phi3Config, tensor names.
 
 Names and metadata keys: ../shared/phi3-spec.md §2.2. The fused `attn_qkv` and `ffn_up` (= gate_up) tensors map
 one to one onto the checkpoint names; split `attn_q`/`attn_k`/`attn_v` are concatenated. LongRoPE factors live
 in the `rope_factors_short/long.weight` tensors and the magnitude in `phi3.rope.scaling.attn_factor`.
-This module reads unquantized tensors (F32, F16, BF16); quantized GGUF types are the quantization engine's.
+Loading the tensors (float and quantized, phi3 and llama) is `pocketlm.quant.gguf_import.load_gguf`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pocketlm.config import Phi3Config, RopeScaling
 from pocketlm.errors import ConfigError, WeightFormatError
 from pocketlm.formats.gguf import GGML_TYPES, GGUFFile
-from pocketlm.formats.hf import empty_model, expected_shapes, resolve_dtype
-from pocketlm.model import Phi3ForCausalLM
 
 UINT = ("uint32", "int32", "uint64", "int64")
 FLOAT = ("float32", "float64")
@@ -39,9 +36,10 @@ TENSOR_NAMES = {
 
 
 def gguf_config(path: str | os.PathLike) -> tuple[Phi3Config, dict]:
-    """The architecture of a `phi3` GGUF file, and facts about the file (without reading tensor data)."""
+    """The architecture of a GGUF file (phi3 or llama), and facts about the file, without reading tensor data."""
+    from pocketlm.quant.gguf_import import gguf_config as config_of  # llama files are read by the quant module
     with GGUFFile(path) as g:
-        return _config(g), _file_info(g)
+        return config_of(g), _file_info(g)
 
 
 def _file_info(g: GGUFFile) -> dict:
@@ -117,46 +115,6 @@ def _computed_factor(config: Phi3Config) -> float:
     return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(config.original_max_position_embeddings))
 
 
-def load_gguf_model(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu") -> Phi3ForCausalLM:
-    path = Path(path)
-    with GGUFFile(path) as g:
-        config = _config(g)
-        dtype = resolve_dtype(dtype, config)
-        expected = expected_shapes(config)
-        names = {}
-        for gname in g.tensors:
-            if gname.startswith("rope_factors_"):
-                continue
-            names[gname] = _checkpoint_name(gname, path)
-        split_q = any(n.endswith(".attn_q.weight") for n in g.tensors)
-        have = {v for v in names.values() if v is not None}
-        if split_q:
-            have |= {f"model.layers.{i}.self_attn.qkv_proj.weight" for i in range(config.num_hidden_layers)}
-        missing = sorted(set(expected) - have)
-        if missing:
-            raise WeightFormatError(f"{path}: missing tensors for {missing[:6]}")
-        model = empty_model(config, dtype, device)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for gname, hname in names.items():
-                if hname is None:
-                    continue
-                if hname not in expected:
-                    raise WeightFormatError(f"{path}: unexpected tensor {gname!r}")
-                params[hname].copy_(_tensor(g, gname, expected[hname]))
-            if split_q:
-                for i in range(config.num_hidden_layers):
-                    parts = [_tensor(g, f"blk.{i}.attn_{x}.weight", None) for x in "qkv"]
-                    qkv = torch.cat(parts, 0)
-                    target = params[f"model.layers.{i}.self_attn.qkv_proj.weight"]
-                    if qkv.shape != target.shape:
-                        raise WeightFormatError(f"{path}: layer {i} q/k/v shapes {[tuple(p.shape) for p in parts]} "
-                                                f"do not make {tuple(target.shape)}")
-                    target.copy_(qkv)
-    return model
-
-
 def _checkpoint_name(gname: str, path: Path) -> str | None:
     if gname in TENSOR_NAMES:
         return TENSOR_NAMES[gname]
@@ -168,16 +126,3 @@ def _checkpoint_name(gname: str, path: Path) -> str | None:
         if key in TENSOR_NAMES:
             return TENSOR_NAMES[key].format(i=int(parts[1]))
     raise WeightFormatError(f"{path}: unexpected tensor {gname!r} for the phi3 architecture")
-
-
-def _tensor(g: GGUFFile, name: str, shape: tuple[int, ...] | None) -> torch.Tensor:
-    info = g.tensors.get(name)
-    if info is None:
-        raise WeightFormatError(f"{g.path}: tensor {name!r} is missing")
-    if shape is not None and tuple(info.shape) != tuple(shape):
-        raise WeightFormatError(f"{g.path}: tensor {name!r} has shape {tuple(info.shape)}, expected {tuple(shape)}")
-    type_name = GGML_TYPES[info.ggml_type].name
-    if type_name not in ("F32", "F16", "BF16"):
-        raise WeightFormatError(f"{g.path}: tensor {name!r} is {type_name}; loading quantized GGUF weights needs "
-                                "the quantized engine (pocketlm quantize), this loader reads F32/F16/BF16")
-    return torch.from_numpy(np.array(g.tensor(name), copy=True))

@@ -1,0 +1,331 @@
+"""GGUF block formats in numpy: Q8_0, Q4_0, Q4_K quantize + dequantize; Q4_1, Q5_0, Q5_1, Q6_K dequantize.
+
+Each format stores a row of `n` weights as `n / block_size` blocks of `type_size` bytes (ggml-common.h):
+
+    Q8_0  (32 w, 34 B):  f16 d | 32 x int8 q                 w = d * q,          d = amax / 127
+    Q4_0  (32 w, 18 B):  f16 d | 16 B nibbles (j, j+16)      w = d * (q - 8),    d = max / -8 (signed max)
+    Q4_1  (32 w, 20 B):  f16 d | f16 m | 16 B nibbles         w = d * q + m
+    Q5_0  (32 w, 22 B):  f16 d | u32 high bits | 16 B nibbles w = d * (q - 16)
+    Q5_1  (32 w, 24 B):  f16 d | f16 m | u32 qh | nibbles     w = d * q + m
+    Q4_K  (256 w, 144 B): f16 d | f16 dmin | 12 B of 6-bit (scale, min) for 8 sub-blocks of 32 | 128 B nibbles
+                          w = d * sc_j * q - dmin * m_j
+    Q6_K  (256 w, 210 B): 128 B low nibbles | 64 B high 2 bits | 16 x int8 scales | f16 d;  w = d * sc * (q - 32)
+
+Exactness: every quantizer reproduces, in float32, the operation order of the reference it names, so the bytes
+are the reference's bytes (tests/test_quant_codecs.py checks >= 10,000 random blocks, zeros, huge and denormal
+values):
+- Q8_0 / Q4_0: gguf-py `gguf.quants` (which follows ggml-quants.c `quantize_row_q{8,4}_0_ref`). Caveat, as in
+  gguf-py: the C reference may be compiled with `x*id + 8.5f` fused into one FMA, which rounds once instead of
+  twice; gguf-py and we round twice, so a rare Q4_0 nibble can differ from a given libggml build.
+- Q4_K: llama.cpp `quantize_row_q4_K_ref` + `make_qkx2_quants` (ggml-quants.c, llama.cpp vendored in
+  llama-cpp-python 0.3.36), transcribed with the sums accumulated sequentially in float32 as the C loops do
+  (numpy's pairwise `sum` would round differently) and `nearest_int` = round half to even. gguf-py has no Q4_K
+  quantizer; the test compares with libggml's own `quantize_row_q4_K_ref` via ctypes when llama-cpp-python is
+  installed.
+- Non-finite intermediate values (a scale whose inverse overflows, e.g. an all-denormal block) give code 0 for
+  Q4_0/Q8_0, which is what gguf-py's float->int casts give on x86-64 and what the C reference's casts give there.
+- Dequantizers are bit-exact against `gguf.quants.dequantize` (same float32 products, no fused multiply-add).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pocketlm.errors import WeightFormatError
+
+QK = 32  # block size of the _0/_1 formats
+QK_K = 256  # super-block size of the k-quants
+
+# name -> (elements per block, bytes per block), ggml.c type_traits
+BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+         "Q4_K": (256, 144), "Q6_K": (256, 210)}
+QUANTIZERS = ("Q8_0", "Q4_0", "Q4_K")
+
+
+def _blocks(x: np.ndarray, block: int, what: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.size % block:
+        raise WeightFormatError(f"{what}: {x.size} values are not a whole number of {block}-value blocks "
+                                f"(shape {x.shape})")
+    return x.reshape(-1, block)
+
+
+def _raw_blocks(data: np.ndarray, type_size: int, what: str) -> np.ndarray:
+    raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
+    if raw.size % type_size:
+        raise WeightFormatError(f"{what}: {raw.size} bytes are not a whole number of {type_size}-byte blocks")
+    return raw.reshape(-1, type_size)
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    """float32 -> the 2 bytes of its IEEE half (round to nearest even, overflow -> inf, as GGML_FP32_TO_FP16)."""
+    with np.errstate(over="ignore"):
+        return a.astype(np.float16).view(np.uint8).reshape(a.shape[0], 2)
+
+
+def _half(raw: np.ndarray) -> np.ndarray:
+    """(n, 2) bytes -> (n, 1) float32."""
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32).reshape(-1, 1)
+
+
+def _roundf_exact(x: np.ndarray) -> np.ndarray:
+    """C `roundf` (halves away from zero) as floor(|x|) + floor(2 * frac): exact in float32, where adding 0.5
+    first would round 0.49999997 up (gguf-py's `np_roundf` is the same formula)."""
+    a = np.abs(x)
+    f = np.floor(a)
+    return np.sign(x) * (f + np.floor(2 * (a - f)))
+
+
+def _to_int(x: np.ndarray, dtype: type) -> np.ndarray:
+    """float -> integer, non-finite -> 0 (explicit; the reference's casts are undefined there)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(x), x, 0).astype(dtype)
+
+
+def _inverse(d: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+
+
+# ----- Q8_0 ----------------------------------------------------------------------------------------------------
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """float32 values (count a multiple of 32) -> Q8_0 bytes, shape (n_blocks * 34,)."""
+    b = _blocks(x, QK, "Q8_0")
+    d = (np.abs(b).max(axis=1, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = _to_int(_roundf_exact(b * _inverse(d)), np.int8)
+    return np.concatenate([_f16(d), q.view(np.uint8)], axis=1).reshape(-1)
+
+
+def dequantize_q8_0(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 34, "Q8_0")
+    return (b[:, 2:].view(np.int8).astype(np.float32) * _half(b[:, :2])).reshape(-1)
+
+
+# ----- Q4_0 ----------------------------------------------------------------------------------------------------
+
+def quantize_q4_0(x: np.ndarray) -> np.ndarray:
+    """float32 values (count a multiple of 32) -> Q4_0 bytes, shape (n_blocks * 18,)."""
+    b = _blocks(x, QK, "Q4_0")
+    imax = np.abs(b).argmax(axis=1)[:, None]  # first index of the largest magnitude, as the C loop's `<`
+    signed_max = np.take_along_axis(b, imax, axis=1)
+    d = (signed_max / np.float32(-8)).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = np.trunc(b * _inverse(d) + np.float32(8.5))
+    q = np.clip(_to_int(q, np.int64), 0, 15).astype(np.uint8)
+    packed = q[:, :16] | (q[:, 16:] << np.uint8(4))  # byte j holds weights j (low) and j + 16 (high)
+    return np.concatenate([_f16(d), packed], axis=1).reshape(-1)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(n, 16) packed bytes -> (n, 32) codes: low nibbles are weights 0..15, high nibbles 16..31."""
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
+
+
+def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 18, "Q4_0")
+    q = _nibbles(b[:, 2:]).astype(np.int8) - np.int8(8)
+    return (_half(b[:, :2]) * q.astype(np.float32)).reshape(-1)
+
+
+# ----- Q4_1 / Q5_0 / Q5_1 (dequantize only) --------------------------------------------------------------------
+
+def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 20, "Q4_1")
+    q = _nibbles(b[:, 4:]).astype(np.float32)
+    return (_half(b[:, :2]) * q + _half(b[:, 2:4])).reshape(-1)
+
+
+def _fifth_bits(qh: np.ndarray) -> np.ndarray:
+    """(n, 4) bytes of a little-endian u32 -> (n, 32) bit i of it, as the 5th bit of weight i."""
+    return np.unpackbits(np.ascontiguousarray(qh), axis=1, bitorder="little")
+
+
+def dequantize_q5_0(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 22, "Q5_0")
+    q = (_nibbles(b[:, 6:]) | (_fifth_bits(b[:, 2:6]) << np.uint8(4))).astype(np.int8) - np.int8(16)
+    return (_half(b[:, :2]) * q.astype(np.float32)).reshape(-1)
+
+
+def dequantize_q5_1(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 24, "Q5_1")
+    q = (_nibbles(b[:, 8:]) | (_fifth_bits(b[:, 4:8]) << np.uint8(4))).astype(np.float32)
+    return (_half(b[:, :2]) * q + _half(b[:, 2:4])).reshape(-1)
+
+
+# ----- Q4_K ----------------------------------------------------------------------------------------------------
+
+def _nearest_int(x: np.ndarray) -> np.ndarray:
+    """ggml `nearest_int`: the 12582912.f trick = round half to even (for |x| < 2^22)."""
+    with np.errstate(invalid="ignore"):
+        return _to_int(np.rint(x), np.int64)
+
+
+def _seqsum(a: np.ndarray) -> np.ndarray:
+    """Sum over axis 0 of an (n, G) C-contiguous array, row by row: ((a0 + a1) + a2) + ..., the order of a C
+    accumulation loop (numpy reduces a non-inner axis this way; pairwise summation applies to the inner axis)."""
+    return np.add.reduce(a, axis=0)
+
+
+def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int = 15, rmin: float = -1.0, rdelta: float = 0.1,
+                      nstep: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml-quants.c `make_qkx2_quants` (use_mad = false) for many groups at once.
+
+    x, w: (n, G) float32, one group per column (so each C loop over i is a sum over rows). Returns
+    (scale (G,), -min (G,), L (n, G) codes). Sums accumulate over i in order, in float32, as the C loops do.
+    """
+    f32 = np.float32
+    n, G = x.shape
+    mn = np.minimum(x.min(axis=0), f32(0))
+    mx = x.max(axis=0)
+    sum_w = _seqsum(w)
+    sum_x = _seqsum(w * x)
+    flat = mx == mn  # C returns early: codes 0, scale 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        rng = np.where(flat, f32(1), mx - mn).astype(f32)
+        iscale = (f32(nmax) / rng).astype(f32)
+        scale = (f32(1) / iscale).astype(f32)
+        Lf = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax).astype(f32)
+        diff = scale * Lf + mn - x
+        best = _seqsum(w * (diff * diff))
+        for step in range(nstep + 1):
+            # `min` is updated whenever a step wins, and later steps use the updated value (as in C)
+            rng = np.where(flat, f32(1), mx - mn).astype(f32)
+            iscale = ((f32(rmin) + f32(rdelta) * f32(step) + f32(nmax)) / rng).astype(f32)
+            La = np.clip(_nearest_int(iscale * (x - mn)), 0, nmax).astype(f32)
+            wl = w * La
+            sum_l = _seqsum(wl)
+            sum_l2 = _seqsum(wl * La)
+            sum_xl = _seqsum(wl * x)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            pos = this_min > 0
+            this_min = np.where(pos, f32(0), this_min)
+            this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
+            diff = this_scale * La + this_min - x
+            cur = _seqsum(w * (diff * diff))
+            better = (D > 0) & (cur < best) & ~flat
+            Lf = np.where(better, La, Lf)
+            best = np.where(better, cur, best)
+            scale = np.where(better, this_scale, scale)
+            mn = np.where(better, this_min, mn)
+    scale = np.where(flat, f32(0), scale).astype(f32)
+    Lf = np.where(flat, f32(0), Lf)
+    return scale, (-mn).astype(f32), Lf.astype(np.uint8)
+
+
+def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """(N, 8) 6-bit scales and mins -> (N, 12) bytes, the layout `get_scale_min_k4` reads."""
+    out = np.zeros((ls.shape[0], 12), np.uint8)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _unpack_scales_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 12) bytes -> (N, 8) scales, (N, 8) mins (ggml `get_scale_min_k4`)."""
+    sc = np.concatenate([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], axis=1)
+    mn = np.concatenate([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def quantize_q4_k(x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """float32 values (count a multiple of 256) -> Q4_K bytes, shape (n_blocks * 144,); llama.cpp's reference
+    quantizer without an importance matrix (`quantize_row_q4_K_ref`). Works `chunk` super-blocks at a time so the
+    ~20 temporaries of the search stay cache-sized."""
+    b = _blocks(x, QK_K, "Q4_K")
+    return np.concatenate([_quantize_q4_k_blocks(b[i:i + chunk]) for i in range(0, b.shape[0], chunk)] or
+                          [np.zeros(0, np.uint8)])
+
+
+def _quantize_q4_k_blocks(b: np.ndarray) -> np.ndarray:
+    f32 = np.float32
+    N = b.shape[0]
+    sub = np.ascontiguousarray(b.reshape(N * 8, 32).T)  # (32, groups): one 32-value sub-block per column
+    av_x = np.sqrt(_seqsum(sub * sub) / f32(32)).astype(f32)
+    weights = (av_x + np.abs(sub)).astype(f32)
+    scales, mins, L0 = _make_qkx2_quants(sub, weights)
+    L0 = L0.T
+    scales, mins = scales.reshape(N, 8), mins.reshape(N, 8)
+    max_scale = np.maximum(scales.max(axis=1), f32(0))  # the C loop starts from 0 and keeps `>` updates
+    max_min = np.maximum(mins.max(axis=1), f32(0))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv_scale = np.where(max_scale > 0, f32(63) / max_scale, f32(0)).astype(f32)
+        inv_min = np.where(max_min > 0, f32(63) / max_min, f32(0)).astype(f32)
+        # C: uint8_t ls = nearest_int(...) (wraps modulo 256), then MIN(63, ls)
+        ls = np.minimum(_nearest_int(inv_scale[:, None] * scales).astype(np.uint8), 63)
+        lm = np.minimum(_nearest_int(inv_min[:, None] * mins).astype(np.uint8), 63)
+    d16 = _f16((max_scale / f32(63)).astype(f32).reshape(N, 1))
+    dmin16 = _f16((max_min / f32(63)).astype(f32).reshape(N, 1))
+    d = (_half(d16) * ls.astype(f32)).astype(f32)  # (N, 8)
+    dm = (_half(dmin16) * lm.astype(f32)).astype(f32)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L = np.clip(_nearest_int((b.reshape(N, 8, 32) + dm[:, :, None]) / d[:, :, None]), 0, 15)
+    # `if (!d) continue;` keeps the codes make_qkx2_quants chose for that sub-block
+    L = np.where((d == 0)[:, :, None], L0.reshape(N, 8, 32), L).astype(np.uint8)
+    L = L.reshape(N, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(N, 128)  # byte l of chunk c: weights 64c+l (low), 64c+32+l
+    return np.concatenate([d16, dmin16, _pack_scales_k4(ls, lm), qs], axis=1).reshape(-1)
+
+
+def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 144, "Q4_K")
+    N = b.shape[0]
+    sc, mn = _unpack_scales_k4(b[:, 4:16])
+    d = (_half(b[:, 0:2]) * sc.astype(np.float32)).reshape(N, 8, 1)
+    dm = (_half(b[:, 2:4]) * mn.astype(np.float32)).reshape(N, 8, 1)
+    qs = b[:, 16:].reshape(N, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & np.uint8(0x0F)).reshape(N, 8, 32).astype(np.float32)
+    return (d * q - dm).reshape(-1)
+
+
+# ----- Q6_K (dequantize only) ----------------------------------------------------------------------------------
+
+def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 210, "Q6_K")
+    N = b.shape[0]
+    ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], b[:, 208:210]
+    dsc = (_half(d) * np.ascontiguousarray(scales).view(np.int8).astype(np.float32)).reshape(N, 16, 1)
+    lo = ql.reshape(N, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    lo = (lo & np.uint8(0x0F)).reshape(N, 8, 32)
+    hi = qh.reshape(N, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    hi = (hi & np.uint8(0x03)).reshape(N, 8, 32)
+    q = ((lo | (hi << np.uint8(4))).astype(np.int8) - np.int8(32)).reshape(N, 16, 16).astype(np.float32)
+    return (dsc * q).reshape(-1)
+
+
+# ----- dispatch ------------------------------------------------------------------------------------------------
+
+_QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_K": quantize_q4_k}
+_DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
+               "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q6_K": dequantize_q6_k}
+DEQUANTIZERS = tuple(_DEQUANTIZE)
+
+
+def quantize(x: np.ndarray, type_name: str) -> np.ndarray:
+    """Quantize a float array whose last dimension is a multiple of the block size; returns uint8 of shape
+    (*x.shape[:-1], bytes_per_row), the GGUF data layout of that tensor."""
+    if type_name not in _QUANTIZE:
+        raise WeightFormatError(f"no quantizer for {type_name!r}; choose from {list(_QUANTIZE)}")
+    block, size = BLOCK[type_name]
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0 or x.shape[-1] % block:
+        raise WeightFormatError(f"{type_name}: the last dimension of shape {x.shape} is not a multiple of {block}")
+    with np.errstate(all="ignore"):  # inf/nan inputs follow the reference; no warnings
+        return _QUANTIZE[type_name](x).reshape(*x.shape[:-1], x.shape[-1] // block * size)
+
+
+def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """GGUF bytes of `type_name` -> float32 array of `shape` (PyTorch order)."""
+    if type_name not in _DEQUANTIZE:
+        raise WeightFormatError(f"no dequantizer for {type_name!r}; supported: {list(_DEQUANTIZE)}")
+    block, size = BLOCK[type_name]
+    n = int(np.prod(shape))
+    if n % block or np.asarray(data).nbytes != n // block * size:
+        raise WeightFormatError(f"{type_name}: {np.asarray(data).nbytes} bytes do not hold a tensor of shape "
+                                f"{tuple(shape)}")
+    with np.errstate(all="ignore"):  # a NaN/inf scale gives NaN/inf weights, as in the reference
+        return _DEQUANTIZE[type_name](data).reshape(shape)

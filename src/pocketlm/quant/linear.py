@@ -1,0 +1,312 @@
+"""Quantized linear and embedding layers that replace `nn.Linear` / `nn.Embedding` inside `Phi3ForCausalLM`.
+
+A quantized layer keeps the weight exactly as GGUF stores it (`qweight`: uint8, one row of blocks per output
+feature, the bytes `codecs.quantize` produced or a GGUF file held), so export writes those bytes unchanged and
+the scheme is always the tensor's recorded ggml type, never guessed. Two ways to compute `x @ W.T`:
+
+- "reference": dequantize the whole weight (torch ops mirroring `codecs`), then `F.linear` in the activation
+  dtype. Exact up to the matmul's own rounding; every type.
+- "int4": PyTorch's CPU int4 op (`aten._weight_int4pack_mm_for_cpu` on `_convert_weight_to_int4pack_for_cpu`
+  codes), for Q4_0, Q4_1 and Q4_K (4-bit codes with one scale and one offset per 32 weights). The op computes
+  w = (q - 8) * scale + zero per group of 32: Q4_0 is scale = d, zero = 0 (exact); Q4_1 is zero = 8d + m;
+  Q4_K is scale = d * sc, zero = 8 * scale - dmin * m (equal to the reference up to float32 rounding).
+  Activations may be float32 (exact, slow) or bfloat16 (fast; the op then also rounds scales to bf16: ~0.3%
+  relative error).
+- Q8_0 has one scale per 32 weights; `aten._weight_int8pack_mm` takes one scale per output row, so it cannot
+  run Q8_0 exactly and is not used here (the later speed work may requantize per row, as a separate scheme).
+
+"auto" packs for "int4" where the op exists and accepts the shape, and uses it for bfloat16 activations only:
+with float32 activations the op is ~25-50x slower than dequantize + matmul (ANCHORS.md, CPU), so "auto" then
+takes the reference path. backend="int4" forces the op for both dtypes (the exactness tests use it).
+
+Deviation: `QuantizedLinear.weight` is a 0-element tensor of the compute dtype on the layer's device, only so
+that code reading `lm_head.weight.dtype/device` (e.g. `Phi3ForCausalLM.make_cache`) keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.errors import PocketLMError, WeightFormatError
+from pocketlm.quant import codecs
+
+# `pocketlm quantize --scheme` -> ggml type of the 2-D weights (norms and rope factors always stay F32)
+SCHEMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K"}
+KEEP_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+BACKENDS = ("auto", "reference", "int4")
+INT4_GROUP = 32
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+TORCH_DEQUANT = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # dequantized by torch ops; other types go through numpy
+
+
+class QuantError(PocketLMError, ValueError):
+    """A quantization request is invalid (unknown scheme, a shape the format cannot hold)."""
+
+
+# ----- torch dequantizers (same float32 products as codecs, on whole tensors) -----------------------------------
+
+def _half(raw: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 -> (..., 1) float32."""
+    return raw.contiguous().view(torch.float16).float()
+
+
+def _nibbles32(qs: torch.Tensor) -> torch.Tensor:
+    """(..., 16) packed bytes -> (..., 32) codes: low nibbles are weights 0..15, high nibbles 16..31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _q4_k_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K bytes (N, nb*144) -> codes (N, K) uint8, scales (N, K/32), offsets (N, K/32): w = scale*q - offset."""
+    N = raw.shape[0]
+    b = raw.reshape(N, -1, 144)
+    s = b[..., 4:16].to(torch.int32)
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+    d = _half(b[..., 0:2]) * sc.float()  # (N, nb, 8)
+    dm = _half(b[..., 2:4]) * mn.float()
+    qs = b[..., 16:].reshape(N, -1, 4, 1, 32)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=3).reshape(N, -1)  # chunk c: weights 64c..64c+31 low, +32.. high
+    return q, d.reshape(N, -1), dm.reshape(N, -1)
+
+
+def dequantize_torch(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> torch.Tensor:
+    """GGUF bytes (rows, row_bytes) uint8 -> float32 (rows, cols); Q8_0/Q4_0/Q4_K in torch, others via codecs."""
+    N, K = shape
+    if type_name == "Q8_0":
+        b = raw.reshape(N, K // 32, 34)
+        return (b[..., 2:].contiguous().view(torch.int8).float() * _half(b[..., :2])).reshape(N, K)
+    if type_name == "Q4_0":
+        b = raw.reshape(N, K // 32, 18)
+        q = _nibbles32(b[..., 2:]).to(torch.int8) - 8
+        return (_half(b[..., :2]) * q.float()).reshape(N, K)
+    if type_name == "Q4_1":
+        b = raw.reshape(N, K // 32, 20)
+        return (_half(b[..., :2]) * _nibbles32(b[..., 4:]).float() + _half(b[..., 2:4])).reshape(N, K)
+    if type_name == "Q4_K":
+        q, d, dm = _q4_k_parts(raw)
+        q = q.reshape(N, -1, 32).float()
+        return (d[..., None] * q - dm[..., None]).reshape(N, K)
+    return torch.from_numpy(codecs.dequantize(raw.numpy(), type_name, (N, K)))
+
+
+def _int4_operands(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (N, K) int32 in [0, 15] and scale/zero (K/32, N, 2) float32 for the int4 op: w = (q-8)*scale + zero."""
+    N, K = shape
+    if type_name == "Q4_0":
+        b = raw.reshape(N, K // 32, 18)
+        q = _nibbles32(b[..., 2:]).reshape(N, K)
+        scale = _half(b[..., :2]).reshape(N, K // 32)
+        zero = torch.zeros_like(scale)
+    elif type_name == "Q4_1":
+        b = raw.reshape(N, K // 32, 20)
+        q = _nibbles32(b[..., 4:]).reshape(N, K)
+        scale = _half(b[..., :2]).reshape(N, K // 32)
+        zero = 8 * scale + _half(b[..., 2:4]).reshape(N, K // 32)
+    elif type_name == "Q4_K":
+        q, scale, offset = _q4_k_parts(raw)
+        zero = 8 * scale - offset
+    else:
+        raise QuantError(f"the int4 backend runs {INT4_TYPES}, not {type_name}")
+    return q.to(torch.int32), torch.stack([scale.T, zero.T], dim=-1).contiguous()
+
+
+def _int4_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
+        hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+# ----- layers --------------------------------------------------------------------------------------------------
+
+class QuantizedLinear(nn.Module):
+    """`y = x @ W.T` with W stored in a GGUF block format (no bias: Phi-3 and Llama linears have none).
+
+    Args:
+        qweight: uint8 (out_features, row_bytes), the GGUF bytes of W (rows = output features).
+        type_name: ggml type of the bytes ("Q8_0", "Q4_0", "Q4_K", ... any codecs.DEQUANTIZERS type).
+        in_features: columns of W.
+        dtype: compute/output dtype for the reference path (the model's dtype).
+        backend: "auto", "reference" or "int4".
+    """
+
+    def __init__(self, qweight: torch.Tensor, type_name: str, in_features: int, *, dtype: torch.dtype = torch.float32,
+                 backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise QuantError(f"backend {backend!r} is not one of {BACKENDS}")
+        if type_name not in codecs.BLOCK:
+            raise QuantError(f"ggml type {type_name!r} is not a block format pocketlm reads; "
+                             f"supported: {sorted(codecs.BLOCK)}")
+        block, size = codecs.BLOCK[type_name]
+        out_features = qweight.shape[0]
+        if qweight.dtype != torch.uint8 or qweight.ndim != 2 or in_features % block or \
+                qweight.shape[1] != in_features // block * size:
+            raise WeightFormatError(f"{type_name} weight of {tuple(qweight.shape)} {qweight.dtype} bytes does not "
+                                    f"hold a ({out_features}, {in_features}) matrix")
+        self.in_features, self.out_features = in_features, out_features
+        self.type_name = type_name
+        self.dtype = dtype
+        self.register_buffer("qweight", qweight.contiguous())
+        self.backend = "reference"
+        self.requested = backend
+        if backend in ("auto", "int4") and type_name in INT4_TYPES:
+            ok = self._try_int4()
+            if backend == "int4" and not ok:
+                raise QuantError(f"the int4 op is not available or refuses shape ({out_features}, {in_features})")
+        elif backend == "int4":
+            raise QuantError(f"the int4 backend runs {INT4_TYPES}, not {type_name}")
+
+    def _try_int4(self) -> bool:
+        if not _int4_available() or self.qweight.device.type != "cpu":
+            return False
+        try:
+            q, sz = _int4_operands(self.qweight, self.type_name, (self.out_features, self.in_features))
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            probe = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.zeros(1, self.in_features), packed,
+                                                                 INT4_GROUP, sz)
+            assert probe.shape == (1, self.out_features)
+        except (RuntimeError, AssertionError):
+            return False
+        self.register_buffer("int4_packed", packed, persistent=False)
+        self.register_buffer("int4_scale_zeros", sz, persistent=False)
+        self._sz_cast: dict[torch.dtype, torch.Tensor] = {}
+        self.backend = "int4"
+        return True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.empty(0, dtype=self.dtype, device=self.qweight.device)
+
+    def dequantized(self) -> torch.Tensor:
+        """W as float32 (out_features, in_features)."""
+        return dequantize_torch(self.qweight, self.type_name, (self.out_features, self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "int4" and (x.dtype == torch.bfloat16 or
+                                       (x.dtype == torch.float32 and self.requested == "int4")):
+            sz = self._sz_cast.get(x.dtype)
+            if sz is None:
+                sz = self._sz_cast[x.dtype] = self.int4_scale_zeros.to(x.dtype)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.int4_packed,
+                                                           INT4_GROUP, sz)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantized().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, type={self.type_name}, backend={self.backend}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """Row lookup in a GGUF-quantized embedding table: only the looked-up rows are dequantized.
+
+    `source` may be a QuantizedLinear (tied embeddings: the lm_head's bytes serve both)."""
+
+    def __init__(self, qweight: torch.Tensor, type_name: str, embedding_dim: int, *, dtype: torch.dtype):
+        super().__init__()
+        block, size = codecs.BLOCK[type_name]
+        if qweight.dtype != torch.uint8 or qweight.ndim != 2 or qweight.shape[1] != embedding_dim // block * size:
+            raise WeightFormatError(f"{type_name} embedding bytes {tuple(qweight.shape)} do not hold rows of "
+                                    f"{embedding_dim} values")
+        self.type_name, self.embedding_dim, self.dtype = type_name, embedding_dim, dtype
+        self.num_embeddings = qweight.shape[0]
+        self.register_buffer("qweight", qweight.contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight[ids.reshape(-1)]
+        w = dequantize_torch(rows, self.type_name, (rows.shape[0], self.embedding_dim))
+        return w.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type_name}"
+
+
+# ----- whole models --------------------------------------------------------------------------------------------
+
+def tensor_type(scheme: str, name: str, shape: tuple[int, ...], keep_embeddings: str | None = None) -> str:
+    """The ggml type a checkpoint tensor gets under a scheme (the one rule export and `quantize_model` share).
+
+    1-D tensors (norms) stay F32. `keep_embeddings` (f32/f16/bf16/q8_0) sets the embedding and lm_head type.
+    A block type whose block does not divide the row length falls back to Q8_0, then F16 (llama.cpp also falls
+    back per tensor); the file records the real type of every tensor.
+    """
+    if scheme not in SCHEMES:
+        raise QuantError(f"scheme {scheme!r} is not one of {sorted(SCHEMES)}")
+    if keep_embeddings is not None and keep_embeddings not in KEEP_TYPES:
+        raise QuantError(f"--keep-embeddings {keep_embeddings!r} is not one of {sorted(KEEP_TYPES)}")
+    if len(shape) < 2:
+        return "F32"
+    t = SCHEMES[scheme]
+    if keep_embeddings is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
+        t = KEEP_TYPES[keep_embeddings]
+    for candidate in (t, "Q8_0", "F16"):
+        if candidate in FLOAT_TYPES or shape[-1] % codecs.BLOCK[candidate][0] == 0:
+            return candidate
+    raise AssertionError("F16 always fits")
+
+
+def quantize_tensor(w: torch.Tensor, type_name: str) -> torch.Tensor:
+    """(rows, cols) float weight -> uint8 GGUF bytes (rows, row_bytes) of `type_name` (Q8_0/Q4_0/Q4_K)."""
+    return torch.from_numpy(codecs.quantize(w.detach().float().cpu().numpy(), type_name))
+
+
+def quantize_model(model: nn.Module, scheme: str, *, keep_embeddings: str | None = None,
+                   backend: str = "auto") -> nn.Module:
+    """Quantize a `Phi3ForCausalLM` in place: every decoder linear, lm_head and the embedding get
+    `tensor_type(scheme, name, shape, keep_embeddings)`; float types just change the parameter's dtype."""
+    dtype = model.model.embed_tokens.weight.dtype
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and module.weight is not model.model.embed_tokens.weight:
+            t = tensor_type(scheme, name + ".weight", tuple(module.weight.shape), keep_embeddings)
+            set_module(model, name, _converted_linear(module.weight, t, dtype, backend))
+    emb = model.model.embed_tokens.weight
+    t = tensor_type(scheme, "model.embed_tokens.weight", tuple(emb.shape), keep_embeddings)
+    install_embedding(model, emb, t, dtype, backend, tied=tied)
+    return model
+
+
+def _converted_linear(w: torch.Tensor, t: str, dtype: torch.dtype, backend: str) -> nn.Module:
+    if t in FLOAT_TYPES:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=w.device)
+        with torch.no_grad():
+            lin.weight.copy_(w.detach().to(FLOAT_TYPES[t]).to(dtype))
+        return lin
+    return QuantizedLinear(quantize_tensor(w, t), t, w.shape[1], dtype=dtype, backend=backend)
+
+
+def install_embedding(model: nn.Module, emb: torch.Tensor, t: str, dtype: torch.dtype, backend: str, *,
+                      tied: bool, raw: torch.Tensor | None = None) -> None:
+    """Set the embedding (and, when tied, lm_head) of `model` to type `t` (float or block type)."""
+    if t in FLOAT_TYPES:
+        values = emb.detach().to(FLOAT_TYPES[t]).to(dtype) if raw is None else raw.to(dtype)
+        e = nn.Embedding(values.shape[0], values.shape[1], dtype=dtype, device=values.device)
+        with torch.no_grad():
+            e.weight.copy_(values)
+        model.model.embed_tokens = e
+        if tied:
+            model.lm_head.weight = e.weight
+        return
+    q = quantize_tensor(emb, t) if raw is None else raw
+    dim = model.config.hidden_size
+    model.model.embed_tokens = QuantizedEmbedding(q, t, dim, dtype=dtype)
+    if tied:
+        model.lm_head = QuantizedLinear(q, t, dim, dtype=dtype, backend=backend)
+        model.model.embed_tokens.qweight = model.lm_head.qweight  # one copy of the bytes
+
+
+def set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def model_tensor_types(model: nn.Module) -> dict[str, str]:
+    """Checkpoint name -> ggml type of every weight of a (possibly quantized) model."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+            out[name + ".weight"] = module.type_name
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            out[name + ".weight"] = {v: k for k, v in FLOAT_TYPES.items()}[module.weight.dtype]
+    return out
