@@ -1,0 +1,148 @@
+"""`pocketlm data`: the data pipeline's command line (the lead registers the verb: add_arguments / run).
+
+    pocketlm data run CONFIG.json [--workers N] [--dask [ADDRESS]]   run or resume the pipeline
+    pocketlm data corpus --out DIR [--sources a,b]                   build the Debian-docs corpus (after apt)
+    pocketlm data synth --out FILE.jsonl --count N [--seed S]        procedural synthetic lessons
+    pocketlm data teacher --out FILE.jsonl --base-url URL --model M --topics FILE [--audiences ..] [--styles ..]
+    pocketlm data train-edu --annotations FILE.jsonl --out DIR       train the edu head; prints held-out F1
+    pocketlm data score --head DIR FILE.jsonl                        print edu scores of documents
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pocketlm.data.records import DataPipelineError, write_part
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True)
+    p = sub.add_parser("run", help="run or resume the pipeline from a JSON config")
+    p.add_argument("config")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--out", default=None, help="override the config's output folder")
+    p.add_argument("--dask", nargs="?", const="local", default=None,
+                   help="run on Dask: a scheduler address, or no value for a local cluster")
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("corpus", help="convert installed Debian docs to JSONL (see scripts/build-corpus.sh)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sources", default="all")
+    p.add_argument("--workers", type=int, default=None)
+    p = sub.add_parser("synth", help="write procedural synthetic lessons with verified answers")
+    p.add_argument("--out", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--generators", default=None, help="comma list (default: all)")
+    p = sub.add_parser("teacher", help="textbook sections from an OpenAI-compatible endpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--base-url", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--topics", required=True, help="file with one topic per line")
+    p.add_argument("--extracts", default=None, help="JSONL documents used as inspiration (web extracts)")
+    p.add_argument("--audiences", default="high school students,college students")
+    p.add_argument("--styles", default="textbook,tutorial")
+    p.add_argument("--count", type=int, default=None, help="seeded draws instead of the full product")
+    p.add_argument("--rpm", type=float, default=60.0, help="requests per minute")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train-edu", help="train the educational-value head on annotated JSONL")
+    p.add_argument("--annotations", default=None, help="JSONL {text, score}; default: the shipped seed set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threshold", type=float, default=3.0)
+    p.add_argument("--heldout", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("score", help="print the edu score of each document of a JSONL file")
+    p.add_argument("--head", required=True)
+    p.add_argument("file")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the corpus, run the data pipeline, generate synthetic data, train and apply the edu classifier."""
+    cmd = args.data_command
+    if cmd == "run":
+        from pocketlm.data.pipeline import PipelineConfig, run as run_pipeline
+
+        cfg = PipelineConfig.from_file(args.config)
+        if args.workers is not None:
+            cfg.workers = args.workers
+        if args.out:
+            cfg.out = args.out
+        if args.no_progress:
+            cfg.progress = False
+        if args.dask:
+            from pocketlm.data.distributed import run_distributed
+
+            rep = run_distributed(cfg, address=None if args.dask == "local" else args.dask,
+                                  n_workers=cfg.workers or 2)
+        else:
+            rep = run_pipeline(cfg)
+        for stage, st in rep["stages"].items():
+            print(f"{stage:<10} docs {st['docs_in']:>9} -> {st['docs_out']:<9} tokens {st['tokens_in']:>12} -> "
+                  f"{st['tokens_out']}")
+        print(f"report: {Path(cfg.out) / 'report' / 'report.md'}")
+        return 0
+    if cmd == "corpus":
+        from pocketlm.data.corpus import main
+
+        argv = ["--out", args.out, "--sources", args.sources]
+        if args.workers:
+            argv += ["--workers", str(args.workers)]
+        return main(argv)
+    if cmd == "synth":
+        from pocketlm.data.synthetic import generate
+
+        docs, stats = generate(args.count, args.seed, args.generators.split(",") if args.generators else None)
+        write_part(args.out, docs)
+        print(json.dumps(stats))
+        return 0
+    if cmd == "teacher":
+        from pocketlm.data.records import read_part
+        from pocketlm.data.teacher import Teacher, items_from
+
+        try:
+            topics = [t.strip() for t in Path(args.topics).read_text().splitlines() if t.strip()]
+        except OSError as e:
+            raise DataPipelineError(f"--topics {args.topics}: {e}") from None
+        extracts = [d.text for d in read_part(args.extracts)] if args.extracts else None
+        items = items_from(topics, args.audiences.split(","), args.styles.split(","), extracts, seed=args.seed,
+                           n=args.count)
+        t = Teacher(args.base_url, args.model, api_key=args.api_key, requests_per_minute=args.rpm, seed=args.seed)
+        print(json.dumps(t.run(items, args.out)))
+        return 0
+    if cmd == "train-edu":
+        from pocketlm.data.edu import SEED_PATH, train_from_jsonl
+
+        head = train_from_jsonl(args.annotations or SEED_PATH, args.out, threshold=args.threshold,
+                                heldout=args.heldout, seed=args.seed)
+        m = head.metrics
+        b = m["heldout_binary"]
+        print(f"edu head: {m['n_train']} train / {m['n_heldout']} held-out annotations, ridge lambda "
+              f"{m['ridge_lambda']}")
+        r = m["heldout_binary_rounded"]
+        print(f"held-out F1 for gold >= {b['threshold']:g} at the chosen cut (raw score >= {b.get('cut')}): "
+              f"{b['f1']:.3f} (precision {b['precision']:.3f}, recall {b['recall']:.3f}; {b['tp'] + b['fn']} "
+              f"positives held out); with rounding: F1 {r['f1']:.3f}; MSE {m['heldout_mse']:.3f}; exact "
+              f"{m['heldout_exact_acc']:.3f}")
+        return 0
+    if cmd == "score":
+        from pocketlm.data.edu import EduScorer
+        from pocketlm.data.records import read_part
+
+        docs = list(read_part(args.file))
+        for d, s in zip(docs, EduScorer(args.head).score([d.text for d in docs])):
+            print(f"{s:.2f}\t{d.id}")
+        return 0
+    raise DataPipelineError(f"unknown data command {cmd!r}")  # argparse prevents this
+
+
+def main(argv: list[str] | None = None) -> int:  # usable before the lead registers the verb
+    parser = argparse.ArgumentParser(prog="pocketlm data")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

