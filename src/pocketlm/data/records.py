@@ -43,18 +43,23 @@ class Document:
         return cls(str(rec["id"]), rec["text"], dict(meta))
 
 
-def read_part(path: str | os.PathLike) -> Iterator[Document]:
-    """Documents of a part file written by `write_part`."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; bad JSON names the file and line."""
     path = Path(path)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataPipelineError(f"{path} line {n}: invalid JSON ({e})") from None
-            yield Document.from_dict(rec, f"{path} line {n}")
+
+
+def read_part(path: str | os.PathLike) -> Iterator[Document]:
+    """Documents of a part file written by `write_part`."""
+    for n, rec in iter_jsonl(path):
+        yield Document.from_dict(rec, f"{path} line {n}")
 
 
 def encode_part(docs: Iterable[Document]) -> bytes:
