@@ -1,4 +1,4 @@
-"""`pocketlm data`: the data pipeline's command line (the lead registers the verb: add_arguments / run).
+"""`pocketlm data`: the data-optimal pipeline: corpus, filters, dedup, edu classifier, synthetic data, shards.
 
     pocketlm data run CONFIG.json [--workers N] [--dask [ADDRESS]]   run or resume the pipeline
     pocketlm data corpus --out DIR [--sources a,b]                   build the Debian-docs corpus (after apt)
