@@ -1,5 +1,6 @@
 """pocketlm serve through the official `openai` client: chat, completions, streaming, sampling options,
-logprobs, constrained JSON, auth, /v1/models, /health, /metrics; plus the JSON grammar on its own.
+logprobs (with completions echo), constrained JSON, auth, /v1/models, /health, /metrics; plus the JSON
+grammar on its own.
 
 A real uvicorn server on 127.0.0.1 (free port) serves `pocketlm.load("tiny")` with `Tokenizer.default()`.
 Greedy outputs are compared with `pocketlm.engine.generate` run on the same model, alone.
@@ -153,6 +154,68 @@ def test_logprobs(setup):
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
     assert "".join(lp.tokens).strip() == r.choices[0].text.strip()
+
+
+
+def _prompt_logprobs(model, tok, ids):
+    """Reference: one forward over the prompt, log-softmax over the tokenizer's real ids (padding masked)."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]))[0].float()
+        logits[:, len(tok):] = -float("inf")
+        return torch.log_softmax(logits, -1)
+
+
+def test_completions_echo_logprobs(setup):
+    srv, client, model, tok, _ = setup
+    prompt = "Once upon a time, na\u00efve \U0001F600 cats"
+    ids = tok.encode(prompt, add_bos=tok.add_bos_default)
+    ref = generate_full(model, tok, prompt, max_tokens=6, temperature=0)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 3}
+    out = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()
+    c, usage = out["choices"][0], out["usage"]
+    assert c["text"] == prompt + ref.text and c["finish_reason"] == ref.finish_reason
+    assert usage["prompt_tokens"] == len(ids) and usage["completion_tokens"] == ref.completion_tokens
+    assert usage["total_tokens"] == len(ids) + ref.completion_tokens
+    lp = c["logprobs"]
+    n = len(ids) + len(ref.token_ids)
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["tokens"][0] == "<s>" and lp["text_offset"][0] == 0
+    want = _prompt_logprobs(model, tok, ids)
+    for i in range(1, len(ids)):
+        assert lp["token_logprobs"][i] == pytest.approx(float(want[i - 1, ids[i]]), abs=1e-4)
+        top = lp["top_logprobs"][i]
+        assert len(top) == 3 and max(top.values()) == pytest.approx(float(want[i - 1].max()), abs=1e-4)
+    offs = lp["text_offset"]
+    assert offs == sorted(offs) and offs[len(ids)] == len(prompt)  # generated tokens continue after the prompt
+    for i in range(1, len(ids)):  # each offset is where its token's text starts in the echoed prompt
+        assert prompt[:offs[i]] == tok.decode(ids[1:i], skip_special=True).replace("\ufffd", "")[:offs[i]]
+    # the same request without echo: the generated part is identical
+    plain = httpx.post(srv.url + "/v1/completions", json=body | {"echo": False}, timeout=60).json()["choices"][0]
+    assert plain["logprobs"]["tokens"] == lp["tokens"][len(ids):]
+    assert plain["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"][len(ids):], abs=1e-5)
+    assert [o + len(prompt) for o in plain["logprobs"]["text_offset"]] == offs[len(ids):]
+
+
+def test_completions_echo_ids_batch_and_stream(setup):
+    srv, client, model, tok, _ = setup
+    ids = tok.encode("Hello world", add_bos=True)
+    r = client.completions.create(model="tiny", prompt=[ids, tok.encode("Hi", add_bos=True)], max_tokens=0,
+                                  echo=True, logprobs=1, n=2, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3] and r.usage.completion_tokens == 0
+    assert r.choices[0].text == r.choices[1].text == "Hello world" and r.choices[2].text == "Hi"
+    assert r.choices[0].logprobs.token_logprobs == r.choices[1].logprobs.token_logprobs
+    want = _prompt_logprobs(model, tok, ids)
+    assert r.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+        [float(want[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-4)
+    whole = client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, echo=True, logprobs=2,
+                                      temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="Hello world", max_tokens=5, echo=True, logprobs=2,
+                                            temperature=0, stream=True))
+    assert chunks[0].choices[0].text == "Hello world"
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    toks = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert toks == whole.choices[0].logprobs.tokens
 
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "count": {"type": "integer"},

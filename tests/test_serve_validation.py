@@ -116,7 +116,17 @@ TABLE = [
     ("prompt-number", "POST", P, comp(prompt=5), {}, 400, None, "prompt"),
     ("prompt-id-outside-vocab", "POST", P, comp(prompt=[1, 99999999]), {}, 400, None, "prompt"),
     ("completions-logprobs-too-many", "POST", P, comp(logprobs=21), {}, 400, None, "logprobs"),
-    ("echo-unsupported", "POST", P, comp(echo=True), {}, 400, None, "echo"),
+    ("completions-logprobs-over-legacy-bound", "POST", P, comp(logprobs=6), {}, 400, None, "logprobs"),
+    ("completions-logprobs-negative", "POST", P, comp(logprobs=-1), {}, 400, None, "logprobs"),
+    ("completions-logprobs-bool", "POST", P, comp(logprobs=True), {}, 400, None, "logprobs"),
+    ("completions-max-tokens-zero-without-echo", "POST", P, comp(max_tokens=0), {}, 400, None, "max_tokens"),
+    ("completions-max-tokens-negative-with-echo", "POST", P, comp(echo=True, max_tokens=-1), {}, 400, None,
+     "max_tokens"),
+    ("echo-not-bool", "POST", P, comp(echo="yes"), {}, 400, None, "echo"),
+    ("echo-on-chat", "POST", C, chat(echo=True), {}, 400, None, "echo"),
+    ("echo-on-chat-with-max-tokens-zero", "POST", C, chat(echo=True, max_tokens=0), {}, 400, None, "echo"),
+    ("echo-context-exceeded", "POST", P, comp(echo=True, max_tokens=0, prompt=[1] * (CTX + 1)), {}, 400,
+     "context_length_exceeded", "prompt"),
     ("body-too-large", "POST", C, b"x" * (LIMIT + 1), {}, 413, "request_too_large", None),
     ("body-too-large-chunked", "POST", C, "chunked", {}, 413, "request_too_large", None),
     ("unknown-route", "GET", "/v1/nothing", None, {}, 404, "not_found", None),
@@ -170,6 +180,26 @@ def test_the_valid_baseline_of_the_table_works(servers):
     assert r.status_code == 200
 
 
+@pytest.mark.parametrize("logprobs", [None, 0, 5])
+def test_echo_with_max_tokens_zero_is_allowed(servers, logprobs):
+    r = _send(servers, "POST", P, comp(echo=True, max_tokens=0, logprobs=logprobs, prompt="hi there"), {})
+    assert r.status_code == 200, r.text[:300]
+    out = r.json()
+    choice = out["choices"][0]
+    assert choice["text"] == "hi there" and choice["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 0 and out["usage"]["prompt_tokens"] >= 2
+    if logprobs is None:
+        assert choice["logprobs"] is None
+    else:
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == out["usage"]["prompt_tokens"] and lp["token_logprobs"][0] is None
+        assert all(t is None or len(t) == logprobs for t in lp["top_logprobs"][1:])
+    # a prompt that fills the whole context can be scored (nothing is generated)
+    r = _send(servers, "POST", P, comp(echo=True, max_tokens=0, logprobs=logprobs, prompt=[1] + [1024] * (CTX - 1)),
+              {})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == CTX
+
+
 def _mutate(rng: random.Random, value, depth=0):
     """A random edit of a JSON value: wrong types, extremes, missing/extra keys."""
     weird = [None, True, False, 0, -1, 2**64, -2**63 - 1, 1e308, -1e-308, 0.5, "", "x" * 300, [], {}, [None],
@@ -199,11 +229,12 @@ def test_random_bodies_never_5xx(servers):
     rng = random.Random(seed)
     base = [(C, chat(temperature=0.5, top_p=0.9, n=2, stop=["x"], seed=3, logprobs=True, top_logprobs=2,
                      stream=False)),
-            (P, comp(temperature=0.5, logprobs=1, seed=3, n=1, stop="y"))]
+            (P, comp(temperature=0.5, logprobs=1, seed=3, n=1, stop="y")),
+            (P, comp(echo=True, max_tokens=0, logprobs=2, n=2, prompt=["ab", "c d"]))]
     statuses = {}
     with httpx.Client(timeout=30) as client:
         for i in range(300):
-            path, body = base[i % 2]
+            path, body = base[i % 3]
             for _ in range(rng.randint(1, 3)):
                 body = _mutate(rng, body)
             r = client.post(servers["open"] + path, content=json.dumps(body))

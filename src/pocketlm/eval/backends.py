@@ -14,7 +14,9 @@ taken in float32 (lm-eval takes it in the model's dtype; identical for float32 m
 
 OpenAIBackend: loglikelihood through /v1/completions with `echo: true, logprobs: 1, max_tokens: 1` (the
 continuation's tokens are those whose `text_offset` falls after the context, since the server's tokenizer is not
-known here); generation through /v1/chat/completions for messages and /v1/completions for text.
+known here; as in `encode_pair`, trailing whitespace of the context counts as the continuation's, since a
+SentencePiece tokenizer folds "is " + "blue" into "is" + "▁blue"); generation through
+/v1/chat/completions for messages and /v1/completions for text.
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class OpenAIBackend:
             except (KeyError, IndexError, TypeError):
                 raise EvalBackendError(f"{self.base}/v1/completions did not return echo logprobs; this endpoint "
                                        "cannot score log-likelihood") from None
-            start, end = len(context), len(context) + len(continuation)
+            start, end = len(context.rstrip()), len(context) + len(continuation)  # see encode_pair
             sel = [i for i, o in enumerate(offs) if start <= o < end]
             if not sel or any(vals[i] is None for i in sel):
                 raise EvalBackendError(f"no scored continuation tokens for {continuation!r}")

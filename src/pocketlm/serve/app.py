@@ -15,6 +15,12 @@ Robustness (RELIABILITY.md §3, §6 items 13-17):
 - Disconnects: a streaming response races the body against `http.disconnect` (not `request.is_disconnected`,
   which does not work behind middleware -- vLLM's `with_cancellation`), and a non-streaming request waits on
   the same message next to its result; either way `engine.cancel` frees the slot before the next decode step.
+
+Echo (/v1/completions `echo: true`, OpenAI legacy): each choice's text starts with its prompt's text and, with
+`logprobs: N`, its logprobs list the prompt tokens first (`token_logprobs[0]` and `top_logprobs[0]` null,
+`text_offset` from schemas.echo_text_offsets), then the generated tokens (offsets continue after the prompt
+text). The scores come from the engine thread's prefill (batching.py), never from a forward here. Streaming
+with echo sends the prompt text (and its logprobs) as the first chunk of each choice.
 """
 
 from __future__ import annotations
@@ -296,6 +302,30 @@ class _Formatter:
         self.chat = gen.kind == "chat"
         self.completion_tokens = 0
         self.offsets = [0] * gen.num_sequences
+        self.echo: dict[int, tuple[str, dict | None]] = {}  # choice -> (prompt text, prompt logprobs)
+        if gen.echo:
+            self.offsets = [len(gen.echo_texts[i // gen.n]) for i in range(gen.num_sequences)]
+
+    def prompt_event(self, ev: dict) -> tuple[str, dict | None]:
+        """The echo of one choice's prompt: its text and (with logprobs) the prompt tokens' logprobs object."""
+        p = ev["index"] // self.gen.n
+        text, ids = self.gen.echo_texts[p], self.gen.prompts[p]
+        lp = None
+        if self.gen.logprobs:
+            scores = ev["scores"]
+            assert len(scores) == len(ids) - 1, (len(scores), len(ids))
+            lp = {"tokens": [self.token_str(t)[0] for t in ids],
+                  "token_logprobs": [None] + [v for v, _ in scores],
+                  "top_logprobs": [None] + [{self.token_str(t)[0]: x for t, x in top} or None for _, top in scores],
+                  "text_offset": list(self.gen.echo_offsets[p])}
+        self.echo[ev["index"]] = (text, lp)
+        return text, lp
+
+    @staticmethod
+    def join_logprobs(a: dict | None, b: dict | None) -> dict | None:
+        if a is None or b is None:
+            return a or b
+        return {k: a[k] + b[k] for k in a}
 
     def token_str(self, tid: int) -> tuple[str, list[int]]:
         piece = self.tok.id_to_token(tid)
@@ -338,6 +368,9 @@ class _Formatter:
         choices = []
         for i in range(self.gen.num_sequences):
             lp = self.logprobs(events.get(i, [])) if self.gen.logprobs else None
+            if i in self.echo:
+                texts = {**texts, i: [self.echo[i][0]] + texts.get(i, [])}
+                lp = self.join_logprobs(self.echo[i][1], lp)
             if self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": "".join(texts.get(i, []))},
                                 "logprobs": lp, "finish_reason": finish.get(i)})
@@ -377,6 +410,9 @@ async def _collect(queue: asyncio.Queue, fmt: _Formatter) -> dict:
             raise APIError(500, ev["message"], code="internal_error")
         if ev["type"] == "done":
             return fmt.final(texts, finish, events)
+        if ev["type"] == "prompt":
+            fmt.prompt_event(ev)
+            continue
         fmt.note(ev)
         texts.setdefault(ev["index"], []).append(ev["text"])
         events.setdefault(ev["index"], []).append(ev)
@@ -399,6 +435,10 @@ async def _sse(req, queue: asyncio.Queue, fmt: _Formatter, engine: Engine):
                     yield fmt.chunk([], usage=fmt.usage())
                 yield "data: [DONE]\n\n"
                 return
+            if ev["type"] == "prompt":
+                text, lp = fmt.prompt_event(ev)
+                yield fmt.chunk([{"index": ev["index"], "text": text, "logprobs": lp, "finish_reason": None}])
+                continue
             fmt.note(ev)
             if ev["text"] or ev["finish_reason"] is not None or (fmt.gen.logprobs and "logprob" in ev):
                 yield fmt.chunk([fmt.event_choice(ev)])

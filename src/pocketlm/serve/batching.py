@@ -29,6 +29,15 @@ Sampling per row uses `pocketlm.engine.sampling.sample` with a per-sequence gene
 after optional logit_bias, OpenAI presence/frequency penalties and the JSON constraint mask (grammar.py).
 Logprobs are those of the model's distribution after logit_bias and penalties (before temperature, top_p and
 the JSON mask), restricted to the tokenizer's real ids.
+
+Echo (completions `echo: true` with `logprobs`): the prompt's log-probabilities come from the prefill itself,
+run on this thread (the only one that touches the model): the same chunked forward, with logits kept for every
+position (`last_only=False`) instead of the last one, log-softmax over the tokenizer's real ids (padding rows
+masked), no logit_bias or penalties. They reach the request as one `{"type": "prompt"}` event before its first
+token. With `echo_only` (max_tokens 0) the sequence ends right after its prefill: no token is sampled, its slot
+cache is never written. Deviation: with echo+logprobs the first generated token is sampled from the last row of
+the full-logits forward; that is the same computation as `last_only`, but the GEMM shape differs, so on some
+backends the last bit of a logit could differ from the non-echo path.
 """
 
 from __future__ import annotations
@@ -141,6 +150,7 @@ class Sequence:
     prefill_cache: object = None
     prefill_pos: int = 0
     finished: bool = False
+    prompt_scores: list = field(default_factory=list)  # echo: (logprob, [(id, logprob), ...]) per prompt token 1..
 
 
 class EngineRequest:
@@ -320,11 +330,23 @@ class Engine:
             if seq.prefill_cache is None:
                 seq.prefill_cache = self.model.make_cache(1, len(seq.prompt))
             mode = self.model.rope_mode_for(len(seq.prompt))
-            tokens = torch.tensor([seq.prompt[seq.prefill_pos:seq.prefill_pos + self.chunk]], device=self.device)
-            logits = self._mask_padding(self.model(tokens, seq.prefill_cache, last_only=True, rope_mode=mode))[0, -1]
+            gen = seq.req.gen
+            score = gen.echo and gen.logprobs
+            start = seq.prefill_pos
+            tokens = torch.tensor([seq.prompt[start:start + self.chunk]], device=self.device)
+            logits = self._mask_padding(self.model(tokens, seq.prefill_cache, last_only=not score, rope_mode=mode))
+            if score:
+                self._score_prompt(seq, start, logits[0])
+            logits = logits[0, -1]
             seq.prefill_pos += tokens.shape[1]
             budget -= tokens.shape[1]
             if seq.prefill_pos == len(seq.prompt):
+                if gen.echo:
+                    seq.req.emit({"type": "prompt", "index": seq.index, "scores": seq.prompt_scores})
+                    seq.prompt_scores = []
+                if gen.echo_only:
+                    self._finish_echo_only(seq)
+                    continue
                 self.cache.load(seq.slot, seq.prefill_cache, len(seq.prompt))
                 seq.prefill_cache = None
                 seq.length = len(seq.prompt)
@@ -342,6 +364,35 @@ class Engine:
         for i, seq in enumerate(rows):
             seq.length += 1
             self._guarded_accept(seq, logits[i])
+
+    def _score_prompt(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Echo: logits (T, V) of prompt positions start..start+T-1 (padding masked) -> the logprob (and top-k)
+        of each next prompt token."""
+        targets = seq.prompt[start + 1:start + 1 + logits.shape[0]]
+        if not targets:
+            return
+        lp = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+        tgt = torch.tensor(targets, dtype=torch.long, device=lp.device)
+        vals = lp.gather(1, tgt[:, None])[:, 0].tolist()
+        k = seq.req.gen.top_logprobs
+        if k:
+            top = torch.topk(lp, k)
+            tops = [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+        else:
+            tops = [[] for _ in vals]
+        seq.prompt_scores.extend(zip(vals, tops))
+
+    def _finish_echo_only(self, seq: Sequence) -> None:
+        """max_tokens 0 with echo: the prompt was scored; end the sequence without sampling anything."""
+        req = seq.req
+        if req.t_first is None:
+            req.t_first = time.perf_counter()
+        req.emit({"type": "token", "index": seq.index, "text": "", "finish_reason": "length",
+                  "completion_tokens": 0})
+        self._release(seq)
+        req.unfinished -= 1
+        if req.unfinished == 0:
+            req.emit({"type": "done"})
 
     def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
         """Embedding rows past the tokenizer are never sampled: -inf in place, as `generate._pick` does on a copy

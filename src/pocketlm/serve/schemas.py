@@ -4,10 +4,11 @@ Hand-written rather than pydantic models so every rule, bound and message is exp
 the envelope's `param` (the checklist in RELIABILITY.md §6 item 13; vLLM's and nanochat's bounds). Rules:
 - `model` must be a served name (404 `model_not_found`); JSON types are strict (`true` is not a number, `1.0`
   is not an integer); numbers must be finite.
-- temperature in [0, 2]; top_p in (0, 1]; n in [1, max_n]; max_tokens (chat also `max_completion_tokens`) >= 1;
-  stop: a string or at most 4 strings of 1..256 characters; seed within int64; logprobs/top_logprobs in
-  [0, 20]; logit_bias keys are token ids of the tokenizer, values in [-100, 100]; presence_penalty and
-  frequency_penalty in [-2, 2]; extensions top_k >= 0, min_p in [0, 1), repetition_penalty in (0, 2].
+- temperature in [0, 2]; top_p in (0, 1]; n in [1, max_n]; max_tokens (chat also `max_completion_tokens`)
+  >= 1 (>= 0 with echo); stop: a string or at most 4 strings of 1..256 characters; seed within int64; chat
+  top_logprobs in [0, 20], completions logprobs in [0, 5] (OpenAI's legacy bound); logit_bias keys are token
+  ids of the tokenizer, values in [-100, 100]; presence_penalty and frequency_penalty in [-2, 2];
+  extensions top_k >= 0, min_p in [0, 1), repetition_penalty in (0, 2].
 - chat `messages` go through `pocketlm.chat.parse_messages` (roles system/user/assistant; `developer` is read
   as `system`; content a string or text parts); they are rendered by `pocketlm.chat.render`, never by string
   templating, so message text cannot become control tokens.
@@ -16,8 +17,13 @@ the envelope's `param` (the checklist in RELIABILITY.md §6 item 13; vLLM's and 
 - prompt + max_tokens must fit the served context: otherwise 400 `context_length_exceeded` (never silent
   truncation). max_tokens defaults to what is left of the context. A text longer than 16 characters (the
   longest piece) per context token is refused before tokenizing; lone surrogates are refused by the app.
-- Unsupported features are refused, not ignored: tools/functions, echo, best_of > 1, suffix, and
-  `response_format` schemas with keywords `grammar.py` does not enforce.
+- completions `echo: true` (OpenAI legacy): the choice's text starts with the prompt text and `logprobs` covers
+  the prompt tokens too (the first one's logprob is null); `max_tokens: 0` is allowed only with echo (score the
+  prompt, generate nothing). The echo text is the prompt string as sent (decoded ids for an id prompt) and each
+  prompt token's `text_offset` is the length of the text its predecessors decode to (`IncrementalDecoder`), so
+  an lm-eval style client finds a continuation's tokens by offset. Computed here, off the event loop.
+- Unsupported features are refused, not ignored: tools/functions, echo on chat completions, best_of > 1,
+  suffix, and `response_format` schemas with keywords `grammar.py` does not enforce.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pocketlm import chat
+from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.sampling import SamplingParams
 from pocketlm.errors import ChatFormatError, GenerationError, TokenizerError
 from pocketlm.serve.errors import APIError, bad_request
@@ -35,6 +42,7 @@ INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's bound
 MAX_MESSAGES = 1000
 
 
@@ -62,6 +70,10 @@ class GenRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    echo: bool = False  # completions: prompt text and prompt-token logprobs come first in each choice
+    echo_only: bool = False  # max_tokens 0 with echo: score the prompt, generate nothing
+    echo_texts: list[str] = field(default_factory=list)  # per prompt, with echo
+    echo_offsets: list[list[int]] = field(default_factory=list)  # per prompt: each prompt token's text offset
 
     @property
     def num_sequences(self) -> int:
@@ -186,9 +198,9 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
     for name in ("tools", "functions"):
         if body.get(name):
             raise bad_request(f"'{name}' (function calling) is not supported by this server", name)
+    if kind == "chat" and body.get("echo") not in (None, False):
+        raise bad_request("'echo' is not supported on chat completions (use /v1/completions)", "echo")
     if kind == "completion":
-        if body.get("echo") not in (None, False):
-            raise bad_request("'echo' is not supported by this server", "echo")
         if body.get("suffix") not in (None, ""):
             raise bad_request("'suffix' is not supported by this server", "suffix")
         best_of = body.get("best_of")
@@ -299,10 +311,11 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
     else:
         prompts = _prompts_from_completion(body, tokenizer, vocab, limits)
         stop_ids = frozenset({tokenizer.eos_id})
-        lp = _get_int(body, "logprobs", None, 0, MAX_LOGPROBS)
+        lp = _get_int(body, "logprobs", None, 0, MAX_COMPLETION_LOGPROBS)
         logprobs, top_logprobs = lp is not None, lp or 0
         max_name = "max_tokens"
-    max_tokens = _get_int(body, max_name, None, 1)
+    echo = kind == "completion" and _get_bool(body, "echo", False)
+    max_tokens = _get_int(body, max_name, None, 0 if echo else 1)
     n = _get_int(body, "n", 1, 1, limits.max_n)
     if n * len(prompts) > limits.max_n:
         raise bad_request(f"{len(prompts)} prompts x n={n} = {n * len(prompts)} sequences; at most "
@@ -329,10 +342,11 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
     logit_bias = _logit_bias(body, vocab)
 
     params = []
+    echo_only = echo and max_tokens == 0
     for ids in prompts:
         room = limits.context_length - len(ids)
         want = room if max_tokens is None else max_tokens
-        if room < 1 or want > room:
+        if (room < 1 and not echo_only) or room < 0 or want > room:
             asked = f"{len(ids)} in the prompt and {want} to generate" if max_tokens is not None else \
                 f"{len(ids)} in the prompt"
             raise bad_request(f"This model's maximum context length is {limits.context_length} tokens. However, "
@@ -341,11 +355,36 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
                               "messages" if kind == "chat" else "prompt", "context_length_exceeded")
         try:
             params.append(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                         repetition_penalty=repetition_penalty, seed=seed, max_tokens=want,
+                                         repetition_penalty=repetition_penalty, seed=seed,
+                                         max_tokens=max(want, 1),  # echo_only: the engine generates nothing
                                          stop=tuple(stop)))
         except GenerationError as e:  # the bounds above should make this unreachable
             raise bad_request(str(e)) from None
+    texts, offsets = [], []
+    if echo:
+        p = body["prompt"]
+        strings = [p] if isinstance(p, str) else p if isinstance(p[0], str) else [None] * len(prompts)
+        for ids, given in zip(prompts, strings):
+            text, offs = echo_text_offsets(tokenizer, ids)
+            texts.append(text if given is None else given)
+            offsets.append(offs)
     return GenRequest(kind=kind, model=model, prompts=prompts, n=n, params=params, stop_token_ids=stop_ids,
                       stream=stream, include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs,
                       response_format=response_format, logit_bias=logit_bias, presence_penalty=presence,
-                      frequency_penalty=frequency)
+                      frequency_penalty=frequency, echo=echo, echo_only=echo_only, echo_texts=texts,
+                      echo_offsets=offsets)
+
+
+def echo_text_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:
+    """The text `ids` decode to (special tokens skipped, as generated text is) and each id's offset in it: the
+    length of the text its predecessors decode to (a byte-fallback piece that completes a character later gets
+    the offset of that character)."""
+    dec = IncrementalDecoder(tokenizer, skip_special=True)
+    parts, offsets, n = [], [], 0
+    for tid in ids:
+        offsets.append(n)
+        piece = dec.push(tid)
+        parts.append(piece)
+        n += len(piece)
+    parts.append(dec.flush())
+    return "".join(parts), offsets
