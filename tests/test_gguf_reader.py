@@ -7,15 +7,13 @@ allowed failure is WeightFormatError.
 
 from __future__ import annotations
 
-import os
-import random
-import signal
 import struct
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fuzzing import flip_bytes, run_mutation_fuzz
 
 from pocketlm.errors import WeightFormatError
 from pocketlm.formats.gguf import GGML_TYPES, GGUFFile, GGUFValueType
@@ -320,33 +318,7 @@ def test_vocab_only_file_may_end_before_the_data_section(tmp_path):
 
 # ----- mutation fuzz ----------------------------------------------------------------------------------------------
 
-class _Timeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _Timeout()
-
-
 EXTREMES = [(0, 4), (0xFFFFFFFF, 4), (0, 8), (2**63 - 1, 8), (2**64 - 1, 8), (0x7FFFFFFF, 4), (1, 8)]
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    buf = bytearray(data)
-    for _ in range(rng.randint(1, 8)):
-        op = rng.randrange(4)
-        pos = rng.randrange(len(buf) + 1)
-        if op == 0 and buf:  # byte flip
-            pos = min(pos, len(buf) - 1)
-            buf[pos] ^= 1 << rng.randrange(8) if rng.random() < 0.5 else rng.randrange(1, 256)
-        elif op == 1:  # integer extreme
-            value, size = rng.choice(EXTREMES)
-            buf[pos:pos + size] = value.to_bytes(size, "little")
-        elif op == 2:  # deletion
-            del buf[pos:pos + rng.randint(1, 16)]
-        else:  # insertion
-            buf[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
-    return bytes(buf)
 
 
 def touch_all(g: GGUFFile) -> int:
@@ -359,38 +331,9 @@ def touch_all(g: GGUFFile) -> int:
 
 
 def test_mutation_fuzz_only_weight_format_error(tmp_path):
-    seed = int(os.environ.get("POCKETLM_FUZZ_SEED", "20240607"))
-    budget = float(os.environ.get("POCKETLM_FUZZ_SECONDS", "8"))
-    print(f"gguf mutation fuzz seed={seed} budget={budget}s")
-    rng = random.Random(seed)
     seeds = [valid_file(), build(BASE_KVS + [_nested(3), kv("b", V.ARRAY, arr(V.BOOL, 2, b"\x01\x00"))], BASE_TIS,
                                  BASE_DATA, align=32)]
-    path = tmp_path / "fuzz.gguf"
-    outcomes = {"ok": 0, "WeightFormatError": 0}
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    t_end = time.perf_counter() + budget
-    case = 0
-    try:
-        while time.perf_counter() < t_end:
-            data = mutate(rng.choice(seeds), rng)
-            path.write_bytes(data)
-            t0 = time.perf_counter()
-            signal.setitimer(signal.ITIMER_REAL, 1.0)
-            try:
-                touch_all(GGUFFile(path))
-                outcomes["ok"] += 1
-            except WeightFormatError:
-                outcomes["WeightFormatError"] += 1
-            except _Timeout:
-                pytest.fail(f"case {case} (seed {seed}) took > 1 s: {data.hex()}")
-            except BaseException as e:  # noqa: BLE001 - the point of the test
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                pytest.fail(f"case {case} (seed {seed}) raised {type(e).__name__}: {e}\nfile: {data.hex()}")
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            assert time.perf_counter() - t0 < 1.0
-            case += 1
-    finally:
-        signal.signal(signal.SIGALRM, old)
-    print(f"{case} cases: {outcomes}")
+    case, outcomes = run_mutation_fuzz(
+        "gguf", tmp_path / "fuzz.gguf", lambda rng: flip_bytes(rng.choice(seeds), rng, EXTREMES),
+        lambda path, data: touch_all(GGUFFile(path)), WeightFormatError, default_seconds=8)
     assert case > 500 and outcomes["WeightFormatError"] > 0

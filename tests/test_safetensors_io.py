@@ -13,7 +13,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fuzzing import run_mutation_fuzz
 import torch
 from safetensors.torch import save_file
 
@@ -303,14 +303,6 @@ def test_corpus_is_large_enough():
 
 # ----- mutation fuzz --------------------------------------------------------------------------------------------
 
-class _Timeout(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _Timeout()
-
-
 EXTREMES = [(0, 8), (2**64 - 1, 8), (2**63 - 1, 8), (0xFFFFFFFF, 4), (100_000_001, 8)]
 TOKENS = [b"-1", b"99999999999999999999", b"0", b"[]", b"{}", b'"', b",", b"]", b"}", b"null", b"1e400", b"\\u0000"]
 FIELD_VALUES = [-1, 0, 1, 2**63 - 1, 2**64, 1.5, "F32", "BF16", "X", None, [], [0], [0, 0], [2**62, 2**62], True]
@@ -375,48 +367,22 @@ def fast_dir(tmp_path):
 
 
 def test_mutation_fuzz_only_weight_format_error(tmp_path, fast_dir):
-    seed = int(os.environ.get("POCKETLM_FUZZ_SEED", "20240607"))
-    budget = float(os.environ.get("POCKETLM_FUZZ_SECONDS", "5"))
-    print(f"safetensors mutation fuzz seed={seed} budget={budget}s")
-    rng = random.Random(seed)
     src = tmp_path / "src"
     write_checkpoint(src, {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
                            "b": torch.ones(2, dtype=torch.bool),
                            "e": torch.zeros(0, 2, dtype=torch.bfloat16), "s": torch.tensor(7, dtype=torch.int64)},
                      metadata={"k": "v"})
     valid = (src / "model.safetensors").read_bytes()
-    path = fast_dir / "fuzz.safetensors"
-    outcomes = {"ok": 0, "WeightFormatError": 0}
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    t_end, case = time.perf_counter() + budget, 0
-    try:
-        while time.perf_counter() < t_end:
-            data = mutate(valid, rng)
-            path.write_bytes(data)
-            t0 = time.perf_counter()
-            signal.setitimer(signal.ITIMER_REAL, 1.0)
-            try:
-                r = CheckpointReader(path)
-                for name in r.keys():
-                    t = r.get(name)
-                    bits(t)  # touch every byte
-                n = struct.unpack_from("<Q", data)[0]  # the pure in-memory parser agrees
-                assert parse_header(data[8:8 + n], len(data) - 8 - n, "mem")[0] == read_header(path).tensors
-                outcomes["ok"] += 1
-            except WeightFormatError:
-                outcomes["WeightFormatError"] += 1
-            except _Timeout:
-                pytest.fail(f"case {case} (seed {seed}) took > 1 s: {data.hex()}")
-            except BaseException as e:  # noqa: BLE001 - the point of the test
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                pytest.fail(f"case {case} (seed {seed}) raised {type(e).__name__}: {e}\nfile: {data.hex()}")
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            assert time.perf_counter() - t0 < 1.0
-            case += 1
-    finally:
-        signal.signal(signal.SIGALRM, old)
-    print(f"{case} cases: {outcomes}")
+
+    def load(path, data):
+        r = CheckpointReader(path)
+        for name in r.keys():
+            bits(r.get(name))  # touch every byte
+        n = struct.unpack_from("<Q", data)[0]  # the pure in-memory parser agrees
+        assert parse_header(data[8:8 + n], len(data) - 8 - n, "mem")[0] == read_header(path).tensors
+
+    case, outcomes = run_mutation_fuzz("safetensors", fast_dir / "fuzz.safetensors", lambda rng: mutate(valid, rng),
+                                       load, WeightFormatError, default_seconds=5)
     assert case > 300 and outcomes["WeightFormatError"] > 0 and outcomes["ok"] > 0
 
 
