@@ -250,7 +250,7 @@ def test_export_import_round_trip(tmp_path, nano, scheme):
 def test_quantized_layers_survive_loading(tmp_path, nano):
     path = tmp_path / "q4.gguf"
     export_gguf(nano, path, scheme="q4_0", keep_embeddings="q8_0")
-    m = load_gguf(path)
+    m = load_gguf(path, backend="reference")  # exact against the dequantized model (the kernels: below)
     assert isinstance(m.model.layers[0].self_attn.qkv_proj, QuantizedLinear)
     assert m.model.layers[0].self_attn.qkv_proj.type_name == "Q4_0"
     assert m.lm_head.type_name == "Q8_0" and m.model.embed_tokens.qweight is m.lm_head.qweight
@@ -258,6 +258,14 @@ def test_quantized_layers_survive_loading(tmp_path, nano):
     assert isinstance(f.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
     with torch.no_grad():
         torch.testing.assert_close(m(torch.tensor([IDS])), f(torch.tensor([IDS])), rtol=1e-4, atol=1e-4)
+    k = load_gguf(path)  # "auto": the compiled kernels where they build
+    if k.lm_head.backend == "kernel":
+        # tied: one copy of the bytes, the lm_head's tile layout; the embedding reads its rows from it
+        stored = [b.data_ptr() for mod in (k.model.embed_tokens, k.lm_head) for b in mod.buffers(recurse=False)]
+        assert len(stored) == 1 and torch.equal(k.model.embed_tokens.qweight, m.lm_head.qweight)
+        with torch.no_grad():
+            a, b = k(torch.tensor([IDS])), f(torch.tensor([IDS]))
+        assert ((a - b).abs().max() / b.abs().max()).item() < 3e-2  # 8-bit activations
 
 
 # ----- llama architecture: split q/k/v + gate/up, GQA, q/k rows permuted by the converter ------------------

@@ -112,9 +112,11 @@ def test_smollm2_tokenizer_matches_llama_cpp(smollm2):
 
 
 def test_smollm2_greedy_agrees_with_llama_cpp(smollm2):
-    """Q4_1 weights: llama.cpp multiplies them with int8-quantized activations, pocketlm with float ones, so the
-    logits differ by a few percent and a long greedy run can split at a near tie. Checked: the first tokens are
-    identical, and llama.cpp's top-1 equals pocketlm's at >= 90% of the positions of pocketlm's own continuation."""
+    """Q4_1 weights: both engines multiply them with 8-bit (q8_1) activations, but sum in different orders, and
+    this 135M model is sensitive: llama.cpp's own runs with flash attention on and off differ by ~1.8 in the
+    logits of this prompt. A long greedy run can split at a near tie (here after 5 tokens). Checked: the first
+    tokens are identical, and llama.cpp's top-1 equals pocketlm's at >= 90% of the positions of pocketlm's own
+    continuation."""
     path, model, tok = smollm2
     ids = tok.encode("The capital of France is")
     ours = _greedy_pocketlm(model, ids, 24)
@@ -136,9 +138,22 @@ def test_smollm2_greedy_agrees_with_llama_cpp(smollm2):
         llm.close()
 
 
-def test_smollm2_chat_is_sensible(smollm2):
-    from pocketlm.quant.gguf_tokenizer import chatml_ids
-    _, model, tok = smollm2
-    ids = chatml_ids([{"role": "user", "content": "What is the capital of France?"}], tok)
-    out = _greedy_pocketlm(model, ids, 24, stop=[tok.token_to_id("<|im_end|>")])
-    assert "Paris" in tok.decode(out, skip_special=True)
+def test_smollm2_chat_is_sensible_and_token_equal_to_llama_cpp(smollm2):
+    """pocketlm's ChatML rendering (`chat.render(format="chatml")`, what `pocketlm chat` uses for this model) and
+    its CPU kernels (q8_1 activations x Q4_1, f16 KV cache, as llama.cpp) give llama.cpp's greedy tokens.
+    (With SmolLM's default system prompt llama.cpp itself answers "L'Etoile, ..." and its flash-attention on/off
+    runs part after 7 tokens: a near tie; that prompt is not a parity probe.)"""
+    from pocketlm import chat
+    path, model, tok = smollm2
+    assert model.config.chat_format == "chatml"
+    ids = chat.render([{"role": "user", "content": "What is the capital of France?"}], tok, format="chatml")
+    assert ids[0] == tok.token_to_id("<|im_start|>")
+    stops = chat.stop_token_ids(tok)
+    assert stops[0] == tok.token_to_id("<|im_end|>")
+    ours = _greedy_pocketlm(model, ids, 24)
+    assert tok.decode(ours, skip_special=True).startswith("The capital of France is Paris.")
+    llm = _llama(path, n_ctx=256)
+    try:
+        assert ours == _greedy_llama(llm, ids, 24)
+    finally:
+        llm.close()

@@ -14,6 +14,10 @@ Formats (phi3-spec.md §5.2):
   `<|assistant|>\\n` if add_generation_prompt, else the eos token.
 - "phi3.5" (e): (d), but system messages with empty content are skipped.
 
+Also "chatml" (`<|im_start|>role\ncontent<|im_end|>\n`, then `<|im_start|>assistant\n`), for the
+llama-architecture GGUF models whose template is ChatML (SmolLM2 and many others); it stops at `<|im_end|>`.
+No default system message is added (some ChatML templates add their own; pass `--system`).
+
 Stop tokens: `<|end|>` 32007, `<|endoftext|>` 32000 and `<|assistant|>` 32001 (phi3-spec §5.1,
 generation_config.json `eos_token_id`; RELIABILITY.md §5).
 """
@@ -113,6 +117,23 @@ TEMPLATES: dict[str, str] = {
 }
 
 
+CHATML = "chatml"
+FORMAT_NAMES = (*FORMATS, CHATML)
+
+
+def _chatml(messages: Sequence[Message], tokenizer: Tokenizer, add_generation_prompt: bool) -> Parts:
+    start, end = (tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>"))
+    if start is None or end is None or not {start, end} <= set(tokenizer.special_ids):
+        raise ChatFormatError(f"tokenizer {tokenizer.source!r} has no <|im_start|>/<|im_end|> control tokens "
+                              "for ChatML")
+    parts: Parts = []
+    for m in messages:
+        parts += [start, f"{m.role}\n{m.content}", end, "\n"]
+    if add_generation_prompt:
+        parts += [start, "assistant\n"]
+    return parts
+
+
 def format_for_template(template: str | None) -> str | None:
     """The format name whose official template equals `template`, else None. Never renders anything.
 
@@ -133,7 +154,7 @@ def get_format(name: str | None) -> Callable[[Sequence[Message], _Ids, bool], Pa
     """The renderer of a named format (None -> DEFAULT_FORMAT); exact lookup."""
     name = DEFAULT_FORMAT if name is None else name
     if name not in FORMATS:
-        raise ChatFormatError(f"{name!r} is not a chat format; choose from {sorted(FORMATS)}")
+        raise ChatFormatError(f"{name!r} is not a chat format; choose from {sorted(FORMAT_NAMES)}")
     return FORMATS[name]
 
 
@@ -191,6 +212,8 @@ def _need(i: int | None, what: str) -> int:
 def render_parts(messages: Any, tokenizer: Tokenizer, *, add_generation_prompt: bool = True,
                  format: str | None = None) -> Parts:
     """The rendered conversation as text parts (str) and control ids (int), before tokenization."""
+    if format == CHATML:
+        return _chatml(parse_messages(messages), tokenizer, bool(add_generation_prompt))
     renderer = get_format(format)
     return renderer(parse_messages(messages), _control_ids(tokenizer), bool(add_generation_prompt))
 
@@ -214,7 +237,11 @@ def render(messages: Any, tokenizer: Tokenizer, *, add_generation_prompt: bool =
 
 
 def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
-    """Ids that end an assistant turn: `<|end|>`, `<|endoftext|>`, `<|assistant|>` (32007, 32000, 32001)."""
+    """Ids that end an assistant turn: `<|end|>`, `<|endoftext|>`, `<|assistant|>` (32007, 32000, 32001); for a
+    ChatML tokenizer (no `<|end|>`, has `<|im_end|>`): `<|im_end|>` and the eos token."""
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    if tokenizer.token_to_id("<|end|>") is None and im_end is not None and im_end in tokenizer.special_ids:
+        return [im_end] + ([tokenizer.eos_id] if tokenizer.eos_id not in (None, im_end) else [])
     ids = []
     for content in ("<|end|>", "<|endoftext|>", "<|assistant|>"):
         i = tokenizer.token_to_id(content)

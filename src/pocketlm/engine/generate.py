@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from pocketlm.engine import cpu
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.sampling import SamplingParams, make_generator, sample
 from pocketlm.errors import GenerationError
@@ -153,6 +154,7 @@ def _decode_loop(model, sequence: list[int], params: SamplingParams, stops: froz
                  chunk_size: int) -> Iterator[int]:
     n_ctx = model.config.max_position_embeddings
     budget = min(params.max_tokens, n_ctx - len(sequence))  # the last sampled id is never fed back
+    model = cpu.accelerate(model)  # one C call per token when the linears run on the compiled kernels
     cache = model.make_cache(1, min(len(sequence) + params.max_tokens, n_ctx))
     generator = None if params.greedy else make_generator(params, _device(model))
     logits = prefill(model, cache, sequence, chunk_size)

@@ -35,7 +35,7 @@ from pocketlm.formats import gguf_model
 from pocketlm.formats.gguf import GGML_TYPES, GGUFFile
 from pocketlm.formats.hf import expected_shapes, resolve_dtype
 from pocketlm.model import Phi3ForCausalLM, RotaryEmbedding
-from pocketlm.quant import codecs
+from pocketlm.quant import codecs, kernels
 from pocketlm.quant import linear as ql
 
 UINT = gguf_model.UINT
@@ -57,6 +57,16 @@ def gguf_config(g: GGUFFile) -> Phi3Config:
     if arch == "llama":
         return _llama_config(g)
     raise WeightFormatError(f"{g.path}: general.architecture is {arch!r}; pocketlm loads {ARCHITECTURES}")
+
+
+def _llama_chat_format(g: GGUFFile) -> str:
+    """"chatml" when the file's template or vocabulary is ChatML (`<|im_start|>`), else the Phi-3 default."""
+    template = g.metadata_get("tokenizer.chat_template", "string", "")
+    from pocketlm.chat import CHATML, DEFAULT_FORMAT, format_for_template
+    known = format_for_template(template)
+    if known is not None:
+        return known
+    return CHATML if "<|im_start|>" in template else DEFAULT_FORMAT
 
 
 def _llama_config(g: GGUFFile) -> Phi3Config:
@@ -87,7 +97,8 @@ def _llama_config(g: GGUFFile) -> Phi3Config:
             bos_token_id=int(bos) if bos is not None and bos < vocab else None,
             eos_token_id=int(eos) if eos is not None else None,
             pad_token_id=int(pad) if pad is not None and pad < vocab else None,
-            torch_dtype="float32", name=g.metadata_get("general.name", "string", None))
+            torch_dtype="float32", name=g.metadata_get("general.name", "string", None),
+            chat_format=_llama_chat_format(g))
     except ConfigError as e:
         raise WeightFormatError(f"{g.path}: metadata describes an invalid model: {e}") from None
     if config.hidden_size != hidden:
@@ -263,6 +274,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
             model.lm_head = _linear(out, dtype, device, backend, dequantize)
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     assert not leftover, f"not loaded: {leftover[:5]}"
+    kernels.release_free_memory()
     return model.eval()
 
 

@@ -15,9 +15,15 @@ the scheme is always the tensor's recorded ggml type, never guessed. Two ways to
 - Q8_0 has one scale per 32 weights; `aten._weight_int8pack_mm` takes one scale per output row, so it cannot
   run Q8_0 exactly and is not used here (the later speed work may requantize per row, as a separate scheme).
 
-"auto" packs for "int4" where the op exists and accepts the shape, and uses it for bfloat16 activations only:
-with float32 activations the op is ~25-50x slower than dequantize + matmul (ANCHORS.md, CPU), so "auto" then
-takes the reference path. backend="int4" forces the op for both dtypes (the exactness tests use it).
+- "kernel": pocketlm's compiled CPU kernels (`quant/kernels.c`) for Q4_0, Q4_1 and Q8_0: activations are
+  quantized to 8 bits in blocks of 32 (llama.cpp's q8_0/q8_1, the same rounding) and multiplied with integer
+  dot products (AVX512-VNNI or AVX2). The weight is kept only in the kernels' 16-row tile layout (lossless);
+  `qweight` unpacks the GGUF bytes on demand (export), so memory holds one copy.
+
+"auto" takes "kernel" for its three types on the CPU when the kernels build here; otherwise it packs for
+"int4" where the op exists and accepts the shape, and uses it for bfloat16 activations only: with float32
+activations the op is ~25-50x slower than dequantize + matmul (ANCHORS.md, CPU), so "auto" then takes the
+reference path. backend="int4" forces the op for both dtypes (the exactness tests use it).
 
 Deviation: `QuantizedLinear.weight` is a 0-element tensor of the compute dtype on the layer's device, only so
 that code reading `lm_head.weight.dtype/device` (e.g. `Phi3ForCausalLM.make_cache`) keeps working.
@@ -30,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import PocketLMError, WeightFormatError
-from pocketlm.quant import codecs
+from pocketlm.quant import codecs, kernels
 
 # `pocketlm quantize --scheme` -> ggml type of the 2-D weights (norms and rope factors always stay F32)
 SCHEMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K"}
 KEEP_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-BACKENDS = ("auto", "reference", "int4")
+BACKENDS = ("auto", "reference", "int4", "kernel")
 INT4_GROUP = 32
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 TORCH_DEQUANT = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # dequantized by torch ops; other types go through numpy
@@ -148,9 +154,18 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.type_name = type_name
         self.dtype = dtype
-        self.register_buffer("qweight", qweight.contiguous())
         self.backend = "reference"
         self.requested = backend
+        if backend in ("auto", "kernel") and type_name in kernels.KINDS and qweight.device.type == "cpu" and \
+                kernels.available():
+            self.register_buffer("packed", kernels.pack(qweight, type_name, out_features, in_features),
+                                 persistent=False)
+            self.backend = "kernel"
+            return
+        if backend == "kernel":
+            raise QuantError(f"the CPU kernels run {sorted(kernels.KINDS)} on the CPU; {type_name} on "
+                             f"{qweight.device.type}: {kernels.unavailable_reason() or 'type not supported'}")
+        self.register_buffer("qweight", qweight.contiguous())
         if backend in ("auto", "int4") and type_name in INT4_TYPES:
             ok = self._try_int4()
             if backend == "int4" and not ok:
@@ -175,15 +190,24 @@ class QuantizedLinear(nn.Module):
         self.backend = "int4"
         return True
 
+    def __getattr__(self, name: str):
+        if name == "qweight" and "packed" in self._buffers:  # the GGUF bytes, unpacked from the tile layout
+            return kernels.unpack(self._buffers["packed"], self.type_name, self.out_features, self.in_features)
+        return super().__getattr__(name)
+
     @property
     def weight(self) -> torch.Tensor:
-        return torch.empty(0, dtype=self.dtype, device=self.qweight.device)
+        buf = self._buffers.get("packed", self._buffers.get("qweight"))
+        return torch.empty(0, dtype=self.dtype, device=buf.device)
 
     def dequantized(self) -> torch.Tensor:
         """W as float32 (out_features, in_features)."""
         return dequantize_torch(self.qweight, self.type_name, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "kernel":
+            y = kernels.gemm(self.packed, self.type_name, self.out_features, x.reshape(-1, self.in_features))
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.backend == "int4" and (x.dtype == torch.bfloat16 or
                                        (x.dtype == torch.float32 and self.requested == "int4")):
             sz = self._sz_cast.get(x.dtype)
@@ -213,8 +237,25 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings = qweight.shape[0]
         self.register_buffer("qweight", qweight.contiguous())
 
+    def tie_to(self, lm_head: "QuantizedLinear") -> None:
+        """Read rows from the tied lm_head's bytes (its tile layout when it runs on the kernels): one copy."""
+        if lm_head.backend == "kernel":
+            del self._buffers["qweight"]
+            self.source = [lm_head]  # a list, so the module is not registered twice in the tree
+        else:
+            self.qweight = lm_head.qweight
+
+    def __getattr__(self, name: str):
+        if name == "qweight" and "source" in self.__dict__:
+            return self.__dict__["source"][0].qweight
+        return super().__getattr__(name)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.qweight[ids.reshape(-1)]
+        if "source" in self.__dict__:
+            src = self.__dict__["source"][0]
+            rows = kernels.unpack_rows(src.packed, src.type_name, src.out_features, src.in_features, ids)
+        else:
+            rows = self.qweight[ids.reshape(-1)]
         w = dequantize_torch(rows, self.type_name, (rows.shape[0], self.embedding_dim))
         return w.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
 
@@ -293,7 +334,7 @@ def install_embedding(model: nn.Module, emb: torch.Tensor, t: str, dtype: torch.
     model.model.embed_tokens = QuantizedEmbedding(q, t, dim, dtype=dtype)
     if tied:
         model.lm_head = QuantizedLinear(q, t, dim, dtype=dtype, backend=backend)
-        model.model.embed_tokens.qweight = model.lm_head.qweight  # one copy of the bytes
+        model.model.embed_tokens.tie_to(model.lm_head)  # one copy of the bytes
 
 
 def set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:

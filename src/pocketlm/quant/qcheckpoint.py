@@ -25,7 +25,7 @@ from pocketlm.errors import WeightFormatError
 from pocketlm.formats.hf import GENERATION_CONFIG, expected_shapes
 from pocketlm.formats.safetensors_io import CheckpointReader, read_header, write_checkpoint
 from pocketlm.model import Phi3ForCausalLM, RotaryEmbedding
-from pocketlm.quant import codecs
+from pocketlm.quant import codecs, kernels
 from pocketlm.quant import linear as ql
 
 TYPES_KEY = "pocketlm.quant.types"
@@ -99,6 +99,7 @@ def load_quantized(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
             else:
                 raise WeightFormatError(f"{path}: {name} has unknown type {t!r}")
             _install(model, name, t, data.to(device), dtype, backend)
+    kernels.release_free_memory()
     return model.eval()
 
 

@@ -1,0 +1,250 @@
+"""CPU inference: pocketlm's engine against llama.cpp and the memory-bandwidth roofline, same weights, same run.
+
+    python bench/bench_cpu_engine.py [--preset phi-3-mini-4k] [--type Q4_0] [--prompt 128] [--decode 32]
+                                     [--threads N] [--ctx 4096] [--repeats 2] [--gguf FILE] [--out FILE.json]
+
+1. Weights: a phi-3-mini-shaped GGUF file with random Q4_0 codes (`pocketlm.quant.random_model`, written once to
+   FILE, default `$TMPDIR/pocketlm-bench-<preset>-<type>.gguf`). Both engines load this same file.
+2. Bandwidth: the machine's read bandwidth with 1 and with N threads (`kernels.read_bandwidth`, best of 5 passes
+   over 1 GiB), measured in this run. Roofline decode tokens/s = bandwidth(N) / bytes read per token (every
+   weight matrix once, one embedding row, the KV cache at that length).
+3. Each engine runs in its own process, alternately, `--repeats` times (median reported), with N threads:
+   - llama.cpp through llama-cpp-python (n_ctx = ctx, n_batch 512, default f16 KV cache): the prompt in one
+     `eval`, then `--decode` greedy tokens one `eval` each. Timings from llama.cpp's own counters
+     (`llama_perf_context`: C time only) and wall clock.
+   - pocketlm: `pocketlm.load` (compiled kernels) + `engine.cpu.accelerate` (C decode step, f16 KV cache, the
+     cache preallocated for ctx tokens): the prompt through `engine.generate.prefill` (chunks of 512), then the
+     same number of greedy tokens, wall clock including all Python.
+   - Memory: resident set (VmRSS) after the run, and for pocketlm also after filling the KV cache to ctx - 8
+     positions (f16 and int8 caches) and decoding 4 more tokens there: the "at 4K context" figure.
+Prints a table and writes JSON. On a shared machine other load moves every number: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss_gb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
+
+
+def prompt_ids(n: int, vocab: int = 32000, seed: int = 0) -> list[int]:
+    import random
+    r = random.Random(seed)
+    return [1] + [r.randrange(100, vocab) for _ in range(n - 1)]
+
+
+# ----- workers (run in child processes) ---------------------------------------------------------------------------
+
+def worker_pocketlm(a) -> dict:
+    import torch
+
+    import pocketlm
+    from pocketlm.engine import cpu
+    from pocketlm.engine.generate import prefill
+    from pocketlm.quant import kernels
+    kernels.set_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    t = time.perf_counter()
+    model = pocketlm.load(a.gguf)
+    load_s = time.perf_counter() - t
+    rss_loaded = rss_gb()
+    fast = cpu.accelerate(model, "f16")
+    assert isinstance(fast, cpu.FastDecoder), "the model did not land on the compiled kernels"
+    ids = prompt_ids(a.prompt)
+    out = {"engine": "pocketlm", "load_s": load_s, "rss_loaded_gb": rss_loaded, "isa": kernels.isa()}
+    with torch.inference_mode():
+        cache = fast.make_cache(1, a.ctx)
+        t = time.perf_counter()
+        logits = prefill(fast, cache, ids)
+        out["prompt_s"] = time.perf_counter() - t
+        tok = int(logits.argmax())
+        t = time.perf_counter()
+        for _ in range(a.decode):
+            tok = int(fast(torch.tensor([[tok]]), cache, last_only=True)[0, -1].argmax())
+        out["decode_s"] = time.perf_counter() - t
+        out["rss_after_run_gb"] = rss_gb()
+        # the full context: fill the caches to ctx - 8 (every page written, as a long conversation would), then
+        # decode 4 tokens there (attention over all those keys)
+        for kv in ("f16", "int8"):
+            del cache
+            fast = cpu.accelerate(model, kv)
+            cache = fast.make_cache(1, a.ctx)
+            n = a.ctx - 8
+            if kv == "f16":
+                cache.k[:, :, :n].normal_(0, 1)
+                cache.v[:, :, :n].normal_(0, 1)
+            else:
+                cache.k[:, :, :n].random_(-127, 128)
+                cache.v[:, :, :n].random_(-127, 128)
+                cache.k_scale[:, :, :n].fill_(0.01)
+                cache.v_scale[:, :, :n].fill_(0.01)
+            cache.length, cache.rope_mode = n, model.rope_mode_for(n)
+            t = time.perf_counter()
+            for _ in range(4):
+                tok = int(fast(torch.tensor([[tok]]), cache, last_only=True)[0, -1].argmax())
+            out[f"decode_full_ctx_{kv}_tok_s"] = 4 / (time.perf_counter() - t)
+            out[f"rss_full_ctx_{kv}_gb"] = rss_gb()
+            out[f"kv_cache_{kv}_gb"] = cache.nbytes() / 1e9
+    return out
+
+
+def worker_llamacpp(a) -> dict:
+    import llama_cpp
+    import numpy as np
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=a.gguf, n_ctx=a.ctx, n_batch=512, n_threads=a.threads,
+                          n_threads_batch=a.threads, verbose=False)
+    out = {"engine": "llama.cpp", "load_s": time.perf_counter() - t, "rss_loaded_gb": rss_gb(),
+           "version": llama_cpp.__version__}
+    ids = prompt_ids(a.prompt)
+    llm.reset()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
+    t = time.perf_counter()
+    llm.eval(ids)
+    out["prompt_s"] = time.perf_counter() - t
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(a.decode):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    out["decode_s"] = time.perf_counter() - t
+    perf = llama_cpp.llama_perf_context(llm.ctx)
+    out["c_prompt_s"] = perf.t_p_eval_ms / 1e3
+    out["c_decode_s"] = perf.t_eval_ms / 1e3
+    out["c_n_prompt"], out["c_n_decode"] = perf.n_p_eval, perf.n_eval
+    out["rss_after_run_gb"] = rss_gb()
+    llm.close()
+    return out
+
+
+# ----- parent -------------------------------------------------------------------------------------------------------
+
+def bytes_per_token(gguf: str, n_ctx: int, config) -> float:
+    from pocketlm.formats.gguf import GGUFFile
+    total = 0
+    with GGUFFile(gguf) as g:
+        for name, info in g.tensors.items():
+            nbytes = g.tensor_bytes(name).nbytes
+            if name == "token_embd.weight" and "output.weight" in g.tensors:
+                nbytes //= info.shape[0]  # one row is read
+            total += nbytes
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2 * n_ctx  # f16
+    return total + kv
+
+
+def run_worker(kind: str, a) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--gguf", a.gguf, "--prompt", str(a.prompt), "--decode",
+           str(a.decode), "--threads", str(a.threads), "--ctx", str(a.ctx)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), POCKETLM_NUM_THREADS=str(a.threads))
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="phi-3-mini-4k")
+    ap.add_argument("--type", default="Q4_0", choices=["Q4_0", "Q8_0"])
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--gguf", default=None)
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--worker", choices=["pocketlm", "llamacpp"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench/results/bench_cpu_engine.json")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker_pocketlm(a) if a.worker == "pocketlm" else worker_llamacpp(a)))
+        return
+
+    from pocketlm.config import preset
+    from pocketlm.quant import kernels
+    from pocketlm.quant.random_model import write_random_gguf
+    config = preset(a.preset)
+    a.threads = a.threads or kernels.default_threads()
+    a.gguf = a.gguf or str(Path(tempfile.gettempdir()) / f"pocketlm-bench-{a.preset}-{a.type.lower()}.gguf")
+    if not Path(a.gguf).exists():
+        print(f"writing {a.gguf} (random {a.type} weights, {a.preset} shape) ...", flush=True)
+        write_random_gguf(config, a.gguf, a.type)
+    bw = {n: kernels.read_bandwidth(1 << 30, 5, n) for n in sorted({1, a.threads})}
+    per_token = bytes_per_token(a.gguf, a.prompt + a.decode // 2, config)
+    roofline = bw[a.threads] * 1e9 / per_token
+    runs: dict[str, list[dict]] = {"pocketlm": [], "llama.cpp": []}
+    for i in range(a.repeats):
+        for kind in (["llamacpp"] if not a.skip_llama else []) + ["pocketlm"]:
+            r = run_worker(kind, a)
+            runs[r["engine"]].append(r)
+            print(f"  run {i + 1} {r['engine']}: prompt {a.prompt / r['prompt_s']:.1f} tok/s, decode "
+                  f"{a.decode / r['decode_s']:.2f} tok/s", flush=True)
+
+    def med(rows, key):
+        return statistics.median(r[key] for r in rows)
+
+    table = []
+    for name, rows in runs.items():
+        if not rows:
+            continue
+        row = {"engine": name, "prompt_tok_s": a.prompt / med(rows, "prompt_s"),
+               "decode_tok_s": a.decode / med(rows, "decode_s"), "rss_after_run_gb": med(rows, "rss_after_run_gb")}
+        if name == "llama.cpp":
+            row["c_prompt_tok_s"] = a.prompt / med(rows, "c_prompt_s")
+            row["c_decode_tok_s"] = a.decode / med(rows, "c_decode_s")
+        else:
+            for key in ("decode_full_ctx_f16_tok_s", "decode_full_ctx_int8_tok_s", "rss_full_ctx_f16_gb",
+                        "rss_full_ctx_int8_gb", "rss_loaded_gb", "kv_cache_f16_gb", "kv_cache_int8_gb"):
+                row[key] = med(rows, key)
+        row["roofline_fraction"] = row["decode_tok_s"] / roofline
+        table.append(row)
+    base = next((r for r in table if r["engine"] == "llama.cpp"), None)
+    for r in table:
+        r["decode_vs_llama_cpp"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
+        r["prompt_vs_llama_cpp"] = r["prompt_tok_s"] / base["prompt_tok_s"] if base else None
+
+    print(f"\n{a.preset} shape, random {a.type} weights ({Path(a.gguf).stat().st_size / 1e9:.2f} GB file), "
+          f"{a.threads} threads, prompt {a.prompt}, decode {a.decode}, n_ctx {a.ctx}, median of {a.repeats}")
+    print(f"read bandwidth: " + ", ".join(f"{n} thread(s) {v:.1f} GB/s" for n, v in bw.items()) +
+          f"; {per_token / 1e9:.3f} GB read per decoded token -> roofline {roofline:.2f} tok/s")
+    print(f"{'engine':<10} {'prompt tok/s':>12} {'decode tok/s':>12} {'vs llama.cpp':>12} {'% roofline':>10} "
+          f"{'RSS GB':>7}")
+    for r in table:
+        vs = f"{r['decode_vs_llama_cpp']:.2f}x" if r["decode_vs_llama_cpp"] else "-"
+        print(f"{r['engine']:<10} {r['prompt_tok_s']:>12.1f} {r['decode_tok_s']:>12.2f} {vs:>12} "
+              f"{100 * r['roofline_fraction']:>9.0f}% {r['rss_after_run_gb']:>7.2f}")
+    for r in table:
+        if r["engine"] == "llama.cpp":
+            print(f"llama.cpp's own counters (C time only): prompt {r['c_prompt_tok_s']:.1f} tok/s, decode "
+                  f"{r['c_decode_tok_s']:.2f} tok/s")
+        else:
+            print(f"pocketlm at {a.ctx - 4} context: f16 KV ({r['kv_cache_f16_gb']:.2f} GB) decode "
+                  f"{r['decode_full_ctx_f16_tok_s']:.2f} tok/s, RSS {r['rss_full_ctx_f16_gb']:.2f} GB; int8 KV "
+                  f"({r['kv_cache_int8_gb']:.2f} GB) decode {r['decode_full_ctx_int8_tok_s']:.2f} tok/s, RSS "
+                  f"{r['rss_full_ctx_int8_gb']:.2f} GB (weights loaded: {r['rss_loaded_gb']:.2f} GB)")
+    result = {"preset": a.preset, "type": a.type, "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
+              "ctx": a.ctx, "repeats": a.repeats, "bandwidth_gb_s": {str(k): v for k, v in bw.items()},
+              "bytes_per_token": per_token, "roofline_tok_s": roofline, "table": table, "runs": runs,
+              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "isa": kernels.isa()}, "date": time.strftime("%Y-%m-%d %H:%M")}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

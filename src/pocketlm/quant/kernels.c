@@ -1,0 +1,645 @@
+/* pocketlm CPU kernels: 4-bit and 8-bit weights times 8-bit activations, with integer dot products.
+ *
+ * Loaded with ctypes by pocketlm/quant/kernels.py, which compiles this file on first use with the machine's C
+ * compiler (-O3 -march=native -pthread) into a per-user cache. No Python API is used here.
+ *
+ * Weights are repacked from GGUF blocks into tiles of 16 output rows (lossless: the same 4-bit codes and f16
+ * scales, transposed), so that one 512-bit register holds 4 consecutive weights of 16 rows and an integer dot
+ * product instruction (AVX512-VNNI vpdpbusd: u8 x s8 -> s32) advances all 16 rows at once against a
+ * broadcast group of 4 activations. Per tile and per 32-column block b the layout is:
+ *
+ *   Q4 (Q4_0, Q4_1):  nib[4][16][4] bytes (256)   byte (c, r, i): low nibble  = code of row r, column 4c+i,
+ *                                                                 high nibble = code of row r, column 16+4c+i
+ *                     d[16]   f16 (32 bytes)     scale of row r
+ *                     m[16]   f16 (32 bytes)     Q4_1 only: offset of row r  (w = d*q + m)
+ *   Q8 (Q8_0):        q[8][16][4] bytes (512)    code + 128 (u8) of row r, column 4c+i
+ *                     d[16]   f16 (32 bytes)
+ *
+ * Codes are unsigned (Q4: 0..15, Q8: 0..255 after +128), activations signed int8 in blocks of 32 with one
+ * scale each (llama.cpp's q8_0/q8_1), so a block's exact integer dot product is
+ *   Q4_0: sum (q-8)*a   = sum q*a - 8*sum a       Q8_0: sum (q-128)*a = sum q*a - 128*sum a
+ *   Q4_1: d*da*sum q*a + m*sa                     (sa = da*sum a rounded to f16, as llama.cpp's q8_1)
+ * The "- k*sum a" correction is the initial value of the integer accumulator.
+ *
+ * Activation quantization follows llama.cpp's x86 quantize_row_q8_0/q8_1: d = amax/127 stored as f16,
+ * q = round-half-even(x * 127/amax).
+ *
+ * Entry points (all row-major, T tokens, K input features, N output features = 16 * tiles):
+ *   pl_quantize_act(x, T, K, qa, da, sa_i, sa_f)        x float (T,K) -> qa int8 (T,K), da/sa_f float (T,K/32),
+ *                                                        sa_i int32 (T,K/32)
+ *   pl_gemm(kind, w, tiles, K, qa, da, sa_i, sa_f, T, y, ldy)   y float (T, ldy), columns [0, 16*tiles)
+ *   pl_set_threads(n), pl_get_threads(), pl_isa()
+ *   pl_read_bandwidth(buf, bytes, reps) -> checksum      for the roofline measurement
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define QK 32
+#define TILE 16
+enum { KIND_Q4_0 = 0, KIND_Q4_1 = 1, KIND_Q8_0 = 2 };
+
+/* ---- threads: a pool whose jobs never wait for an idle thread -------------------------------------------------
+ *
+ * A job is n chunks. The caller publishes it, wakes the workers and claims chunks itself; every thread takes
+ * the next chunk with one compare-and-swap on a word holding (job generation << 32 | next chunk), so a chunk
+ * is run exactly once and a thread that arrives late (preempted, still asleep) finds nothing left and claims
+ * nothing. The caller returns when all chunks are done: it only ever waits for chunks already running, never
+ * for a thread to show up. (A fork-join runtime such as OpenMP waits at its barrier for every thread; on a
+ * busy 2-core machine that costs a scheduler time slice, ~4-8 ms, per parallel region.) Job parameters live
+ * in a ring of 4 slots indexed by generation, so a stale reader sees its own job's (already finished) slot.
+ * Idle workers spin briefly, then sleep on a futex. */
+typedef void (*task_fn)(void *ctx, int chunk);
+typedef struct { task_fn fn; void *ctx; int n; _Atomic int done; } job_t;
+#define MAX_THREADS 64
+static job_t g_jobs[4];
+static _Atomic uint64_t g_word;        /* (generation << 32) | next chunk */
+static _Atomic int g_seq;              /* futex word: bumped on every publish */
+static _Atomic int g_sleepers;
+static int g_threads = 1, g_workers = 0;
+static uint32_t g_gen = 0;             /* caller side only */
+static pthread_mutex_t g_pool_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int claim(uint32_t gen) {
+    uint64_t w = atomic_load_explicit(&g_word, memory_order_acquire);
+    for (;;) {
+        if ((uint32_t)(w >> 32) != gen) return -1;
+        const int c = (int)(uint32_t)w;
+        if (c >= g_jobs[gen & 3].n) return -1;
+        if (atomic_compare_exchange_weak_explicit(&g_word, &w, w + 1, memory_order_acq_rel, memory_order_acquire))
+            return c;
+    }
+}
+
+static void run_claimed(uint32_t gen) {
+    job_t *j = &g_jobs[gen & 3];
+    int c;
+    while ((c = claim(gen)) >= 0) {
+        j->fn(j->ctx, c);
+        atomic_fetch_add_explicit(&j->done, 1, memory_order_release);
+    }
+}
+
+static void *worker_main(void *arg) {
+    (void)arg;
+    uint32_t seen = (uint32_t)(atomic_load(&g_word) >> 32);
+    for (;;) {
+        int spins = 0;
+        uint32_t gen;
+        for (;;) {
+            const int seq = atomic_load_explicit(&g_seq, memory_order_acquire);
+            gen = (uint32_t)(atomic_load_explicit(&g_word, memory_order_acquire) >> 32);
+            if (gen != seen) break;
+            if (++spins < 20000) { _mm_pause(); continue; }
+            atomic_fetch_add(&g_sleepers, 1);
+            if ((uint32_t)(atomic_load(&g_word) >> 32) == seen)
+                syscall(SYS_futex, &g_seq, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
+            atomic_fetch_sub(&g_sleepers, 1);
+            spins = 0;
+        }
+        seen = gen;
+        run_claimed(gen);
+    }
+    return NULL;
+}
+
+void pl_set_threads(int n) {
+    n = n < 1 ? 1 : (n > MAX_THREADS ? MAX_THREADS : n);
+    pthread_mutex_lock(&g_pool_lock);
+    while (g_workers < n - 1) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &attr, worker_main, NULL) != 0) { pthread_attr_destroy(&attr); break; }
+        pthread_attr_destroy(&attr);
+        g_workers++;
+    }
+    g_threads = n;
+    pthread_mutex_unlock(&g_pool_lock);
+}
+int pl_get_threads(void) { return g_threads; }
+
+/* Run fn(ctx, 0..n-1), in parallel when threads and chunks allow. Not reentrant: one caller at a time
+ * (the Python side calls with the GIL held). */
+static void parallel_run(task_fn fn, void *ctx, int n) {
+    if (n <= 0) return;
+    if (g_threads <= 1 || g_workers == 0 || n == 1) {
+        for (int c = 0; c < n; c++) fn(ctx, c);
+        return;
+    }
+    const uint32_t gen = ++g_gen;
+    job_t *j = &g_jobs[gen & 3];
+    j->fn = fn; j->ctx = ctx; j->n = n;
+    atomic_store_explicit(&j->done, 0, memory_order_relaxed);
+    atomic_store_explicit(&g_word, (uint64_t)gen << 32, memory_order_release);
+    atomic_fetch_add_explicit(&g_seq, 1, memory_order_release);
+    if (atomic_load(&g_sleepers) > 0) syscall(SYS_futex, &g_seq, FUTEX_WAKE_PRIVATE, MAX_THREADS, NULL, NULL, 0);
+    run_claimed(gen);
+    int spins = 0;
+    while (atomic_load_explicit(&j->done, memory_order_acquire) < n) {
+        if (++spins < 2000) _mm_pause();
+        else sched_yield();  /* a preempted worker holds a chunk: give it this core */
+    }
+}
+
+int pl_isa(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+    return 2;
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static size_t block_bytes(int kind) {
+    return kind == KIND_Q8_0 ? 512 + 32 : (kind == KIND_Q4_1 ? 256 + 64 : 256 + 32);
+}
+
+/* ---- f16 <-> f32 (portable, exact; used by the scalar paths and activation scales) ---------------------- */
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else {  /* subnormal */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7F800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f; memcpy(&f, &bits, 4); return f;
+}
+
+static uint16_t f32_to_f16(float f) {  /* round to nearest even, like _cvtss_sh / numpy */
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, 0);
+#else
+    uint32_t x; memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000; int32_t exp = ((x >> 23) & 0xFF) - 127 + 15; uint32_t man = x & 0x7FFFFF;
+    if (((x >> 23) & 0xFF) == 0xFF) return (uint16_t)(sign | 0x7C00 | (man ? 0x200 : 0));
+    if (exp >= 31) return (uint16_t)(sign | 0x7C00);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        man |= 0x800000; int shift = 14 - exp; uint32_t h = man >> shift, rem = man & ((1u << shift) - 1),
+        half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)exp << 10) | (man >> 13), rem = man & 0x1FFF;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+#endif
+}
+
+static float round_f16(float f) { return f16_to_f32(f32_to_f16(f)); }
+
+/* ---- activations -------------------------------------------------------------------------------------- */
+
+static void quantize_row(const float *x, int K, int8_t *q, float *da, int32_t *sa_i, float *sa_f) {
+    for (int b = 0; b < K / QK; b++) {
+        const float *xb = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) { float a = fabsf(xb[j]); if (a > amax) amax = a; }
+        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int32_t s = 0;
+        for (int j = 0; j < QK; j++) {
+            int v = (int)nearbyintf(xb[j] * id);  /* default rounding mode: half to even */
+            q[b * QK + j] = (int8_t)v; s += v;
+        }
+        const float dh = round_f16(d);
+        da[b] = dh; sa_i[b] = s; sa_f[b] = round_f16(d * (float)s);
+    }
+}
+
+typedef struct { const float *x; int K; int8_t *qa; float *da; int32_t *sa_i; float *sa_f; } quant_job;
+
+static void quant_chunk(void *p, int t) {
+    const quant_job *q = p;
+    const int nb = q->K / QK;
+    quantize_row(q->x + (size_t)t * q->K, q->K, q->qa + (size_t)t * q->K, q->da + (size_t)t * nb,
+                 q->sa_i + (size_t)t * nb, q->sa_f + (size_t)t * nb);
+}
+
+void pl_quantize_act(const float *x, int T, int K, int8_t *qa, float *da, int32_t *sa_i, float *sa_f) {
+    quant_job q = {x, K, qa, da, sa_i, sa_f};
+    parallel_run(quant_chunk, &q, T);
+}
+
+/* ---- one tile (16 rows) against TN tokens: scalar reference ------------------------------------------ */
+
+static void tile_scalar(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
+                        const float *sa_f, int K, int T, float *y, int ldy) {
+    const size_t bs = block_bytes(kind);
+    for (int t = 0; t < T; t++) {
+        float acc[TILE] = {0};
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *bp = tp + b * bs;
+            const int8_t *a = qa + (size_t)t * K + b * QK;
+            const float dA = da[(size_t)t * nb + b];
+            const uint16_t *dw = (const uint16_t *)(bp + (kind == KIND_Q8_0 ? 512 : 256));
+            for (int r = 0; r < TILE; r++) {
+                int32_t s;
+                if (kind == KIND_Q8_0) {
+                    s = -128 * sa_i[(size_t)t * nb + b];
+                    for (int c = 0; c < 8; c++)
+                        for (int i = 0; i < 4; i++) s += (int32_t)bp[(c * TILE + r) * 4 + i] * a[4 * c + i];
+                } else {
+                    s = kind == KIND_Q4_0 ? -8 * sa_i[(size_t)t * nb + b] : 0;
+                    for (int c = 0; c < 4; c++)
+                        for (int i = 0; i < 4; i++) {
+                            uint8_t byte = bp[(c * TILE + r) * 4 + i];
+                            s += (int32_t)(byte & 0x0F) * a[4 * c + i] + (int32_t)(byte >> 4) * a[16 + 4 * c + i];
+                        }
+                }
+                acc[r] += f16_to_f32(dw[r]) * (dA * (float)s);
+                if (kind == KIND_Q4_1) acc[r] += f16_to_f32(dw[TILE + r]) * sa_f[(size_t)t * nb + b];
+            }
+        }
+        memcpy(y + (size_t)t * ldy, acc, sizeof acc);
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+/* ---- AVX512-VNNI: TN tokens at once share one unpacked weight block ------------------------------------ */
+
+static inline __attribute__((always_inline)) void
+tile_avx512_tn(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
+               const float *sa_f, int K, const int TN, float *y, int ldy) {
+    const size_t bs = block_bytes(kind);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[4];
+    for (int u = 0; u < TN; u++) acc[u] = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *bp = tp + b * bs;
+        __m512i w[8];
+        __m512 dw, mw = _mm512_setzero_ps();
+        if (kind == KIND_Q8_0) {
+            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(bp + 64 * c));
+            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 512)));
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(bp + 64 * c));
+                w[c] = _mm512_and_si512(v, low);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 256)));
+            if (kind == KIND_Q4_1) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 288)));
+        }
+        for (int u = 0; u < TN; u++) {
+            const int8_t *a = qa + (size_t)u * K + b * QK;
+            const size_t ab = (size_t)u * nb + b;
+            const int corr = kind == KIND_Q8_0 ? -128 : (kind == KIND_Q4_0 ? -8 : 0);
+            __m512i s = _mm512_set1_epi32(corr * sa_i[ab]);
+            int32_t a4[8];
+            memcpy(a4, a, 32);
+            for (int c = 0; c < 8; c++) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(a4[c]));
+            const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(da[ab]));
+            acc[u] = _mm512_fmadd_ps(dw, f, acc[u]);
+            if (kind == KIND_Q4_1) acc[u] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa_f[ab]), acc[u]);
+        }
+    }
+    for (int u = 0; u < TN; u++) _mm512_storeu_ps(y + (size_t)u * ldy, acc[u]);
+}
+
+static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
+                      const float *sa_f, int K, int T, float *y, int ldy) {
+    int t = 0;
+    for (; t + 4 <= T; t += 4)
+        tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
+                       sa_f + (size_t)t * nb, K, 4, y + (size_t)t * ldy, ldy);
+    for (; t < T; t++)
+        tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
+                       sa_f + (size_t)t * nb, K, 1, y + (size_t)t * ldy, ldy);
+}
+#define HAVE_FAST 1
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+/* ---- AVX2: the same tile as two halves of 8 rows; u8 x s8 pairs with maddubs, then madd to s32 ---------- */
+
+static inline __m256i dot_u8s8(__m256i acc, __m256i w, __m256i a) {
+    const __m256i p16 = _mm256_maddubs_epi16(w, a);  /* Q4: |15*127*2| fits; Q8 handled by the caller */
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
+static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
+                      const float *sa_f, int K, int T, float *y, int ldy) {
+    const size_t bs = block_bytes(kind);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < T; t++) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *bp = tp + b * bs;
+            const int8_t *a = qa + (size_t)t * K + b * QK;
+            const size_t ab = (size_t)t * nb + b;
+            int32_t a4[8];
+            memcpy(a4, a, 32);
+            __m256i s0, s1;
+            if (kind == KIND_Q8_0) {
+                /* u8 codes up to 255 * 127 * 2 overflow s16: split each code as (hi nibble * 16 + lo nibble) */
+                s0 = _mm256_set1_epi32(-128 * sa_i[ab]); s1 = s0;
+                __m256i h0 = _mm256_setzero_si256(), h1 = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c++) {
+                    const __m256i av = _mm256_set1_epi32(a4[c]);
+                    const __m256i v0 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c));
+                    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32));
+                    s0 = dot_u8s8(s0, _mm256_and_si256(v0, low), av);
+                    s1 = dot_u8s8(s1, _mm256_and_si256(v1, low), av);
+                    h0 = dot_u8s8(h0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), av);
+                    h1 = dot_u8s8(h1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), low), av);
+                }
+                s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(h0, 4));
+                s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(h1, 4));
+            } else {
+                const int corr = kind == KIND_Q4_0 ? -8 : 0;
+                s0 = _mm256_set1_epi32(corr * sa_i[ab]); s1 = s0;
+                for (int c = 0; c < 4; c++) {
+                    const __m256i v0 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c));
+                    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32));
+                    const __m256i al = _mm256_set1_epi32(a4[c]), ah = _mm256_set1_epi32(a4[c + 4]);
+                    s0 = dot_u8s8(s0, _mm256_and_si256(v0, low), al);
+                    s1 = dot_u8s8(s1, _mm256_and_si256(v1, low), al);
+                    s0 = dot_u8s8(s0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), ah);
+                    s1 = dot_u8s8(s1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), low), ah);
+                }
+            }
+            const size_t doff = kind == KIND_Q8_0 ? 512 : 256;
+            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff)));
+            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff + 16)));
+            const __m256 dA = _mm256_set1_ps(da[ab]);
+            acc0 = _mm256_fmadd_ps(d0, _mm256_mul_ps(_mm256_cvtepi32_ps(s0), dA), acc0);
+            acc1 = _mm256_fmadd_ps(d1, _mm256_mul_ps(_mm256_cvtepi32_ps(s1), dA), acc1);
+            if (kind == KIND_Q4_1) {
+                const __m256 sA = _mm256_set1_ps(sa_f[ab]);
+                acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 288))), sA, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 304))), sA, acc1);
+            }
+        }
+        _mm256_storeu_ps(y + (size_t)t * ldy, acc0);
+        _mm256_storeu_ps(y + (size_t)t * ldy + 8, acc1);
+    }
+}
+#define HAVE_FAST 1
+#endif
+
+/* ---- the matrix product: tiles split across threads, each thread a contiguous run of weight memory -------- */
+
+typedef struct {
+    int kind, tiles, K, T, ldy, force_scalar, tiles_per_chunk;
+    const uint8_t *w; const int8_t *qa; const float *da; const int32_t *sa_i; const float *sa_f; float *y;
+} gemm_job;
+
+static void gemm_chunk(void *p, int chunk) {
+    const gemm_job *g = p;
+    const int nb = g->K / QK;
+    const size_t tile_bytes = (size_t)nb * block_bytes(g->kind);
+    const int i0 = chunk * g->tiles_per_chunk;
+    const int i1 = i0 + g->tiles_per_chunk < g->tiles ? i0 + g->tiles_per_chunk : g->tiles;
+    for (int i = i0; i < i1; i++) {
+        const uint8_t *tp = g->w + (size_t)i * tile_bytes;
+        /* Prompt chunks: tokens in groups of 64 inside a tile so the tile (<= a few 10 KB) stays in L1/L2. */
+        for (int t0 = 0; t0 < g->T; t0 += 64) {
+            const int tn = g->T - t0 < 64 ? g->T - t0 : 64;
+            const size_t ao = (size_t)t0 * nb;
+            float *yo = g->y + (size_t)t0 * g->ldy + (size_t)i * TILE;
+#ifdef HAVE_FAST
+            if (!g->force_scalar)
+                tile_fast(g->kind, tp, nb, g->qa + (size_t)t0 * g->K, g->da + ao, g->sa_i + ao, g->sa_f + ao, g->K,
+                          tn, yo, g->ldy);
+            else
+#endif
+                tile_scalar(g->kind, tp, nb, g->qa + (size_t)t0 * g->K, g->da + ao, g->sa_i + ao, g->sa_f + ao,
+                            g->K, tn, yo, g->ldy);
+        }
+    }
+}
+
+/* ---- the matrix product: runs of tiles (each a contiguous stretch of weight memory) claimed by the threads -- */
+
+void pl_gemm(int kind, const uint8_t *w, int tiles, int K, const int8_t *qa, const float *da, const int32_t *sa_i,
+             const float *sa_f, int T, float *y, int ldy, int force_scalar) {
+    /* ~4 chunks per thread at decode (load balance on a busy machine), >= 2 tiles each */
+    int per = tiles / (4 * g_threads);
+    per = per < 2 ? 2 : per;
+    gemm_job g = {kind, tiles, K, T, ldy, force_scalar, per, w, qa, da, sa_i, sa_f, y};
+    parallel_run(gemm_chunk, &g, (tiles + per - 1) / per);
+}
+
+/* ---- one decode step of a whole Phi-3 / Llama decoder in C (batch 1, one token) ----------------------------
+ *
+ * The same arithmetic as model.py's forward for T = 1 with a KV cache, with every linear on the kernels above:
+ * RMSNorm (fp32) -> qkv -> rotate-half RoPE on the first rotary_dim dims (cos/sin rows from the model's own
+ * rotary table, so LongRoPE factors and magnitude are the model's) -> keys/values stored at `pos` -> attention
+ * over the visible keys [lo, pos] (the sliding window) -> o_proj + residual -> RMSNorm -> gate_up ->
+ * up * silu(gate) -> down + residual. Only the final norm and lm_head stay in Python.
+ * KV cache layouts: f16 (kv_type 1; queries are rounded to f16 for the q.k products, as llama.cpp's f16
+ * attention does) or int8 with one f32 scale per (layer, head, position) (kv_type 2: amax/127, half to even).
+ */
+typedef struct { const uint8_t *w; int kind, rows, cols; } pl_mat;
+typedef struct { const float *attn_norm, *ffn_norm; pl_mat qkv, o, gate_up, down; } pl_layer;
+typedef struct {
+    int n_layers, hidden, n_heads, n_kv, head_dim, inter, rotary_dim, capacity, kv_type;
+    float eps;
+    const pl_layer *layers;
+    void *k, *v;               /* (layers, n_kv, capacity, head_dim) */
+    float *k_scale, *v_scale;  /* int8 only: (layers, n_kv, capacity) */
+    float *xn, *qkv, *att, *gu, *hmid, *y, *scores;  /* scratch; scores: n_heads * capacity */
+    int8_t *qa; float *da, *sa_f; int32_t *sa_i;     /* activation codes for the widest input */
+} pl_model;
+
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+static void matvec(const pl_model *m, const pl_mat *w, const float *x, float *y) {
+    const int nb = w->cols / QK;
+    quantize_row(x, w->cols, m->qa, m->da, m->sa_i, m->sa_f);
+    const int tiles = (w->rows + TILE - 1) / TILE;
+    (void)nb;
+    pl_gemm(w->kind, w->w, tiles, w->cols, m->qa, m->da, m->sa_i, m->sa_f, 1, y, tiles * TILE, 0);
+}
+
+static void rope(float *v, int n_heads, int hd, int rd, const float *cos, const float *sin) {
+    const int h2 = rd / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *x = v + (size_t)h * hd;
+        for (int i = 0; i < h2; i++) {
+            const float x1 = x[i], x2 = x[i + h2];
+            x[i] = x1 * cos[i] - x2 * sin[i];
+            x[i + h2] = x2 * cos[i + h2] + x1 * sin[i + h2];
+        }
+    }
+}
+
+static float dot_f16(const uint16_t *k, const float *q, int n) {
+    int i = 0;
+    float s = 0.0f;
+#if defined(__F16C__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), _mm256_loadu_ps(q + i), acc);
+    float t[8]; _mm256_storeu_ps(t, acc);
+    s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+#endif
+    for (; i < n; i++) s += f16_to_f32(k[i]) * q[i];
+    return s;
+}
+
+static void axpy_f16(float *out, float p, const uint16_t *v, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__FMA__)
+    const __m256 pv = _mm256_set1_ps(p);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + i))),
+                                                  _mm256_loadu_ps(out + i)));
+#endif
+    for (; i < n; i++) out[i] += p * f16_to_f32(v[i]);
+}
+
+static void store_kv(const pl_model *m, int layer, int pos, const float *k, const float *v) {
+    const int hd = m->head_dim;
+    for (int g = 0; g < m->n_kv; g++) {
+        const size_t row = ((size_t)layer * m->n_kv + g) * m->capacity + pos;
+        const float *ks = k + (size_t)g * hd, *vs = v + (size_t)g * hd;
+        if (m->kv_type == 1) {
+            uint16_t *kd = (uint16_t *)m->k + row * hd, *vd = (uint16_t *)m->v + row * hd;
+            for (int i = 0; i < hd; i++) { kd[i] = f32_to_f16(ks[i]); vd[i] = f32_to_f16(vs[i]); }
+        } else {
+            int8_t *kd = (int8_t *)m->k + row * hd, *vd = (int8_t *)m->v + row * hd;
+            float ka = 0.0f, va = 0.0f;
+            for (int i = 0; i < hd; i++) { ka = fmaxf(ka, fabsf(ks[i])); va = fmaxf(va, fabsf(vs[i])); }
+            const float kscale = ka / 127.0f, vscale = va / 127.0f;
+            for (int i = 0; i < hd; i++) {
+                kd[i] = (int8_t)(kscale > 0.0f ? nearbyintf(ks[i] / kscale) : 0.0f);
+                vd[i] = (int8_t)(vscale > 0.0f ? nearbyintf(vs[i] / vscale) : 0.0f);
+            }
+            m->k_scale[row] = kscale; m->v_scale[row] = vscale;
+        }
+    }
+}
+
+typedef struct { const pl_model *m; int layer, lo, pos; } attn_job;
+
+static void attention_head(void *p, int h) {
+    const attn_job *a = p;
+    const pl_model *m = a->m;
+    const int layer = a->layer, lo = a->lo, pos = a->pos;
+    const int hd = m->head_dim, group = m->n_heads / m->n_kv, n = pos - lo + 1;
+    const float scale = 1.0f / sqrtf((float)hd);
+    {
+        const int g = h / group;
+        const size_t base = ((size_t)layer * m->n_kv + g) * m->capacity;
+        float *q = m->qkv + (size_t)h * hd, *sc = m->scores + (size_t)h * m->capacity, *out = m->att + (size_t)h * hd;
+        float qr[512];
+        for (int i = 0; i < hd; i++) qr[i] = m->kv_type == 1 ? round_f16(q[i]) : q[i];
+        float mx = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            const size_t row = base + lo + j;
+            float s;
+            if (m->kv_type == 1) s = dot_f16((const uint16_t *)m->k + row * hd, qr, hd);
+            else {
+                const int8_t *kr = (const int8_t *)m->k + row * hd;
+                s = 0.0f;
+                for (int i = 0; i < hd; i++) s += qr[i] * (float)kr[i];
+                s *= m->k_scale[row];
+            }
+            sc[j] = s * scale;
+            if (sc[j] > mx) mx = sc[j];
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
+        const float inv = 1.0f / sum;
+        for (int i = 0; i < hd; i++) out[i] = 0.0f;
+        for (int j = 0; j < n; j++) {
+            const size_t row = base + lo + j;
+            const float p = sc[j] * inv;
+            if (m->kv_type == 1) axpy_f16(out, p, (const uint16_t *)m->v + row * hd, hd);
+            else {
+                const int8_t *vr = (const int8_t *)m->v + row * hd;
+                const float ps = p * m->v_scale[row];
+                for (int i = 0; i < hd; i++) out[i] += ps * (float)vr[i];
+            }
+        }
+    }
+}
+
+int pl_decode_step(const pl_model *m, float *x, int pos, int lo, const float *cos, const float *sin) {
+    if (m->head_dim > 512 || pos < 0 || pos >= m->capacity || lo < 0 || lo > pos) return -1;
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim;
+    for (int l = 0; l < m->n_layers; l++) {
+        const pl_layer *L = &m->layers[l];
+        rmsnorm(x, L->attn_norm, m->hidden, m->eps, m->xn);
+        matvec(m, &L->qkv, m->xn, m->qkv);
+        float *q = m->qkv, *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
+        rope(q, H, hd, m->rotary_dim, cos, sin);
+        rope(k, KV, hd, m->rotary_dim, cos, sin);
+        store_kv(m, l, pos, k, v);
+        attn_job aj = {m, l, lo, pos};
+        if (pos - lo >= 64) parallel_run(attention_head, &aj, H);
+        else for (int h = 0; h < H; h++) attention_head(&aj, h);
+        matvec(m, &L->o, m->att, m->y);
+        for (int i = 0; i < m->hidden; i++) x[i] += m->y[i];
+        rmsnorm(x, L->ffn_norm, m->hidden, m->eps, m->xn);
+        matvec(m, &L->gate_up, m->xn, m->gu);
+        for (int i = 0; i < m->inter; i++) {
+            const float gate = m->gu[i];
+            m->hmid[i] = m->gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
+        }
+        matvec(m, &L->down, m->hmid, m->y);
+        for (int i = 0; i < m->hidden; i++) x[i] += m->y[i];
+    }
+    return 0;
+}
+
+/* ---- memory bandwidth: read `bytes` `reps` times with all threads (the roofline's denominator) ----------- */
+
+typedef struct { const uint8_t *buf; size_t bytes, chunk; int64_t sums[1024]; } bw_job;
+
+static void bw_chunk(void *p, int c) {
+    bw_job *b = p;
+    const size_t lo = (size_t)c * b->chunk, hi = lo + b->chunk < b->bytes ? lo + b->chunk : b->bytes;
+    int64_t sum = 0;
+#if defined(__AVX2__)
+    __m256i acc = _mm256_setzero_si256();
+    for (size_t i = lo; i + 64 <= hi; i += 64) {
+        const __m256i a = _mm256_loadu_si256((const __m256i *)(b->buf + i));
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(b->buf + i + 32));
+        acc = _mm256_add_epi64(acc, _mm256_xor_si256(a, x));
+    }
+    sum = _mm256_extract_epi64(acc, 0) + _mm256_extract_epi64(acc, 1) + _mm256_extract_epi64(acc, 2) +
+          _mm256_extract_epi64(acc, 3);
+#else
+    for (size_t i = lo; i + 8 <= hi; i += 64) { int64_t v; memcpy(&v, b->buf + i, 8); sum += v; }
+#endif
+    b->sums[c] = sum;
+}
+
+double pl_read_bandwidth(const uint8_t *buf, size_t bytes, int reps) {
+    static bw_job b;
+    double total = 0.0;
+    b.buf = buf; b.bytes = bytes; b.chunk = (bytes + 1023) / 1024;
+    b.chunk = (b.chunk + 63) / 64 * 64;
+    const int n = (int)((bytes + b.chunk - 1) / b.chunk);
+    for (int r = 0; r < reps; r++) {
+        parallel_run(bw_chunk, &b, n);
+        for (int c = 0; c < n; c++) total += (double)b.sums[c];
+    }
+    return total;
+}
