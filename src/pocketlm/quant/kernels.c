@@ -282,7 +282,7 @@ tile_avx512_tn(int kind, const uint8_t *tp, int nb, const int8_t *qa, const floa
                const float *sa_f, int K, const int TN, float *y, int ldy) {
     const size_t bs = block_bytes(kind);
     const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512 acc[4];
+    __m512 acc[8];
     for (int u = 0; u < TN; u++) acc[u] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *bp = tp + b * bs;
@@ -319,6 +319,9 @@ tile_avx512_tn(int kind, const uint8_t *tp, int nb, const int8_t *qa, const floa
 static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
                       const float *sa_f, int K, int T, float *y, int ldy) {
     int t = 0;
+    for (; t + 8 <= T; t += 8)
+        tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
+                       sa_f + (size_t)t * nb, K, 8, y + (size_t)t * ldy, ldy);
     for (; t + 4 <= T; t += 4)
         tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
                        sa_f + (size_t)t * nb, K, 4, y + (size_t)t * ldy, ldy);
