@@ -5,8 +5,8 @@
 
 1. Weights: a phi-3-mini-shaped GGUF file with random Q4_0 codes (`pocketlm.quant.random_model`, written once to
    FILE, default `$TMPDIR/pocketlm-bench-<preset>-<type>.gguf`). Both engines load this same file.
-2. Bandwidth: the machine's read bandwidth with 1 and with N threads (`kernels.read_bandwidth`, best of 5 passes
-   over 1 GiB), measured in this run. Roofline decode tokens/s = bandwidth(N) / bytes read per token (every
+2. Bandwidth: the machine's read bandwidth with 1 and with N threads, measured in this run: the faster of
+   `kernels.read_bandwidth` (1 GiB) and `torch.sum` over 512 MiB, best of 5 passes each. Roofline decode tokens/s = bandwidth(N) / bytes read per token (every
    weight matrix once, one embedding row, the KV cache at that length).
 3. Each engine runs in its own process, alternately, `--repeats` times (median reported), with N threads:
    - llama.cpp through llama-cpp-python (n_ctx = ctx, n_batch 512, default f16 KV cache): the prompt in one
@@ -133,6 +133,24 @@ def worker_llamacpp(a) -> dict:
 
 # ----- parent -------------------------------------------------------------------------------------------------------
 
+def torch_sum_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
+    """GB/s of torch.sum over a float32 buffer (a second read kernel: the roofline takes the faster of the two)."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(nbytes // 4)
+        x.sum()
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t)
+        return nbytes / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
 def bytes_per_token(gguf: str, n_ctx: int, config) -> float:
     from pocketlm.formats.gguf import GGUFFile
     total = 0
@@ -183,7 +201,7 @@ def main() -> None:
     if not Path(a.gguf).exists():
         print(f"writing {a.gguf} (random {a.type} weights, {a.preset} shape) ...", flush=True)
         write_random_gguf(config, a.gguf, a.type)
-    bw = {n: kernels.read_bandwidth(1 << 30, 5, n) for n in sorted({1, a.threads})}
+    bw = {n: max(kernels.read_bandwidth(1 << 30, 5, n), torch_sum_bandwidth(n)) for n in sorted({1, a.threads})}
     per_token = bytes_per_token(a.gguf, a.prompt + a.decode // 2, config)
     roofline = bw[a.threads] * 1e9 / per_token
     runs: dict[str, list[dict]] = {"pocketlm": [], "llama.cpp": []}
@@ -203,9 +221,10 @@ def main() -> None:
             continue
         row = {"engine": name, "prompt_tok_s": a.prompt / med(rows, "prompt_s"),
                "decode_tok_s": a.decode / med(rows, "decode_s"), "rss_after_run_gb": med(rows, "rss_after_run_gb")}
-        if name == "llama.cpp":
-            row["c_prompt_tok_s"] = a.prompt / med(rows, "c_prompt_s")
-            row["c_decode_tok_s"] = a.decode / med(rows, "c_decode_s")
+        if name == "llama.cpp":  # llama.cpp's own counters, when this build keeps them (no_perf off)
+            c_p, c_d = med(rows, "c_prompt_s"), med(rows, "c_decode_s")
+            row["c_prompt_tok_s"] = a.prompt / c_p if c_p > 0 else None
+            row["c_decode_tok_s"] = a.decode / c_d if c_d > 0 else None
         else:
             for key in ("decode_full_ctx_f16_tok_s", "decode_full_ctx_int8_tok_s", "rss_full_ctx_f16_gb",
                         "rss_full_ctx_int8_gb", "rss_loaded_gb", "kv_cache_f16_gb", "kv_cache_int8_gb"):
@@ -229,8 +248,9 @@ def main() -> None:
               f"{100 * r['roofline_fraction']:>9.0f}% {r['rss_after_run_gb']:>7.2f}")
     for r in table:
         if r["engine"] == "llama.cpp":
-            print(f"llama.cpp's own counters (C time only): prompt {r['c_prompt_tok_s']:.1f} tok/s, decode "
-                  f"{r['c_decode_tok_s']:.2f} tok/s")
+            if r["c_prompt_tok_s"]:
+                print(f"llama.cpp's own counters (C time only): prompt {r['c_prompt_tok_s']:.1f} tok/s, decode "
+                      f"{r['c_decode_tok_s']:.2f} tok/s")
         else:
             print(f"pocketlm at {a.ctx - 4} context: f16 KV ({r['kv_cache_f16_gb']:.2f} GB) decode "
                   f"{r['decode_full_ctx_f16_tok_s']:.2f} tok/s, RSS {r['rss_full_ctx_f16_gb']:.2f} GB; int8 KV "

@@ -516,6 +516,34 @@ static void axpy_f16(float *out, float p, const uint16_t *v, int n) {
     for (; i < n; i++) out[i] += p * f16_to_f32(v[i]);
 }
 
+static float dot_i8(const int8_t *k, const float *q, int n) {
+    int i = 0;
+    float s = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 kv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(k + i))));
+        acc = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + i), acc);
+    }
+    float t[8]; _mm256_storeu_ps(t, acc);
+    s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+#endif
+    for (; i < n; i++) s += q[i] * (float)k[i];
+    return s;
+}
+
+static void axpy_i8(float *out, float p, const int8_t *v, int n) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 pv = _mm256_set1_ps(p);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 vv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(v + i))));
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, vv, _mm256_loadu_ps(out + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] += p * (float)v[i];
+}
+
 static void store_kv(const pl_model *m, int layer, int pos, const float *k, const float *v) {
     const int hd = m->head_dim;
     for (int g = 0; g < m->n_kv; g++) {
@@ -557,12 +585,7 @@ static void attention_head(void *p, int h) {
             const size_t row = base + lo + j;
             float s;
             if (m->kv_type == 1) s = dot_f16((const uint16_t *)m->k + row * hd, qr, hd);
-            else {
-                const int8_t *kr = (const int8_t *)m->k + row * hd;
-                s = 0.0f;
-                for (int i = 0; i < hd; i++) s += qr[i] * (float)kr[i];
-                s *= m->k_scale[row];
-            }
+            else s = dot_i8((const int8_t *)m->k + row * hd, qr, hd) * m->k_scale[row];
             sc[j] = s * scale;
             if (sc[j] > mx) mx = sc[j];
         }
@@ -574,11 +597,7 @@ static void attention_head(void *p, int h) {
             const size_t row = base + lo + j;
             const float p = sc[j] * inv;
             if (m->kv_type == 1) axpy_f16(out, p, (const uint16_t *)m->v + row * hd, hd);
-            else {
-                const int8_t *vr = (const int8_t *)m->v + row * hd;
-                const float ps = p * m->v_scale[row];
-                for (int i = 0; i < hd; i++) out[i] += ps * (float)vr[i];
-            }
+            else axpy_i8(out, p * m->v_scale[row], (const int8_t *)m->v + row * hd, hd);
         }
     }
 }
