@@ -72,3 +72,70 @@ def test_random_phi3_mini_runs_on_this_machine():
           f"max RSS {r['maxrss_kib'] / 2**20:.1f} GiB")
     assert r["weights_bytes"] == 2 * 3_821_079_552  # bf16
     assert r["maxrss_kib"] * 1024 < 12 * 2**30, r  # well inside 24 GiB
+
+
+QUANT_PROBE = textwrap.dedent('''
+    import json, sys, torch
+    import pocketlm
+    from pocketlm.engine import cpu
+
+    def anon_bytes():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+
+    from pocketlm.quant import gguf_import, kernels  # one-time costs (modules, the kernels library) before "before"
+    kernels.available()
+    before = anon_bytes()
+    model = pocketlm.load(sys.argv[1])
+    loaded = anon_bytes()
+    weights = sum(b.numel() * b.element_size() for b in model.buffers())
+    fast = cpu.accelerate(model, sys.argv[2])
+    cache = fast.make_cache(1, int(sys.argv[3]))
+    with torch.inference_mode():
+        fast(torch.tensor([[1, 2, 3, 4]]), cache)
+        fast(torch.tensor([[5]]), cache)
+    small = anon_bytes()  # a 4096-token cache allocated, 5 positions written
+    n = cache.capacity - 1
+    cache.k[:, :, :n].fill_(1)
+    cache.v[:, :, :n].fill_(1)
+    if cache.k_scale is not None:
+        cache.k_scale[:, :, :n].fill_(0.01)
+        cache.v_scale[:, :, :n].fill_(0.01)
+    cache.length = n
+    with torch.inference_mode():
+        fast(torch.tensor([[5]]), cache)
+    full = anon_bytes()
+    print(json.dumps({"before": before, "loaded": loaded, "weights": weights, "small": small, "full": full,
+                      "kv": cache.nbytes()}))
+''')
+
+
+@pytest.mark.parametrize("kv", ["f16", "int8"])
+def test_quantized_model_memory_is_weights_plus_kv_cache(tmp_path, kv):
+    """A Q4_0 model (phi-3-mini's widths, 4 layers) on the CPU kernels holds one copy of its weights (no file
+    copies left behind by loading and repacking), its preallocated 4096-token KV cache costs memory only as it
+    fills, and a full cache costs exactly its size. (The phi-3-mini-shaped figures are in
+    bench/bench_cpu_engine.py: they need 2+ GB and minutes.)"""
+    from pocketlm.config import preset
+    from pocketlm.engine.cpu import kv_cache_bytes
+    from pocketlm.quant import kernels
+    from pocketlm.quant.random_model import write_random_gguf
+    if not kernels.available():
+        pytest.skip("CPU kernels unavailable")
+    config = preset("phi-3-mini-4k").replace(num_hidden_layers=4)
+    path = tmp_path / "m.gguf"
+    write_random_gguf(config, path)
+    r = subprocess.run([sys.executable, "-c", QUANT_PROBE, str(path), kv, "4096"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    MB = 1e6
+    print({k: round(v / MB, 1) for k, v in m.items()})
+    # one copy of ~370 MB of weights; the slack is ~100 MB of freed-but-kept allocator pages (glibc), far less
+    # than the second copy (the GGUF bytes beside the repacked tiles) this guards against
+    assert m["loaded"] - m["before"] <= m["weights"] * 1.05 + 130 * MB, m
+    assert m["small"] - m["loaded"] <= 60 * MB, m  # the unwritten cache is not resident
+    kv_full = kv_cache_bytes(config, 4095, kv)
+    assert m["kv"] == kv_cache_bytes(config, 4096, kv)
+    assert kv_full * 0.95 <= m["full"] - m["loaded"] <= kv_full + 80 * MB, m
