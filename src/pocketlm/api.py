@@ -45,3 +45,13 @@ def load(path_or_preset: str | os.PathLike, *, dtype: torch.dtype | str | None =
         model = hf.empty_model(config, hf.resolve_dtype(dtype, config), device)
         return hf.init_weights(model, seed)
     raise ConfigError(f"{spec!r} is neither an existing path nor a preset; presets: {sorted(PRESETS)}")
+
+
+def default_model_path() -> Path:
+    """The embedded default model: `pocketlm/assets/default-model/` (official layout, bf16, made by
+    `pocketlm recipe nano`; see its MODEL_CARD.md). Raises ConfigError when it is not installed."""
+    folder = Path(__file__).resolve().parent / "assets" / "default-model"
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"the default model is not installed ({folder} has no config.json); name a model, or "
+                          "make one with `pocketlm recipe nano --export-model " + str(folder) + "`")
+    return folder

@@ -20,8 +20,12 @@ from pocketlm.errors import PocketLMError, TokenizerError
 
 # ---- shared helpers ---------------------------------------------------------------------------------------------
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="checkpoint folder, .safetensors/.gguf file, or preset name")
+def _add_model(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    if optional:  # run / chat: without MODEL, the embedded default model (pocketlm.api.default_model_path)
+        p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                       help="checkpoint folder, .safetensors/.gguf file, or preset name (default: the built-in model)")
+    else:
+        p.add_argument("model", metavar="MODEL", help="checkpoint folder, .safetensors/.gguf file, or preset name")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weight dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -39,6 +43,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--chat-format", default=None, help="chat format name (default: the model's)")
+    g.add_argument("--kv-cache", choices=["f16", "int8"], default=None,
+                   help="KV cache of quantized models on the CPU kernels: f16 (default) or int8 (half the memory)")
 
 
 def _sampling(args) -> dict:
@@ -46,9 +52,26 @@ def _sampling(args) -> dict:
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
+def _use_default_model(args) -> None:
+    """MODEL omitted: the embedded default model, computed in float32 unless --dtype says otherwise."""
+    if args.model is None:
+        from pocketlm.api import default_model_path
+        args.model = str(default_model_path())
+        if args.dtype is None:
+            args.dtype = "float32"
+
+
 def _load(args):
     from pocketlm.api import load
-    return load(args.model, dtype=args.dtype)
+    _use_default_model(args)
+    model = load(args.model, dtype=args.dtype)
+    if getattr(args, "kv_cache", None):
+        from pocketlm.engine import cpu
+        if not cpu.eligible(model):
+            raise PocketLMError(f"--kv-cache {args.kv_cache}: {args.model} does not run on the CPU kernels (they take "
+                                "Q4_0, Q4_1 and Q8_0 weights)")
+        cpu.accelerate(model, args.kv_cache)  # the decode loop picks this decoder up
+    return model
 
 
 def _tokenizer_for(args, model):
@@ -82,7 +105,8 @@ def _chat_format(args, model) -> str:
     return args.chat_format or model.config.chat_format
 
 
-def _print_stats(result, file=sys.stderr) -> None:
+def _print_stats(result, file=None) -> None:
+    file = file if file is not None else sys.stderr  # looked up at call time (tests swap sys.stderr)
     # the figures `ollama run --verbose` prints
     print(f"\nprompt eval count:    {result.prompt_tokens} token(s)\n"
           f"prompt eval duration: {result.prompt_seconds * 1000:.1f} ms\n"
@@ -198,7 +222,8 @@ def cmd_info(args) -> int:
                   f"{c.max_position_embeddings}")
         return 0
     if args.model is None:
-        raise PocketLMError("info needs MODEL (or --presets)")
+        from pocketlm.api import default_model_path
+        args.model = str(default_model_path())
     path = Path(args.model)
     file_info = None
     if path.exists() and path.suffix == ".gguf":
@@ -285,6 +310,7 @@ STAGE_COMMANDS = {
     "train": "pocketlm.train.commands",
     "quantize": "pocketlm.quant.commands",
     "data": "pocketlm.data.commands",
+    "recipe": "pocketlm.recipe.commands",
 }
 
 
@@ -301,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help=cmd_run.__doc__, description=cmd_run.__doc__)
-    _add_model(p)
+    _add_model(p, optional=True)
     p.add_argument("prompt", metavar="PROMPT")
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
     p.add_argument("--system", default=None, help="system message (chat format only)")
@@ -309,12 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
-    _add_model(p)
+    _add_model(p, optional=True)
     p.add_argument("--system", default=None, help="system message")
     _add_sampling(p)
 
     p = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
-    p.add_argument("model", metavar="MODEL", nargs="?", help="checkpoint folder, weight file or preset name")
+    p.add_argument("model", metavar="MODEL", nargs="?",
+                   help="checkpoint folder, weight file or preset name (default: the built-in model)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--presets", action="store_true", help="list the presets")
 

@@ -1,6 +1,6 @@
 """Serve a model over an OpenAI-compatible HTTP API with a web chat page (continuous batching).
 
-  pocketlm serve MODEL [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 8] [--max-queue 64]
+  pocketlm serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 8] [--max-queue 64]
                        [--context-length N] [--name NAME] [--device cpu|cuda] [--dtype ...]
 
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, and the chat page at /.
@@ -21,7 +21,8 @@ from pocketlm.errors import ConfigError
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Register `pocketlm serve` options on its subparser."""
-    p.add_argument("model", metavar="MODEL", help="checkpoint folder, .safetensors/.gguf file, or preset name")
+    p.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                   help="checkpoint folder, .safetensors/.gguf file, or preset name (default: the built-in model)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weight dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -77,6 +78,10 @@ def run(args) -> int:
     if not loopback and not args.api_key:
         print(f"pocketlm serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)
+    if args.model is None:  # the embedded default model, in float32 unless --dtype says otherwise
+        from pocketlm.api import default_model_path
+        args.model = str(default_model_path())
+        args.dtype = args.dtype or "float32"
     model = load(args.model, dtype=args.dtype, device=args.device)
     source = args.tokenizer
     if source is None:

@@ -1,0 +1,235 @@
+"""`pocketlm recipe`: the reduced recipe end to end, skipping and resuming, refusing changed inputs, carrying the
+data in an archive, and the embedded default model (layout, size, `pocketlm run` with no model)."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from pocketlm.recipe import STEPS, Context, Paused, RecipeChanged, get_recipe, run_recipe
+from pocketlm.recipe import runner
+
+WORDS = ("the git commit command records changes to the repository and sqlite is a small database engine that "
+         "stores data in one file while the shell runs programs for users of the system").split()
+
+
+def make_corpus(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for name in ("docs", "notes"):
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for i in range(60):
+                paras = [" ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))).capitalize() + "."
+                                  for _ in range(5)) for _ in range(4)]
+                f.write(json.dumps({"id": f"{name}/{i}", "text": "\n\n".join(paras)}) + "\n")
+    return folder
+
+
+def markers(out: Path) -> dict[str, dict]:
+    return {s: runner.read_marker(out, s) for s in STEPS}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """nano-smoke run in three invocations: data steps only; a pause inside phase 1; then to the end."""
+    root = tmp_path_factory.mktemp("recipe")
+    corpus = make_corpus(root / "corpus")
+    out = root / "out"
+    recipe = get_recipe("nano-smoke")
+    log = []
+    run_recipe(Context(recipe=recipe, out=out, corpus=corpus, progress=False), until="chat-data")
+    first = markers(out)
+    # the deadline check before phase 1's second chunk (after >= 5 s of estimated chunk time) must stop the run
+    ctx = Context(recipe=recipe, out=out, corpus=corpus, progress=False, deadline=time.time() + 4.9)
+    with pytest.raises(Paused):
+        run_recipe(ctx)
+    paused = markers(out)
+    ctx = Context(recipe=recipe, out=out, corpus=corpus, progress=False)
+    ctx.say = log.append
+    run_recipe(ctx)
+    return {"root": root, "corpus": corpus, "out": out, "recipe": recipe, "first": first, "paused": paused,
+            "log": log}
+
+
+def test_reduced_recipe_end_to_end(smoke):
+    out = smoke["out"]
+    done = markers(out)
+    assert all(done[s] is not None for s in STEPS)
+    rep = (out / "report" / "report.md").read_text()
+    assert "## Evaluation" in rep and "| model | arith_acc | cloze_acc" in rep
+    for name in ("pretrain", "dpo", "dpo-q4_0"):
+        assert f"| {name} |" in rep
+    for png in ("funnel.png", "loss-pretrain.png", "loss-sft.png", "loss-dpo.png"):
+        assert (out / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({png})" in rep
+    page = (out / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4 and "<table>" in page
+    assert (out / "quant" / "model.q4_0.gguf").read_bytes()[:4] == b"GGUF"
+    results = json.loads((out / "eval" / "results.json").read_text())
+    samples = results["models"]["dpo"]["samples"]
+    assert [s["prompt"] for s in samples] == list(smoke["recipe"].sample_prompts)
+    assert all(s["finish_reason"] in ("stop", "length") for s in samples)
+    for model in ("pretrain", "dpo", "dpo-q4_0"):
+        h = results["models"][model]["heldout"]
+        assert 0.0 <= h["heldout-arith"]["acc"] <= 1.0 and h["bpb-web"]["bits_per_byte"] > 0
+    # two pretraining phases in one run folder, the phase boundary in the metrics
+    phases = [json.loads(x)["phase"] for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    r = smoke["recipe"]
+    assert phases == ["phase1"] * r.phase1.steps + ["phase2"] * r.phase2.steps
+    # held-out documents never reach training
+    held = done["data"]["summary"]["heldout_documents"]
+    assert sum(held.values()) > 0
+    assert not (out / "data" / "input").exists()
+
+
+def test_rerun_skips_finished_steps_and_pause_resumes_training(smoke):
+    out, first, paused = smoke["out"], smoke["first"], smoke["paused"]
+    done = markers(out)
+    for s in runner.DATA_STEPS:  # finished in the first invocation, skipped by the later ones
+        assert first[s] is not None and done[s]["finished"] == first[s]["finished"]
+        assert any(line.startswith(f"[{STEPS.index(s) + 1}/9] {s}") and "skipped" in line for line in smoke["log"])
+    assert first["pretrain-phase1"] is None
+    # the pause came inside phase 1, after a checkpoint; the next invocation resumed from it
+    assert paused["pretrain-phase1"] is None
+    assert done["pretrain-phase1"]["summary"]["resumed_from"] == smoke["recipe"].phase1.save_every
+    assert "seconds_earlier_runs" in done["pretrain-phase1"]
+    # a fourth invocation runs nothing
+    before = {s: m["finished"] for s, m in done.items()}
+    log = []
+    ctx = Context(recipe=smoke["recipe"], out=out, corpus=smoke["corpus"], progress=False)
+    ctx.say = log.append
+    run_recipe(ctx)
+    assert {s: m["finished"] for s, m in markers(out).items()} == before
+    assert sum("skipped" in line for line in log) == len(STEPS)
+
+
+def test_changed_recipe_is_refused_then_rebuilt(smoke, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(smoke["out"], out)
+    r = smoke["recipe"]
+    changed = r.replace(sft=r.sft.__class__(**{**r.sft.__dict__, "lr": r.sft.lr * 2}))
+    with pytest.raises(RecipeChanged, match="'sft'"):
+        run_recipe(Context(recipe=changed, out=out, corpus=smoke["corpus"], progress=False))
+    before = markers(out)
+    run_recipe(Context(recipe=changed, out=out, corpus=smoke["corpus"], progress=False, rebuild=True))
+    after = markers(out)
+    for s in ("data", "chat-data", "pretrain-phase1", "pretrain-phase2"):
+        assert after[s]["finished"] == before[s]["finished"]
+    for s in ("sft", "dpo", "quantize", "eval", "report"):
+        assert after[s]["hash"] != before[s]["hash"] and after[s]["finished"] > before[s]["finished"]
+    cfg = json.loads((out / "sft" / "config.json").read_text())["config"]
+    assert cfg["optim"]["lr"] == r.sft.lr * 2
+
+
+def test_data_archive_carries_the_data_steps(smoke, tmp_path):
+    archive = tmp_path / "data.tar.gz"
+    info = runner.pack_data(smoke["out"], archive)
+    assert info["bytes"] == archive.stat().st_size > 0
+    out = tmp_path / "gpu"
+    assert runner.unpack_data(out, archive) == {"restored": True}
+    log = []
+    ctx = Context(recipe=smoke["recipe"], out=out, corpus=None, progress=False)
+    ctx.say = log.append
+    run_recipe(ctx, until="chat-data")  # no corpus on this "machine": the archive's markers stand
+    assert all("from the data archive" in line for line in log[:2])
+    assert (out / "data" / "tokens" / "mixture.json").is_file() and (out / "chat" / "sft.jsonl").is_file()
+    assert (out / "heldout" / "manifest.json").is_file()
+    assert runner.unpack_data(out, archive) == {"restored": False}
+
+
+def test_data_step_needs_a_corpus(tmp_path):
+    with pytest.raises(runner.RecipeError, match="--corpus"):
+        run_recipe(Context(recipe=get_recipe("nano-smoke"), out=tmp_path, corpus=None, progress=False))
+
+
+def test_export_writes_the_official_layout_and_a_card(smoke, tmp_path):
+    from pocketlm.recipe.export import export_model
+    import pocketlm
+    dest = tmp_path / "model"
+    export_model(smoke["out"], dest)
+    names = {p.name for p in dest.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md",
+            "model.q4_0.gguf"} <= names
+    assert json.loads((dest / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "| dpo |" in card and "arith_acc" in card and "pocketlm recipe nano-smoke" in card
+    assert pocketlm.load(dest).config.hidden_size == 64
+
+
+@pytest.mark.parametrize("name", ["nano", "micro", "nano-smoke"])
+def test_every_recipe_gives_valid_training_configs(name, tmp_path):
+    r = get_recipe(name)
+    mix = {"phase1": {n: {"path": f"phase1/{n}", "tokens": 10**6, "weight": 1.0} for n, _ in r.corpus_sources},
+           "phase2": {n: {"path": f"phase2/{n}", "tokens": 10**6, "weight": 1.0} for n, _ in r.corpus_sources}}
+    (tmp_path / "data" / "tokens").mkdir(parents=True)
+    (tmp_path / "data" / "tokens" / "mixture.json").write_text(json.dumps(mix))
+    ctx = Context(recipe=r, out=tmp_path, device=r.device)
+    pre = runner.pretrain_config(ctx)
+    assert [p.steps for p in pre.phases] == [r.phase1.steps, r.phase2.steps]
+    assert abs(sum(pre.phases[0].weights.values()) - 1) < 1e-5 and abs(sum(pre.phases[1].weights.values()) - 1) < 1e-5
+    for cfg in (pre, runner.sft_config(ctx), runner.dpo_config(ctx)):
+        assert cfg.grad_accum(1) >= 1
+    assert runner.dpo_config(ctx).model == str(tmp_path / "sft" / "model")
+
+
+def test_recipe_verb_and_names(capsys):
+    from pocketlm.cli import main
+    assert main(["recipe", "list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("nano", "micro", "nano-smoke"))
+    assert main(["recipe", "no-such-recipe"]) == 2
+    assert "not a recipe" in capsys.readouterr().err
+
+
+# ---- the embedded default model ----------------------------------------------------------------------------------
+
+def _default():
+    from pocketlm.api import default_model_path
+    return default_model_path()
+
+
+def test_default_model_is_in_the_official_layout_and_small():
+    from pocketlm.formats.safetensors_io import CheckpointReader
+    folder = _default()
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "MODEL_CARD.md", "model.q4_0.gguf"} <= names
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    assert total < 40 * 2**20, total
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Phi3ForCausalLM"] and config["torch_dtype"] == "bfloat16"
+    with CheckpointReader(folder) as r:
+        assert {str(r.dtype(k)) for k in r.keys()} == {"torch.bfloat16"}
+        assert "model.layers.0.self_attn.qkv_proj.weight" in set(r.keys())
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "pocketlm recipe nano" in card and "## Evaluation" in card
+
+
+def test_run_without_a_model_uses_the_default_and_stops(tmp_path):
+    # a separate process, as on a fresh machine (and cli._print_stats binds sys.stderr at import time)
+    import subprocess
+    import sys
+    _default()
+    p = subprocess.run([sys.executable, "-m", "pocketlm.cli", "run", "What is 7 times 8?", "--max-tokens", "64",
+                        "--verbose"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip()
+    assert "finish reason:        stop" in p.stderr
+
+
+def test_default_model_stops_at_end_in_chat():
+    import torch
+
+    import pocketlm
+    from pocketlm.engine.generate import generate_full
+    folder = _default()
+    model = pocketlm.load(folder, dtype=torch.float32)
+    tok = pocketlm.Tokenizer.from_pretrained(folder)
+    r = generate_full(model, tok, [{"role": "user", "content": "Hello, who are you?"}], temperature=0.0,
+                      max_tokens=96)
+    assert r.finish_reason == "stop" and r.text.strip()
