@@ -8,8 +8,8 @@ on its own, then the GPT-2 regex. Only these pre-tokenizers are accepted; anythi
 As in `pocketlm.Tokenizer`, plain `encode(text)` never produces control tokens; `parse_special=True` or
 `encode_parts` insert them. CONTROL and USER_DEFINED tokens are matched as whole strings.
 
-`chatml_ids` renders ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`), the format of SmolLM2's GGUF template
-(with its default system message), in Python from ids: the template in the file is never rendered.
+Chat for these models is `pocketlm.chat`'s "chatml" format (control tokens by id; the template in the file is
+never rendered).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ from tokenizers import Regex
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, models, pre_tokenizers
 
-from pocketlm.errors import ChatFormatError, TokenizerError, WeightFormatError
+from pocketlm.errors import TokenizerError, WeightFormatError
 
 CONTROL, USER_DEFINED = 3, 4
 PRE_TOKENIZERS = ("smollm", "gpt2", "default")
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 class ByteLevelBPETokenizer:
@@ -157,26 +156,3 @@ class ByteLevelBPETokenizer:
 
     def __repr__(self) -> str:
         return f"ByteLevelBPETokenizer({self.source!r}, {len(self)} ids, {len(self._special)} special)"
-
-
-def chatml_ids(messages: Sequence[dict], tokenizer: ByteLevelBPETokenizer, *, add_generation_prompt: bool = True,
-               default_system: str | None = SMOLLM_SYSTEM) -> list[int]:
-    """ChatML token ids: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message (a default system message first
-    when the conversation has none), then `<|im_start|>assistant\\n`. Control tokens are inserted by id."""
-    start, end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
-    if start is None or end is None:
-        raise ChatFormatError(f"{tokenizer.source}: no <|im_start|>/<|im_end|> tokens for ChatML")
-    if not messages:
-        raise ChatFormatError("the conversation is empty")
-    msgs = list(messages)
-    if default_system is not None and msgs[0].get("role") != "system":
-        msgs.insert(0, {"role": "system", "content": default_system})
-    parts: list[str | int] = []
-    for k, m in enumerate(msgs):
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise ChatFormatError(f"message {k}: role {role!r} / content {type(content).__name__} is invalid")
-        parts += [start, f"{role}\n{content}", end, "\n"]
-    if add_generation_prompt:
-        parts += [start, "assistant\n"]
-    return tokenizer.encode_parts(parts)

@@ -472,10 +472,8 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
 }
 
 static void matvec(const pl_model *m, const pl_mat *w, const float *x, float *y) {
-    const int nb = w->cols / QK;
     quantize_row(x, w->cols, m->qa, m->da, m->sa_i, m->sa_f);
     const int tiles = (w->rows + TILE - 1) / TILE;
-    (void)nb;
     pl_gemm(w->kind, w->w, tiles, w->cols, m->qa, m->da, m->sa_i, m->sa_f, 1, y, tiles * TILE, 0);
 }
 

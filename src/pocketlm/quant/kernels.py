@@ -97,7 +97,7 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"pocketlm CPU kernels unavailable, using the reference path: {e}", RuntimeWarning,
                       stacklevel=3)
         return None
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    p, i = ctypes.c_void_p, ctypes.c_int
     lib.pl_quantize_act.argtypes = [p, i, i, p, p, p, p]
     lib.pl_quantize_act.restype = None
     lib.pl_gemm.argtypes = [i, p, i, i, p, p, p, p, i, p, i, i]
@@ -108,7 +108,6 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_read_bandwidth.argtypes = [p, ctypes.c_size_t, i]
     lib.pl_read_bandwidth.restype = ctypes.c_double
     lib.pl_decode_step.restype = i  # arguments: (pl_model*, float* x, int pos, int lo, float* cos, float* sin)
-    del f
     lib.pl_set_threads(default_threads())
     _lib = lib
     return lib
