@@ -146,9 +146,35 @@ class TrainConfig:
     def hash(self) -> str:
         """sha256 of the fields that change the numbers (not logging or checkpoint cadence)."""
         d = self.to_dict()
-        for key in ("save_every", "keep_checkpoints", "log_every", "tensorboard", "plot", "peak_flops"):
+        for key in UNHASHED:
             d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+UNHASHED = ("save_every", "keep_checkpoints", "log_every", "tensorboard", "plot", "peak_flops")
+"""Fields a resumed run may change: they do not change the numbers (logging and checkpoint cadence)."""
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """"field: old -> new" for every hashed field (dotted name) that differs between two `to_dict()`s."""
+    a, b = _flatten({k: v for k, v in old.items() if k not in UNHASHED}), \
+        _flatten({k: v for k, v in new.items() if k not in UNHASHED})
+    return [f"{k}: {json.dumps(a.get(k, '<absent>'))} -> {json.dumps(b.get(k, '<absent>'))}"
+            for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted names -> leaf values; dicts and lists of dicts (phases) are descended, other lists are leaves."""
+    if isinstance(node, dict) and node:
+        items = node.items()
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
 def from_dict(d: dict[str, Any]) -> TrainConfig:

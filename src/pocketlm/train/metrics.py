@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pocketlm.errors import PocketLMError
 from pocketlm.fsutil import atomic_write_text
 
 # dense (no sparsity) peak FLOP/s: (bf16, tf32). Sources: NVIDIA H100/H200/A100/L4/B200 datasheets.
@@ -46,7 +47,8 @@ def measure_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats:
     """Best matmul FLOP/s over a few n x n products on the current torch threads (cached per dtype/threads)."""
     key = (dtype, n, torch.get_num_threads())
     if key not in _cpu_peak_cache:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        g = torch.Generator().manual_seed(0)  # private: the global RNG streams belong to training (exact resume)
+        a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
         a @ b  # warm up
         best = math.inf
         for _ in range(repeats):
@@ -96,27 +98,55 @@ def _hms(s: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-class MetricsLog:
-    """metrics.jsonl (one object per logged step) plus optional TensorBoard events, rank 0 only."""
+class MetricsError(PocketLMError, ValueError):
+    """metrics.jsonl holds a line that is not a JSON record with a step."""
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True):
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) plus optional TensorBoard events, rank 0 only.
+
+    `resume_step`: the step the run continues from. Before anything is appended the log is repaired to it: torn
+    or unparsable lines (a crash mid-write, a full disk) and lines of later steps (they are trained and logged
+    again) are dropped and the file is rewritten atomically; TensorBoard is told to purge its events after that
+    step (`purge_step`), so neither shows a replayed step twice. `sync()` makes everything logged so far durable;
+    the trainer calls it before a checkpoint is marked COMPLETE, so the log always covers its checkpoint."""
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.repair(resume_step)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                tb_dir = Path(run_dir) / "tb"
+                purge = resume_step + 1 if tb_dir.exists() else None  # steps are 1-based: drop > resume_step
+                self.tb = SummaryWriter(str(tb_dir), purge_step=purge)
             except ImportError:
                 print("pocketlm train: tensorboard is not installed; skipping TensorBoard events", file=sys.stderr)
         self.file = open(self.path, "a", encoding="utf-8")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after `step` (a resumed run logs them again), atomically."""
-        self.file.close()
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
-        self.file = open(self.path, "a", encoding="utf-8")
+    def repair(self, step: int) -> None:
+        """Keep the intact records of steps <= `step`, in order; rewrite the file when anything was dropped."""
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        keep, torn, later = [], 0, 0
+        for line in raw.decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            record = _parse(line)
+            if record is None:
+                torn += 1
+            elif record["step"] > step:
+                later += 1
+            else:
+                keep.append(line)
+        text = "".join(k + "\n" for k in keep)
+        if text.encode("utf-8") != raw:
+            atomic_write_text(self.path, text)
+        if torn:
+            print(f"pocketlm train: {self.path}: dropped {torn} torn or unreadable line(s) (an interrupted write); "
+                  f"the log now ends at step {_last_step(keep)}", file=sys.stderr)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -126,15 +156,46 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, record["step"])
 
+    def sync(self) -> None:
+        """flush + fsync metrics.jsonl, flush TensorBoard (called before a checkpoint is marked COMPLETE)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        if self.tb is not None:
+            self.tb.flush()
+
     def close(self) -> None:
-        self.file.close()
+        if not self.file.closed:
+            self.sync()
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        return None
+    return record
+
+
+def _last_step(lines: list[str]) -> int:
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            record = _parse(line)
+            if record is None:
+                raise MetricsError(f"{path}:{i}: not a JSON record with a step: {line[:80]!r} (resuming the run "
+                                   "repairs the log)")
+            records.append(record)
+    return records
 
 
 def plot_losses(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path | None:
