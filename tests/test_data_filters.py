@@ -194,3 +194,113 @@ def test_readers(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(DataPipelineError, match="line 1"):
         list(read_documents(tmp_path / "bad.jsonl"))
+
+
+# ---- gopher_repetition against datatrove's own GopherRepetitionFilter ------------------------------------------------
+
+def _real_texts(limit: int = 300) -> list[str]:
+    """Docstrings of the Python standard library: real English prose, on every machine with Python."""
+    import importlib
+    import inspect
+
+    texts = []
+    for name in ("argparse", "asyncio", "calendar", "collections", "csv", "dataclasses", "datetime", "decimal",
+                 "difflib", "email.message", "enum", "fractions", "functools", "heapq", "http.client", "inspect",
+                 "ipaddress", "itertools", "json", "logging", "multiprocessing.pool", "os", "pathlib", "pickle",
+                 "random", "re", "shutil", "socket", "sqlite3", "statistics", "string", "subprocess", "tarfile",
+                 "textwrap", "threading", "unittest", "urllib.parse", "uuid", "zipfile"):
+        mod = importlib.import_module(name)
+        for obj in [mod] + [getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]:
+            doc = inspect.getdoc(obj) if inspect.ismodule(obj) or callable(obj) else None
+            if doc and len(doc) >= 200 and doc not in texts:
+                texts.append(doc)
+    return texts[:limit]
+
+
+def _adversarial_texts() -> list[str]:
+    import random
+
+    rng = random.Random(7)
+    words = GOOD.split()
+    lines = GOOD.split("\n")
+    out = ["", " ", "\n", "\n\n\n", "word", "a b", "x\n\nx", "the the the the", "one.\n\n\ntwo.\n\n\n\none.",
+           "\n".join(lines + [lines[0]] * 3), "\n\n".join([lines[1]] * 3 + lines), GOOD + "\n" + GOOD,
+           GOOD + " " + " ".join(["buy now"] * 40), " ".join(words[:30] * 3), "ab ab ab cd cd cd ef",
+           "Hello, world! Hello, world! Hello, world! Good-bye; world.", "tab\tseparated\ttab\tseparated\n" * 4,
+           "crlf line\r\ncrlf line\r\nother line\r\n", "  leading and trailing blank lines  \n\n\n\n" + GOOD + "\n\n",
+           "IS_ALPHA is a spaCy attribute name " * 5,
+           "“Quoted” — dashes… and ellipses… “Quoted” — dashes…"]
+    for i in range(120):
+        pieces = [rng.choice(lines) for _ in range(rng.randint(1, 6))]
+        frag = " ".join(rng.sample(words, rng.randint(3, 12)))
+        reps = rng.randint(1, 8)
+        sep = rng.choice(["\n", "\n\n", " ", "\n\n\n", ". "])
+        text = sep.join(pieces + [frag] * reps + rng.sample(pieces, min(len(pieces), rng.randint(0, 3))))
+        if rng.random() < 0.3:
+            text = text.replace(" ", rng.choice(["  ", " , ", "-"]), rng.randint(1, 5))
+        out.append(text)
+    return out
+
+
+def _datatrove_ratios(dt_filter, text: str) -> dict[str, float]:
+    """Every ratio datatrove's filter compares, from datatrove's own helpers, splitters and word tokenizer."""
+    from datatrove.pipeline.filters import gopher_repetition_filter as g
+    from datatrove.utils.text import split_into_words
+
+    res = {}
+    paragraphs = dt_filter.paragraph_exp.split(text.strip())
+    n, chars = g.find_duplicates(paragraphs)
+    res["dup_para_frac"], res["dup_para_char_frac"] = n / len(paragraphs), chars / len(text)
+    lines = dt_filter._line_splitter.split(text)
+    n, chars = g.find_duplicates(lines)
+    res["dup_line_frac"], res["dup_line_char_frac"] = n / len(lines), chars / len(text)
+    words = split_into_words(text, dt_filter.language)
+    for k, _ in dt_filter.top_n_grams:
+        grams = g.get_n_grams(words, k)
+        if grams:
+            res[f"top_{k}_gram"] = g.find_top_duplicate(grams) / len(text)
+    for k, _ in dt_filter.dup_n_grams:
+        res[f"duplicated_{k}_n_grams"] = g.find_all_duplicate(words, k) / len(text)
+    return res
+
+
+@pytest.mark.parametrize("splitter", ["whitespace", "spacy"])
+def test_gopher_repetition_matches_datatrove(splitter):
+    """Identical keep/reject decisions, reasons and ratios on every document: 300 real texts (120 with spaCy) and
+    141 adversarial repetitive ones. "spacy" is datatrove's default English word tokenizer; "whitespace" is compared
+    with datatrove's filter given the same word splitter."""
+    pytest.importorskip("datatrove")
+    if splitter == "spacy":
+        pytest.importorskip("spacy")
+    from datatrove.data import Document as DTDocument
+    from datatrove.pipeline.filters.gopher_repetition_filter import GopherRepetitionFilter
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class Whitespace(WordTokenizer):
+        def word_tokenize(self, text):
+            return text.split()
+
+        def sent_tokenize(self, text):
+            raise NotImplementedError
+
+        def span_tokenize(self, text):
+            raise NotImplementedError
+
+    dt = GopherRepetitionFilter() if splitter == "spacy" else GopherRepetitionFilter(language=Whitespace())
+    ours = GopherRepetition(word_splitter=splitter)
+    real, adversarial = _real_texts(), _adversarial_texts()
+    assert len(real) >= 250
+    if splitter == "spacy":
+        real = real[:120]   # datatrove's spaCy pipeline takes ~25 ms a document here
+    rejected = 0
+    for i, text in enumerate(real + adversarial):
+        got = dt.filter(DTDocument(text=text, id=str(i)))
+        expect = None if got is True else got[1]
+        assert ours.reject_reason(text) == expect, (i, text[:200])
+        rejected += expect is not None
+        if text:
+            assert ours.ratios(text) == pytest.approx(_datatrove_ratios(dt, text), abs=0, rel=0), (i, text[:200])
+    assert 50 <= rejected <= len(real) + len(adversarial) - 50   # both outcomes are exercised
+    # the cited definition, not a stricter one: a once-repeated 5-gram counts once, over the whole text's length
+    text = "alpha beta gamma delta epsilon " * 2 + "zeta eta theta iota kappa lambda mu nu xi omicron pi rho"
+    assert ours.ratios(text)["duplicated_5_n_grams"] == pytest.approx(len("alphabetagammadeltaepsilon") / len(text))

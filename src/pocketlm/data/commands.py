@@ -1,6 +1,6 @@
 """`pocketlm data`: the data-optimal pipeline: corpus, filters, dedup, edu classifier, synthetic data, shards.
 
-    pocketlm data run CONFIG.json [--workers N] [--dask [ADDRESS]]   run or resume the pipeline
+    pocketlm data run CONFIG.json [--workers N] [--rebuild] [--dask [ADDRESS]]   run or resume the pipeline
     pocketlm data corpus --out DIR [--sources a,b]                   build the Debian-docs corpus (after apt)
     pocketlm data synth --out FILE.jsonl --count N [--seed S]        procedural synthetic lessons
     pocketlm data teacher --out FILE.jsonl --base-url URL --model M --topics FILE [--audiences ..] [--styles ..]
@@ -12,25 +12,40 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from pocketlm.data.records import DataPipelineError, write_part
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --workers: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True)
     p = sub.add_parser("run", help="run or resume the pipeline from a JSON config")
     p.add_argument("config")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--out", default=None, help="override the config's output folder")
+    p.add_argument("--workers", type=positive_int, default=None, help="worker processes (default: the config's)")
+    p.add_argument("--out", default=None, help="override the config's output folder (relative to the current one)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="when the output folder holds results of other inputs (changed config or corpus), delete "
+                        "them from the first changed stage on and redo them, instead of refusing")
     p.add_argument("--dask", nargs="?", const="local", default=None,
                    help="run on Dask: a scheduler address, or no value for a local cluster")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("corpus", help="convert installed Debian docs to JSONL (see scripts/build-corpus.sh)")
     p.add_argument("--out", required=True)
     p.add_argument("--sources", default="all")
-    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workers", type=positive_int, default=None)
     p = sub.add_parser("synth", help="write procedural synthetic lessons with verified answers")
     p.add_argument("--out", required=True)
     p.add_argument("--count", type=int, required=True)
@@ -54,24 +69,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=3.0)
     p.add_argument("--heldout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("score", help="print the edu score of each document of a JSONL file")
+    p = sub.add_parser("score", help="print the edu score of each document of a corpus file (JSONL, Parquet, ...)")
     p.add_argument("--head", required=True)
-    p.add_argument("file")
+    p.add_argument("file", help="documents need a 'text'; without an 'id' they are named <file stem>/<file>:<line>, "
+                                "as in `data run`")
 
 
 def run(args: argparse.Namespace) -> int:
     """Build the corpus, run the data pipeline, generate synthetic data, train and apply the edu classifier."""
     cmd = args.data_command
     if cmd == "run":
-        from pocketlm.data.pipeline import PipelineConfig, run as run_pipeline
+        from pocketlm.data.pipeline import PipelineConfig, prepare, run as run_pipeline
 
         cfg = PipelineConfig.from_file(args.config)
         if args.workers is not None:
             cfg.workers = args.workers
         if args.out:
-            cfg.out = args.out
+            cfg.out = os.path.abspath(args.out)
         if args.no_progress:
             cfg.progress = False
+        if args.rebuild:
+            prepare(cfg, rebuild=True)   # delete what changed; the run below then finds the folder consistent
         if args.dask:
             from pocketlm.data.distributed import run_distributed
 
@@ -99,14 +117,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(stats))
         return 0
     if cmd == "teacher":
-        from pocketlm.data.records import read_part
+        from pocketlm.data.readers import read_documents
         from pocketlm.data.teacher import Teacher, items_from
 
         try:
             topics = [t.strip() for t in Path(args.topics).read_text().splitlines() if t.strip()]
         except OSError as e:
             raise DataPipelineError(f"--topics {args.topics}: {e}") from None
-        extracts = [d.text for d in read_part(args.extracts)] if args.extracts else None
+        extracts = [d.text for d in read_documents(args.extracts)] if args.extracts else None
         items = items_from(topics, args.audiences.split(","), args.styles.split(","), extracts, seed=args.seed,
                            n=args.count)
         t = Teacher(args.base_url, args.model, api_key=args.api_key, requests_per_minute=args.rpm, seed=args.seed)
@@ -129,9 +147,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "score":
         from pocketlm.data.edu import EduScorer
-        from pocketlm.data.records import read_part
+        from pocketlm.data.readers import list_files, read_documents
 
-        docs = list(read_part(args.file))
+        list_files(args.file)  # a missing file: DataPipelineError naming it
+        docs = list(read_documents(args.file))
         for d, s in zip(docs, EduScorer(args.head).score([d.text for d in docs])):
             print(f"{s:.2f}\t{d.id}")
         return 0

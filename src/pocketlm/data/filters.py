@@ -12,7 +12,7 @@ Gopher quality: 50 <= words <= 100,000; mean word length in [3, 10]; '#' and '..
 >= 2 of the stop words (the, be, to, of, and, that, have, with).
 Gopher repetition: duplicate lines <= 30% of lines and <= 20% of characters; duplicate paragraphs <= 30% / 20%;
 the most frequent 2/3/4-gram covers <= 20/18/16% of characters; duplicated 5..10-grams cover
-<= 15/14/13/12/11/10% of characters.
+<= 15/14/13/12/11/10% of characters; counted exactly as datatrove counts them (see `GopherRepetition`).
 C4 (line-level, modifies text): drop lines without terminal punctuation, with < 3 words, with a word > 1000
 characters, mentioning javascript or a cookie/privacy/terms policy; remove citation markers like [1]; drop the
 document if it contains "lorem ipsum" or a curly bracket, or if fewer than 5 sentences remain.
@@ -25,11 +25,11 @@ rules with defaults kept 8% of linux-doc's tokens). `C4Lines(unwrap_paragraphs=T
 blank-line-separated paragraph, so the rules judge paragraphs; `filter_curly_bracket=False` keeps documentation
 that shows code. The example corpus configuration uses both.
 
-Deviations: words are split on whitespace and punctuation-only tokens removed (datatrove uses a language-
-specific word tokenizer); no language-identification filter (our corpus is English, fastText lid weights would
-have to be downloaded); C4's sentence count is the number of '. ', '? ', '! ' boundaries (datatrove uses a
-sentence splitter). Code sources should not use C4 or FineWeb rules (curly brackets, short lines): the pipeline
-configures filters per source.
+Deviations: words are split on whitespace (Gopher quality also removes punctuation-only tokens; datatrove uses a
+language-specific word tokenizer, which `GopherRepetition(word_splitter="spacy")` reproduces exactly); no
+language-identification filter (our corpus is English, fastText lid weights would have to be downloaded); C4's
+sentence count is the number of '. ', '? ', '! ' boundaries (datatrove uses a sentence splitter). Code sources
+should not use C4 or FineWeb rules (curly brackets, short lines): the pipeline configures filters per source.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def words_of(text: str) -> list[str]:
 
 
 def _dups(items: list[str]) -> tuple[int, int]:
-    """(number of elements seen before, characters in them)."""
+    """(number of elements seen before, characters in them); first occurrences are not counted."""
     seen, n, chars = set(), 0, 0
     for x in items:
         if x in seen:
@@ -64,29 +64,46 @@ def _dups(items: list[str]) -> tuple[int, int]:
     return n, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    if not grams:
-        return 0
-    gram, count = grams.most_common(1)[0]
-    return len(" ".join(gram)) * count if count > 1 else 0
-
-
 def _dup_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of words covered by n-grams that occur more than once (each word counted once)."""
-    first: dict[tuple[str, ...], int] = {}
-    covered = [False] * len(words)
-    for i in range(len(words) - n + 1):
-        g = tuple(words[i:i + n])
-        if g in first:
-            for j in range(i, i + n):
-                covered[j] = True
-            j0 = first[g]
-            for j in range(j0, j0 + n):
-                covered[j] = True
+    """Characters of repeated n-grams (datatrove's `find_all_duplicate`): scan left to right; an n-gram (words
+    joined without spaces) seen before adds its characters and the scan jumps past it, else it moves one word."""
+    seen: set[str] = set()
+    chars, i = 0, 0
+    while i < len(words) - n + 1:
+        gram = "".join(words[i:i + n])
+        if gram in seen:
+            chars += len(gram)
+            i += n
         else:
-            first[g] = i
-    return sum(len(w) for w, c in zip(words, covered) if c)
+            seen.add(gram)
+            i += 1
+    return chars
+
+
+def _spacy_words(text: str) -> list[str]:
+    """datatrove's English word tokenizer: spaCy's blank English pipeline, tokens stripped, empty ones dropped."""
+    nlp = _SPACY.get("en")
+    if nlp is None:
+        try:
+            import spacy
+        except ImportError:
+            raise DataPipelineError("gopher_repetition word_splitter 'spacy' needs the spacy package "
+                                    "(pip install spacy; no model download)") from None
+        nlp = _SPACY["en"] = spacy.blank("en")
+    nlp.max_length = len(text) + 10
+    try:
+        tokens = [t.text for t in nlp.make_doc(text)]
+    except Exception:  # spaCy fails on the literal string "IS_ALPHA"; datatrove retries without it
+        if "IS_ALPHA" not in text:
+            raise
+        tokens = [t.text for t in nlp.make_doc(text.replace("IS_ALPHA", ""))]
+    return [t.strip() for t in tokens if t.strip()]
+
+
+_SPACY: dict = {}
+_PARAGRAPHS = re.compile(r"\n{2,}")
+_LINES = re.compile(r"\n+")
+WORD_SPLITTERS = {"whitespace": str.split, "spacy": _spacy_words}
 
 
 class Filter:
@@ -145,36 +162,62 @@ class GopherQuality(Filter):
 
 @dataclass
 class GopherRepetition(Filter):
-    dup_line_frac: float = 0.3
-    dup_para_frac: float = 0.3
-    dup_line_char_frac: float = 0.2
-    dup_para_char_frac: float = 0.2
+    """Gopher's repetition rules with datatrove's exact definitions (`GopherRepetitionFilter`, datatrove 0.10).
+
+    Paragraphs: `text.strip()` split on runs of >= 2 newlines; lines: `text` split on runs of newlines (neither is
+    stripped or filtered). Duplicates are the elements seen before (the first occurrence is not counted), and every
+    character fraction divides by `len(text)`. Top n-gram: the most frequent n-gram (joined with spaces) times its
+    count, even when it occurs once, ties going to the first seen. Duplicated n-grams: a left-to-right scan that,
+    on an n-gram (joined without spaces) seen before, counts its characters and jumps n words ahead. A threshold of
+    0 or None disables its rule, as in datatrove. An empty text is rejected ("empty").
+
+    Words (`word_splitter`): "whitespace" (default; `str.split`) or "spacy", the tokenizer datatrove uses for
+    English (`spacy.blank("en")`, tokens stripped, empty ones dropped; needs the `spacy` package, no model
+    download). tests/test_data_filters.py checks both against datatrove's own filter, decisions and ratios.
+    """
+    dup_line_frac: float | None = 0.3
+    dup_para_frac: float | None = 0.3
+    dup_line_char_frac: float | None = 0.2
+    dup_para_char_frac: float | None = 0.2
     top_n_grams: tuple = ((2, 0.2), (3, 0.18), (4, 0.16))
     dup_n_grams: tuple = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+    word_splitter: str = "whitespace"
     name = "gopher_repetition"
 
-    def reject_reason(self, text: str) -> str | None:
-        chars = len(text) or 1
-        paras = [p.strip() for p in re.split(r"\n{2,}", text.strip()) if p.strip()]
-        n, c = _dups(paras)
-        if paras and n / len(paras) > self.dup_para_frac:
-            return "dup_para_frac"
-        if c / chars > self.dup_para_char_frac:
-            return "dup_para_char_frac"
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        n, c = _dups(lines)
-        if lines and n / len(lines) > self.dup_line_frac:
-            return "dup_line_frac"
-        if c / chars > self.dup_line_char_frac:
-            return "dup_line_char_frac"
-        words = text.split()
-        wchars = sum(len(w) for w in words) or 1
+    def __post_init__(self):
+        if self.word_splitter not in WORD_SPLITTERS:
+            raise DataPipelineError(f"gopher_repetition word_splitter {self.word_splitter!r}: use one of "
+                                    f"{sorted(WORD_SPLITTERS)}")
+
+    def _rules(self, text: str):
+        """(rule, ratio, threshold) in datatrove's order, computed lazily so a rejection stops early."""
+        paragraphs = _PARAGRAPHS.split(text.strip())
+        n, chars = _dups(paragraphs)
+        yield "dup_para_frac", n / len(paragraphs), self.dup_para_frac
+        yield "dup_para_char_frac", chars / len(text), self.dup_para_char_frac
+        lines = _LINES.split(text)
+        n, chars = _dups(lines)
+        yield "dup_line_frac", n / len(lines), self.dup_line_frac
+        yield "dup_line_char_frac", chars / len(text), self.dup_line_char_frac
+        words = WORD_SPLITTERS[self.word_splitter](text)
         for k, frac in self.top_n_grams:
-            if _top_ngram_chars(words, k) / wchars > frac:
-                return f"top_{k}_gram"
+            grams = [" ".join(words[i:i + k]) for i in range(len(words) - k + 1)]
+            if grams:
+                gram, count = Counter(grams).most_common(1)[0]
+                yield f"top_{k}_gram", len(gram) * count / len(text), frac
         for k, frac in self.dup_n_grams:
-            if _dup_ngram_chars(words, k) / wchars > frac:
-                return f"duplicated_{k}_n_grams"
+            yield f"duplicated_{k}_n_grams", _dup_ngram_chars(words, k) / len(text), frac
+
+    def ratios(self, text: str) -> dict[str, float]:
+        """Every rule's ratio (for audits and the comparison with datatrove); {} for an empty text."""
+        return {rule: ratio for rule, ratio, _ in self._rules(text)} if text else {}
+
+    def reject_reason(self, text: str) -> str | None:
+        if not text:
+            return "empty"
+        for rule, ratio, threshold in self._rules(text):
+            if threshold and ratio > threshold:
+                return rule
         return None
 
 

@@ -5,7 +5,13 @@ metadata), Parquet (`.parquet`, read in record batches with pyarrow; a `text` co
 (`.txt`, `.md`, `.rst`, `.pod`, `.py`, ...: one file = one document) and HTML (`.html`, `.htm`: main text
 extracted with trafilatura, the extractor FineWeb and datatrove use; boilerplate such as navigation is dropped).
 A document's id is the record's own `id` when it has one, else `<source>/<relative path>[:<line or row>]`, so
-ids do not depend on the machine or the order of a directory listing (folders are walked in sorted order).
+ids do not depend on the machine or the order of a directory listing (folders are walked in sorted order). The
+same rule serves `pocketlm data run` and `pocketlm data score` (whose source name is the file's stem).
+
+Nothing is dropped here: a record without text (a Parquet null) becomes a document with empty text and
+metadata["text_missing"], and an HTML page without main text one with empty text, so that the pipeline's read
+stage can audit them (rejects/read/, reason "read:no_text", "read:no_extracted_text", "read:empty",
+"read:whitespace_only").
 """
 
 from __future__ import annotations
@@ -80,11 +86,12 @@ def read_parquet(path: Path, source: str, rel: str, batch_size: int = 1024) -> I
         for rec in batch.to_pylist():
             row += 1
             text = rec.pop("text")
-            if not isinstance(text, str):
-                continue
             rid = rec.pop("id", None)
             meta = {k: v for k, v in rec.items() if isinstance(v, (str, int, float, bool)) or v is None}
             meta.setdefault("source", source)
+            if not isinstance(text, str):   # a null (or non-string) text: kept as an empty document to be audited
+                meta["text_missing"] = True
+                text = ""
             yield Document(str(rid if rid is not None else f"{source}/{rel}:{row}"), text, meta)
 
 
@@ -126,7 +133,8 @@ def list_files(root: str | os.PathLike) -> list[tuple[Path, str]]:
 
 
 def read_documents(root: str | os.PathLike, source: str | None = None) -> Iterator[Document]:
-    """Every document under `root` (a file or a folder), in a stable order."""
-    source = source or Path(root).name
+    """Every document under `root` (a file or a folder), in a stable order. `source` (default: the file's name
+    without its suffixes, or the folder's name) prefixes the ids of records without an `id`."""
+    source = source or (Path(root).name.split(".")[0] if Path(root).is_file() else Path(root).name)
     for path, rel in list_files(root):
         yield from read_file(path, source, rel)

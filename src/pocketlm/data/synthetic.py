@@ -359,7 +359,7 @@ def make_document(seed: int, index: int, kinds: list[str] | None = None, attempt
 def generate(n: int, seed: int = 0, kinds: list[str] | None = None, *, near_threshold: float = 0.9,
              max_tries: int = 20) -> tuple[list[Document], dict]:
     """n verified, mutually distinct documents, and stats {"redrawn": k, "by_generator": {...}}."""
-    dd = Deduplicator(DedupConfig(threshold=near_threshold, seed=seed + 1))
+    dd = Deduplicator(DedupConfig(threshold=near_threshold))  # the signature seed the pipeline's dedup uses
     docs, redrawn, by_gen = [], 0, {}
     for i in range(n):
         for attempt in range(max_tries):
