@@ -36,3 +36,16 @@ class StaleCacheError(PocketLMError, RuntimeError):
     Keys cached under the short factors are wrong once the sequence grows past
     `original_max_position_embeddings`; the caller must reset the cache and prefill the whole sequence again.
     """
+
+
+class StoreError(PocketLMError, RuntimeError):
+    """The model store (`pocketlm pull/list/show/rm/cp/import/create`) cannot do what was asked: a download
+    failed or did not verify, the disk is too small, the hub cannot be reached, a Modelfile is invalid."""
+
+
+class ModelNotFoundError(StoreError, LookupError):
+    """A model name is not in the store (the message names the command that fetches it) or not a known tag."""
+
+
+class SandboxUnavailable(PocketLMError, RuntimeError):
+    """Generated code cannot run isolated here (no working bubblewrap) and running it unisolated was not allowed."""

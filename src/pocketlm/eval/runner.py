@@ -5,6 +5,10 @@ and standard error (sample std / sqrt(n), lm-eval's `mean_stderr`), the number o
 per-item samples (prompt, per-choice log-likelihoods or the generation, the extracted answer, the scores) so that
 two runs can be compared item by item. Everything is deterministic: shots come from a seeded sampler and
 generation is greedy.
+
+Code tasks run each completion in `sandbox.run_program` (bubblewrap isolation, honest pass/fail verdict). Where
+no isolation works, `evaluate` raises `SandboxUnavailable` before generating anything, unless
+`unsafe_exec=True`; the run's config records which it was (`code_isolation`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Sequence
 from pocketlm.eval import scoring
 from pocketlm.eval.data import EvalDataError
 from pocketlm.eval.prompts import LETTERS, DEFAULT_SEED, FewshotSampler, build_prompt
-from pocketlm.eval.sandbox import run_program
+from pocketlm.eval.sandbox import isolation_problem, require_isolation, run_program
 from pocketlm.eval.tasks import Doc, Task
 
 
@@ -35,8 +39,15 @@ def load_docs(task: Task, data_dir: Path | None, overrides: dict[str, Path] | No
 
 def evaluate(backend, tasks: Sequence[Task], *, data_dir: Path | None = None, overrides=None, limit: int | None = None,
              shots: int | None = None, seed: int = DEFAULT_SEED, fmt: str = "default", chat: bool = False,
-             progress: bool = True, code_timeout: float = 10.0, max_tokens: int | None = None) -> dict:
+             progress: bool = True, code_timeout: float = 10.0, max_tokens: int | None = None,
+             unsafe_exec: bool = False) -> dict:
+    """Score `tasks` on `backend`. `unsafe_exec`: run generated code even where it cannot be isolated."""
     from tqdm import tqdm
+    isolation = None
+    if any(t.kind == "code" for t in tasks):
+        if not unsafe_exec:
+            require_isolation()  # fail before any generation, not after the first completion
+        isolation = "bwrap" if isolation_problem() is None else "none (unsafe_exec)"
     results, samples = {}, {}
     for task in tasks:
         docs, pool = load_docs(task, data_dir, overrides)
@@ -52,7 +63,7 @@ def evaluate(backend, tasks: Sequence[Task], *, data_dir: Path | None = None, ov
         bar = tqdm(docs, desc=task.name, unit="item", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         for doc in bar:
             fs = sampler.sample(n_shots, doc) if pool else []
-            rows.append(score_doc(backend, task, doc, fs, task_fmt, chat, code_timeout, max_tokens))
+            rows.append(score_doc(backend, task, doc, fs, task_fmt, chat, code_timeout, max_tokens, unsafe_exec))
         bar.close()
         metrics = sorted({k for r in rows for k in r["scores"]})
         agg = {}
@@ -67,11 +78,12 @@ def evaluate(backend, tasks: Sequence[Task], *, data_dir: Path | None = None, ov
         samples[task.name] = rows
     return {"results": results, "samples": samples,
             "config": {"backend": getattr(backend, "name", type(backend).__name__), "limit": limit, "shots": shots,
-                       "seed": seed, "format": fmt, "chat": chat, "tasks": [t.name for t in tasks]}}
+                       "seed": seed, "format": fmt, "chat": chat, "tasks": [t.name for t in tasks]}
+            | ({"code_isolation": isolation} if isolation else {})}
 
 
 def score_doc(backend, task: Task, doc: Doc, shots: list[Doc], fmt: str, chat: bool, code_timeout: float,
-              max_tokens: int | None) -> dict:
+              max_tokens: int | None, unsafe_exec: bool = False) -> dict:
     row: dict = {"id": doc.id}
     if fmt == "letter":
         prompt = build_prompt(task, doc, shots, fmt="letter", chat=chat)
@@ -108,9 +120,8 @@ def score_doc(backend, task: Task, doc: Doc, shots: list[Doc], fmt: str, chat: b
     elif task.kind == "code":
         prompt = build_prompt(task, doc, shots, chat=chat)
         text = backend.generate([prompt], stop=() if chat else task.stop, max_tokens=max_tokens or task.max_tokens)[0]
-        build = scoring.humaneval_program if doc.extra["kind"] == "humaneval" else scoring.mbpp_program
-        program = build(doc, text, task.stop)
-        r = run_program(program, timeout=code_timeout)
+        build = scoring.humaneval_parts if doc.extra["kind"] == "humaneval" else scoring.mbpp_parts
+        r = run_program(build(doc, text, task.stop), timeout=code_timeout, unsafe_exec=unsafe_exec)
         row |= {"prompt": prompt, "generation": text, "status": r.status, "stderr_tail": r.stderr[-300:],
                 "scores": {"pass@1": float(r.passed)}}
     else:  # pragma: no cover - the registry checks kinds

