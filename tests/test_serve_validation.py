@@ -137,14 +137,22 @@ TABLE = [
     ("bad-api-key", "POST", "keyed:" + C, chat(), {"Authorization": "Bearer nope"}, 401, "invalid_api_key", None),
     ("bad-api-key-metrics", "GET", "keyed:/metrics", None, {"Authorization": "Bearer nope"}, 401,
      "invalid_api_key", None),
+    ("text-plain-body", "POST", C, json.dumps(chat()).encode(), {"Content-Type": "text/plain"}, 415,
+     "unsupported_media_type", None),
+    ("form-body", "POST", P, b"model=tiny&prompt=hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+     "unsupported_media_type", None),
+    ("foreign-host", "GET", "/v1/models", None, {"Host": "evil.example:8000"}, 403, "host_not_allowed", None),
 ]
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-         405: "invalid_request_error", 413: "invalid_request_error"}
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+         415: "invalid_request_error"}
 
 
 def _send(urls, method, path, body, headers, timeout=30):
     which, _, path = path.rpartition(":") if path.startswith("keyed:") else ("open", "", path)
     url = urls[which] + path
+    if isinstance(body, bytes) or body == "chunked":  # raw bytes are sent as JSON unless the case says otherwise
+        headers = {"Content-Type": "application/json", **headers}
     if body == "chunked":  # no Content-Length: the limit is enforced while reading
         def gen():
             for _ in range(LIMIT // 2**16 + 2):
@@ -237,7 +245,8 @@ def test_random_bodies_never_5xx(servers):
             path, body = base[i % 3]
             for _ in range(rng.randint(1, 3)):
                 body = _mutate(rng, body)
-            r = client.post(servers["open"] + path, content=json.dumps(body))
+            r = client.post(servers["open"] + path, content=json.dumps(body),
+                            headers={"Content-Type": "application/json"})
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             assert r.status_code < 500, f"seed {seed} case {i}: {body!r:.300} -> {r.status_code} {r.text[:300]}"
             if r.status_code != 200:

@@ -12,6 +12,17 @@ Robustness (RELIABILITY.md §3, §6 items 13-17):
   and /health stay open (the page asks for the key). No CORS headers are sent: only same-origin pages may call.
 - Backpressure: past `max_slots` running and `max_queue` waiting sequences, 429 with `Retry-After: 1` (chosen
   over uvicorn's 503 because the openai clients honour Retry-After on 429).
+- Browsers (RELIABILITY.md §3; issue 23): the Host header must name this machine (localhost, a loopback address,
+  the bound address, or `allowed_hosts`), else 403 -- a DNS-rebinding page cannot drive the API; a body POST
+  must be `Content-Type: application/json`, else 415 -- a cross-site `text/plain` or form POST (a CORS "simple
+  request") never runs a generation; every response carries `X-Frame-Options: DENY`,
+  `Content-Security-Policy: frame-ancestors 'none'` (merged into the page's policy) and
+  `X-Content-Type-Options: nosniff`.
+- Connections (GuardedH11Protocol): request headers within `header_timeout` s, the body within `body_timeout`
+  s of its headers, else 408 and the connection closes; idle kept-alive connections close after
+  `keep_alive_timeout` s; past `max_connections` open connections a new one is answered 503 at once. Trickling
+  clients therefore cannot hold file descriptors or slots, and service goes on for the others.
+- A client that disconnects while sending its body is one log line, not a traceback.
 - Disconnects: a streaming response races the body against `http.disconnect` (not `request.is_disconnected`,
   which does not work behind middleware -- vLLM's `with_cancellation`), and a non-streaming request waits on
   the same message next to its result; either way `engine.cancel` frees the slot before the next decode step.
@@ -27,8 +38,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import http
+import ipaddress
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -41,6 +55,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pocketlm.errors import ConfigError
 from pocketlm.serve.batching import Engine, fix_longrope_policy
@@ -63,17 +79,168 @@ class ServerConfig:
     context_length: int | None = None  # default: the model's max_position_embeddings
     chat_format: str | None = None  # default: the model's
     aliases: list[str] = field(default_factory=list)  # more names that reach the same model
+    # Host header names accepted besides localhost and loopback addresses ("*" = any, "*.example.com" = its
+    # subdomains); against DNS rebinding, see HostPolicy
+    allowed_hosts: list[str] = field(default_factory=list)
+    bind_host: str = "127.0.0.1"  # the address served: a specific one is an accepted Host too
+    header_timeout: float = 10.0  # seconds for a request line and headers, else 408
+    body_timeout: float = 60.0  # seconds for a request body after its headers, else 408
+    keep_alive_timeout: float = 5.0  # seconds an idle kept-alive connection stays open
+    max_connections: int | None = None  # open connections; past it 503 (default: default_max_connections())
+    modelfile: dict | None = None  # a store model's Modelfile: its SYSTEM and PARAMETERs fill what requests omit
+
+
+def default_max_connections() -> int:
+    """256, or half the process's open-file limit when that is lower: the cap must bite before accept() fails."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):  # no `resource` (Windows): the usual limits are far above 512
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 256
+    return max(8, min(256, soft // 2))
+
+
+_WILDCARD_BINDS = {"", "0.0.0.0", "::", "*"}
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*\.?")
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def _host_name(value: str) -> str:
+    """The name in a Host header value, lowercased, without port, IPv6 brackets or trailing dot.
+
+    A malformed value comes back whole (with its colon or bracket), so it matches no allowed name.
+    """
+    v = value.strip().lower()
+    if v.startswith("["):  # "[::1]" or "[::1]:8000"
+        end = v.find("]")
+        rest = v[end + 1:]
+        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return v
+        return v[1:end]
+    if v.count(":") == 1:
+        name, _, port = v.partition(":")
+        if port and not port.isdigit():
+            return v
+        v = name
+    return v[:-1] if v.endswith(".") and v.count(":") == 0 else v
+
+
+def _is_loopback(ip) -> bool:
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+class HostPolicy:
+    """Which Host header values the server answers: its defence against DNS rebinding.
+
+    A rebinding page is served from the attacker's name, which later resolves to 127.0.0.1, so the browser sends
+    `Host: evil.example`; answering only names of this machine stops it. Accepted: `localhost`, loopback addresses
+    (127.0.0.0/8, ::1, bracketed, any port), the bound address when it is a specific one, and `allowed` names
+    (exact, `*.example.com` for subdomains, or `*` for anything). Bound to a wildcard address (0.0.0.0, ::), any IP
+    address literal is accepted too: a browser sends an address literal only for a page served from that address,
+    so no rebinding is possible through one, and LAN clients reach the server by address. A request without a Host
+    header (HTTP/1.0) is accepted: browsers always send one.
+    """
+
+    def __init__(self, allowed=(), bind_host: str = "127.0.0.1"):
+        self.any = False
+        self.names: set[str] = set()
+        self.ips: set = set()
+        self.suffixes: list[str] = []
+        for raw in allowed:
+            entry = str(raw).strip().lower()
+            if entry == "*":
+                self.any = True
+                continue
+            ip = _ip(entry.strip("[]"))
+            if ip is not None:
+                self.ips.add(ip)
+            elif _HOST_NAME.fullmatch(entry):
+                if entry.startswith("*."):
+                    self.suffixes.append(entry[1:].rstrip("."))
+                else:
+                    self.names.add(entry.rstrip("."))
+            else:
+                raise ConfigError(f"allowed host {str(raw)[:100]!r} is not a host name, an IP address, "
+                                  "'*.domain' or '*' (give it without scheme, port or path)")
+        bind = bind_host.strip().lower()
+        self.wildcard_bind = bind in _WILDCARD_BINDS
+        if not self.wildcard_bind:
+            ip = _ip(bind.strip("[]"))
+            if ip is not None:
+                self.ips.add(ip)
+            else:
+                self.names.add(bind.rstrip("."))
+
+    def allows(self, value: str | None) -> bool:
+        if self.any or value is None:
+            return True
+        name = _host_name(value)
+        if name == "localhost" or name in self.names or any(name.endswith(s) for s in self.suffixes):
+            return True
+        ip = _ip(name)
+        return ip is not None and (_is_loopback(ip) or ip in self.ips or self.wildcard_bind)
 
 
 def _envelope(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-class _Guard:
-    """Outermost ASGI layer: 413 on a declared oversize body, 401 without the API key, status metrics."""
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# sent with every response: no page may frame this one (clickjacking), no content sniffing
+_SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff")]
+_FRAME_ANCESTORS = b"frame-ancestors 'none'"
 
-    def __init__(self, app, config: ServerConfig, metrics: Metrics):
-        self.app, self.config, self.metrics = app, config, metrics
+
+def _with_security_headers(headers) -> list[tuple[bytes, bytes]]:
+    """`headers` plus _SECURITY_HEADERS and `frame-ancestors 'none'`, merged into a Content-Security-Policy."""
+    out = list(headers)
+    names = {k.lower() for k, _ in out}
+    out += [(k, v) for k, v in _SECURITY_HEADERS if k not in names]
+    csp = [i for i, (k, _) in enumerate(out) if k.lower() == b"content-security-policy"]
+    if not any(b"frame-ancestors" in out[i][1].lower() for i in csp):
+        if csp:
+            k, v = out[csp[0]]
+            out[csp[0]] = (k, v.rstrip(b"; ") + b"; " + _FRAME_ANCESTORS)
+        else:
+            out.append((b"content-security-policy", _FRAME_ANCESTORS))
+    return out
+
+
+# the chat page runs only its own same-origin files: no inline script or style, no plugins, no <base> rewrites
+_PAGE_CSP = "default-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'"
+_STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                 ".txt": "text/plain; charset=utf-8"}
+
+
+def _static_assets() -> dict[str, tuple[bytes, str]]:
+    """name -> (bytes, media type) of serve/static/ files with a known suffix, read once at startup."""
+    out = {}
+    for f in resources.files("pocketlm.serve").joinpath("static").iterdir():
+        suffix = "." + f.name.rsplit(".", 1)[-1]
+        if f.is_file() and suffix in _STATIC_TYPES:
+            out[f.name] = (f.read_bytes(), _STATIC_TYPES[suffix])
+    return out
+
+
+def _is_json(content_type: str | None) -> bool:
+    return content_type is not None and content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+class _Guard:
+    """Outermost ASGI layer: the Host check (403), 413 on a declared oversize body, 401 without the API key,
+    415 on a body that is not JSON, the security headers on every response, status metrics."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics, hosts: HostPolicy):
+        self.app, self.config, self.metrics, self.hosts = app, config, metrics, hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -86,6 +253,7 @@ class _Guard:
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status_seen["status"] = message["status"]
+                message = {**message, "headers": _with_security_headers(message.get("headers", []))}
             await send(message)
 
         err = self._check(scope, path)
@@ -98,7 +266,14 @@ class _Guard:
             self.metrics.request(endpoint, status_seen.get("status", 499))
 
     def _check(self, scope, path: str) -> APIError | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = scope.get("headers", [])
+        for k, v in raw:  # every Host header (a duplicate must not smuggle a second name past the check)
+            if k.lower() == b"host" and not self.hosts.allows(v.decode("latin-1")):
+                host = v.decode("latin-1")[:100]
+                return APIError(403, f"Host {host!r} is not allowed: this server answers to localhost and loopback "
+                                     "addresses (DNS-rebinding protection); to reach it under this name, start it "
+                                     f"with --allowed-host {_host_name(host)}", code="host_not_allowed")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw}
         length = headers.get("content-length")
         if length is not None:
             if not length.strip().isdigit():
@@ -112,7 +287,51 @@ class _Guard:
             if not hmac.compare_digest(given.encode("utf-8", "replace"), self.config.api_key.encode()):
                 return APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                                 code="invalid_api_key")
+        if scope.get("method") in _BODY_METHODS and not _is_json(headers.get("content-type")):
+            given = headers.get("content-type")
+            shown = "no Content-Type" if given is None else f"Content-Type {given[:100]!r}"
+            return APIError(415, f"{shown} is not supported: send the body as JSON with "
+                                 "'Content-Type: application/json'", code="unsupported_media_type")
         return None
+
+
+class _Throttled:
+    """A log call that writes at most one line per `period` seconds; the lines left out are counted in the next."""
+
+    def __init__(self, level: int, period: float = 10.0):
+        self.level, self.period, self.last, self.skipped = level, period, float("-inf"), 0
+
+    def __call__(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < self.period:
+            self.skipped += 1
+            return
+        if self.skipped:
+            msg, args = msg + " (and %d more in the last %g s)", (*args, self.skipped, self.period)
+        log.log(self.level, msg, *args)
+        self.last, self.skipped = now, 0
+
+
+class _OutOfDescriptors:
+    """Event-loop exception handler: asyncio's "socket.accept() out of system resource" (EMFILE, ...) becomes
+    one warning per 10 s instead of a traceback per pending connection (thousands a second under a flood).
+
+    asyncio then stops accepting for a second and tries again, so the server recovers by itself once
+    connections close; anything else goes to the previous handler (or asyncio's default).
+    """
+
+    def __init__(self, previous=None):
+        self.previous = previous
+        self.warn = _Throttled(logging.WARNING)
+
+    def __call__(self, loop, context: dict) -> None:
+        if context.get("message") == "socket.accept() out of system resource":
+            self.warn("cannot accept connections: %s; retrying in 1 s -- lower --max-connections or raise "
+                      "`ulimit -n`", context.get("exception") or "out of system resources")
+        elif self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
 
 class SSEResponse(StreamingResponse):
@@ -148,11 +367,16 @@ class SSEResponse(StreamingResponse):
 
 async def _read_json(request: Request, limit: int):
     size, chunks = 0, []
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"the request body exceeds the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        request.state.body_received = size  # for the one-line log in create_app's handler
+        raise
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)
@@ -180,6 +404,14 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
         raise ConfigError(f"invalid server limits: max_slots {config.max_slots} (>= 1), max_queue "
                           f"{config.max_queue} (>= 0), max_n {config.max_n} (>= 1), max_body_bytes "
                           f"{config.max_body_bytes} (>= 1)")
+    for name in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        if not 0 < getattr(config, name) <= 3600:
+            raise ConfigError(f"{name} {getattr(config, name)} must be in (0, 3600] seconds")
+    if config.max_connections is None:
+        config.max_connections = default_max_connections()
+    if config.max_connections < 1:
+        raise ConfigError(f"max_connections {config.max_connections} must be >= 1")
+    hosts = HostPolicy(config.allowed_hosts, config.bind_host)
     if config.max_n > config.max_slots:
         config.max_n = config.max_slots  # a request must fit the slots at once
     policy = fix_longrope_policy(model, ctx)
@@ -191,15 +423,18 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     chat_format = config.chat_format or model.config.chat_format
     started = int(time.time())
     page = resources.files("pocketlm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    assets = _static_assets()
 
     async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_OutOfDescriptors(loop.get_exception_handler()))
         yield
         engine.shutdown()
 
     app = FastAPI(title="pocketlm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
     app.state.longrope_policy = policy
-    app.add_middleware(_Guard, config=config, metrics=metrics)
+    app.add_middleware(_Guard, config=config, metrics=metrics, hosts=hosts)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -220,6 +455,18 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     async def _validation_error(request, exc):
         return _envelope(APIError(400, f"invalid request: {str(exc)[:300]}"))
 
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request, exc):
+        """The client went away mid-request: one log line (it is not a server error), and nobody to answer."""
+        if not request.scope.get(_TIMED_OUT):  # else GuardedH11Protocol has logged the timeout
+            client = request.client
+            who = f"{client.host}:{client.port}" if client else "a client"
+            got = getattr(request.state, "body_received", None)
+            length = request.headers.get("content-length", "?")
+            log.info("client %s disconnected while sending %s %s%s", who, request.method, request.url.path[:200],
+                     f" ({got} of {length} body bytes received)" if got is not None else "")
+        return Response(status_code=499)
+
     @app.exception_handler(Exception)
     async def _internal(request, exc):
         rid = uuid.uuid4().hex[:12]
@@ -228,8 +475,15 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def index():
-        return HTMLResponse(page, headers={"Content-Security-Policy": "default-src 'self'; script-src 'self' "
-                                           "'unsafe-inline'; style-src 'self' 'unsafe-inline'"})
+        return HTMLResponse(page, headers={"Content-Security-Policy": _PAGE_CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_asset(name: str):
+        """The page's scripts, styles and vendored libraries: only names in `assets` (no paths, no listing)."""
+        if name not in assets:
+            raise APIError(404, f"no static file {name[:100]!r}", code="not_found")
+        body, media_type = assets[name]
+        return Response(body, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     async def health():
@@ -254,6 +508,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
         return model_card(name)
 
     def parse(body, kind):
+        from pocketlm.store.defaults import apply_to_request
+        body = apply_to_request(body, kind, config.modelfile)
         return parse_request(body, kind, tokenizer=tokenizer, model_names=names, limits=limits,
                              vocab_size=model.config.vocab_size, chat_format=chat_format)
 
@@ -446,6 +702,171 @@ async def _sse(req, queue: asyncio.Queue, fmt: _Formatter, engine: Engine):
         engine.cancel(req)  # no-op when finished; frees the slot when the stream was abandoned
 
 
+_TIMED_OUT = "pocketlm.body_timed_out"  # scope key: GuardedH11Protocol cut this request's body off
+_LINGER_S = 1.0  # after a refusal: how long the server reads (and drops) what the client still sends
+_OVER_CAP_LINGER_S = 0.2  # shorter past the connection cap: there, file descriptors are what is scarce
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers; beyond, 400 (h11's own default, stated here)
+
+
+def _raw_response(err: APIError) -> bytes:
+    """`err` as a complete HTTP/1.1 response that closes the connection (written around h11, which is abandoned)."""
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close")] + [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    head = [f"HTTP/1.1 {err.status} {http.HTTPStatus(err.status).phrase}".encode()]
+    head += [k + b": " + v for k, v in _with_security_headers(headers)]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus the timeouts and the connection cap that uvicorn does not have.
+
+    uvicorn only times out idle kept-alive connections, so a client that sends half a request line and stalls
+    (or trickles a byte a second) holds its connection, and its file descriptor, for ever; a few hundred of them
+    exhaust `ulimit -n` and stop the service. Here:
+    - the request line and headers must arrive within `header_timeout` seconds of the connection opening (or of
+      the first byte of the next request on a kept-alive connection), else 408; an idle connection that never
+      sent a byte is just closed;
+    - the body must arrive within `body_timeout` seconds of its headers, else 408, and the app sees a disconnect
+      (its slot is never taken: the body is read before generation starts);
+    - a connection beyond `max_connections` open ones is answered 503 with Retry-After at once.
+    Refusals are the OpenAI error envelope written around h11 (the connection is closing anyway), then a
+    half-close, and what the client still sends is read and dropped for up to _LINGER_S seconds
+    (_OVER_CAP_LINGER_S past the cap), so it reads the answer rather than a connection reset. `settings` is set
+    per server by `protocol_class`.
+    """
+
+    settings = ServerConfig(max_connections=256)
+    over_cap_log = _Throttled(logging.WARNING)  # one per server: a flood of refusals must not flood the log
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._phase: str | None = None  # "head" or "body" while a deadline runs
+        self._head_started = False  # some bytes of the awaited request head have arrived
+        self._refused = False  # an error was written: input is dropped until the connection closes
+        self._linger: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.settings.max_connections:
+            self.connections.discard(self)  # not served: does not count, and shutdown need not wait for it
+            self.over_cap_log("%s: over the cap of %d open connections; answered 503", self._peer(),
+                              self.settings.max_connections)
+            self._refuse(APIError(503, f"the server has {self.settings.max_connections} open connections, its "
+                                       "limit (--max-connections); retry shortly", code="server_overloaded",
+                                  headers={"Retry-After": "1"}), linger=_OVER_CAP_LINGER_S)
+            return
+        self._arm("head")
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._phase is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm("head")  # the first bytes of the next request on a kept-alive connection
+        if self._phase == "head":
+            self._head_started = True
+        before = self.cycle
+        super().data_received(data)
+        self._follow(before)
+
+    def on_response_complete(self) -> None:
+        if self._phase == "body":  # answered before the whole body came (413, 415, ...): no body deadline left
+            self._disarm()
+        before = self.cycle
+        super().on_response_complete()
+        self._follow(before)  # a pipelined request may have started
+        if (self._phase is None and self.cycle is before and self.conn.trailing_data[0]
+                and not self.transport.is_closing()):  # part of a pipelined request head is waiting: time it
+            self._unset_keepalive_if_required()
+            self._arm("head")
+            self._head_started = True
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        if self._linger is not None:
+            self._linger.cancel()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """h11 could not parse the request (or its head is over MAX_HEAD_BYTES): 400 in the OpenAI envelope."""
+        self._refuse(APIError(400, f"{msg} (malformed HTTP, or request headers over {MAX_HEAD_BYTES} bytes)"))
+
+    def _follow(self, before) -> None:
+        """Move the deadline along with the request h11 is reading: head, then body, then none."""
+        cycle = self.cycle
+        if self._refused or cycle is None:
+            return
+        if cycle is not before:  # a request head was parsed
+            self._disarm()
+            if cycle.more_body and not cycle.response_complete:
+                self._arm("body")
+        elif self._phase == "body" and not cycle.more_body:
+            self._disarm()
+
+    def _arm(self, phase: str) -> None:
+        self._disarm()
+        seconds = self.settings.header_timeout if phase == "head" else self.settings.body_timeout
+        self._phase, self._head_started = phase, False
+        self._deadline = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._phase = None, None
+
+    def _expired(self) -> None:
+        phase, started = self._phase, self._head_started
+        self._deadline, self._phase = None, None
+        if self.transport.is_closing():
+            return
+        if phase == "head":
+            if not started:  # nothing of a request arrived: an idle connection, nobody to answer
+                self.transport.close()
+                return
+            seconds = self.settings.header_timeout
+            what = "request headers"
+        else:
+            seconds = self.settings.body_timeout
+            what = "request body"
+            cycle = self.cycle
+            if cycle is not None:  # the app's receive() now returns http.disconnect; its answer is dropped
+                cycle.scope[_TIMED_OUT] = True
+                answered = cycle.response_started
+                cycle.disconnected = True
+                cycle.message_event.set()
+                if answered:
+                    self.transport.close()
+                    return
+        log.info("%s: the %s did not arrive within %g s; answered 408", self._peer(), what, seconds)
+        self._refuse(APIError(408, f"the {what} did not arrive within {seconds:g} s", code="request_timeout"))
+
+    def _refuse(self, err: APIError, linger: float = _LINGER_S) -> None:
+        """Write `err`, half-close, and drop input until the client closes or `linger` seconds pass."""
+        self._refused = True
+        self._disarm()
+        self.transport.write(_raw_response(err))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.resume_reading()  # keep reading (and dropping), so closing sends no reset
+        self._linger = self.loop.call_later(linger, self.transport.close)
+
+    def _peer(self) -> str:
+        return "%s:%d" % self.client if self.client else "a client"
+
+
+def protocol_class(config: ServerConfig) -> type[GuardedH11Protocol]:
+    """GuardedH11Protocol with `config`'s timeouts and connection cap (uvicorn builds one per connection)."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+                {"settings": config, "over_cap_log": _Throttled(logging.WARNING)})
+
+
+def uvicorn_options(config: ServerConfig) -> dict:
+    """The uvicorn.run / uvicorn.Config options that apply `config`'s connection limits."""
+    return {"http": protocol_class(config), "ws": "none", "timeout_keep_alive": config.keep_alive_timeout,
+            "h11_max_incomplete_event_size": MAX_HEAD_BYTES}
+
+
 class BackgroundServer:
     """Run an app under uvicorn in a thread on 127.0.0.1 and a free port (tests, benchmarks).
 
@@ -459,8 +880,9 @@ class BackgroundServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = self.sock.getsockname()[:2]
+        config = getattr(app.state, "config", None) or ServerConfig(max_connections=default_max_connections())
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
-                                                    timeout_graceful_shutdown=2))
+                                                    timeout_graceful_shutdown=2, **uvicorn_options(config)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

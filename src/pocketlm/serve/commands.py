@@ -2,10 +2,17 @@
 
   pocketlm serve [MODEL] [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--max-slots 8] [--max-queue 64]
                        [--context-length N] [--name NAME] [--device cpu|cuda] [--dtype ...]
+                       [--allowed-host NAME ...] [--header-timeout 10] [--body-timeout 60]
+                       [--keep-alive-timeout 5] [--max-connections N]
 
 Endpoints: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, and the chat page at /.
 Binds to 127.0.0.1 unless --host says otherwise. LongRoPE models serve with one factor set, fixed from
 --context-length (long iff it exceeds original_max_position_embeddings).
+
+Browser safety: only requests whose Host header is localhost, a loopback address or the bound address are
+answered (403 otherwise: a DNS-rebinding web page cannot reach the API); --allowed-host adds names. POST bodies
+must be `Content-Type: application/json` (415 otherwise). Slow clients get 408 and connections past
+--max-connections get 503 (app.py, GuardedH11Protocol).
 """
 
 from __future__ import annotations
@@ -42,6 +49,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", default=None, help="chat format name (default: the model's)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is fastest for tiny models on shared cores)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; '*.example.com' for its "
+                        "subdomains; '*' turns the Host check off). By default only localhost, loopback "
+                        "addresses and the --host address are answered (and any IP address when --host is 0.0.0.0 "
+                        "or ::), so a web page cannot reach the server through DNS rebinding; others get 403")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send a request's headers; then 408 and the connection closes "
+                        "(default 10)")
+    p.add_argument("--body-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds a client has to send a request's body after its headers; then 408 (default 60)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds an idle kept-alive connection stays open (default 5)")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="open connections served at once; a connection beyond them gets 503 with Retry-After "
+                        "(default 256, or half the open-file limit `ulimit -n` when that is lower)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -58,7 +80,7 @@ def run(args) -> int:
     import uvicorn
 
     from pocketlm.api import load
-    from pocketlm.serve.app import ServerConfig, create_app
+    from pocketlm.serve.app import HostPolicy, ServerConfig, create_app, uvicorn_options
     from pocketlm.tokenizer import Tokenizer
 
     if args.threads is not None:
@@ -71,6 +93,13 @@ def run(args) -> int:
             raise ConfigError(f"{name} {v} must be >= {lo}")
     if not 0 < args.max_body_mb <= 1024:
         raise ConfigError(f"--max-body-mb {args.max_body_mb} must be in (0, 1024]")
+    for name in ("--header-timeout", "--body-timeout", "--keep-alive-timeout"):
+        v = getattr(args, name[2:].replace("-", "_"))
+        if not 0 < v <= 3600:
+            raise ConfigError(f"{name} {v} must be in (0, 3600] seconds")
+    if args.max_connections is not None and args.max_connections < 1:
+        raise ConfigError(f"--max-connections {args.max_connections} must be >= 1")
+    hosts = HostPolicy(args.allowed_host, args.host)  # a bad --allowed-host fails before the model loads
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
     except ValueError:
@@ -78,6 +107,9 @@ def run(args) -> int:
     if not loopback and not args.api_key:
         print(f"pocketlm serve: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "address can use the model", file=sys.stderr)
+    if hosts.any:
+        print("pocketlm serve: warning: --allowed-host '*' turns the Host check off: a web page can reach this "
+              "server through DNS rebinding", file=sys.stderr)
     if args.model is None:  # the embedded default model, in float32 unless --dtype says otherwise
         from pocketlm.api import default_model_path
         args.model = str(default_model_path())
@@ -98,12 +130,16 @@ def run(args) -> int:
     config = ServerConfig(model_name=args.name or _model_name(args.model), api_key=args.api_key,
                           max_slots=args.max_slots, max_queue=args.max_queue, max_n=args.max_n,
                           max_body_bytes=int(args.max_body_mb * 2**20), context_length=args.context_length,
-                          chat_format=args.chat_format)
+                          chat_format=args.chat_format, allowed_hosts=list(args.allowed_host), bind_host=args.host,
+                          header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                          keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+                          modelfile=getattr(args, "modelfile", None))
     torch.set_grad_enabled(False)
     app = create_app(model, tok, config)
     print(f"pocketlm serve: {config.model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1; "
           f"{args.max_slots} slots, context {config.context_length or model.config.max_position_embeddings}"
           + (f", LongRoPE policy {app.state.longrope_policy}" if app.state.longrope_policy else "") + ")",
           file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                **uvicorn_options(config))
     return 0
