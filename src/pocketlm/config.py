@@ -18,6 +18,24 @@ from pocketlm.errors import ConfigError
 
 ROPE_POLICIES = ("dynamic", "long", "short")
 
+# Upper bounds on every size field. They are far above any published checkpoint (largest public figures: ~256k
+# vocabulary rows, hidden 16-25k, ~130 layers, FFN ~53k, 128 query heads, 10M positions) and exist so that a
+# hostile or corrupt config.json / GGUF header cannot make pocketlm compute or allocate anything huge before the
+# weight files are checked against it (a `block_count` of 10**12 used to allocate until MemoryError).
+SIZE_LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 22,
+    "hidden_size": 1 << 16,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 1 << 12,
+    "num_attention_heads": 1 << 12,
+    "num_key_value_heads": 1 << 12,
+    "max_position_embeddings": 1 << 24,
+    "original_max_position_embeddings": 1 << 24,
+}
+MAX_PARAMETERS = 1 << 42  # ~4.4 trillion: the parameter count a config may imply
+MAX_WINDOW = 1 << 32  # sliding_window / window_keys (the 128k configs write 262144)
+MAX_CONFIG_JSON_BYTES = 1 << 20  # a real Phi-3 config.json is ~4 KB, even with 48 LongRoPE factors per set
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -65,37 +83,55 @@ class Phi3Config:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings")
-        for key in positive:
+        for key, limit in SIZE_LIMITS.items():
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise ConfigError(f"{key} = {value} exceeds the limit of {limit}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                               f"{self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_key_value_heads}")
-        if not 0.0 < self.partial_rotary_factor <= 1.0 or self.rotary_dim % 2:
-            raise ConfigError(f"partial_rotary_factor {self.partial_rotary_factor} gives an odd or empty rotary "
+        if self.num_parameters() > MAX_PARAMETERS:
+            raise ConfigError(f"the sizes imply {self.num_parameters():,} parameters, more than the limit of "
+                              f"{MAX_PARAMETERS:,} (hidden_size {self.hidden_size}, intermediate_size "
+                              f"{self.intermediate_size}, num_hidden_layers {self.num_hidden_layers}, "
+                              f"vocab_size {self.vocab_size})")
+        partial = self.partial_rotary_factor
+        if isinstance(partial, bool) or not isinstance(partial, (int, float)) or not 0.0 < partial <= 1.0:
+            raise ConfigError(f"partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+        if self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ConfigError(f"partial_rotary_factor {partial} gives an odd or empty rotary "
                               f"dimension {self.rotary_dim} for head_dim {self.head_dim}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta!r}")
-        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
-            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ConfigError(f"sliding_window must be a positive integer or null, got {self.sliding_window!r}")
-        if self.window_keys is not None and self.window_keys <= 0:
-            raise ConfigError(f"window_keys must be a positive integer or None, got {self.window_keys!r}")
+        for key in ("rope_theta", "rms_norm_eps"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{key} must be a positive number, got {value!r}")
+        for key in ("sliding_window", "window_keys"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 < value <= MAX_WINDOW):
+                raise ConfigError(f"{key} must be a positive integer up to {MAX_WINDOW} or null, got {value!r}")
+        if not (isinstance(self.initializer_range, (int, float)) and math.isfinite(self.initializer_range)
+                and self.initializer_range >= 0):
+            raise ConfigError(f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")
         if self.longrope_policy not in ROPE_POLICIES:
             raise ConfigError(f"longrope_policy {self.longrope_policy!r} is not one of {ROPE_POLICIES}")
         if self.torch_dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"torch_dtype {self.torch_dtype!r} is not one of float32, float16, bfloat16")
         for key in ("bos_token_id", "pad_token_id"):
             value = getattr(self, key)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ConfigError(f"{key} {value} is outside the vocabulary [0, {self.vocab_size})")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or not 0 <= value < self.vocab_size):
+                raise ConfigError(f"{key} {value!r} is outside the vocabulary [0, {self.vocab_size})")
+        eos = self.eos_token_id
+        eos_ids = eos if isinstance(eos, tuple) else () if eos is None else (eos,)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 31 for i in eos_ids):
+            raise ConfigError(f"eos_token_id must be a token id or a list of token ids, got {eos!r}")
         rs = self.rope_scaling
         if rs is not None:
             n = self.rotary_dim // 2
@@ -166,7 +202,17 @@ class Phi3Config:
                 raise ConfigError(f"{source}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
             return value
 
+        def number(key: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{source}: {key} is an integer of {len(str(value))} digits, too large") from None
+
         heads = get("num_attention_heads", int, 32)
+        kv_heads = d.get("num_key_value_heads")  # null or absent: multi-head attention, as transformers reads it
+        kv_heads = heads if kv_heads is None else get("num_key_value_heads", int, heads)
         rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
         scaling = d.get("rope_scaling") or rope_params or None
         theta = d.get("rope_theta", rope_params.get("rope_theta", 10000.0))
@@ -174,6 +220,8 @@ class Phi3Config:
         if isinstance(scaling, dict) and scaling.get("original_max_position_embeddings") is not None:
             original = original or scaling["original_max_position_embeddings"]
         max_pos = get("max_position_embeddings", int, 4096)
+        if original is not None and (isinstance(original, bool) or not isinstance(original, int)):
+            raise ConfigError(f"{source}: original_max_position_embeddings must be int, got {original!r}")
         eos = d.get("eos_token_id", 32000)
         if isinstance(eos, list):
             eos = tuple(eos)
@@ -186,12 +234,12 @@ class Phi3Config:
                 intermediate_size=get("intermediate_size", int, 8192),
                 num_hidden_layers=get("num_hidden_layers", int, 32),
                 num_attention_heads=heads,
-                num_key_value_heads=get("num_key_value_heads", int, heads) or heads,
+                num_key_value_heads=kv_heads,
                 max_position_embeddings=max_pos,
-                original_max_position_embeddings=int(original or max_pos),
-                rope_theta=float(theta),
+                original_max_position_embeddings=original or max_pos,
+                rope_theta=number("rope_theta", theta),
                 rope_scaling=_parse_rope_scaling(scaling, source),
-                partial_rotary_factor=float(partial),
+                partial_rotary_factor=number("partial_rotary_factor", partial),
                 sliding_window=get("sliding_window", int, None),
                 rms_norm_eps=float(get("rms_norm_eps", (int, float), 1e-5)),
                 tie_word_embeddings=get("tie_word_embeddings", bool, False),
@@ -202,15 +250,19 @@ class Phi3Config:
                 torch_dtype=str(dtype),
                 name=d.get("_name_or_path") if isinstance(d.get("_name_or_path"), str) else None,
             )
-        except (TypeError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(str(e) if str(e).startswith(f"{source}: ") else f"{source}: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> Phi3Config:
         path = Path(path)
         try:
+            size = path.stat().st_size
+            if size > MAX_CONFIG_JSON_BYTES:
+                raise ConfigError(f"{path}: config.json is {size} bytes, more than the limit of "
+                                  f"{MAX_CONFIG_JSON_BYTES}")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"{path}: config.json not found") from None
@@ -220,6 +272,10 @@ class Phi3Config:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid JSON: nested too deeply") from None
+        except ValueError as e:  # e.g. an integer literal longer than Python's 4300-digit conversion limit
+            raise ConfigError(f"{path}: invalid JSON: {e}") from None
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -291,6 +347,9 @@ def _parse_rope_scaling(scaling: Any, source: str) -> RopeScaling | None:
     factors = {}
     for key in ("short_factor", "long_factor"):
         value = scaling.get(key)
+        if isinstance(value, list) and len(value) > SIZE_LIMITS["hidden_size"] // 2:
+            raise ConfigError(f"{source}: rope_scaling.{key} has {len(value)} entries, more than any head "
+                              f"dimension allows ({SIZE_LIMITS['hidden_size'] // 2})")
         if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                   for x in value):
             raise ConfigError(f"{source}: rope_scaling.{key} must be a list of numbers, got {value!r}")

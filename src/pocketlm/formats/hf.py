@@ -2,13 +2,15 @@
 `model.safetensors.index.json`), optionally with the tokenizer files beside them.
 
 The one name/shape table lives here (`expected_shapes`); pocketlm's module names are the checkpoint's names
-(phi3-spec §2.1), so no renaming happens. Loading builds the model on the meta device and fills it one tensor
-at a time from memory-mapped files, so it never needs twice the model's memory.
+(phi3-spec §2.1), so no renaming happens. Loading first checks config.json against the safetensors headers
+(`check_files_match`: layers, embedding shape, every tensor's shape), then builds the model on the meta device and
+fills it one tensor at a time from memory-mapped files, so it never needs twice the model's memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch
 
 from pocketlm.config import Phi3Config
 from pocketlm.errors import WeightFormatError
+from pocketlm.formats.gguf_model import index_spans
 from pocketlm.formats.safetensors_io import CheckpointReader, write_checkpoint
 from pocketlm.model import Phi3ForCausalLM
 
@@ -95,25 +98,8 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         config = Phi3Config.from_json_file(folder / "config.json")
         config = config.replace(chat_format=chat_format_of(folder, default=config.chat_format))
     dtype = resolve_dtype(dtype, config)
-    expected = expected_shapes(config)
     with CheckpointReader(path) as reader:
-        names = set(reader.keys())
-        missing = sorted(set(expected) - names)
-        extra = sorted(names - set(expected))
-        if config.tie_word_embeddings and "lm_head.weight" in extra:
-            extra.remove("lm_head.weight")  # some exporters store the tied head too: accepted if identical shape
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} tensors: {_preview(missing)}")
-        if extra:
-            problems.append(f"unexpected {len(extra)} tensors: {_preview(extra)}")
-        bad = [f"{n} has shape {tuple(reader.shape(n))}, expected {s}"
-               for n, s in expected.items() if n in names and tuple(reader.shape(n)) != s]
-        problems += bad[:8]
-        if problems:
-            raise WeightFormatError(f"{path}: checkpoint does not match config.json "
-                                    f"({config.num_hidden_layers} layers, hidden {config.hidden_size}): "
-                                    + "; ".join(problems))
+        expected = check_files_match(config, reader, path)  # before the model is allocated
         for n in expected:
             if not reader.dtype(n).is_floating_point:
                 raise WeightFormatError(f"{path}: tensor {n} has dtype {reader.dtype(n)}; weights must be "
@@ -124,6 +110,53 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
             for n in expected:
                 params[n].copy_(reader.get(n))  # one tensor in memory at a time; copy_ converts the dtype
     return model
+
+
+def check_files_match(config: Phi3Config, reader: CheckpointReader, where: str | os.PathLike) -> dict[str, tuple]:
+    """Check a config against the tensors the safetensors headers declare, before anything is allocated: the
+    layers present must be exactly 0..num_hidden_layers-1, `embed_tokens` must be (vocab_size, hidden_size), and
+    every tensor of `expected_shapes(config)` must be there with its shape (so the parameter count the config
+    implies never exceeds what the files hold). The config's own sizes are bounded by `Phi3Config`, so building
+    the expected-name table is cheap. Raises one WeightFormatError naming the mismatched config keys and values.
+
+    Returns: `expected_shapes(config)`.
+    """
+    names = set(reader.keys())
+    facts = []
+    layers = set()
+    for n in names:
+        parts = n.split(".")
+        if len(parts) > 3 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+            layers.add(int(parts[2]))
+    if layers != set(range(config.num_hidden_layers)):
+        facts.append(f"num_hidden_layers = {config.num_hidden_layers}, but the files hold layers "
+                     f"{index_spans(layers)}")
+    emb = "model.embed_tokens.weight"
+    if emb in names and tuple(reader.shape(emb)) != (config.vocab_size, config.hidden_size):
+        facts.append(f"vocab_size = {config.vocab_size} and hidden_size = {config.hidden_size}, but {emb} has "
+                     f"shape {tuple(reader.shape(emb))}")
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - names)
+    extra = sorted(names - set(expected))
+    if config.tie_word_embeddings and "lm_head.weight" in extra:
+        extra.remove("lm_head.weight")  # some exporters store the tied head too: accepted if identical shape
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors: {_preview(missing)}")
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensors: {_preview(extra)}")
+    bad = [f"{n} has shape {tuple(reader.shape(n))}, expected {s}"
+           for n, s in expected.items() if n in names and tuple(reader.shape(n)) != s]
+    problems += bad[:8]
+    if facts or problems:
+        implied = config.num_parameters()
+        held = sum(math.prod(reader.shape(n)) for n in names)
+        if implied > held:
+            facts.append(f"the config implies {implied:,} parameters, the files hold {held:,}")
+        raise WeightFormatError(f"{where}: checkpoint does not match config.json "
+                                f"({config.num_hidden_layers} layers, hidden {config.hidden_size}): "
+                                + "; ".join(facts + problems))
+    return expected
 
 
 def save_checkpoint(model: Phi3ForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | str | None = None,

@@ -77,19 +77,17 @@ def _llama_config(g: GGUFFile) -> Phi3Config:
     scaling = g.metadata_get("llama.rope.scaling.type", "string", "none")
     if scaling not in ("none", "") or "rope_freqs.weight" in g.tensors:
         raise WeightFormatError(f"{g.path}: llama RoPE scaling {scaling!r} (or rope_freqs) is not supported")
-    if "token_embd.weight" not in g.tensors:
-        raise WeightFormatError(f"{g.path}: tensor 'token_embd.weight' is missing")
-    vocab, hidden = g.tensors["token_embd.weight"].shape
-    heads = int(meta("attention.head_count", UINT))
-    ctx = int(meta("context_length", UINT))
+    sizes = gguf_model.check_layout(g, "llama")  # sizes against the tensors, before anything is read or built
+    vocab, hidden, heads, ctx = (sizes[k] for k in ("vocab", "embedding_length", "attention.head_count",
+                                                    "context_length"))
     bos = g.metadata_get("tokenizer.ggml.bos_token_id", UINT, None)
     eos = g.metadata_get("tokenizer.ggml.eos_token_id", UINT, None)
     pad = g.metadata_get("tokenizer.ggml.padding_token_id", UINT, None)
     try:
         config = Phi3Config(
-            vocab_size=vocab, hidden_size=int(meta("embedding_length", UINT)),
-            intermediate_size=int(meta("feed_forward_length", UINT)), num_hidden_layers=int(meta("block_count", UINT)),
-            num_attention_heads=heads, num_key_value_heads=int(meta("attention.head_count_kv", UINT, heads)),
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=sizes["feed_forward_length"],
+            num_hidden_layers=sizes["block_count"], num_attention_heads=heads,
+            num_key_value_heads=sizes["attention.head_count_kv"],
             max_position_embeddings=ctx, original_max_position_embeddings=ctx,
             rope_theta=float(meta("rope.freq_base", FLOAT, 10000.0)),
             rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", FLOAT)),
@@ -101,13 +99,9 @@ def _llama_config(g: GGUFFile) -> Phi3Config:
             chat_format=_llama_chat_format(g))
     except ConfigError as e:
         raise WeightFormatError(f"{g.path}: metadata describes an invalid model: {e}") from None
-    if config.hidden_size != hidden:
-        raise WeightFormatError(f"{g.path}: token_embd has {hidden} columns, embedding_length is "
-                                f"{config.hidden_size}")
-    key_len = int(meta("attention.key_length", UINT, config.head_dim))
-    rot = int(meta("rope.dimension_count", UINT, config.head_dim))
-    if key_len != config.head_dim or rot != config.head_dim:
-        raise WeightFormatError(f"{g.path}: head size {key_len} / rotary dims {rot} differ from "
+    rot = sizes["rope.dimension_count"]  # the head size (attention.key_length) was checked by check_layout
+    if rot != config.head_dim:
+        raise WeightFormatError(f"{g.path}: llama.rope.dimension_count = {rot} differs from "
                                 f"embedding_length / head_count = {config.head_dim}; not supported")
     return config
 
