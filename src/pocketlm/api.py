@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -13,19 +14,22 @@ from pocketlm.formats import hf
 from pocketlm.model import Phi3ForCausalLM
 
 
-def load(path_or_preset: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
          device: str | torch.device = "cpu", seed: int = 0) -> Phi3ForCausalLM:
     """Load a model.
 
     Args:
-        path_or_preset: a checkpoint folder in the official layout (or written by `pocketlm quantize`), a
+        path_or_preset: None (the default): the embedded default model (`default_model_path()`, computed in
+            float32 unless `dtype` says otherwise, as `pocketlm run` does); a checkpoint folder in the official layout (or written by `pocketlm quantize`), a
             `.safetensors` file with `config.json` beside it, a `.gguf` file (phi3 or llama architecture,
-            float or quantized tensors), or a preset name (see `pocketlm.config.PRESETS`), which builds a randomly initialised
-            model with that exact structure.
+            float or quantized tensors), a preset name (see `pocketlm.config.PRESETS`), which builds a randomly
+            initialised model with that exact structure, or the name of a model in the store (`pocketlm list`).
         dtype: float32, float16 or bfloat16; default: the checkpoint's `torch_dtype` (the preset's for presets).
         device: where the weights live.
         seed: the random seed for presets.
     """
+    if path_or_preset is None:
+        return load(default_model_path(), dtype=dtype if dtype is not None else "float32", device=device)
     spec = os.fspath(path_or_preset)
     path = Path(spec)
     if path.exists():
@@ -44,14 +48,84 @@ def load(path_or_preset: str | os.PathLike, *, dtype: torch.dtype | str | None =
         config = preset(spec)
         model = hf.empty_model(config, hf.resolve_dtype(dtype, config), device)
         return hf.init_weights(model, seed)
+    from pocketlm.errors import ModelNotFoundError
+    from pocketlm.store import resolve  # a name in the model store (phi3:mini, a `pocketlm create`d model)
+    try:
+        entry = resolve(spec)
+    except ModelNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if entry is not None:
+        return load(entry.weights, dtype=dtype, device=device, seed=seed)
     raise ConfigError(f"{spec!r} is neither an existing path nor a preset; presets: {sorted(PRESETS)}")
+
+
+_WARNED_PRESETS: set[str] = set()
+
+
+def warn_random_weights(name: str) -> None:
+    """Say once per process (on stderr) that a preset is a structure with random weights, not a trained model:
+    its text is noise, and a checkpoint written from it holds random numbers. The CLI calls this for the verbs
+    that use a model's weights (run, chat, serve, eval, convert, quantize); training from a preset, which starts
+    from random weights on purpose, does not."""
+    if name in _WARNED_PRESETS:
+        return
+    _WARNED_PRESETS.add(name)
+    print(f"pocketlm: warning: {name!r} is a preset: the {name} structure with RANDOM weights (not a trained "
+          "model); its output is noise. Name a checkpoint folder or .gguf file for real weights, or omit MODEL for "
+          "the embedded default model.", file=sys.stderr)
+
+
+# The one name of the embedded default model wherever a name is shown: chat's banner, serve's model id, eval's
+# chart (its config.json `_name_or_path`), the folder itself.
+DEFAULT_MODEL_NAME = "default-model"
 
 
 def default_model_path() -> Path:
     """The embedded default model: `pocketlm/assets/default-model/` (official layout, bf16, made by
     `pocketlm recipe nano`; see its MODEL_CARD.md). Raises ConfigError when it is not installed."""
-    folder = Path(__file__).resolve().parent / "assets" / "default-model"
+    folder = Path(__file__).resolve().parent / "assets" / DEFAULT_MODEL_NAME
     if not (folder / "config.json").is_file():
         raise ConfigError(f"the default model is not installed ({folder} has no config.json); name a model, or "
                           "make one with `pocketlm recipe nano --export-model " + str(folder) + "`")
     return folder
+
+
+_GGUF_FLOAT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def gguf_checkpoint_dtype(path: str | os.PathLike) -> tuple[str, bool]:
+    """(the dtype a GGUF file's weight matrices are stored in, whether any of them is quantized).
+
+    The matrices decide (llama.cpp keeps the 1-D norms in F32 whatever the file type): all F16 -> float16, all
+    BF16 -> bfloat16; anything else, and quantized files, float32: a quantized block's values (an f16 scale
+    times a small integer) are exact in float32, not in float16 or bfloat16."""
+    from pocketlm.formats.gguf import GGML_TYPES, GGUFFile
+    with GGUFFile(path) as g:
+        types = {GGML_TYPES[t.ggml_type].name for t in g.tensors.values() if len(t.shape) >= 2}
+    quantized = bool(types - set(_GGUF_FLOAT_DTYPES))
+    if not quantized and len(types) == 1:
+        return _GGUF_FLOAT_DTYPES[types.pop()], False
+    return "float32", quantized
+
+
+def load_for_conversion(path_or_preset: str | os.PathLike, *, dtype: str | None = None) -> tuple[Phi3ForCausalLM, str]:
+    """The model `pocketlm convert` writes, and the dtype to write it in: `dtype`, else the checkpoint's own.
+
+    Every weight is a plain float tensor: a quantized GGUF is dequantized (to float32 unless `dtype` says
+    otherwise), so that the official layout can hold it. Loading happens before anything is written."""
+    spec = os.fspath(path_or_preset)
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        from pocketlm.quant.gguf_import import load_gguf
+        own, quantized = gguf_checkpoint_dtype(path)
+        target = dtype or own
+        if quantized:
+            print(f"pocketlm: {path.name} is quantized; its weights are dequantized to {target}", file=sys.stderr)
+        return load_gguf(path, dtype=target, dequantize=True), target
+    model = load(spec, dtype=dtype)
+    from pocketlm.quant.linear import QuantizedEmbedding, QuantizedLinear
+    if any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules()):
+        raise WeightFormatError(f"{spec}: a quantized checkpoint; `pocketlm convert` writes float weights only "
+                                "(convert the GGUF file instead, or the float checkpoint it was made from)")
+    own = {v: k for k, v in hf.DTYPES.items()}.get(next(model.parameters()).dtype, "float32")
+    return model, dtype or own

@@ -2,7 +2,8 @@
 
 MODEL, wherever it appears, is a checkpoint folder (official Hugging Face layout), a weight file
 (`.safetensors` with `config.json` beside it, or `.gguf`), or a preset name (a randomly initialised model with
-that exact structure, see `pocketlm info --presets`).
+that exact structure, see `pocketlm info --presets`), or the name of a model in the store (`pocketlm pull phi3:mini`,
+`pocketlm list`; see pocketlm/store/).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def _sampling(args) -> dict:
 def _use_default_model(args) -> None:
     """MODEL omitted: the embedded default model, computed in float32 unless --dtype says otherwise."""
     if args.model is None:
-        from pocketlm.api import default_model_path
+        from pocketlm.api import DEFAULT_MODEL_NAME, default_model_path
         args.model = str(default_model_path())
+        args.store_name = getattr(args, "store_name", None) or DEFAULT_MODEL_NAME  # the name chat shows
         if args.dtype is None:
             args.dtype = "float32"
 
@@ -138,6 +140,7 @@ def cmd_run(args) -> int:
     tok = _tokenizer_for(args, model)
     prompt = args.prompt if args.raw else [{"role": "system", "content": args.system}] * bool(args.system) + [
         {"role": "user", "content": args.prompt}]
+    _fit_num_ctx(args, tok, prompt, model)
     result = _stream_to_stdout(model, tok, prompt, args)
     if args.verbose:
         _print_stats(result)
@@ -145,34 +148,25 @@ def cmd_run(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Interactive multi-turn chat. /reset clears the conversation, /exit (or Ctrl-D) quits."""
+    """Interactive chat as in `ollama run`: triple quotes for multi-line, /set system, /set parameter, /show, /save,
+    /load, /clear, /bye (or Ctrl-D); Ctrl-C stops a reply. /? lists the commands."""
+    from pocketlm.chat_repl import ChatREPL
     model = _load(args)
     tok = _tokenizer_for(args, model)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    interactive = sys.stdin.isatty()
-    print(f"pocketlm chat: {model.config.name or args.model} ({_chat_format(args, model)}); "
-          "/reset to start over, /exit to quit", file=sys.stderr)
-    while True:
-        if interactive:
-            print(">>> ", end="", flush=True, file=sys.stderr)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.rstrip("\n")
-        if text.strip() in ("/exit", "/quit", "/bye"):
-            break
-        if text.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if not text.strip():
-            continue
-        messages.append({"role": "user", "content": text})
-        result = _stream_to_stdout(model, tok, messages, args)
-        messages.append({"role": "assistant", "content": result.text})
-        print(f"[{result.completion_tokens} tokens at {result.decode_tokens_per_s:.1f} tokens/s; prompt "
-              f"{result.prompt_tokens} tokens at {result.prompt_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
-    return 0
+    return ChatREPL(model, tok, args).run()
+
+
+def _fit_num_ctx(args, tok, prompt, model) -> None:
+    """A Modelfile's num_ctx: the prompt and the reply must fit in num_ctx tokens (max_tokens is cut to fit)."""
+    num_ctx = getattr(args, "num_ctx", None)
+    if not num_ctx:
+        return
+    from pocketlm.engine.generate import encode_prompt
+    from pocketlm.errors import GenerationError
+    n = len(encode_prompt(tok, prompt, chat_format=None if args.raw else _chat_format(args, model))[0])
+    if n >= num_ctx:
+        raise GenerationError(f"the prompt takes {n} tokens but the model's num_ctx is {num_ctx}")
+    args.max_tokens = min(args.max_tokens, num_ctx - n)
 
 
 def _describe(config, *, source: str, file_info: dict | None = None) -> dict:
@@ -273,9 +267,10 @@ def cmd_convert(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise PocketLMError(f"{out} exists and is not empty; pass --force to write into it")
     t = time.perf_counter()
-    model = _load(args)
+    from pocketlm.api import load_for_conversion  # a quantized GGUF is dequantized; loaded before any write
+    model, dtype = load_for_conversion(args.model, dtype=args.dtype)
     tok = _tokenizer_for(args, model)
-    save_checkpoint(model, out, dtype=args.dtype, max_shard_bytes=_parse_size(args.max_shard_size),
+    save_checkpoint(model, out, dtype=dtype, max_shard_bytes=_parse_size(args.max_shard_size),
                     tokenizer=tok)
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out} ({', '.join(files)}) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -351,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
 
+    from pocketlm.store.commands import register as register_store_verbs  # pull, list, show, rm, cp, import, create
+    for verb, function in register_store_verbs(sub).items():
+        COMMANDS.setdefault(verb, function)
+
     for verb, module_name in STAGE_COMMANDS.items():
         try:
             module = importlib.import_module(module_name)
@@ -370,9 +369,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# verbs whose MODEL may be a store name; the store entry's Modelfile defaults apply to run, chat and serve
+_MODEL_VERBS = ("run", "chat", "serve", "eval", "info", "convert", "quantize")
+# Modelfile PARAMETER -> (argument dest, its flag)
+_MODELFILE_ARGS = {"temperature": ("temperature", "--temperature"), "top_p": ("top_p", "--top-p"),
+                   "top_k": ("top_k", "--top-k"), "min_p": ("min_p", "--min-p"),
+                   "repeat_penalty": ("repetition_penalty", "--repetition-penalty"), "seed": ("seed", "--seed"),
+                   "num_predict": ("max_tokens", "--max-tokens"), "stop": ("stop", "--stop")}
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    """True when the command line sets `flag` (also as --flag=VALUE or an abbreviation argparse accepts)."""
+    for a in argv:
+        tok = a.split("=", 1)[0]
+        if len(tok) > 3 and tok.startswith("--") and flag.startswith(tok):
+            return True
+    return False
+
+
+def resolve_store_model(args, argv: list[str]) -> None:
+    """MODEL given as a store name (phi3:mini, a `pocketlm create`d model, ...): point args.model at its weights
+    and apply its Modelfile defaults where the command line did not set them. Anything else is left to the
+    loader; a name that is not in the store raises ModelNotFoundError with the command that fetches it."""
+    spec = getattr(args, "model", None)
+    if args.command not in _MODEL_VERBS or spec is None:
+        return
+    if args.command == "eval" and (getattr(args, "endpoint", None) or spec in ("tasks", "contamination")):
+        return
+    from pocketlm.store import resolve
+    entry = resolve(spec)
+    if entry is None:
+        return
+    args.model = str(entry.weights)
+    args.store_name = entry.name
+    mf = entry.modelfile
+    if args.command == "serve":
+        if getattr(args, "name", None) is None:
+            args.name = entry.name  # clients send the store name, not the folder's
+        args.modelfile = mf  # the server fills what each request leaves out (pocketlm.store.defaults)
+    if args.command not in ("run", "chat", "serve"):
+        return
+    for key, value in (mf.get("parameters") or {}).items():
+        dest, flag = _MODELFILE_ARGS.get(key, (None, None))
+        if dest is not None and hasattr(args, dest) and not _given(argv, flag):
+            setattr(args, dest, list(value) if isinstance(value, list) else value)
+    num_ctx = (mf.get("parameters") or {}).get("num_ctx")
+    if num_ctx is not None:
+        if hasattr(args, "context_length"):  # serve
+            if not _given(argv, "--context-length"):
+                args.context_length = num_ctx
+        else:
+            args.num_ctx = num_ctx
+    if mf.get("system") is not None and hasattr(args, "system") and args.system is None:
+        args.system = mf["system"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        resolve_store_model(args, list(sys.argv[1:] if argv is None else argv))
+        if args.command in _MODEL_VERBS and args.command != "info" and not Path(str(getattr(args, "model", ""))).exists():
+            from pocketlm.config import PRESETS
+            if getattr(args, "model", None) in PRESETS:  # a structure with random weights: say so once
+                from pocketlm.api import warn_random_weights
+                warn_random_weights(args.model)
         return COMMANDS[args.command](args)
     except PocketLMError as e:
         print(f"pocketlm {args.command}: error: {e}", file=sys.stderr)
