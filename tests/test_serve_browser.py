@@ -1,10 +1,12 @@
 """The chat page in headless Chromium (Debian's `chromium`), driven over the Chrome DevTools Protocol.
 
-Send a message and see the streamed reply (equal to the greedy reply of `pocketlm.engine.generate`) with its
-tokens/s line; send a second one and press Stop mid-stream: the page marks the reply stopped and the server
-frees the slot (one abort). Screenshots are written to $POCKETLM_ARTIFACTS (default: pytest's tmp dir) and their
-paths printed. Skipped, with the reason, when chromium or the `websockets` package is missing:
-`scripts/install-browser.sh` installs both.
+Send a message and see the streamed reply (equal to the greedy reply of `pocketlm.engine.generate`, kept in
+localStorage) with its figures from the server's usage chunk (prompt and completion tokens, time to first token,
+tokens/s); send a second one and press Stop mid-stream: the page marks the reply stopped and the server frees the
+slot (one abort). Screenshots are written to $POCKETLM_ARTIFACTS (default: pytest's tmp dir) and their paths
+printed. Skipped, with the reason, when chromium or the `websockets` package is missing:
+`scripts/install-browser.sh` installs both. The helpers here (launch_chromium, open_page, ...) are shared with
+tests/test_serve_chat_page.py, which covers Markdown, sanitising, persistence, editing and failures.
 """
 
 from __future__ import annotations
@@ -80,15 +82,15 @@ class CDP:
         self._stack.close()
 
 
-@pytest.fixture
-def browser(tmp_path):
-    profile = tmp_path / "chromium-profile"
-    profile.mkdir()
+@contextlib.contextmanager
+def launch_chromium(profile: Path, window: str = "1000,760"):
+    """Headless Chromium with a fresh profile in `profile`, and a CDP client on its browser websocket."""
+    profile.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0", "--window-size=1000,760", "about:blank"],
+         "--remote-debugging-port=0", f"--window-size={window}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         port_file = profile / "DevToolsActivePort"
@@ -98,14 +100,48 @@ def browser(tmp_path):
             time.sleep(0.05)
         port, path = port_file.read_text().split("\n")[:2]
         cdp = CDP(f"ws://127.0.0.1:{port}{path}")
-        yield cdp
-        cdp.close()
+        try:
+            yield cdp
+        finally:
+            cdp.close()
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def open_page(cdp: CDP, url: str) -> None:
+    """Open `url` in a new tab, attach `cdp` to it, and wait until the page has loaded its model list."""
+    target = cdp.call("Target.createTarget", {"url": url}, session=False)["targetId"]
+    cdp.session = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True}, session=False)["sessionId"]
+    cdp.call("Page.enable")
+    cdp.call("Runtime.enable")
+    wait_ready(cdp)
+
+
+def wait_ready(cdp: CDP) -> None:
+    cdp.wait_for("document.readyState === 'complete' && document.body.dataset.ready === 'true'",
+                 what="the page to load its scripts and the model list")
+
+
+def set_field(cdp: CDP, element_id: str, value: str) -> None:
+    """Set a settings field as typing would (the page saves settings on `input` events)."""
+    cdp.eval(f"(() => {{ const e = document.getElementById({json.dumps(element_id)}); e.value = {json.dumps(value)}; "
+             "e.dispatchEvent(new Event('input')); return true; })()")
+
+
+def type_and_send(cdp: CDP, text: str) -> None:
+    cdp.eval("document.getElementById('input').focus(); true")
+    cdp.call("Input.insertText", {"text": text})
+    cdp.eval("document.getElementById('send').click(); true")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    with launch_chromium(tmp_path / "chromium-profile") as cdp:
+        yield cdp
 
 
 def _artifacts(tmp_path: Path) -> Path:
@@ -141,32 +177,25 @@ def _run_page_test(cdp: CDP, tmp_path: Path):
     out = _artifacts(tmp_path)
     with BackgroundServer(app) as srv:
         engine = app.state.engine
-        target = cdp.call("Target.createTarget", {"url": srv.url + "/"}, session=False)["targetId"]
-        cdp.session = cdp.call("Target.attachToTarget", {"targetId": target, "flatten": True},
-                               session=False)["sessionId"]
-        cdp.call("Page.enable")
-        cdp.call("Runtime.enable")
-        cdp.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent === "
-                     "'model: tiny'", what="the page to load the model list")
-        cdp.eval("document.getElementById('temperature').value = '0'; "
-                 "document.getElementById('max-tokens').value = '24'; true")
+        open_page(cdp, srv.url + "/")
+        assert cdp.eval("document.getElementById('model').value") == "tiny"
+        set_field(cdp, "temperature", "0")
+        set_field(cdp, "max-tokens", "24")
 
-        def type_and_send(text: str):
-            cdp.eval("document.getElementById('input').focus(); true")
-            cdp.call("Input.insertText", {"text": text})
-            cdp.eval("document.getElementById('send').click(); true")
-
-        # 1) a short exchange: the streamed reply equals the greedy reply, with the tokens/s line
-        type_and_send(first)
+        # 1) a short exchange: the streamed reply equals the greedy reply; its figures come from the usage chunk
+        type_and_send(cdp, first)
         cdp.wait_for("(() => { const m = document.querySelectorAll('.msg.assistant'); "
                      "return m.length === 1 && m[0].dataset.state === 'done'; })()", what="the first reply")
-        shown = cdp.eval("document.querySelector('.msg.assistant').textContent")
-        assert shown == ref1.text
-        stats = cdp.eval("document.getElementById('stats').textContent")
-        assert "tokens/s" in stats and f"{ref1.completion_tokens} tokens" in stats, stats
+        saved = json.loads(cdp.eval("localStorage.getItem('pocketlm.chats.v1')"))
+        conv = next(c for c in saved["conversations"] if c["id"] == saved["current"])
+        assert [m["role"] for m in conv["messages"]] == ["user", "assistant"]
+        assert conv["messages"][1]["content"] == ref1.text
+        figures = cdp.eval("document.querySelector('.msg.assistant .figures').textContent")
+        assert f"{ref1.completion_tokens} completion tokens" in figures and "tokens/s" in figures, figures
+        assert f"{ref1.prompt_tokens} prompt tokens" in figures and "first token" in figures, figures
         # 2) a long reply: watch it stream, then press Stop
-        cdp.eval("document.getElementById('max-tokens').value = '1500'; true")
-        type_and_send(second)
+        set_field(cdp, "max-tokens", "1500")
+        type_and_send(cdp, second)
         lengths = []
         for _ in range(1000):  # bounded (about 20 s): until the text has grown at least twice while streaming
             state, text = cdp.eval("(() => { const m = document.querySelectorAll('.msg.assistant'); const d = "
@@ -191,6 +220,8 @@ def _run_page_test(cdp: CDP, tmp_path: Path):
         assert s["active"] == 0 and s["aborts"] == aborts + 1, s
         assert cdp.eval("document.getElementById('send').disabled === false && "
                         "document.getElementById('stop').disabled === true")
+        note = cdp.eval("document.querySelectorAll('.msg.assistant')[1].textContent")
+        assert "stopped" in note and "completion tokens" in note, note
         stopped_png = cdp.screenshot(out / "serve_chat_page_stopped.png")
     for p in (streaming_png, stopped_png):
         assert p.stat().st_size > 1000

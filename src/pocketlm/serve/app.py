@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API (FastAPI on uvicorn) in front of the batching engine.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (both streaming as SSE ending in `data: [DONE]`, or
-not), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus text), GET / (the chat page).
+not), GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus text), GET / (the chat page)
+and GET /static/{name} (its scripts, styles and vendored libraries: the files of serve/static/ by name, no paths).
 
 Robustness (RELIABILITY.md §3, §6 items 13-17):
 - Every error is the OpenAI envelope with the right status (errors.py); FastAPI's 422 and Starlette's plain
