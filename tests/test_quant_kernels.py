@@ -1,6 +1,13 @@
-"""The compiled CPU kernels (quant/kernels.c): layout, exact integer arithmetic, threads, fallbacks."""
+"""The compiled CPU kernels (quant/kernels.c): layout, exact integer arithmetic, threads, fallbacks, and the
+same arithmetic checks under each instruction-set path forced by $POCKETLM_KERNEL_ISA (AVX512-VNNI where the CPU
+has it, AVX2, plain C), each in its own process since a process loads the library once."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +152,102 @@ def test_no_compiler_falls_back_to_reference(monkeypatch, tmp_path):
         assert not kernels.available()
     lin = QuantizedLinear(quantize_tensor(torch.randn(16, 64), "Q4_0"), "Q4_0", 64)
     assert lin.backend in ("reference", "int4")
+
+
+# ----- forced instruction sets ($POCKETLM_KERNEL_ISA) -------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+FORCED_ISA_CHECKS = [
+    "tests/test_quant_kernels.py::test_the_loaded_library_runs_the_requested_isa",
+    "tests/test_quant_kernels.py::test_gemm_equals_integer_emulation",
+    "tests/test_quant_kernels.py::test_activation_rounding_matches_llama_cpp_x86",
+    "tests/test_quant_kernels.py::test_threads_give_identical_results",
+    "tests/test_quant_kernels.py::test_layer_keeps_one_copy_and_exports_original_bytes",
+    "tests/test_engine_cpu.py::test_c_decode_step_matches_pytorch_step",
+    "tests/test_engine_cpu.py::test_q4_1_model_decodes_like_pytorch",
+    "tests/test_engine_cpu.py::test_threads_do_not_change_the_result",
+]
+
+
+def test_the_loaded_library_runs_the_requested_isa():
+    """Forced: exactly that path. Native: the fastest path this CPU can run (what -march=native should pick)."""
+    wanted = kernels.requested_isa()
+    if wanted == "native":
+        assert kernels.isa() == (kernels.supported_isas() or ["scalar"])[0]
+    else:
+        assert kernels.isa() == wanted
+
+
+@pytest.mark.parametrize("isa_name", kernels.supported_isas())
+def test_kernel_checks_pass_under_each_forced_isa(isa_name):
+    """The integer-emulation, rounding, thread and decode-step checks, rerun with the library built for one path.
+    On an AVX512 machine this is what covers the AVX2 and plain-C code; everywhere it covers plain C."""
+    env = {**os.environ, kernels.ISA_ENV: isa_name}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
+                           "error::RuntimeWarning", *FORCED_ISA_CHECKS], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    tail = done.stdout[-4000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail
+    assert "skipped" not in done.stdout and " passed" in done.stdout, tail
+
+
+def test_kernel_isa_values_are_checked(monkeypatch):
+    monkeypatch.setenv(kernels.ISA_ENV, "avx9000")
+    with pytest.raises(kernels.KernelError, match="avx9000.*native, avx512-vnni, avx2, scalar"):
+        kernels.requested_isa()
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    with pytest.raises(kernels.KernelError, match="POCKETLM_KERNEL_ISA='avx9000'"):
+        kernels.available()  # a misspelt forced path is an error, never a quiet fallback
+    with pytest.raises(kernels.KernelError, match="'sse9'"):
+        kernels.isa_flags("sse9")
+    monkeypatch.setenv(kernels.ISA_ENV, " AVX2 ")
+    assert kernels.requested_isa() == "avx2"
+    monkeypatch.delenv(kernels.ISA_ENV)
+    assert kernels.requested_isa() == "native" and kernels.flags() == kernels.FLAGS
+
+
+def test_each_isa_has_its_own_flags_and_library(monkeypatch):
+    monkeypatch.setattr(kernels, "is_x86", lambda: True)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse2", "avx", "avx2", "fma", "f16c", "avx512f",
+                                                       "avx512bw", "avx512_vnni"})
+    paths = {name: kernels.library_path(name) for name in kernels.ISAS}
+    assert len(set(paths.values())) == len(kernels.ISAS)
+    scalar, avx2, vnni = kernels.flags("scalar"), kernels.flags("avx2"), kernels.flags("avx512-vnni")
+    assert "-march=x86-64" in scalar and not any(f.startswith(("-mavx", "-mfma", "-mf16c")) for f in scalar)
+    assert {"-mavx2", "-mfma", "-mf16c"} <= set(avx2) and not any(f.startswith("-mavx512") for f in avx2)
+    assert {"-mavx512f", "-mavx512bw", "-mavx512vnni"} <= set(vnni)
+    assert "-march=native" not in scalar + avx2 + vnni and "-march=native" in kernels.flags("native")
+    monkeypatch.setenv(kernels.ISA_ENV, "scalar")
+    assert kernels.library_path() == paths["scalar"]
+
+
+def test_an_isa_the_cpu_lacks_is_refused(monkeypatch):
+    """Building AVX2 code for a CPU without it would end in SIGILL at the first call: refuse by name instead."""
+    monkeypatch.setattr(kernels, "is_x86", lambda: True)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"sse2", "avx", "fma"})
+    with pytest.raises(kernels.KernelError, match="lacks avx2 f16c"):
+        kernels.isa_flags("avx2")
+    assert kernels.supported_isas() == ["scalar"]
+    monkeypatch.setattr(kernels, "is_x86", lambda: False)  # e.g. aarch64: plain C with the default target
+    with pytest.raises(kernels.KernelError, match="needs an x86-64 CPU"):
+        kernels.isa_flags("avx512-vnni")
+    assert kernels.isa_flags("scalar") == [] and kernels.supported_isas() == ["scalar"]
+    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    with pytest.raises(kernels.KernelError, match="needs an x86-64 CPU"):
+        kernels.available()
+
+
+def test_a_build_that_selects_another_path_is_refused(monkeypatch, tmp_path):
+    """If the flags of a forced path did not select it (a compiler that ignores one), loading says so."""
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_error", None)
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path))
+    monkeypatch.setitem(kernels.ISA_X86_FLAGS, "avx2", ["-march=x86-64"])  # the scalar build under avx2's name
+    monkeypatch.setattr(kernels, "is_x86", lambda: True)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setenv(kernels.ISA_ENV, "avx2")
+    with pytest.raises(kernels.KernelError, match="POCKETLM_KERNEL_ISA=avx2 but .* runs the scalar path"):
+        kernels.available()

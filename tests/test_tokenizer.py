@@ -141,12 +141,29 @@ def test_shipped_asset_is_the_derivation():
     assert derive.derive(GGUF_PATH) == ASSET.read_text(encoding="utf-8")
 
 
-def test_sdist_holds_the_vendored_gguf(tmp_path):
+def provenance() -> dict[str, tuple[str, str]]:
+    """PROVENANCE.md's table: vendored file name -> (path inside the llama-cpp-python sdist, sha256)."""
+    rows = {}
+    for line in (DATA / "PROVENANCE.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and len(cells[2]) == 64 and all(c in string.hexdigits for c in cells[2]):
+            rows[cells[0]] = (cells[1], cells[2])
+    return rows
+
+
+def test_vendored_llama_cpp_files_match_their_provenance():
+    """Offline, on any machine: every file copied from the llama-cpp-python sdist has the sha256 recorded in
+    PROVENANCE.md (which says how to re-check it against PyPI), and derive_tokenizer.py pins the same archive."""
+    rows = provenance()
+    assert {"ggml-vocab-phi-3.gguf", "ggml-vocab-phi-3.gguf.inp", "ggml-vocab-phi-3.gguf.out",
+            "LICENSE-llama.cpp"} <= set(rows)
+    for name, (member, digest) in rows.items():
+        assert member.startswith("llama_cpp_python-0.3.36/vendor/llama.cpp/"), member
+        assert hashlib.sha256((DATA / name).read_bytes()).hexdigest() == digest, name
     derive = load_script("derive_tokenizer")
-    if not derive.CACHED_SDIST.is_file():
-        pytest.skip(f"{derive.CACHED_SDIST} not available offline")
-    extracted = derive.extract_gguf(derive.CACHED_SDIST, tmp_path)
-    assert extracted.read_bytes() == GGUF_PATH.read_bytes()
+    note = (DATA / "PROVENANCE.md").read_text(encoding="utf-8")
+    assert f"`{derive.SDIST}`" in note and f"`{derive.SDIST_SHA256}`" in note
+    assert rows["ggml-vocab-phi-3.gguf"] == (derive.MEMBER, derive.GGUF_SHA256)
 
 
 # ----- reference parity ----------------------------------------------------------------------------------------

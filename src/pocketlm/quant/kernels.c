@@ -36,7 +36,12 @@
 #include <stddef.h>
 #include <string.h>
 #include <math.h>
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else  /* e.g. aarch64: the plain-C paths only */
+#define cpu_relax() ((void)0)
+#endif
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -99,7 +104,7 @@ static void *worker_main(void *arg) {
             const int seq = atomic_load_explicit(&g_seq, memory_order_acquire);
             gen = (uint32_t)(atomic_load_explicit(&g_word, memory_order_acquire) >> 32);
             if (gen != seen) break;
-            if (++spins < 20000) { _mm_pause(); continue; }
+            if (++spins < 20000) { cpu_relax(); continue; }
             atomic_fetch_add(&g_sleepers, 1);
             if ((uint32_t)(atomic_load(&g_word) >> 32) == seen)
                 syscall(SYS_futex, &g_seq, FUTEX_WAIT_PRIVATE, seq, NULL, NULL, 0);
@@ -147,7 +152,7 @@ static void parallel_run(task_fn fn, void *ctx, int n) {
     run_claimed(gen);
     int spins = 0;
     while (atomic_load_explicit(&j->done, memory_order_acquire) < n) {
-        if (++spins < 2000) _mm_pause();
+        if (++spins < 2000) cpu_relax();
         else sched_yield();  /* a preempted worker holds a chunk: give it this core */
     }
 }

@@ -7,6 +7,14 @@
   runs it; the C file picks AVX512-VNNI, AVX2 or plain C at compile time. `scripts/install.sh` builds it once
   (`python -m pocketlm.quant.kernels`). No compiler: `available()` is False and the layers keep their
   reference path (a warning says why, once).
+- Forcing a path: `POCKETLM_KERNEL_ISA=native|avx512-vnni|avx2|scalar` replaces `-march=native` by the flags of
+  that instruction set (`isa_flags`): avx512-vnni and avx2 by `-march=x86-64` plus exactly the extensions the C
+  file tests for (`-mavx2 -mfma -mf16c`, and `-mavx512f -mavx512bw -mavx512vnni`), scalar by `-march=x86-64`
+  alone (SSE2, no AVX: the plain-C path; on a non-x86 CPU the compiler's default target). Each choice is its
+  own cached library (the name hashes the flags), and `isa()` reports the path the loaded library really runs.
+  It exists so that tests and CI exercise the AVX2 and plain-C paths on any x86 machine (an AVX512 one
+  included). A value outside that list, or an instruction set this CPU lacks (it would die with SIGILL), raises
+  `KernelError` on first use instead of falling back quietly; so does a build that selects another path.
 - Threads: `default_threads()` counts the cores this process may really use: the CPU affinity mask, capped by
   a cgroup CPU quota (`/sys/fs/cgroup/cpu.max`) when one is set; `POCKETLM_NUM_THREADS` overrides.
 - Layout: `pack(raw, type_name, rows, cols)` turns GGUF Q4_0 / Q4_1 / Q8_0 rows into the tile layout the C file
@@ -21,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -33,7 +42,20 @@ import torch
 from pocketlm.errors import PocketLMError
 
 SOURCE = Path(__file__).with_name("kernels.c")
+BASE_FLAGS = ["-O3", "-pthread", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wno-unused-function"]
 FLAGS = ["-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wno-unused-function"]
+"""The default (native) build's flags; `flags()` gives those of the instruction set in force."""
+ISA_ENV = "POCKETLM_KERNEL_ISA"
+ISAS = ("native", "avx512-vnni", "avx2", "scalar")
+"""Accepted values of $POCKETLM_KERNEL_ISA; all but "native" are also names that `isa()` returns."""
+_X86_AVX2 = ["-march=x86-64", "-mavx2", "-mfma", "-mf16c"]
+ISA_X86_FLAGS = {"avx512-vnni": [*_X86_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vnni"], "avx2": _X86_AVX2,
+                 "scalar": ["-march=x86-64"]}
+ISA_CPU_FLAGS = {"avx512-vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"),
+                 "avx2": ("avx2", "fma", "f16c"), "scalar": ()}
+"""The /proc/cpuinfo flags each forced instruction set needs (its compile flags enable exactly these)."""
+ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}
+"""pl_isa()'s codes: the path kernels.c selected at compile time."""
 KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
 TILE = 16
 BLOCK = 32
@@ -53,14 +75,80 @@ def cache_dir() -> Path:
     return Path(os.environ.get("POCKETLM_CACHE", Path.home() / ".cache" / "pocketlm"))
 
 
-def library_path() -> Path:
-    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+def requested_isa() -> str:
+    """$POCKETLM_KERNEL_ISA, checked: "native" when unset. Raises KernelError for any other value."""
+    value = os.environ.get(ISA_ENV, "").strip().lower() or "native"
+    if value not in ISAS:
+        raise KernelError(f"{ISA_ENV}={os.environ[ISA_ENV]!r} is not one of {', '.join(ISAS)}")
+    return value
+
+
+def is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where that file is missing or has none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return None
+
+
+def isa_flags(isa_name: str) -> list[str]:
+    """Target flags for `isa_name` (one of ISAS) on this machine. Raises KernelError when the CPU cannot run it
+    (where /proc/cpuinfo cannot tell, the request is trusted)."""
+    if isa_name not in ISAS:
+        raise KernelError(f"instruction set {isa_name!r} is not one of {', '.join(ISAS)}")
+    if isa_name == "native":
+        return ["-march=native"]
+    if not is_x86():
+        if isa_name == "scalar":
+            return []  # the compiler's default target: no x86 intrinsics are enabled, the C file's plain path
+        raise KernelError(f"{ISA_ENV}={isa_name} needs an x86-64 CPU; this one is {platform.machine()} "
+                          f"(use native or scalar)")
+    have = cpu_flags()
+    missing = [f for f in ISA_CPU_FLAGS[isa_name] if have is not None and f not in have]
+    if missing:
+        raise KernelError(f"{ISA_ENV}={isa_name}: this CPU lacks {' '.join(missing)} "
+                          f"(it would stop with an illegal instruction); use native or scalar")
+    return list(ISA_X86_FLAGS[isa_name])
+
+
+def supported_isas() -> list[str]:
+    """The instruction sets $POCKETLM_KERNEL_ISA may force on this machine, fastest first."""
+    names = []
+    for name in ISAS[1:]:
+        try:
+            isa_flags(name)
+        except KernelError:
+            continue
+        names.append(name)
+    return names
+
+
+def flags(isa_name: str | None = None) -> list[str]:
+    """The full compiler flags for `isa_name` (default: the one $POCKETLM_KERNEL_ISA asks for)."""
+    isa_name = requested_isa() if isa_name is None else isa_name
+    return FLAGS if isa_name == "native" else [*BASE_FLAGS, *isa_flags(isa_name)]
+
+
+def library_path(isa_name: str | None = None) -> Path:
+    """Where the build for `isa_name` lives: the name hashes the source and the flags, so each is its own file."""
+    tag = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags(isa_name)).encode()).hexdigest()[:16]
     return cache_dir() / f"kernels-{tag}.so"
 
 
-def build(verbose: bool = False) -> Path:
-    """Compile kernels.c into the cache (no-op when the current build is there). Raises KernelError."""
-    out = library_path()
+def build(verbose: bool = False, isa_name: str | None = None) -> Path:
+    """Compile kernels.c for `isa_name` (default: $POCKETLM_KERNEL_ISA, else native) into the cache (no-op when
+    that build is there). Raises KernelError."""
+    isa_name = requested_isa() if isa_name is None else isa_name
+    out = library_path(isa_name)
     if out.exists():
         return out
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -69,7 +157,7 @@ def build(verbose: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".kernels-", suffix=".so")
     os.close(fd)
-    cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+    cmd = [cc, *flags(isa_name), str(SOURCE), "-o", tmp, "-lm"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -90,8 +178,10 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get("POCKETLM_KERNELS", "1") == "0":
         _error = "disabled by POCKETLM_KERNELS=0"
         return None
+    wanted = requested_isa()  # a bad value or an ISA this CPU lacks raises: a forced path never falls back quietly
+    isa_flags(wanted)
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(isa_name=wanted)))
     except (KernelError, OSError) as e:
         _error = str(e)
         warnings.warn(f"pocketlm CPU kernels unavailable, using the reference path: {e}", RuntimeWarning,
@@ -108,6 +198,10 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_read_bandwidth.argtypes = [p, ctypes.c_size_t, i]
     lib.pl_read_bandwidth.restype = ctypes.c_double
     lib.pl_decode_step.restype = i  # arguments: (pl_model*, float* x, int pos, int lo, float* cos, float* sin)
+    built = ISA_NAMES[lib.pl_isa()]
+    if wanted != "native" and built != wanted:
+        raise KernelError(f"{ISA_ENV}={wanted} but the library built with {' '.join(flags(wanted))} runs the "
+                          f"{built} path")
     lib.pl_set_threads(default_threads())
     _lib = lib
     return lib
@@ -123,8 +217,9 @@ def unavailable_reason() -> str | None:
 
 
 def isa() -> str:
+    """The instruction-set path of the loaded library ("avx512-vnni", "avx2" or "scalar"); "none" without one."""
     lib = _load()
-    return "none" if lib is None else ("avx512-vnni", "avx2", "scalar")[2 - lib.pl_isa()]
+    return "none" if lib is None else ISA_NAMES[lib.pl_isa()]
 
 
 def default_threads() -> int:
@@ -285,5 +380,5 @@ def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5, threads: int | None = N
 
 
 if __name__ == "__main__":  # `python -m pocketlm.quant.kernels`: build now (install.sh), print what was built
-    path = build(verbose=True)
+    path = build(verbose=True)  # honours $POCKETLM_KERNEL_ISA
     print(f"pocketlm CPU kernels: {path} ({isa()}, {default_threads()} threads)")
