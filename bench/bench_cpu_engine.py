@@ -1,7 +1,10 @@
 """CPU inference: pocketlm's engine against llama.cpp and the memory-bandwidth roofline, same weights, same run.
 
     python bench/bench_cpu_engine.py [--preset phi-3-mini-4k] [--type Q4_0] [--prompt 128] [--decode 64]
-                                     [--threads N] [--ctx 4096] [--repeats 3] [--gguf FILE] [--out FILE.json]
+                                     [--threads N] [--ctx N] [--repeats 3] [--gguf FILE] [--out FILE.json]
+
+--ctx defaults to min(4096, the preset's context length); --out defaults to a file in $TMPDIR, so that a trial
+run never overwrites the committed bench/results/bench_cpu_engine.json (name it with --out to update it).
 
 1. Weights: a phi-3-mini-shaped GGUF file with random Q4_0 codes (`pocketlm.quant.random_model`, written once to
    FILE, default `$TMPDIR/pocketlm-bench-<preset>-<type>.gguf`). Both engines load this same file.
@@ -174,6 +177,19 @@ def run_worker(kind: str, a) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def resolve_defaults(a: argparse.Namespace, config) -> None:
+    """--ctx and --out from the preset when not given; refuse a context the preset or the run cannot use."""
+    if a.ctx is None:
+        a.ctx = min(4096, config.max_position_embeddings)
+    if not 1 <= a.ctx <= config.max_position_embeddings:
+        raise SystemExit(f"--ctx {a.ctx} is outside [1, {config.max_position_embeddings}] (the {a.preset} preset's "
+                         "context length)")
+    if a.prompt + a.decode > a.ctx:
+        raise SystemExit(f"--prompt {a.prompt} + --decode {a.decode} tokens do not fit in --ctx {a.ctx}")
+    if a.out is None:
+        a.out = str(Path(tempfile.gettempdir()) / f"pocketlm-bench-cpu-engine-{a.preset}-{a.type.lower()}.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="phi-3-mini-4k")
@@ -181,12 +197,13 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--ctx", type=int, default=None, help="KV cache size (default: min(4096, the preset's context))")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--worker", choices=["pocketlm", "llamacpp"], help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="bench/results/bench_cpu_engine.json")
+    ap.add_argument("--out", default=None, help="JSON results (default: $TMPDIR/pocketlm-bench-cpu-engine-PRESET-TYPE"
+                                                ".json; bench/results/bench_cpu_engine.json is the committed one)")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker_pocketlm(a) if a.worker == "pocketlm" else worker_llamacpp(a)))
@@ -196,6 +213,7 @@ def main() -> None:
     from pocketlm.quant import kernels
     from pocketlm.quant.random_model import write_random_gguf
     config = preset(a.preset)
+    resolve_defaults(a, config)
     a.threads = a.threads or kernels.default_threads()
     a.gguf = a.gguf or str(Path(tempfile.gettempdir()) / f"pocketlm-bench-{a.preset}-{a.type.lower()}.gguf")
     if not Path(a.gguf).exists():

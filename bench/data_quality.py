@@ -1,4 +1,4 @@
-"""The data-quality experiment (issue 8): same model, same token budget, same optimizer and schedule, trained on
+"""The data-quality experiment ("data quality beats size", the Phi-3 report's claim): same model, same token budget, same optimizer and schedule, trained on
 (a) unfiltered corpus text or (b) the data pipeline's mixture (filtered + dedup + knowledge-demotion + synthetic),
 evaluated on held-out sets that neither arm saw. Several seeds per arm; mean +- std over seeds.
 
@@ -476,8 +476,8 @@ def _markdown(result: dict, table: str, png: Path | None, args) -> str:
               "Exact commands (from the repository root, in the project's virtualenv):",
               "",
               "```sh",
-              "scripts/build-corpus.sh                                  # the corpus: /work/data-corpus/*.jsonl",
-              f"pocketlm data run /work/data-runs/full.json             # the pipeline output arm b reads: {args.pipeline}",
+              "bash scripts/build-corpus.sh                             # the corpus: data/corpus/*.jsonl",
+              "pocketlm data run src/pocketlm/data/assets/pipeline-example.json   # arm b's data: data/pipeline-out",
               f"python bench/data_quality.py prepare --work {setup['work']} --corpus {args.corpus} --pipeline "
               f"{args.pipeline}",
               "# the two arms in two processes of one torch thread each (faster than one process with two threads "
@@ -583,9 +583,11 @@ def smoke(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("command", choices=["prepare", "run", "report", "all", "smoke"])
-    p.add_argument("--work", default="/work/dq-runs", help="run outputs (not in the repository)")
-    p.add_argument("--corpus", default="/work/data-corpus")
-    p.add_argument("--pipeline", default="/work/data-runs/full", help="a finished `pocketlm data run` output")
+    p.add_argument("--work", default="runs/data-quality", help="run outputs (default runs/data-quality)")
+    p.add_argument("--corpus", default="data/corpus", help="scripts/build-corpus.sh output (default data/corpus)")
+    p.add_argument("--pipeline", default="data/pipeline-out",
+                   help="a finished `pocketlm data run` output (default data/pipeline-out, what "
+                        "src/pocketlm/data/assets/pipeline-example.json writes)")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--arms", default=",".join(ARMS), help="which arms to run (two `run` processes, one arm each, "

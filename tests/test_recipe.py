@@ -20,7 +20,7 @@ WORDS = ("the git commit command records changes to the repository and sqlite is
 def make_corpus(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    for name in ("docs", "notes"):
+    for name, _ in get_recipe("nano-smoke").corpus_sources:  # files that scripts/build-corpus.sh writes
         with open(folder / f"{name}.jsonl", "w") as f:
             for i in range(60):
                 paras = [" ".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))).capitalize() + "."
@@ -43,9 +43,12 @@ def smoke(tmp_path_factory):
     log = []
     run_recipe(Context(recipe=recipe, out=out, corpus=corpus, progress=False), until="chat-data")
     first = markers(out)
-    # the deadline check before phase 1's second chunk (after >= 5 s of estimated chunk time) must stop the run
-    ctx = Context(recipe=recipe, out=out, corpus=corpus, progress=False, deadline=time.time() + 4.9)
-    with pytest.raises(Paused):
+    # the deadline check before phase 1's second chunk must stop the run: the time budget allows one chunk of
+    # save_every steps, then none (runner.affordable_steps itself is tested in test_readme.py)
+    budgets = iter([recipe.phase1.save_every])
+    ctx = Context(recipe=recipe, out=out, corpus=corpus, progress=False, deadline=time.time() + 600)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Paused):
+        mp.setattr(runner, "affordable_steps", lambda left, per_step: next(budgets, 0))
         run_recipe(ctx)
     paused = markers(out)
     ctx = Context(recipe=recipe, out=out, corpus=corpus, progress=False)

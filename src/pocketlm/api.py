@@ -20,10 +20,11 @@ def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype 
 
     Args:
         path_or_preset: None (the default): the embedded default model (`default_model_path()`, computed in
-            float32 unless `dtype` says otherwise, as `pocketlm run` does); a checkpoint folder in the official layout (or written by `pocketlm quantize`), a
-            `.safetensors` file with `config.json` beside it, a `.gguf` file (phi3 or llama architecture,
-            float or quantized tensors), a preset name (see `pocketlm.config.PRESETS`), which builds a randomly
-            initialised model with that exact structure, or the name of a model in the store (`pocketlm list`).
+            float32 unless `dtype` says otherwise, as `pocketlm run` does); a checkpoint folder in the official
+            layout (or written by `pocketlm quantize`), a `.safetensors` file with `config.json` beside it, a
+            `.gguf` file (phi3 or llama architecture, float or quantized tensors), a preset name (see
+            `pocketlm.config.PRESETS`), which builds a randomly initialised model with that exact structure, or
+            the name of a model in the store (`pocketlm list`).
         dtype: float32, float16 or bfloat16; default: the checkpoint's `torch_dtype` (the preset's for presets).
         device: where the weights live.
         seed: the random seed for presets.
@@ -71,8 +72,8 @@ def warn_random_weights(name: str) -> None:
         return
     _WARNED_PRESETS.add(name)
     print(f"pocketlm: warning: {name!r} is a preset: the {name} structure with RANDOM weights (not a trained "
-          "model); its output is noise. Name a checkpoint folder or .gguf file for real weights, or omit MODEL for "
-          "the embedded default model.", file=sys.stderr)
+          "model): its text is noise and a file written from it holds random numbers. Name a checkpoint folder or "
+          ".gguf file for real weights, or omit MODEL for the embedded default model.", file=sys.stderr)
 
 
 # The one name of the embedded default model wherever a name is shown: chat's banner, serve's model id, eval's

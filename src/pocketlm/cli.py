@@ -270,6 +270,8 @@ def cmd_convert(args) -> int:
     from pocketlm.api import load_for_conversion  # a quantized GGUF is dequantized; loaded before any write
     model, dtype = load_for_conversion(args.model, dtype=args.dtype)
     tok = _tokenizer_for(args, model)
+    size = model.config.num_parameters() * {"float32": 4}.get(dtype, 2)
+    print(f"writing {out} ({dtype}, {size / 1e9:.2f} GB) ...", file=sys.stderr, flush=True)
     save_checkpoint(model, out, dtype=dtype, max_shard_bytes=_parse_size(args.max_shard_size),
                     tokenizer=tok)
     files = sorted(p.name for p in out.iterdir())
@@ -424,15 +426,21 @@ def resolve_store_model(args, argv: list[str]) -> None:
         args.system = mf["system"]
 
 
+def _warn_if_preset(args) -> None:
+    """A verb that uses a model's weights, given a preset name: say once that those weights are random."""
+    spec = getattr(args, "model", None)
+    if args.command in _MODEL_VERBS and args.command != "info" and spec is not None and not Path(spec).exists():
+        from pocketlm.config import PRESETS
+        if spec in PRESETS:
+            from pocketlm.api import warn_random_weights
+            warn_random_weights(spec)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         resolve_store_model(args, list(sys.argv[1:] if argv is None else argv))
-        if args.command in _MODEL_VERBS and args.command != "info" and not Path(str(getattr(args, "model", ""))).exists():
-            from pocketlm.config import PRESETS
-            if getattr(args, "model", None) in PRESETS:  # a structure with random weights: say so once
-                from pocketlm.api import warn_random_weights
-                warn_random_weights(args.model)
+        _warn_if_preset(args)
         return COMMANDS[args.command](args)
     except PocketLMError as e:
         print(f"pocketlm {args.command}: error: {e}", file=sys.stderr)

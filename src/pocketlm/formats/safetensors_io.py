@@ -348,6 +348,13 @@ def _prepare(name: object, t: object) -> torch.Tensor:
     return t.detach().to("cpu").contiguous()
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_checkpoint(folder: str | os.PathLike[str],
                      tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
                      max_shard_bytes: int = 5 * 2**30, metadata: Mapping[str, str] | None = None) -> list[Path]:
@@ -383,6 +390,7 @@ def write_checkpoint(folder: str | os.PathLike[str],
         tmp = folder / f".tmp-{token}-{len(temps):05d}.safetensors"
         temps.append(tmp)
         save_file(shard, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its files 0600; weights are shared like any file
         fsync_path(tmp)
         shard_names.append(list(shard))
 

@@ -60,6 +60,8 @@ def run(args) -> int:
         return 0
     t0 = time.time()
     recipe = get_recipe(args.name)
+    if args.pack_data:
+        _check_writable_file(args.pack_data, "--pack-data")  # before minutes of work, not after
     out = Path(args.out or os.path.join("recipe-runs", recipe.name))
     corpus = Path(args.corpus) if args.corpus else None
     if args.data_archive:
@@ -91,6 +93,19 @@ def run(args) -> int:
     if until is None:
         print(f"report: {out / 'report' / 'report.md'} and report.html", file=sys.stderr)
     return 0
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    """Create the folder `path` will be written in (as `mkdir -p` would), and check that it is a writable folder."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create its folder {parent} ({e.strerror})") from None
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; name the archive file to write (e.g. {path}/data.tar.gz)")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the folder {parent} is not writable")
 
 
 def main(argv: list[str] | None = None) -> int:

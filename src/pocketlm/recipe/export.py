@@ -33,6 +33,7 @@ def export_model(out: Path, dest: Path, *, command: str | None = None) -> list[P
     if tmp.exists():
         shutil.rmtree(tmp)
     model = pocketlm.load(src, dtype=torch.float32)
+    model.config = model.config.replace(name=dest.name)  # the model's name (chat, serve, eval) is its folder's
     save_checkpoint(model, tmp, dtype=torch.bfloat16, tokenizer=Tokenizer.from_pretrained(src))
     quant = read_marker(out, "quantize")["summary"]["file"]
     shutil.copyfile(out / "quant" / quant, tmp / quant)

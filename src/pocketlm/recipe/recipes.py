@@ -17,7 +17,8 @@ Recipes:
   own checkpoints; `--pack-data` / `--data-archive` carry the data). NOT yet run on a GPU: its step times are
   estimates.
 - `nano-smoke`: a 1-layer, 64-wide model with the real vocabulary and a few steps of each stage: the test recipe
-  (seconds per step).
+  (seconds per step), on the first 60 documents of two files `scripts/build-corpus.sh` writes (debian-handbook,
+  fortunes).
 
 Sampling weights of the pretraining sources: a source's share of the rows of a phase is proportional to
 `tokens x weight` (weight = the recipe's upsampling factor for that source, default 1), i.e. a weight of 1
@@ -64,6 +65,8 @@ class Recipe:
     # ---- data -------------------------------------------------------------------------------------------------
     corpus_sources: tuple[tuple[str, str], ...] = ()
     """(name, kind) of the corpus files `<corpus>/<name>.jsonl` the data pipeline reads; kind web or code."""
+    corpus_docs: int | None = None
+    """Read only the first this many documents of each corpus file (None: all of them)."""
     synthetic_docs: int = 0
     """Procedural synthetic lessons (`pocketlm.data.synthetic`) added by the pipeline for phase 2."""
     phase1_weights: dict[str, float] = field(default_factory=dict)
@@ -179,12 +182,14 @@ def micro() -> Recipe:
 
 
 def nano_smoke() -> Recipe:
-    """A seconds-per-step cut of nano (1 layer x 64 wide, real vocabulary): the test recipe."""
+    """A seconds-per-step cut of nano (1 layer x 64 wide, real vocabulary, 60 documents of 2 corpus files): the test
+    recipe."""
     return Recipe(
         name="nano-smoke", description=nano_smoke.__doc__, preset="nano",
         model_overrides={"num_hidden_layers": 1, "hidden_size": 64, "intermediate_size": 128,
                          "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 256},
-        device="cpu", threads=1, corpus_sources=(("docs", "web"), ("notes", "web")), synthetic_docs=40,
+        device="cpu", threads=1, corpus_sources=(("debian-handbook", "web"), ("fortunes", "web")), corpus_docs=60,
+        synthetic_docs=40,
         phase2_weights={"synthetic": 1.0, "chat": 1.0},
         pipeline={"part_docs": 50, "lines_per_task": 200, "shard_tokens": 1 << 16,
                   "filters": {"gopher_repetition": {}}, "knowledge": None},

@@ -116,7 +116,8 @@ def step_inputs(ctx: Context, step: str) -> dict:
     """Everything the outputs of `step` depend on (besides the steps it reads, whose hashes are included)."""
     r = ctx.recipe
     if step == "data":
-        return {"sources": r.corpus_sources, "synthetic": r.synthetic_docs, "pipeline": r.pipeline,
+        return {"sources": r.corpus_sources, "corpus_docs": r.corpus_docs, "synthetic": r.synthetic_docs,
+                "pipeline": r.pipeline,
                 "weights": [r.phase1_weights, r.phase2_weights], "seed": r.data_seed,
                 "heldout": r.heldout_fraction, "heldout_salt": _heldout_salt(),
                 "pipeline_code": _module_source_hash("pocketlm.data.pipeline")}
@@ -236,22 +237,27 @@ def corpus_fingerprint(corpus: Path, names: list[str]) -> dict[str, int]:
     return out
 
 
-def _corpus_records(corpus: Path, names: list[str]):
-    """(source, line, record) of each document of the named corpus files."""
+def _corpus_records(corpus: Path, names: list[str], limit: int | None = None):
+    """(source, line, record) of each document of the named corpus files (the first `limit` of each file)."""
     for n in names:
         with open(corpus / f"{n}.jsonl", encoding="utf-8") as f:
+            count = 0
             for line in f:
+                if limit is not None and count >= limit:
+                    break
                 if line.strip():
+                    count += 1
                     yield n, line, json.loads(line)
 
 
-def write_training_copy(corpus: Path, names: list[str], folder: Path, fraction: float) -> dict[str, int]:
+def write_training_copy(corpus: Path, names: list[str], folder: Path, fraction: float,
+                        limit: int | None = None) -> dict[str, int]:
     """Copy the corpus files without the held-out documents (`heldout.is_heldout(id)`); {source: held out}."""
     from pocketlm.eval.heldout import is_heldout
     folder.mkdir(parents=True, exist_ok=True)
     held: dict[str, int] = {n: 0 for n in names}
     lines: dict[str, list[str]] = {n: [] for n in names}
-    for n, line, rec in _corpus_records(corpus, names):
+    for n, line, rec in _corpus_records(corpus, names, limit):
         if is_heldout(str(rec.get("id")), fraction):
             held[n] += 1
         else:
@@ -270,7 +276,7 @@ def run_data(ctx: Context) -> dict:
                           "scripts/build-corpus.sh), or --data-archive FILE from `--pack-data`")
     names = [n for n, _ in r.corpus_sources]
     sizes = corpus_fingerprint(ctx.corpus, names)
-    held = write_training_copy(ctx.corpus, names, ctx.path("data", "input"), r.heldout_fraction)
+    held = write_training_copy(ctx.corpus, names, ctx.path("data", "input"), r.heldout_fraction, r.corpus_docs)
     sources = [{"name": n, "kind": k, "path": str(ctx.path("data", "input", f"{n}.jsonl"))}
                for n, k in r.corpus_sources]
     if r.synthetic_docs:
@@ -338,7 +344,8 @@ def build_heldout(ctx: Context, *, exclude: list[str]) -> dict:
         raise RecipeError("the chat-data step needs the corpus (--corpus DIR) for the held-out sets")
     names = [n for n, _ in r.corpus_sources]
     docs = [{"id": str(rec["id"]), "text": rec["text"], "source": n}
-            for n, _, rec in _corpus_records(ctx.corpus, names) if is_heldout(str(rec.get("id")), r.heldout_fraction)]
+            for n, _, rec in _corpus_records(ctx.corpus, names, r.corpus_docs)
+            if is_heldout(str(rec.get("id")), r.heldout_fraction)]
     synth = [d.text for d in synthetic.generate(r.synthetic_docs, r.data_seed)[0]] if r.synthetic_docs else []
     return build(ctx.path("heldout"), docs=docs, n_arith=r.heldout_items, n_cloze=r.heldout_items,
                  n_synth=r.heldout_items, exclude_texts=synth + exclude, fraction=r.heldout_fraction)
@@ -366,9 +373,10 @@ def train_until(ctx: Context, cfg, run_dir: Path, end: int) -> dict:
         while trainer.step < end:
             chunk_end = min(end, (trainer.step // cfg.save_every + 1) * cfg.save_every)
             if ctx.deadline is not None:
-                guess = per_step * (chunk_end - trainer.step) * 1.2 + 5 if per_step else 0.0
-                if time.time() + guess > ctx.deadline:
-                    raise Paused(f"{run_dir.name}: stopped at step {trainer.step}/{end} before the deadline")
+                chunk_end = min(chunk_end, trainer.step + affordable_steps(ctx.deadline - time.time(), per_step))
+                if chunk_end <= trainer.step:
+                    raise Paused(f"{run_dir.name}: stopped at step {trainer.step}/{cfg.total_steps} "
+                                 f"({_phase_note(cfg, trainer.step)}) before the deadline")
             t0, s0 = time.perf_counter(), trainer.step
             trainer.run(max_steps=chunk_end)
             last = ckpt.latest(run_dir)
@@ -386,6 +394,31 @@ def train_until(ctx: Context, cfg, run_dir: Path, end: int) -> dict:
     return {"steps": end, "resumed_from": start, "tokens": last["tokens"], "final_loss": last["loss"],
             "loss_last10": sum(x["loss"] for x in window) / len(window),
             "tokens_per_s": sum(x["tokens_per_s"] for x in window) / len(window)}
+
+
+# seconds kept free at the deadline for the checkpoint a chunk ends with and the step's bookkeeping
+DEADLINE_MARGIN_S = 5.0
+
+
+def affordable_steps(seconds_left: float, per_step: float | None) -> int:
+    """How many optimizer steps fit in `seconds_left` at `per_step` seconds each (with a 20% allowance and
+    DEADLINE_MARGIN_S for the checkpoint), so that `--max-minutes` is a limit, not a hint. Without a measured
+    step time yet, one step: it measures the time, and the next chunk is sized from it."""
+    if seconds_left <= DEADLINE_MARGIN_S:
+        return 0
+    if not per_step:
+        return 1
+    return max(int((seconds_left - DEADLINE_MARGIN_S) / (per_step * 1.2)), 0)
+
+
+def _phase_note(cfg, step: int) -> str:
+    """Which phase a step falls in, as the progress bar counts: the steps of every phase of the run together."""
+    end = 0
+    for phase in cfg.phases:
+        end += phase.steps
+        if step < end:
+            return f"in {phase.name}, which ends at step {end}"
+    return "all phases done"
 
 
 def run_phase1(ctx: Context) -> dict:
@@ -572,6 +605,7 @@ def pack_data(out: Path, archive: Path) -> dict:
         if read_marker(out, s) is None:
             raise RecipeError(f"{out}: step {s!r} is not complete; run `pocketlm recipe NAME --until chat-data` "
                               "first")
+    Path(archive).parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for rel in _PACK:
