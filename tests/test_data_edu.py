@@ -112,3 +112,102 @@ def test_shipped_seed_annotations_are_valid():
         pytest.skip("seed annotations not shipped")
     texts, scores, ids = read_annotations(SEED_PATH)
     assert len(texts) == len(set(ids)) and set(np.unique(scores)) <= {0, 1, 2, 3, 4, 5}
+
+
+# ------------------------------------------------------------------------------------------- the fast embedder
+def _agreement_texts() -> list[str]:
+    """Short and long (over 256 word pieces) documents of mixed educational value."""
+    lessons, _ = generate(6, seed=3)
+    code = (Path(__file__).parents[1] / "src" / "pocketlm" / "data" / "edu.py").read_text()[:3000]
+    return [d.text for d in lessons] + [SPORTS, SPORTS * 3, code, "Home | About | Contact | Login",
+                                        "A function returns a value.", "Q: Why did the chicken cross the road?",
+                                        "Copyright (C) 2004 Free Software Foundation. All rights reserved. " * 20, ""]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    pytest.importorskip("transformers", reason="the reference path needs transformers")
+    return Embedder(precision="reference")
+
+
+def test_fast_paths_agree_with_reference(reference, head_dir):
+    """fp32 equals today's transformers path; int8 stays within 0.98 cosine and 0.15 edu score of it."""
+    texts = _agreement_texts()
+    ref = reference.embed(texts)
+    fp32 = Embedder(precision="fp32").embed(texts)
+    int8 = Embedder(precision="int8").embed(texts)
+    assert np.abs(fp32 - ref).max() < 1e-5
+    cos = (int8 * ref).sum(1)
+    assert cos.min() > 0.98, cos
+    head = EduHead.load(head_dir)
+    s_ref, s_int8 = head.predict(ref), head.predict(int8)
+    assert np.abs(s_int8 - s_ref).max() < 0.15, (s_ref, s_int8)
+    far = np.abs(s_ref - head.cut) > 0.15                # decisions can only differ right at the cut
+    assert far.sum() >= len(texts) // 2
+    assert (head.keep(s_int8)[far] == head.keep(s_ref)[far]).all()
+
+
+def test_embedding_does_not_depend_on_batch():
+    """Equal-length batches and per-token int8 scales: a document's vector is the same bits alone or in a batch
+    (so the cache, a retried part and a first run agree exactly)."""
+    texts = _agreement_texts()
+    for precision in ("int8", "fp32"):
+        e = Embedder(precision=precision, cache_size=0)
+        together = e.embed(texts)
+        alone = np.stack([e.embed([t])[0] for t in texts])
+        shuffled = e.embed(texts[::-1])[::-1]
+        assert np.array_equal(together, alone) and np.array_equal(together, shuffled), precision
+
+
+def _count_computed(embedder: Embedder, monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = embedder._compute
+
+    def counting(texts):
+        calls.append(len(texts))
+        return real(texts)
+
+    monkeypatch.setattr(embedder, "_compute", counting)
+    return calls
+
+
+def test_cache_returns_identical_scores_without_recomputing(tmp_path, monkeypatch, head_dir):
+    texts = _agreement_texts()
+    e = Embedder(cache_dir=tmp_path / "cache")
+    calls = _count_computed(e, monkeypatch)
+    first = e.embed(texts + texts[:3])                   # duplicates inside one call are embedded once
+    assert calls == [len(set(texts))] and np.array_equal(first[:len(texts)][:3], first[len(texts):])
+    again = e.embed(texts[::-1])[::-1]                   # memory cache
+    assert calls == [len(set(texts))] and np.array_equal(again, first[:len(texts)])
+
+    rerun = Embedder(cache_dir=tmp_path / "cache")       # a new process: the SQLite file
+    rerun_calls = _count_computed(rerun, monkeypatch)
+    scorer = EduScorer(head_dir, rerun)
+    assert np.array_equal(scorer.score(texts), EduHead.load(head_dir).predict(first[:len(texts)]))
+    assert rerun_calls == [] and rerun.stats["disk_hits"] == len(set(texts))
+
+    other = Embedder(cache_dir=tmp_path / "cache", max_length=128)   # other settings: other keys
+    other_calls = _count_computed(other, monkeypatch)
+    other.embed(texts[:2])
+    assert other_calls == [2]
+
+
+def test_cache_folder_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("POCKETLM_EDU_CACHE", str(tmp_path / "envcache"))
+    Embedder().embed(["A function returns a value."])
+    assert (tmp_path / "envcache" / "edu-embeddings.sqlite").exists()
+
+
+def test_embedder_rejects_bad_options(tmp_path, head_dir):
+    with pytest.raises(DataPipelineError, match="'int4'.*reference"):
+        Embedder(precision="int4")
+    with pytest.raises(DataPipelineError, match="max_length=1024"):
+        Embedder(max_length=1024)
+    with pytest.raises(DataPipelineError, match="batch_size=0"):
+        Embedder(batch_size=0)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "edu-embeddings.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(DataPipelineError, match="edu-embeddings.sqlite"):
+        Embedder(cache_dir=tmp_path / "bad").embed(["x"])
+    with pytest.raises(DataPipelineError, match="not both"):
+        EduScorer(head_dir, Embedder(), precision="fp32")
