@@ -248,7 +248,8 @@ class _Guard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
-                                    "/metrics", "/") else "other"
+                                    "/metrics", "/", "/api/chat", "/api/generate", "/api/tags", "/api/show",
+                                    "/api/ps", "/api/version") else "other"
         status_seen = {}
 
         async def send_wrapper(message):
@@ -259,8 +260,10 @@ class _Guard:
 
         err = self._check(scope, path)
         try:
-            if err is not None:
-                await _envelope(err)(scope, receive, send_wrapper)
+            if err is not None:  # the Ollama API (/api/*) answers errors in its own shape, {"error": "message"}
+                response = (JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+                            if path.startswith("/api/") else _envelope(err))
+                await response(scope, receive, send_wrapper)
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:
@@ -547,6 +550,9 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
             return Response(status_code=499)  # nobody reads it: the client has gone
         return JSONResponse(consumer.result())
 
+    from pocketlm.serve.ollama import register_ollama_routes  # here: ollama.py imports this module
+    register_ollama_routes(app, engine=engine, model=model, tokenizer=tokenizer, config=config, names=names,
+                           limits=limits, chat_format=chat_format, metrics=metrics, started=started)
     return app
 
 
