@@ -8,7 +8,7 @@ docs/s over the baseline's. Writes a table and `bench/results/bench_data.json`.
 The edu classifier (MiniLM embeddings + ridge head) has its own comparison (`bench_edu`, also alone with
 `--edu-only`): today's embedder as it was (`precision="reference"`: transformers BertModel, fp32, padded batches of
 32 in input order, 256 tokens) against the fast paths (int8 weights and per-token int8 activations, equal-length
-batches, at 256/192/128 tokens; fp32 at 256), on the same `--edu-docs` real documents (the corpus, else Python
+batches, at 256/224/192/160/128 tokens; fp32 at 256), on the same `--edu-docs` real documents (the corpus, else Python
 standard-library modules, man pages and package documentation found on this machine), configurations timed in
 turn for `--edu-rounds` rounds (other processes share the CPU: ratios from the same round are what to compare).
 Speed is documents per CPU-second of this process (= docs/s/core: one torch thread, tokenizers parallelism off)
@@ -138,7 +138,9 @@ RESULTS = Path(__file__).parent / "results"
 EDU_CONFIGS = [("baseline: reference fp32, 256 tok", {"precision": "reference", "max_length": 256}),
                ("fp32, 256 tok, equal-length batches", {"precision": "fp32", "max_length": 256}),
                ("int8, 256 tok (default)", {"precision": "int8", "max_length": 256}),
+               ("int8, 224 tok", {"precision": "int8", "max_length": 224}),
                ("int8, 192 tok", {"precision": "int8", "max_length": 192}),
+               ("int8, 160 tok", {"precision": "int8", "max_length": 160}),
                ("int8, 128 tok", {"precision": "int8", "max_length": 128})]
 
 

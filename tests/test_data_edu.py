@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -78,20 +79,26 @@ def test_pipeline_with_edu_stage(tmp_path, head_dir):
     from pocketlm.data.pipeline import PipelineConfig, run
 
     write_corpus(tmp_path / "corpus", n_good=10)
-    cfg = PipelineConfig.from_dict({
+    spec = {
         "out": str(tmp_path / "out"), "workers": 1, "progress": False, "part_docs": 20,
         "sources": [{"name": "web", "path": str(tmp_path / "corpus" / "web.jsonl")},
                     {"name": "synth", "kind": "synthetic", "count": 12, "seed": 1}],
         "edu": {"head": str(head_dir)},
         "mixture": {"p1": {"web": {"weight": 1}}, "p2": {"web": {"weight": 1, "edu_keep": True},
-                                                           "synth": {"weight": 1, "edu_keep": True}}}})
-    rep = run(cfg)
+                                                           "synth": {"weight": 1, "edu_keep": True}}}}
+    rep = run(PipelineConfig.from_dict(spec))
     assert rep["stages"]["edu"]["docs_in"] == rep["stages"]["edu"]["docs_out"] > 0
     assert sum(rep["edu_histogram"].values()) == rep["stages"]["knowledge"]["docs_out"]
     mix = rep["mixture"]
     assert mix["p2"]["synth"]["documents"] >= 10          # lessons pass the bar
     assert mix["p2"]["web"]["documents"] < mix["p1"]["web"]["documents"]   # gibberish prose does not
     assert (tmp_path / "out" / "report" / "edu-scores.png").exists()
+    # the embeddings went to the output folder's cache; a changed embedder setting is a changed stage
+    assert (tmp_path / "out" / "cache" / "edu" / "edu-embeddings.sqlite").stat().st_size > 0
+    from pocketlm.data.pipeline import PipelineChanged
+
+    with pytest.raises(PipelineChanged, match=r"- edu: .*max_length"):
+        run(PipelineConfig.from_dict({**spec, "edu": {"head": str(head_dir), "max_length": 128}}))
 
 
 def test_binary_f1_and_bad_annotations(tmp_path):
@@ -163,9 +170,9 @@ def _count_computed(embedder: Embedder, monkeypatch) -> list[int]:
     calls: list[int] = []
     real = embedder._compute
 
-    def counting(texts):
+    def counting(texts, progress=False):
         calls.append(len(texts))
-        return real(texts)
+        return real(texts, progress)
 
     monkeypatch.setattr(embedder, "_compute", counting)
     return calls
@@ -211,3 +218,20 @@ def test_embedder_rejects_bad_options(tmp_path, head_dir):
         Embedder(cache_dir=tmp_path / "bad").embed(["x"])
     with pytest.raises(DataPipelineError, match="not both"):
         EduScorer(head_dir, Embedder(), precision="fp32")
+
+
+def test_train_edu_shows_embedding_progress(tmp_path, capsys, head_dir):
+    """`pocketlm data train-edu` embeds for tens of seconds: a progress bar on stderr says how far it got."""
+    from pocketlm.data import commands
+
+    _annotations(tmp_path / "ann.jsonl")
+    assert commands.main(["train-edu", "--annotations", str(tmp_path / "ann.jsonl"), "--out",
+                          str(tmp_path / "head")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"edu embeddings: +\d+%.* \d+/79 ", err), err     # 80 annotations, one duplicate
+    assert EduHead.load(tmp_path / "head").cut is not None
+    assert commands.main(["train-edu", "--annotations", str(tmp_path / "ann.jsonl"), "--out",
+                          str(tmp_path / "head2"), "--no-progress"]) == 0
+    assert "edu embeddings" not in capsys.readouterr().err
+    Embedder(cache_size=0).embed(["A function returns a value."], progress=False)
+    assert capsys.readouterr().err == ""

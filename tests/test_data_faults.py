@@ -176,6 +176,18 @@ def test_missing_prerequisites_fail_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()    # nothing ran
 
 
+def test_edu_embedder_options_are_validated_with_the_config(tmp_path):
+    """The edu section accepts the embedder's max_length and precision, and a bad value is named up front."""
+    edu = {"head": str(tmp_path / "head")}
+    PipelineConfig.from_dict(small_cfg(tmp_path, edu={**edu, "max_length": 192, "precision": "fp32"}))
+    with pytest.raises(DataPipelineError) as e:
+        PipelineConfig.from_dict(small_cfg(tmp_path, edu={**edu, "max_length": 1024, "max_lenght": 1}))
+    msg = str(e.value)
+    assert "max_length=1024" in msg and "unknown key 'max_lenght' (did you mean 'max_length'?)" in msg
+    with pytest.raises(DataPipelineError, match="precision 'int4'"):
+        PipelineConfig.from_dict(small_cfg(tmp_path, edu={**edu, "precision": "int4"}))
+
+
 def test_config_typos_and_bad_numbers(tmp_path):
     base = {"sources": [{"name": "a", "path": "x"}]}
     with pytest.raises(DataPipelineError, match=r"unknown key 'dedupe' \(did you mean 'dedup'\?\); valid keys: .*"

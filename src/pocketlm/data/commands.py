@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=3.0)
     p.add_argument("--heldout", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while embedding")
     p = sub.add_parser("score", help="print the edu score of each document of a corpus file (JSONL, Parquet, ...)")
     p.add_argument("--head", required=True)
     p.add_argument("file", help="documents need a 'text'; without an 'id' they are named <file stem>/<file>:<line>, "
@@ -136,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pocketlm data train-edu: embedding the annotations of {args.annotations or SEED_PATH} and fitting "
               f"the head (about a minute on 2 cores) -> {args.out}", file=sys.stderr, flush=True)
         head = train_from_jsonl(args.annotations or SEED_PATH, args.out, threshold=args.threshold,
-                                heldout=args.heldout, seed=args.seed)
+                                heldout=args.heldout, seed=args.seed, progress=not args.no_progress)
         m = head.metrics
         b = m["heldout_binary"]
         print(f"edu head: {m['n_train']} train / {m['n_heldout']} held-out annotations, ridge lambda "

@@ -12,16 +12,21 @@ document are embedded (the model reads 256 word pieces anyway). Deviations: a sm
 FineWeb-Edu's; the head is saved as safetensors (`edu-head.safetensors`: weight (384,), bias (1,)) with its
 metrics in `edu-head.json`.
 
-Speed (`Embedder`; `python bench/bench_data.py --edu-only`): the embedder used to run `transformers.BertModel` in
-fp32 over padded batches of 32 at about 12 documents/s/core (`precision="reference"`, kept as the baseline; the
-same vectors as `sentence_transformers.SentenceTransformer`). The default now runs the same BERT encoder as plain
-tensor code (`_MiniLM`; fp32 matches the reference to 1e-5) with int8 weights and per-token int8 activations
-(`torch._int_mm`), over batches of documents of equal token count (no padding, no attention mask): 2.5-2.7x the
-reference per core at the same 256 tokens, edu scores within 0.12 (Spearman 0.998, keep/drop decisions 100% the same
-on 256 real documents). Shorter inputs trade agreement for speed: `max_length=192` 3.6-3.9x (Spearman 0.95,
-decisions 99.6%), `max_length=128` 5.3-6.1x (Spearman 0.82, decisions 96.9%, but only a quarter of the kept set in
-common), so they are options, not the default. Embeddings are cached by content hash in memory and, with
-`cache_dir`, on disk: a rerun or a retried part embeds nothing twice.
+Speed (`Embedder`; `python bench/bench_data.py --edu-only`, 256 real documents, one thread, same-round ratios):
+the embedder used to run `transformers.BertModel` in fp32 over padded batches of 32 at about 12 documents/s/core
+(`precision="reference"`, kept as the baseline; the same vectors as `sentence_transformers.SentenceTransformer`).
+The default runs the same BERT encoder as plain tensor code (`_MiniLM`; fp32 matches the reference to 1e-5) with
+int8 weights and per-token int8 activations (`torch._int_mm`), over batches of at most 512 tokens of documents of
+equal token count (no padding, no attention mask): 2.4-2.7x the reference per core at the same 256 tokens (edu
+scores within 0.12, Spearman 0.998, keep/drop decisions 100% the same). 5x at 256 tokens is out of reach on a CPU
+core: a document is 5.4 GFLOP of linears plus 0.6 GFLOP of attention, the int8 products alone run at ~430 GOPS
+(AVX512-VNNI, near peak) = 12.6 ms a document, and 5x needs 16 ms for everything; fp32 attention (already the
+fused `scaled_dot_product_attention`) takes ~9 ms and the elementwise steps ~9 ms (bf16 attention, pocketlm's own
+Q8_0 kernels and `torch.compile` were measured and gave nothing or <= 15%). Shorter inputs trade agreement for
+speed (max_length: speedup, Spearman, decisions, kept-set overlap): 224: 2.8x, 0.98, 100%, 1.00; 192: 3.4x, 0.95,
+99.6%, 0.88; 160: 4.0x, 0.89, 99.2%, 0.75; 128: 5.2x, 0.82, 96.9%, 0.27; so they are options (the pipeline's
+`edu.max_length`), not the default. Embeddings are cached by content hash in memory and, with `cache_dir` (the
+pipeline uses `<out>/cache/edu`), on disk: a rerun or a retried part embeds nothing twice.
 
 Annotation rubric (used for the shipped seed set `assets/edu-seed.jsonl`; adapted from FineWeb-Edu's additive
 prompt to our corpus of documentation, reference text, code and miscellany). Start at 0 and add a point per
@@ -183,7 +188,7 @@ class _MiniLM:
 class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings (384-d, mean pooled, L2 normalised), offline, with a content cache.
 
-    `precision`: "int8" (default; int8 weights and per-token int8 activations, 2.5-2.7x the reference per core,
+    `precision`: "int8" (default; int8 weights and per-token int8 activations, 2.4-2.7x the reference per core,
     embeddings within 0.99 cosine of fp32 on our documents), "fp32" (the same encoder in float32), or
     "reference" (the original `transformers.AutoModel` path, batches of `batch_size` in input order, kept as the
     baseline the others are measured against). The first `max_chars` characters are tokenised and the first
@@ -197,7 +202,7 @@ class Embedder:
     used dropped) and, with `cache_dir` (or the `POCKETLM_EDU_CACHE` environment variable), in an SQLite file that
     several processes may share, so reruns and retries do not embed a document twice."""
 
-    tokens_per_batch = 1024
+    tokens_per_batch = 512
 
     def __init__(self, model_dir: str | os.PathLike | None = None, *, max_length: int = 256, batch_size: int = 32,
                  max_chars: int = 2000, precision: str = "int8", cache_dir: str | os.PathLike | None = None,
@@ -252,8 +257,9 @@ class Embedder:
         return {"precision": self.precision, "max_length": self.max_length, "max_chars": self.max_chars}
 
     # ------------------------------------------------------------------------------------------------ embedding
-    def embed(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), 384) float32 unit vectors, in the order of `texts`; cached documents are not recomputed."""
+    def embed(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """(len(texts), 384) float32 unit vectors, in the order of `texts`; cached documents are not recomputed.
+        `progress`: a tqdm bar on stderr over the documents being embedded (cache hits are not shown)."""
         out = np.zeros((len(texts), 384), np.float32)
         if not texts:
             return out
@@ -274,7 +280,7 @@ class Embedder:
                 self.stats["disk_hits"] += 1
         if todo:
             first = [idx[0] for idx in todo.values()]
-            vecs = self._compute([texts[i] for i in first])
+            vecs = self._compute([texts[i] for i in first], progress)
             self.stats["embedded"] += len(first)
             for (k, idx), v in zip(todo.items(), vecs):
                 out[idx] = v
@@ -283,9 +289,20 @@ class Embedder:
                 self._disk_put(list(zip(todo, vecs)))
         return out
 
-    def _compute(self, texts: list[str]) -> np.ndarray:
-        if self.precision == "reference":
-            return _reference_embed(*self._load(), texts, self.max_length, self.batch_size, self.max_chars)
+    def _compute(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(texts), desc="edu embeddings", unit="doc", disable=not progress, file=sys.stderr,
+                   leave=False)
+        with bar:
+            if self.precision == "reference":
+                return _reference_embed(*self._load(), texts, self.max_length, self.batch_size, self.max_chars,
+                                        bar.update)
+            return self._compute_fast(texts, bar.update)
+
+    def _compute_fast(self, texts: list[str], done) -> np.ndarray:
         import torch
 
         model, tok = self._load()
@@ -296,13 +313,14 @@ class Embedder:
         out = np.zeros((len(texts), 384), np.float32)
         with torch.inference_mode():
             for n, idx in sorted(by_len.items()):
-                # a batch of equal-length documents needs no padding and no attention mask; at most ~1k tokens a
-                # batch keeps the (tokens x 1536) activations in the caches (8k tokens a batch: ~40% slower)
+                # a batch of equal-length documents needs no padding and no attention mask; at most 512 tokens a
+                # batch keeps the (tokens x 1536) activations in the caches (1k tokens: 10-25% slower, 8k: ~40%)
                 step = max(1, min(self.batch_size, self.tokens_per_batch // n))
                 for s in range(0, len(idx), step):
                     part = idx[s:s + step]
                     ids = torch.tensor([enc[i].ids for i in part], dtype=torch.long)
                     out[part] = torch.nn.functional.normalize(model(ids), dim=-1).numpy()
+                    done(len(part))
         return out
 
     # ------------------------------------------------------------------------------------------------ cache
@@ -380,7 +398,8 @@ def _load_transformers(model_dir: Path):
     return AutoModel.from_pretrained(str(model_dir)).eval(), AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def _reference_embed(model, tok, texts: list[str], max_length: int, batch_size: int, max_chars: int) -> np.ndarray:
+def _reference_embed(model, tok, texts: list[str], max_length: int, batch_size: int, max_chars: int,
+                     done=lambda n: None) -> np.ndarray:
     """The original embedding code: `transformers` BertModel, padded batches in input order, masked mean pooling
     (the same vectors as `sentence_transformers.SentenceTransformer`)."""
     import torch
@@ -394,6 +413,7 @@ def _reference_embed(model, tok, texts: list[str], max_length: int, batch_size: 
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             e = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out.append(torch.nn.functional.normalize(e, dim=-1).numpy())
+            done(len(batch))
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 384), np.float32)
 
 
@@ -519,10 +539,11 @@ def train_head(emb: np.ndarray, y: np.ndarray, *, heldout: float = 0.2, seed: in
 
 
 def train_from_jsonl(path: str | os.PathLike, out: str | os.PathLike, *, embedder: Embedder | None = None,
-                     **kw) -> EduHead:
+                     progress: bool = False, **kw) -> EduHead:
+    """Embed the annotations (a progress bar on stderr with `progress`), fit the head, save it in `out`."""
     texts, y, _ = read_annotations(path)
     embedder = embedder or Embedder()
-    head = train_head(embedder.embed(texts), y, **kw)
+    head = train_head(embedder.embed(texts, progress=progress), y, **kw)
     head.metrics["embedder"] = embedder.settings()
     head.save(out)
     return head

@@ -104,7 +104,7 @@ class PipelineConfig:
     filters: Any = None                 # default filter spec for web sources (None: all four, defaults)
     code_filters: Any = field(default_factory=lambda: {"gopher_repetition": {}})
     dedup: dict | None = field(default_factory=dict)    # DedupConfig fields; None disables
-    edu: dict | None = None             # {"head": folder, "threshold": 3}; None disables
+    edu: dict | None = None             # {"head": folder, "max_length"?, "precision"?}; None disables
     knowledge: dict | None = field(default_factory=dict)  # KnowledgeFilter fields; None disables
     decontam: dict | None = None        # {"items": [jsonl...], "eval_tasks": "all", "eval_data": dir, "n": 13}
     mixture: dict = field(default_factory=dict)  # phase -> source -> {"weight", "min_edu"?, "exclude_demoted"?}
@@ -223,9 +223,12 @@ class PipelineConfig:
             if self.knowledge.get("action", "tag") not in ("tag", "drop"):
                 out.append(f"knowledge: action {self.knowledge['action']!r} is not 'tag' or 'drop'")
         if isinstance(self.edu, dict):
-            out += _unknown_keys(self.edu, ("head", "optional"), "edu")
+            out += _unknown_keys(self.edu, ("head", "optional", *EDU_EMBEDDER_KEYS), "edu")
             if not self.edu.get("head"):
                 out.append("edu: needs 'head', the folder of a head trained with `pocketlm data train-edu`")
+            from pocketlm.data.edu import Embedder
+
+            out += _try("edu", lambda: Embedder(**edu_embedder_options(self.edu)))
         if isinstance(self.decontam, dict):
             out += _unknown_keys(self.decontam, ("items", "eval_tasks", "eval_data", "n", "min_short_words",
                                                  "optional"), "decontam")
@@ -332,6 +335,15 @@ def _abs(p) -> str:
 
 def _fields(cls) -> tuple[str, ...]:
     return tuple(cls.__dataclass_fields__)
+
+
+EDU_EMBEDDER_KEYS = ("max_length", "precision")
+"""Optional keys of the config's edu section passed to `edu.Embedder` (defaults: 256 word pieces, "int8")."""
+
+
+def edu_embedder_options(edu: dict) -> dict:
+    """The embedder options set in an edu config section."""
+    return {k: edu[k] for k in EDU_EMBEDDER_KEYS if k in edu}
 
 
 def _unknown_keys(given: dict, valid, where: str) -> list[str]:
@@ -498,7 +510,9 @@ def _own_inputs(cfg: PipelineConfig, stage: str, digests: FileDigests) -> dict:
 
         return {"config": DedupConfig(**cfg.dedup).as_dict(), "code": _code("pocketlm.data.dedup")}
     if stage == "edu":
-        return {"head": digests.tree(cfg.edu["head"]), "code": _code("pocketlm.data.edu")}
+        opts = edu_embedder_options(cfg.edu)    # only when set: configs without them keep their earlier hashes
+        return {"head": digests.tree(cfg.edu["head"]), "code": _code("pocketlm.data.edu"),
+                **({"embedder": opts} if opts else {})}
     if stage == "knowledge":
         from pocketlm.data.knowledge import KnowledgeFilter
 
@@ -842,7 +856,9 @@ def _stage_fn(cfg: PipelineConfig, stage: str, source: str) -> Callable[[list[Do
         from pocketlm.data.edu import EduScorer
 
         torch.set_num_threads(1)
-        scorer = EduScorer(cfg.edu["head"])
+        # embeddings cached by content in the output folder: a retried part or a rerun embeds nothing twice
+        scorer = EduScorer(cfg.edu["head"], cache_dir=Path(cfg.out) / "cache" / "edu",
+                           **edu_embedder_options(cfg.edu))
 
         def fn(docs):
             scores = scorer.score([d.text for d in docs])
