@@ -1,5 +1,6 @@
-"""Serving throughput: aggregate tokens/s at 1, 4, 16 and 32 concurrent requests, against the same requests run
-one at a time, through a real `pocketlm serve` process on 127.0.0.1.
+"""Serving throughput: aggregate tokens/s at 1, 4, 8, 16 and 32 concurrent requests, against the same requests run
+one at a time, through a real `pocketlm serve` process on 127.0.0.1; and the prefix cache's effect on time to
+first token when 16 clients share a 500-token system prompt.
 
 For each concurrency level c: c chat requests (distinct prompts, greedy, max_tokens fixed, stop tokens biased
 away so every request generates exactly max_tokens) are sent at once as streams, then the same c requests are
@@ -7,8 +8,17 @@ sent one after another. Reported: wall time, aggregate tokens/s both ways, the s
 sequential baseline measured in the same run), p50/p99 time to first token of the concurrent run. One more
 baseline row: `pocketlm.engine.generate` in-process (no HTTP) on the first 4 prompts.
 
-    python bench/bench_serve.py [--model tiny] [--max-tokens 64] [--levels 1,4,16,32] [--threads 1]
-                                [--out FILE.json]
+Shared system prompt (`--shared-clients 16`, 0 to skip): two more server processes, one with the prefix cache
+and one with `--no-prefix-cache`, each get the same 16 chat requests at once: a ~500-token system message (the
+same for all) and a short distinct user message, `--shared-max-tokens` tokens each. Round 1 starts from an empty
+cache (the first request to be prefilled fills it); round 2 sends 16 new user messages with the same system
+prompt. Reported: TTFT p50/p99 per round with and without the cache, their ratio (target: p50 with <= 1/3 of
+without), and the server's prefix cache hit rate from /metrics.
+
+    python bench/bench_serve.py [--model tiny|default|PATH] [--max-tokens 64] [--levels 1,4,8,16,32]
+                                [--threads 1] [--shared-clients 16] [--out FILE.json]
+
+`--model default` serves the embedded default model (`pocketlm serve` with MODEL omitted).
 
 The server runs in its own process (so the client's Python does not share its GIL); prints a table and writes
 JSON. On the shared 2-core development machine the numbers move with other load: compare within one run.
@@ -85,6 +95,95 @@ async def run_level(url: str, c: int, max_tokens: int) -> dict:
             "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
 
 
+def shared_system_prompt(n_tokens: int = 500) -> str:
+    """A system message of about n_tokens tokens (numbered shop rules), measured with the default tokenizer."""
+    from pocketlm import Tokenizer
+
+    tok = Tokenizer.default()
+    topics = ["opening hours", "returns", "warranty", "delivery", "gift cards", "power tools", "paint", "timber",
+              "fasteners", "garden supplies", "plumbing", "safety gear"]
+    lines, k = [], 0
+    while len(tok.encode("\n".join(lines))) < n_tokens:
+        lines.append(f"Rule {k + 1}: when a customer asks about {topics[k % len(topics)]}, answer in one short, "
+                     f"polite sentence and never guess a price.")
+        k += 1
+    return "\n".join(lines)
+
+
+def shared_body(system: str, i: int, max_tokens: int) -> dict:
+    return {"model": "bench", "messages": [{"role": "system", "content": system},
+                                           {"role": "user", "content": f"Customer {i}: question number {i}?"}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "logit_bias": NO_STOP}
+
+
+async def run_shared(url: str, system: str, clients: int, max_tokens: int, offset: int) -> dict:
+    limits = httpx.Limits(max_connections=clients + 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        res = await asyncio.gather(*[one(client, url, shared_body(system, offset + i, max_tokens))
+                                     for i in range(clients)])
+    ttfts = sorted(r[0] for r in res)
+    return {"ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+
+def prefix_metrics(base: str) -> dict:
+    """The prefix cache series of the server's /metrics (empty with --no-prefix-cache)."""
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("pocketlm_prefix_cache_"):
+            name, value = line.split()
+            out[name[len("pocketlm_prefix_cache_"):]] = float(value)
+    return out
+
+
+class Server:
+    """`pocketlm serve` in its own process on a free port; `with Server(cmd_args) as base_url:`."""
+
+    def __init__(self, args: list[str]):
+        self.port = free_port()
+        self.cmd = [sys.executable, "-m", "pocketlm.cli", "serve", *args, "--name", "bench", "--port", str(self.port),
+                    "--log-level", "warning"]
+
+    def __enter__(self) -> str:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        base = f"http://127.0.0.1:{self.port}"
+        for _ in range(600):  # bounded: 60 s to start
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    return base
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {self.proc.stderr.read()[-2000:]}")
+            time.sleep(0.1)
+        self.__exit__()
+        raise SystemExit("the server did not answer /health within 60 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def shared_prompt_scenario(model_args: list[str], common: list[str], clients: int, max_tokens: int) -> dict:
+    """TTFT of `clients` concurrent requests sharing a ~500-token system prompt, with and without the prefix
+    cache, two rounds each (round 1: empty cache); the ratios of the p50s."""
+    system = shared_system_prompt()
+    out = {"clients": clients, "max_tokens": max_tokens}
+    for name, flag in (("with_cache", "--prefix-cache"), ("without_cache", "--no-prefix-cache")):
+        with Server([*model_args, *common, "--max-slots", str(clients), flag]) as base:
+            url = f"{base}/v1/chat/completions"
+            asyncio.run(run_shared(url, "You are terse.", 2, 4, 10_000))  # warm-up: not the shared prompt
+            rounds = [asyncio.run(run_shared(url, system, clients, max_tokens, r * clients)) for r in range(2)]
+            out[name] = {"rounds": rounds, "metrics": prefix_metrics(base)}
+    for r in range(2):
+        out[f"round{r + 1}_ttft_p50_ratio"] = (out["with_cache"]["rounds"][r]["ttft_p50_s"]
+                                               / out["without_cache"]["rounds"][r]["ttft_p50_s"])
+    return out
+
+
 def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4) -> dict:
     import torch
 
@@ -93,7 +192,12 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
     from pocketlm.engine.generate import generate_full
 
     torch.set_num_threads(threads)
-    model, tok = pocketlm.load(model_name), Tokenizer.default()
+    if model_name == "default":  # as `pocketlm serve` loads it: float32
+        from pocketlm.api import default_model_path
+        model = pocketlm.load(str(default_model_path()), dtype="float32")
+    else:
+        model = pocketlm.load(model_name)
+    tok = Tokenizer.default()
     tokens, t0 = 0, time.perf_counter()
     for i in range(n):
         msgs = body(i, max_tokens)["messages"]
@@ -107,36 +211,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--levels", default="1,4,16,32")
+    ap.add_argument("--levels", default="1,4,8,16,32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shared-clients", type=int, default=16,
+                    help="clients sharing a 500-token system prompt, with and without prefix caching (0: skip)")
+    ap.add_argument("--shared-max-tokens", type=int, default=8)
     ap.add_argument("--out", default=None, help="JSON output (default: <tmp>/pocketlm-bench/serve-<device>.json)")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
-    port = free_port()
-    cmd = [sys.executable, "-m", "pocketlm.cli", "serve", args.model, "--name", "bench", "--port", str(port),
-           "--max-slots", str(max(levels)), "--threads", str(args.threads), "--device", args.device,
-           "--context-length", str(min(1024, 64 + args.max_tokens * 2)), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(600):  # bounded: 60 s to start
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    model_args = [] if args.model == "default" else [args.model]
+    common = ["--threads", str(args.threads), "--device", args.device]
+    server = Server([*model_args, *common, "--max-slots", str(max(levels)),
+                     "--context-length", str(min(1024, 64 + args.max_tokens * 2))])
+    cmd = server.cmd
+    with server as root:
+        url = f"{root}/v1/chat/completions"
         asyncio.run(run_level(url, 2, 8))  # warm-up
         rows = [asyncio.run(run_level(url, c, args.max_tokens)) for c in levels]
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    shared = (shared_prompt_scenario(model_args, common, args.shared_clients, args.shared_max_tokens)
+              if args.shared_clients > 0 else None)
     base = generate_baseline(args.model, args.max_tokens, args.threads) if args.device == "cpu" else None
     print(f"\npocketlm serve, model {args.model}, {args.max_tokens} tokens per request, greedy, "
           f"torch threads {args.threads}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
@@ -149,8 +243,22 @@ def main(argv=None) -> int:
     if base:
         print(f"in-process pocketlm.engine.generate, one at a time ({base['requests']} requests): "
               f"{base['tokens_per_s']:.1f} tokens/s")
+    if shared:
+        print(f"\n{shared['clients']} clients sharing a ~500-token system prompt, {shared['max_tokens']} tokens each:")
+        print(f"{'round':>6} {'cache':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
+        for r in range(2):
+            for name in ("with_cache", "without_cache"):
+                row = shared[name]["rounds"][r]
+                print(f"{r + 1:>6} {name.split('_')[0]:>8} {row['ttft_p50_s'] * 1000:>12.1f} "
+                      f"{row['ttft_p99_s'] * 1000:>12.1f}")
+            print(f"{'':>6} TTFT p50 with / without: {shared[f'round{r + 1}_ttft_p50_ratio']:.3f} (target <= 0.333)")
+        m = shared["with_cache"]["metrics"]
+        if m:
+            print(f"prefix cache: hit rate {m.get('hit_rate', 0):.3f} ({m.get('hit_tokens_total', 0):.0f} hit, "
+                  f"{m.get('miss_tokens_total', 0):.0f} computed prompt tokens)")
     result = {"model": args.model, "max_tokens": args.max_tokens, "threads": args.threads, "device": args.device,
-              "levels": rows, "generate_baseline": base, "command": " ".join(cmd[1:])}
+              "levels": rows, "generate_baseline": base, "shared_system_prompt": shared,
+              "command": " ".join(cmd[1:])}
     out = args.out or os.path.join(tempfile.gettempdir(), "pocketlm-bench", f"serve-{args.device.split(':')[0]}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

@@ -89,6 +89,10 @@ class ServerConfig:
     keep_alive_timeout: float = 5.0  # seconds an idle kept-alive connection stays open
     max_connections: int | None = None  # open connections; past it 503 (default: default_max_connections())
     modelfile: dict | None = None  # a store model's Modelfile: its SYSTEM and PARAMETERs fill what requests omit
+    prefill_chunk: int = 512  # prompt tokens prefilled per scheduler step, between decode steps
+    prefix_cache: bool = True  # reuse the keys/values of shared prompt prefixes (serve/kvpool.py)
+    prefix_cache_tokens: int | None = None  # positions the prefix cache keeps (None: 8192, at most 512 MiB)
+    kv_pool_tokens: int | None = None  # KV positions admitted sequences may reserve; then 429 (None: no limit)
 
 
 def default_max_connections() -> int:
@@ -421,7 +425,8 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     policy = fix_longrope_policy(model, ctx)
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_slots=config.max_slots, max_queue=config.max_queue, context_length=ctx,
-                    metrics=metrics)
+                    metrics=metrics, prefill_chunk_size=config.prefill_chunk, prefix_cache=config.prefix_cache,
+                    prefix_cache_tokens=config.prefix_cache_tokens, kv_pool_tokens=config.kv_pool_tokens)
     limits = Limits(max_n=config.max_n, context_length=ctx)
     names = [config.model_name] + list(config.aliases)
     chat_format = config.chat_format or model.config.chat_format

@@ -1,8 +1,9 @@
 """Continuous batching: one scheduler thread owns the model; requests join the running batch between steps.
 
-    submit() -> waiting queue -> free slot? -> prefill alone, in 512-token chunks (interleaved with decode
-    steps) -> its keys/values copied into its slot -> every decoding row advances in ONE forward_batched call
-    -> per-row sampling, stop tokens/strings, detokenization -> events to the request's asyncio queue
+    submit() -> waiting queue -> free slot? -> prefix cache lookup -> prefill the rest, in 512-token chunks
+    (several prompts batched, interleaved with decode steps) -> its keys/values copied into its slot -> every
+    decoding row advances in ONE forward_batched call -> per-row sampling, stop tokens/strings, detokenization
+    -> events to the request's asyncio queue
 
 Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one model):
 - Slots: `SlotKVCache` holds (layers, slots, n_kv, capacity, head_dim) keys/values; each row is written at its
@@ -10,9 +11,23 @@ Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one 
   `model.attention_mask` (causal by position, sliding window), so stale keys a previous occupant left beyond a
   row's length are never seen. Capacity grows in 256-position steps up to the context, so idle capacity costs
   no memory.
-- Exactness: a prompt is prefilled with the core `model(...)` forward and KVCache exactly as
-  `pocketlm.engine.generate.prefill` does (same 512-token chunk boundaries), so the first token equals the
-  single-request path bit for bit; decode rows then use `forward_batched`. On CPU fp32 the batched decode
+- Batched, chunked prefill: each step runs at most `prefill_chunk_size` prompt tokens (several short prompts in
+  one left-padded `forward_batched` call, or one chunk of a long one alone) and then one decode step for every
+  decoding row, so a long prompt delays the other streams' next token by one chunk, not by its whole prefill
+  (vLLM's chunked prefill).
+- Prefix caching (kvpool.py): a prompt's full 32-token blocks are kept as soon as they are prefilled, and a
+  finished sequence's prompt + reply blocks when it ends (LRU, reference-counted chains); a later prompt that
+  starts with the same blocks copies their keys/values and prefills only the rest (at least its last token).
+  Prompts that arrive together and start with the same uncached block: one computes it, the others wait a step
+  and take it from the cache. `n > 1` prefills each prompt once: the choices that wait for it take the same
+  keys/values and logits (each then samples with its own generator). Hit/miss tokens go to /metrics.
+- KV pool: with `kv_pool_tokens`, admission reserves prompt + max_tokens positions per sequence; a request that
+  does not fit what is left gets 429 with Retry-After at once (never a truncated reply later).
+- Exactness: a prompt prefilled alone uses the core `model(...)` forward and KVCache exactly as
+  `pocketlm.engine.generate.prefill` does (same 512-token chunk boundaries), so its first token equals the
+  single-request path bit for bit. A prefix-cache hit resumes at a block boundary on the same chunk grid (see
+  kvpool.py), and prompts prefilled together go through one batched forward: both change GEMM shapes, like the
+  batched decode that every row then uses (`forward_batched`). On CPU fp32 the batched decode
   gave identical greedy ids to `generate` in every test we ran (tests/test_serve_load.py checks 32 streams);
   floating-point reduction order is not formally batch-invariant, so on other devices/dtypes a near-tie could
   resolve differently (the comparison to make there is the same batch shape).
@@ -55,12 +70,16 @@ import torch
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
 from pocketlm.engine.sampling import SamplingParams, make_generator, sample
+from pocketlm.errors import ConfigError
 from pocketlm.serve.errors import QueueFullError
+from pocketlm.serve.kvpool import DEFAULT_BLOCK_SIZE, PrefixCache
 from pocketlm.serve.grammar import JsonConstraint, token_table
 from pocketlm.serve.schemas import GenRequest
 
 log = logging.getLogger("pocketlm.serve")
 CAPACITY_STEP = 256
+DEFAULT_PREFIX_CACHE_TOKENS = 8192  # prompt positions the prefix cache keeps (LRU beyond that) by default...
+DEFAULT_PREFIX_CACHE_BYTES = 512 * 2**20  # ...or fewer, when their keys/values would take more memory than this
 
 
 def fix_longrope_policy(model, context_length: int) -> str | None:
@@ -150,7 +169,49 @@ class Sequence:
     prefill_cache: object = None
     prefill_pos: int = 0
     finished: bool = False
+    reserved: int = 0  # KV pool positions held for this sequence (prompt + max_tokens) until it ends
     prompt_scores: list = field(default_factory=list)  # echo: (logprob, [(id, logprob), ...]) per prompt token 1..
+
+
+@dataclass
+class _Chunk:
+    """Prompt positions [start, end) of one sequence, prefilled this step with LongRoPE factor set `mode`."""
+
+    seq: Sequence
+    start: int
+    end: int
+    mode: str
+    score: bool  # echo with logprobs: every position's logits are needed
+
+
+class _PrefillBatch:
+    """The `cache` forward_batched takes for several prompts' chunks at once: row r holds its `n` new positions
+    at the end of the padded T (left padding); each layer's new keys/values go into the row's own batch-1
+    KVCache at [start, start + n), and the row attends over that cache's first start + n positions (zeros past
+    them, masked by the caller)."""
+
+    def __init__(self, parts: list[tuple[object, int, int]], T: int):
+        self.parts, self.T = parts, T
+        self.L = max(start + n for _, start, n in parts)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        B, H, _, D = k.shape
+        keys, values = k.new_zeros(B, H, self.L, D), v.new_zeros(B, H, self.L, D)
+        for r, (kv, start, n) in enumerate(self.parts):
+            end = start + n
+            kv.k[layer, 0, :, start:end] = k[r, :, self.T - n:]
+            kv.v[layer, 0, :, start:end] = v[r, :, self.T - n:]
+            keys[r, :, :end] = kv.k[layer, 0, :, :end]
+            values[r, :, :end] = kv.v[layer, 0, :, :end]
+        return keys, values
+
+
+@dataclass
+class _RowView:
+    """One slot row of the slot cache, shaped like a batch-1 KVCache's k/v (what PrefixCache.insert reads)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
 class EngineRequest:
@@ -181,17 +242,38 @@ class Engine:
     """The scheduler. `submit` from the event loop; the thread does everything else."""
 
     def __init__(self, model, tokenizer, *, max_slots: int = 8, max_queue: int = 64, context_length: int | None = None,
-                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE, metrics=None):
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE, metrics=None, prefix_cache: bool = True,
+                 prefix_cache_tokens: int | None = None, prefix_block_size: int = DEFAULT_BLOCK_SIZE,
+                 kv_pool_tokens: int | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.context_length = context_length or model.config.max_position_embeddings
         self.max_slots, self.max_queue = max_slots, max_queue
+        if prefill_chunk_size < 1:
+            raise ConfigError(f"prefill chunk size {prefill_chunk_size} must be >= 1")
         self.chunk = prefill_chunk_size
+        if kv_pool_tokens is not None and kv_pool_tokens < self.context_length:
+            raise ConfigError(f"kv_pool_tokens {kv_pool_tokens} must be >= the context length "
+                              f"{self.context_length}, so that any one valid request fits an empty pool")
+        self.kv_pool_tokens = kv_pool_tokens
+        self._reserved = 0  # KV positions promised to admitted sequences (prompt + max_tokens each)
         self.metrics = metrics
         self.vocab_limit = min(len(tokenizer), model.config.vocab_size)
         p = next(model.parameters())
         self.device = p.device
         self.cache = SlotKVCache(model.config, max_slots, self.context_length, p.dtype, p.device)
+        self.prefix = None
+        if prefix_cache:
+            self.prefix = PrefixCache(model.config, max_blocks=0, block_size=prefix_block_size,
+                                      dtype=model.lm_head.weight.dtype)
+            if prefix_cache_tokens is None:  # 8192 positions, fewer for a model whose keys/values are large
+                per_token = self.prefix.block_bytes / prefix_block_size
+                prefix_cache_tokens = min(DEFAULT_PREFIX_CACHE_TOKENS, int(DEFAULT_PREFIX_CACHE_BYTES // per_token))
+            if prefix_cache_tokens < 0:
+                raise ConfigError(f"prefix_cache_tokens {prefix_cache_tokens} must be >= 0")
+            self.prefix.max_blocks = prefix_cache_tokens // prefix_block_size
+            if self.prefix.max_blocks == 0:
+                self.prefix = None  # too small to hold one block: off
         self.table = token_table(tokenizer)
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -213,7 +295,8 @@ class Engine:
             for j in range(gen.n):
                 seed = None if params.seed is None else (params.seed + j) % 2**63
                 sp = params if seed == params.seed else SamplingParams(**{**params.__dict__, "seed": seed})
-                constraint = (JsonConstraint(gen.response_format["schema"], self.table, gen.stop_token_ids)
+                constraint = (JsonConstraint(gen.response_format["schema"], self.table, gen.stop_token_ids,
+                                             budget=sp.max_tokens)
                               if gen.response_format else None)
                 req.seqs.append(Sequence(
                     req=req, index=p_i * gen.n + j, prompt_index=p_i, prompt=list(prompt), params=sp,
@@ -226,6 +309,14 @@ class Engine:
             if len(self._waiting) + self._n_active + len(req.seqs) > self.max_slots + self.max_queue:
                 raise QueueFullError(f"the server is at capacity ({self.max_slots} concurrent sequences and "
                                      f"{self.max_queue} queued); retry later", retry_after=1)
+            need = [min(len(s.prompt) + s.params.max_tokens, self.context_length) for s in req.seqs]
+            if self.kv_pool_tokens is not None and self._reserved + sum(need) > self.kv_pool_tokens:
+                raise QueueFullError(f"the KV cache pool is full: this request needs {sum(need)} positions "
+                                     f"(prompt + max_tokens per choice), {self.kv_pool_tokens - self._reserved} of "
+                                     f"{self.kv_pool_tokens} are free; retry later", retry_after=2)
+            for s, k in zip(req.seqs, need):
+                s.reserved = k
+            self._reserved += sum(need)
             self._waiting.extend(req.seqs)
             self._cond.notify()
         return req
@@ -243,7 +334,9 @@ class Engine:
         with self._cond:
             return {"active": self._n_active, "waiting": len(self._waiting), "free_slots": len(self._free),
                     "slots": self.max_slots, "aborts": self.aborts, "steps": self.steps,
-                    "cache_capacity": self.cache.capacity}
+                    "cache_capacity": self.cache.capacity, "kv_pool_tokens": self.kv_pool_tokens,
+                    "kv_reserved_tokens": self._reserved,
+                    **(self.prefix.stats() if self.prefix is not None else {})}
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -299,6 +392,13 @@ class Engine:
                     self.metrics.aborted()
 
     def _release(self, seq: Sequence, locked: bool = False) -> None:
+        if seq.reserved:
+            if locked:
+                self._reserved -= seq.reserved
+            else:
+                with self._cond:
+                    self._reserved -= seq.reserved
+            seq.reserved = 0
         if seq.finished and seq.slot is None:
             return
         seq.finished = True
@@ -322,35 +422,51 @@ class Engine:
         req.emit({"type": "error", "message": message})
 
     def _step(self) -> None:
-        # 1) prefill: up to one chunk's worth of prompt tokens, each prompt alone (exactly the core prefill)
+        # 1) prefill: up to `chunk` prompt tokens, on generate.prefill's chunk grid; several prompts' chunks go
+        #    through one batched forward (one prompt alone: exactly the core prefill)
         budget = self.chunk
+        leading: set[tuple[int, int]] = set()
+        work: list[_Chunk] = []
         for seq in [s for s in self._active if s.length == 0 and not s.finished]:
+            key = (seq.req.number, seq.prompt_index)
+            if key in leading:
+                continue  # a sibling choice (n > 1) prefills this prompt; this one takes its keys/values
+            leading.add(key)
             if budget <= 0:
                 break
-            if seq.prefill_cache is None:
-                seq.prefill_cache = self.model.make_cache(1, len(seq.prompt))
-            mode = self.model.rope_mode_for(len(seq.prompt))
             gen = seq.req.gen
-            score = gen.echo and gen.logprobs
+            score = bool(gen.echo and gen.logprobs)
+            mode = self.model.rope_mode_for(len(seq.prompt))
+            if seq.prefill_cache is None:
+                if self.prefix is not None and not score and self._block_in_flight(seq, mode, work):
+                    continue  # this step computes the same next block for another prompt: take it next step
+                seq.prefill_cache = self.model.make_cache(1, len(seq.prompt))
+                if self.prefix is not None and not score:  # echo scores need every position's logits
+                    # at least the last prompt token is computed: its logits give the first sampled token
+                    seq.prefill_pos = self.prefix.match(seq.prompt, mode, len(seq.prompt) - 1, seq.prefill_cache)
             start = seq.prefill_pos
-            tokens = torch.tensor([seq.prompt[start:start + self.chunk]], device=self.device)
-            logits = self._mask_padding(self.model(tokens, seq.prefill_cache, last_only=not score, rope_mode=mode))
-            if score:
-                self._score_prompt(seq, start, logits[0])
-            logits = logits[0, -1]
-            seq.prefill_pos += tokens.shape[1]
-            budget -= tokens.shape[1]
+            end = min(len(seq.prompt), (start // self.chunk + 1) * self.chunk)  # generate.prefill's chunk grid
+            work.append(_Chunk(seq, start, end, mode, score))
+            budget -= end - start
+        for item, logits in self._prefill_forward(work):
+            seq = item.seq
+            if seq.finished:  # another prompt of its request failed while sampling: the request is over
+                continue
+            if item.score:
+                self._score_prompt(seq, item.start, logits)
+            logits = logits[-1]
+            seq.prefill_pos = item.end
+            kv = seq.prefill_cache
+            if self.prefix is not None:  # full blocks become shareable as soon as they are computed
+                self.prefix.insert(seq.prompt[:item.end], item.mode, kv)
             if seq.prefill_pos == len(seq.prompt):
-                if gen.echo:
-                    seq.req.emit({"type": "prompt", "index": seq.index, "scores": seq.prompt_scores})
-                    seq.prompt_scores = []
-                if gen.echo_only:
-                    self._finish_echo_only(seq)
-                    continue
-                self.cache.load(seq.slot, seq.prefill_cache, len(seq.prompt))
-                seq.prefill_cache = None
-                seq.length = len(seq.prompt)
-                self._guarded_accept(seq, logits)
+                scores = seq.prompt_scores
+                seq.prefill_cache, seq.prompt_scores = None, []
+                followers = [s for s in self._active if s is not seq and s.req is seq.req and s.length == 0
+                             and s.prompt_index == seq.prompt_index and not s.finished and s.prefill_cache is None]
+                for s in [seq] + followers:
+                    if not s.finished:  # a failed sample of one choice fails (finishes) the whole request
+                        self._prefilled(s, kv, logits if s is seq else logits.clone(), scores)
         # 2) one decode step for every row that has a token to feed
         rows = [s for s in self._active if s.length > 0 and not s.finished]
         if not rows:
@@ -364,6 +480,84 @@ class Engine:
         for i, seq in enumerate(rows):
             seq.length += 1
             self._guarded_accept(seq, logits[i])
+
+    def _block_in_flight(self, seq: Sequence, mode: str, work: list["_Chunk"]) -> bool:
+        """Whether a chunk already planned this step computes the block `seq` would prefill first (the same
+        tokens from position 0): then `seq` waits one step and takes that block from the prefix cache."""
+        bs = self.prefix.block_size
+        h = self.prefix.cached_len(seq.prompt, mode, len(seq.prompt) - 1)
+        if h + bs > len(seq.prompt) - 1:
+            return False  # only a partial block is left to compute: nothing to share
+        head = seq.prompt[:h + bs]
+        return any(w.mode == mode and w.start <= h and w.end >= h + bs and w.seq.prompt[:h + bs] == head
+                   for w in work)
+
+    def _prefill_forward(self, work: list["_Chunk"]):
+        """Run the planned prompt chunks; yield (chunk, logits (T, V) or (1, V)) with padding ids masked.
+
+        One chunk (or an echo-scoring one) runs alone through `model(...)` with its batch-1 cache, exactly as
+        `generate.prefill` does; the others of one LongRoPE mode go through one `forward_batched` call, left-padded
+        so that every row's last real token is the last position (`last_only`)."""
+        batched: dict[str, list[_Chunk]] = {}
+        for item in work:
+            if item.score:
+                yield item, self._prefill_alone(item)
+            else:
+                batched.setdefault(item.mode, []).append(item)
+        for mode, items in batched.items():
+            if len(items) == 1:
+                yield items[0], self._prefill_alone(items[0])
+                continue
+            T = max(w.end - w.start for w in items)
+            parts = [(w.seq.prefill_cache, w.start, w.end - w.start) for w in items]
+            cache = _PrefillBatch(parts, T)
+            pad = 0  # any id: padded positions are masked out of every real query's keys and discarded
+            ids = torch.tensor([[pad] * (T - (w.end - w.start)) + w.seq.prompt[w.start:w.end] for w in items],
+                               device=self.device)
+            positions = torch.tensor([[max(w.start, w.end - T + t) for t in range(T)] for w in items],
+                                     device=self.device)
+            k_pos = torch.arange(cache.L, device=self.device)[None, :].expand(len(items), -1)
+            ends = torch.tensor([w.end for w in items], device=self.device)
+            mask = self.model.attention_mask(positions, k_pos, k_valid=k_pos < ends[:, None])
+            logits = self._mask_padding(self.model.forward_batched(ids, positions, mask, cache, rope_mode=mode,
+                                                                   last_only=True))
+            for w in items:
+                w.seq.prefill_cache.length, w.seq.prefill_cache.rope_mode = w.end, mode
+            for i, w in enumerate(items):
+                yield w, logits[i]
+
+    def _prefill_alone(self, item: "_Chunk") -> torch.Tensor:
+        seq = item.seq
+        tokens = torch.tensor([seq.prompt[item.start:item.end]], device=self.device)
+        return self._mask_padding(self.model(tokens, seq.prefill_cache, last_only=not item.score,
+                                             rope_mode=item.mode))[0]
+
+    def _prefilled(self, seq: Sequence, kv, logits: torch.Tensor, scores: list) -> None:
+        """A prompt's prefill is done (kv: its batch-1 cache, logits: its last position's): echo its scores, load
+        its keys/values into the sequence's slot and sample the first token. Called once per choice (n > 1
+        shares one prefill)."""
+        gen = seq.req.gen
+        if gen.echo:
+            seq.req.emit({"type": "prompt", "index": seq.index, "scores": scores})
+        if gen.echo_only:
+            self._finish_echo_only(seq)
+            return
+        self.cache.load(seq.slot, kv, len(seq.prompt))
+        seq.length = len(seq.prompt)
+        self._guarded_accept(seq, logits)
+
+    def _keep_conversation(self, seq: Sequence) -> None:
+        """A finished sequence's prompt + reply blocks go to the prefix cache (from its slot row), so a chat client
+        that resends the conversation with one more message prefills only that message. Skipped under the
+        "dynamic" LongRoPE policy, where decode steps of a mixed batch may use another factor set than the
+        prompt's (the server pins a static policy: `fix_longrope_policy`)."""
+        c = self.model.config
+        if self.prefix is None or seq.slot is None or seq.length == 0 or (
+                c.rope_scaling is not None and c.longrope_policy == "dynamic"):
+            return
+        tokens = (seq.prompt + seq.out)[:seq.length]  # every id whose keys/values the slot row holds
+        row = _RowView(self.cache.k[:, seq.slot:seq.slot + 1], self.cache.v[:, seq.slot:seq.slot + 1])
+        self.prefix.insert(tokens, self.model.rope_mode_for(len(seq.prompt)), row)
 
     def _score_prompt(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         """Echo: logits (T, V) of prompt positions start..start+T-1 (padding masked) -> the logprob (and top-k)
@@ -476,6 +670,7 @@ class Engine:
             self.metrics.token()
         req.emit(event)
         if finish is not None:
+            self._keep_conversation(seq)
             self._release(seq)
             req.unfinished -= 1
             if req.unfinished == 0:

@@ -64,6 +64,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=None, metavar="N",
                    help="open connections served at once; a connection beyond them gets 503 with Retry-After "
                         "(default 256, or half the open-file limit `ulimit -n` when that is lower)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                   help="prompt tokens prefilled per scheduler step, between decode steps, so a long prompt does "
+                        "not stall the other streams (default 512)")
+    p.add_argument("--prefix-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the keys/values of prompt prefixes shared by requests (system prompts, resent "
+                        "conversations, n > 1) (default on)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=None, metavar="N",
+                   help="positions the prefix cache keeps, least recently used evicted (default 8192, fewer where "
+                        "their keys/values would pass 512 MiB; 0 turns the cache off)")
+    p.add_argument("--kv-pool-tokens", type=int, default=None, metavar="N",
+                   help="KV positions (prompt + max_tokens per sequence) admitted requests may reserve; a request "
+                        "beyond gets 429 with Retry-After (default: no limit beyond the slots; >= the context)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -87,9 +99,10 @@ def run(args) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads {args.threads} must be >= 1")
         torch.set_num_threads(args.threads)
-    for name, lo in (("--max-slots", 1), ("--max-queue", 0), ("--max-n", 1), ("--port", 0)):
+    for name, lo in (("--max-slots", 1), ("--max-queue", 0), ("--max-n", 1), ("--port", 0), ("--prefill-chunk", 1),
+                     ("--prefix-cache-tokens", 0)):
         v = getattr(args, name[2:].replace("-", "_"))
-        if v < lo:
+        if v is not None and v < lo:
             raise ConfigError(f"{name} {v} must be >= {lo}")
     if not 0 < args.max_body_mb <= 1024:
         raise ConfigError(f"--max-body-mb {args.max_body_mb} must be in (0, 1024]")
@@ -133,13 +146,18 @@ def run(args) -> int:
                           chat_format=args.chat_format, allowed_hosts=list(args.allowed_host), bind_host=args.host,
                           header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
-                          modelfile=getattr(args, "modelfile", None))
-    torch.set_grad_enabled(False)
-    app = create_app(model, tok, config)
-    print(f"pocketlm serve: {config.model_name} on http://{args.host}:{args.port} (chat page at /, API at /v1; "
-          f"{args.max_slots} slots, context {config.context_length or model.config.max_position_embeddings}"
-          + (f", LongRoPE policy {app.state.longrope_policy}" if app.state.longrope_policy else "") + ")",
-          file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                **uvicorn_options(config))
+                          modelfile=getattr(args, "modelfile", None), prefill_chunk=args.prefill_chunk,
+                          prefix_cache=args.prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens,
+                          kv_pool_tokens=args.kv_pool_tokens)
+    # no autograd while serving (the engine's thread sets its own mode); scoped, so the caller's grad mode
+    # survives `run` (the CLI tests call it in-process)
+    with torch.no_grad():
+        app = create_app(model, tok, config)
+        print(f"pocketlm serve: {config.model_name} on http://{args.host}:{args.port} (chat page at /, API at "
+              f"/v1; {args.max_slots} slots, context "
+              f"{config.context_length or model.config.max_position_embeddings}"
+              + (f", LongRoPE policy {app.state.longrope_policy}" if app.state.longrope_policy else "") + ")",
+              file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                    **uvicorn_options(config))
     return 0

@@ -3,7 +3,11 @@
 Series (all prefixed `pocketlm_`): requests_total{endpoint,status} counter; aborted_requests_total counter
 (client disconnects); prompt_tokens_total and generated_tokens_total counters; queue_depth, active_slots,
 slots gauges; time_to_first_token_seconds histogram (submit -> first sampled token); generation_tokens_per_second
-gauge (tokens generated over the last 10 s / 10 s); engine_steps_total counter.
+gauge (tokens generated over the last 10 s / 10 s); engine_steps_total counter; prefix cache (when on):
+prefix_cache_hit_tokens_total / prefix_cache_miss_tokens_total counters (prompt tokens whose keys/values were
+reused / computed), prefix_cache_hit_rate gauge (hits over both), prefix_cache_blocks, prefix_cache_max_blocks,
+prefix_cache_bytes gauges, prefix_cache_evictions_total counter; KV pool (when limited): kv_pool_tokens and
+kv_pool_reserved_tokens gauges.
 Format reference: https://prometheus.io/docs/instrumenting/exposition_formats/
 """
 
@@ -93,6 +97,27 @@ class Metrics:
             out.append(f"pocketlm_slots {engine_stats['slots']}")
             head("engine_steps_total", "counter", "Scheduler steps (one batched decode each).")
             out.append(f"pocketlm_engine_steps_total {engine_stats['steps']}")
+            if "prefix_hit_tokens" in engine_stats:
+                for name, kind, key, help_ in (
+                        ("prefix_cache_hit_tokens_total", "counter", "prefix_hit_tokens",
+                         "Prompt tokens whose keys/values came from the prefix cache."),
+                        ("prefix_cache_miss_tokens_total", "counter", "prefix_miss_tokens",
+                         "Prompt tokens looked up in the prefix cache and computed."),
+                        ("prefix_cache_blocks", "gauge", "prefix_blocks", "Blocks held by the prefix cache."),
+                        ("prefix_cache_max_blocks", "gauge", "prefix_max_blocks",
+                         "Most blocks the prefix cache holds."),
+                        ("prefix_cache_bytes", "gauge", "prefix_bytes", "Memory of the prefix cache's blocks."),
+                        ("prefix_cache_evictions_total", "counter", "prefix_evictions",
+                         "Blocks evicted (least recently used) to make room.")):
+                    head(name, kind, help_)
+                    out.append(f"pocketlm_{name} {engine_stats[key]}")
+                head("prefix_cache_hit_rate", "gauge", "Prefix cache hits over prompt tokens looked up (tokens).")
+                out.append(f"pocketlm_prefix_cache_hit_rate {engine_stats['prefix_hit_rate']:.6f}")
+            if engine_stats.get("kv_pool_tokens") is not None:
+                head("kv_pool_tokens", "gauge", "KV positions the pool admits (prompt + max_tokens per sequence).")
+                out.append(f"pocketlm_kv_pool_tokens {engine_stats['kv_pool_tokens']}")
+                head("kv_pool_reserved_tokens", "gauge", "KV positions reserved by admitted sequences.")
+                out.append(f"pocketlm_kv_pool_reserved_tokens {engine_stats['kv_reserved_tokens']}")
             head("time_to_first_token_seconds", "histogram", "Time from admission to the first sampled token.")
             cum = 0
             for b, n in zip(TTFT_BUCKETS, self.ttft_counts):
