@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,9 +42,14 @@ def env(tmp_path_factory) -> dict:
     return e
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _spawn(env: dict):
+    # started with SIGINT ignored, as a shell's background job (or nohup) starts it: Ctrl-C must still work
     child = pexpect.spawn(sys.executable, ["-m", "pocketlm.cli", "chat", "tiny-chat", "--max-tokens", "4"], env=env,
-                          encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 200))
+                          encoding="utf-8", timeout=TIMEOUT, dimensions=(40, 200), preexec_fn=_ignore_sigint)
     child.expect("pocketlm chat: tiny-chat:latest")
     child.expect_exact(PROMPT)
     return child

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -120,6 +121,9 @@ class ChatREPL:
     def run(self) -> int:
         if self.interactive:
             self._setup_readline()
+            # Ctrl-C must stop a reply even when we were started with SIGINT ignored (a shell's background job,
+            # nohup): Python then installs no KeyboardInterrupt handler of its own
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         print(f"pocketlm chat: {self.name} ({self._chat_format()}); /? for help, /bye to exit", file=self.err)
         try:
             while True:
