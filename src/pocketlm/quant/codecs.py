@@ -1,4 +1,4 @@
-"""GGUF block formats in numpy: Q8_0, Q4_0, Q4_K quantize + dequantize; Q4_1, Q5_0, Q5_1, Q6_K dequantize.
+"""GGUF block formats in numpy: Q8_0, Q4_0, Q4_K quantize + dequantize; Q4_1, Q5_0, Q5_1, Q5_K, Q6_K dequantize.
 
 Each format stores a row of `n` weights as `n / block_size` blocks of `type_size` bytes (ggml-common.h):
 
@@ -9,6 +9,7 @@ Each format stores a row of `n` weights as `n / block_size` blocks of `type_size
     Q5_1  (32 w, 24 B):  f16 d | f16 m | u32 qh | nibbles     w = d * q + m
     Q4_K  (256 w, 144 B): f16 d | f16 dmin | 12 B of 6-bit (scale, min) for 8 sub-blocks of 32 | 128 B nibbles
                           w = d * sc_j * q - dmin * m_j
+    Q5_K  (256 w, 176 B): as Q4_K, with 32 B of fifth bits (qh) before the nibbles: q = nibble | bit << 4
     Q6_K  (256 w, 210 B): 128 B low nibbles | 64 B high 2 bits | 16 x int8 scales | f16 d;  w = d * sc * (q - 32)
 
 Exactness: every quantizer reproduces, in float32, the operation order of the reference it names, so the bytes
@@ -38,7 +39,7 @@ QK_K = 256  # super-block size of the k-quants
 
 # name -> (elements per block, bytes per block), ggml.c type_traits
 BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
-         "Q4_K": (256, 144), "Q6_K": (256, 210)}
+         "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 QUANTIZERS = ("Q8_0", "Q4_0", "Q4_K")
 
 
@@ -282,6 +283,21 @@ def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
     return (d * q - dm).reshape(-1)
 
 
+# ----- Q5_K (dequantize only) ----------------------------------------------------------------------------------
+
+def dequantize_q5_k(data: np.ndarray) -> np.ndarray:
+    """Q4_K plus a fifth bit: qh[l] bit j is the high bit of weight 32j + l (ggml dequantize_row_q5_K)."""
+    b = _raw_blocks(data, 176, "Q5_K")
+    N = b.shape[0]
+    sc, mn = _unpack_scales_k4(b[:, 4:16])
+    d = (_half(b[:, 0:2]) * sc.astype(np.float32)).reshape(N, 8, 1)
+    dm = (_half(b[:, 2:4]) * mn.astype(np.float32)).reshape(N, 8, 1)
+    hi = (b[:, 16:48].reshape(N, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
+    qs = b[:, 48:].reshape(N, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = ((qs & np.uint8(0x0F)).reshape(N, 8, 32) | (hi << np.uint8(4))).astype(np.float32)
+    return (d * q - dm).reshape(-1)
+
+
 # ----- Q6_K (dequantize only) ----------------------------------------------------------------------------------
 
 def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
@@ -301,7 +317,7 @@ def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
 
 _QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_K": quantize_q4_k}
 _DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
-               "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q6_K": dequantize_q6_k}
+               "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
 DEQUANTIZERS = tuple(_DEQUANTIZE)
 
 

@@ -1,4 +1,4 @@
-/* pocketlm CPU kernels: 4-bit and 8-bit weights times 8-bit activations, with integer dot products.
+/* pocketlm CPU kernels: 4-, 6- and 8-bit weights times 8-bit activations, with integer dot products.
  *
  * Loaded with ctypes by pocketlm/quant/kernels.py, which compiles this file on first use with the machine's C
  * compiler (-O3 -march=native -pthread) into a per-user cache. No Python API is used here.
@@ -24,9 +24,29 @@
  * Activation quantization follows llama.cpp's x86 quantize_row_q8_0/q8_1: d = amax/127 stored as f16,
  * q = round-half-even(x * 127/amax).
  *
+ * K-quants (Q4_K, Q6_K: super-blocks of 256 columns) use the same 16-row tiles, per tile and super-block:
+ *
+ *   Q4_K (2368 B):  nib[8][4][16][4] (2048)   sub-block j of 32 columns laid out as a Q4 block above
+ *                   sc[8][16] u8, mn[8][16] u8  6-bit scale and min of sub-block j, row r (unpacked from 12 B)
+ *                   d[16] f16, dmin[16] f16     w = d*sc*q - dmin*mn
+ *   Q6_K (3360 B):  nib[8][4][16][4] (2048)   low 4 bits of the codes, as Q4_K
+ *                   hb[8][2][16][4] (1024)     high 2 bits: byte (j, h, r, i) holds, at bits 2c..2c+1, those of
+ *                                              column 16h+4c+i of row r (the register of nibble half h, group c)
+ *                   sc[16][16] i8 (256)        scale of 16-column group g, row r
+ *                   d[16] f16                  w = d*sc*(q - 32)
+ *
+ * (as many bytes as the GGUF blocks, plus 64 per Q4_K tile block for the unpacked scales.) Their activations are
+ * llama.cpp's q8_K (quantize_row_q8_K_ref, which its x86 build uses): per 256 values, iscale = -127/max with max
+ * the signed value of largest magnitude, q = min(127, round-half-even(iscale*x)), d = 1/iscale (float), and the
+ * sums of each 16 codes (bsums). The integer arithmetic is llama.cpp's ggml_vec_dot_q4_K_q8_K / q6_K_q8_K:
+ *   Q4_K: sumi = sum_j sc_j * dot_j (int32),  msum = sum_j mn_j * (bsum_2j + bsum_2j+1),
+ *         y += (d*yd)*sumi - (dmin*yd)*msum
+ *   Q6_K: sumi = sum_g sc_g * (dot_g - 32*bsum_g) (int32),  y += (d*yd)*sumi
+ *
  * Entry points (all row-major, T tokens, K input features, N output features = 16 * tiles):
  *   pl_quantize_act(x, T, K, qa, da, sa_i, sa_f)        x float (T,K) -> qa int8 (T,K), da/sa_f float (T,K/32),
  *                                                        sa_i int32 (T,K/32)
+ *   pl_quantize_act_k(x, T, K, qa, d, bs)               q8_K: qa int8 (T,K), d float (T,K/256), bs int16 (T,K/16)
  *   pl_gemm(kind, w, tiles, K, qa, da, sa_i, sa_f, T, y, ldy)   y float (T, ldy), columns [0, 16*tiles)
  *   pl_set_threads(n), pl_get_threads(), pl_isa()
  *   pl_read_bandwidth(buf, bytes, reps) -> checksum      for the roofline measurement
@@ -51,7 +71,9 @@
 
 #define QK 32
 #define TILE 16
-enum { KIND_Q4_0 = 0, KIND_Q4_1 = 1, KIND_Q8_0 = 2 };
+#define QKK 256
+enum { KIND_Q4_0 = 0, KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q4_K = 3, KIND_Q6_K = 4, KIND_Q5_K = 5 };
+static int is_k(int kind) { return kind == KIND_Q4_K || kind == KIND_Q6_K || kind == KIND_Q5_K; }
 
 /* ---- threads: a pool whose jobs never wait for an idle thread -------------------------------------------------
  *
@@ -171,6 +193,19 @@ static size_t block_bytes(int kind) {
     return kind == KIND_Q8_0 ? 512 + 32 : (kind == KIND_Q4_1 ? 256 + 64 : 256 + 32);
 }
 
+/* K-quant tiles: bytes per tile and 256-column super-block, and the offsets of their parts (see the header) */
+#define K4_SC 2048
+#define K4_MN 2176
+#define K4_D 2304
+#define K4_DMIN 2336
+#define K6_HB 2048
+#define K6_SC 3072
+#define K6_D 3328
+#define K5_HB 2048
+static size_t kblock_bytes(int kind) { return kind == KIND_Q4_K ? 2368 : (kind == KIND_Q5_K ? 2880 : 3360); }
+/* Q4_K and Q5_K share the arithmetic; Q5_K's scales, mins and d follow its 512 bytes of fifth bits */
+static size_t k45_off(int kind) { return kind == KIND_Q5_K ? 512 : 0; }
+
 /* ---- f16 <-> f32 (portable, exact; used by the scalar paths and activation scales) ---------------------- */
 
 static float f16_to_f32(uint16_t h) {
@@ -243,6 +278,114 @@ static void quant_chunk(void *p, int t) {
 void pl_quantize_act(const float *x, int T, int K, int8_t *qa, float *da, int32_t *sa_i, float *sa_f) {
     quant_job q = {x, K, qa, da, sa_i, sa_f};
     parallel_run(quant_chunk, &q, T);
+}
+
+/* q8_K (the K-quants' activations), as llama.cpp's quantize_row_q8_K_ref, which its x86 build uses: blocks of
+ * 256, `max` the signed value of largest magnitude (the first one on ties), iscale = -127/max,
+ * q = min(127, nearest_int(iscale * x)) (half to even), d = 1/iscale as float, bsums = sums of 16 codes. */
+static void quantize_row_q8k(const float *x, int K, int8_t *q, float *d, int16_t *bs) {
+    for (int b = 0; b < K / QKK; b++) {
+        const float *xb = x + (size_t)b * QKK;
+        int8_t *qb = q + (size_t)b * QKK;
+        float amax = 0.0f, mx = 0.0f;
+        for (int j = 0; j < QKK; j++) { const float a = fabsf(xb[j]); if (a > amax) { amax = a; mx = xb[j]; } }
+        if (amax == 0.0f) {
+            d[b] = 0.0f; memset(qb, 0, QKK); memset(bs + (size_t)b * 16, 0, 16 * sizeof(int16_t));
+            continue;
+        }
+        const float iscale = -127.0f / mx;
+        for (int j = 0; j < QKK; j++) {
+            const int v = (int)nearbyintf(iscale * xb[j]);
+            qb[j] = (int8_t)(v < 127 ? v : 127);
+        }
+        for (int g = 0; g < 16; g++) {
+            int s = 0;
+            for (int j = 0; j < 16; j++) s += qb[16 * g + j];
+            bs[(size_t)b * 16 + g] = (int16_t)s;
+        }
+        d[b] = 1.0f / iscale;
+    }
+}
+
+typedef struct { const float *x; int K; int8_t *qa; float *d; int16_t *bs; } quant_k_job;
+
+static void quant_k_chunk(void *p, int t) {
+    const quant_k_job *q = p;
+    const int nsb = q->K / QKK;
+    quantize_row_q8k(q->x + (size_t)t * q->K, q->K, q->qa + (size_t)t * q->K, q->d + (size_t)t * nsb,
+                     q->bs + (size_t)t * nsb * 16);
+}
+
+void pl_quantize_act_k(const float *x, int T, int K, int8_t *qa, float *d, int16_t *bs) {
+    quant_k_job q = {x, K, qa, d, bs};
+    parallel_run(quant_k_chunk, &q, T);
+}
+
+/* ---- K-quant tiles against T tokens: scalar reference ------------------------------------------------------
+ * Q4_K per row:  sumi = sum_j sc_j * (sum_{32 cols of j} q*a), msum = sum_j mn_j * (bsum_2j + bsum_2j+1),
+ *                y += (d*yd) * sumi + (-(dmin*yd)) * msum                   (llama.cpp ggml_vec_dot_q4_K_q8_K)
+ * Q6_K per row:  sumi = sum_g sc_g * (sum_{16 cols of g} q*a - 32*bsum_g),  y += (d*yd) * sumi   (.._q6_K_q8_K)
+ * Every sum before the float step is exact in int32. */
+static void tile_k_scalar(int kind, const uint8_t *tp, int nsb, const int8_t *qa, const float *dA, const int16_t *bs,
+                          int K, int T, float *y, int ldy) {
+    const size_t bsz = kblock_bytes(kind);
+    for (int t = 0; t < T; t++) {
+        float acc[TILE] = {0};
+        for (int sb = 0; sb < nsb; sb++) {
+            const uint8_t *bp = tp + sb * bsz;
+            const int8_t *a = qa + (size_t)t * K + sb * QKK;
+            const float yd = dA[(size_t)t * nsb + sb];
+            const int16_t *bsum = bs + ((size_t)t * nsb + sb) * 16;
+            for (int r = 0; r < TILE; r++) {
+                int32_t sumi = 0;
+                if (kind != KIND_Q6_K) {  /* Q4_K, Q5_K */
+                    const size_t o = k45_off(kind);
+                    int32_t msum = 0;
+                    for (int j = 0; j < 8; j++) {
+                        const uint8_t *nb = bp + j * 256, *hb = bp + K5_HB + j * 64;
+                        const int8_t *aj = a + 32 * j;
+                        int32_t s = 0;
+                        for (int c = 0; c < 4; c++)
+                            for (int i = 0; i < 4; i++) {
+                                const uint8_t byte = nb[(c * TILE + r) * 4 + i];
+                                int q0 = byte & 0x0F, q1 = byte >> 4;
+                                if (kind == KIND_Q5_K) {
+                                    const uint8_t h = hb[r * 4 + i];
+                                    q0 |= ((h >> c) & 1) << 4;
+                                    q1 |= ((h >> (4 + c)) & 1) << 4;
+                                }
+                                s += q0 * aj[4 * c + i] + q1 * aj[16 + 4 * c + i];
+                            }
+                        sumi += s * (int32_t)bp[o + K4_SC + j * TILE + r];
+                        msum += (int32_t)bp[o + K4_MN + j * TILE + r] * ((int32_t)bsum[2 * j] + bsum[2 * j + 1]);
+                    }
+                    const uint16_t *dw = (const uint16_t *)(bp + o + K4_D), *mw = (const uint16_t *)(bp + o + K4_DMIN);
+                    acc[r] += (f16_to_f32(dw[r]) * yd) * (float)sumi;
+                    acc[r] += (-(f16_to_f32(mw[r]) * yd)) * (float)msum;
+                } else {
+                    const int8_t *sc = (const int8_t *)(bp + K6_SC);
+                    for (int j = 0; j < 8; j++) {
+                        const uint8_t *nb = bp + j * 256, *hb = bp + K6_HB + j * 128;
+                        const int8_t *aj = a + 32 * j;
+                        int32_t s0 = -32 * bsum[2 * j], s1 = -32 * bsum[2 * j + 1];
+                        for (int c = 0; c < 4; c++)
+                            for (int i = 0; i < 4; i++) {
+                                const uint8_t byte = nb[(c * TILE + r) * 4 + i];
+                                const uint8_t h0 = hb[r * 4 + i], h1 = hb[(TILE + r) * 4 + i];
+                                const int q0 = (byte & 0x0F) | (((h0 >> (2 * c)) & 3) << 4);
+                                const int q1 = (byte >> 4) | (((h1 >> (2 * c)) & 3) << 4);
+                                s0 += q0 * aj[4 * c + i];
+                                s1 += q1 * aj[16 + 4 * c + i];
+                            }
+                        sumi += s0 * sc[(2 * j) * TILE + r] + s1 * sc[(2 * j + 1) * TILE + r];
+                    }
+                    const uint16_t *dw = (const uint16_t *)(bp + K6_D);
+                    acc[r] += (f16_to_f32(dw[r]) * yd) * (float)sumi;
+                }
+            }
+        }
+        memcpy(y + (size_t)t * ldy, acc, sizeof acc);
+    }
 }
 
 /* ---- one tile (16 rows) against TN tokens: scalar reference ------------------------------------------ */
@@ -334,6 +477,113 @@ static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, con
         tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
                        sa_f + (size_t)t * nb, K, 1, y + (size_t)t * ldy, ldy);
 }
+
+/* Q6_K's 2 high bits of register c (0..3) of a sub-block, moved to bits 4-5 of each byte */
+static inline __m512i hi2_512(__m512i h, int c) {
+    const __m512i m30 = _mm512_set1_epi8(0x30);
+    switch (c) {
+        case 0: return _mm512_and_si512(_mm512_slli_epi16(h, 4), m30);
+        case 1: return _mm512_and_si512(_mm512_slli_epi16(h, 2), m30);
+        case 2: return _mm512_and_si512(h, m30);
+        default: return _mm512_and_si512(_mm512_srli_epi16(h, 2), m30);
+    }
+}
+
+/* Q5_K's fifth bit of register k (0..7) of a sub-block, moved to bit 4 of each byte */
+static inline __m512i hi1_512(__m512i h, int k) {
+    const __m512i v = k <= 4 ? _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - k)) : _mm512_srl_epi16(h, _mm_cvtsi32_si128(k - 4));
+    return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
+}
+
+static inline __attribute__((always_inline)) void
+tile_k_avx512_tn(int kind, const uint8_t *tp, int nsb, const int8_t *qa, const float *dA, const int16_t *bs, int K,
+                 const int TN, float *y, int ldy) {
+    const size_t bsz = kblock_bytes(kind);
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 acc[8];
+    for (int u = 0; u < TN; u++) acc[u] = _mm512_setzero_ps();
+    for (int sb = 0; sb < nsb; sb++) {
+        const uint8_t *bp = tp + sb * bsz;
+        __m512i sumi[8];
+        for (int u = 0; u < TN; u++) sumi[u] = _mm512_setzero_si512();
+        for (int j = 0; j < 8; j++) {
+            __m512i w[8], sc0, sc1;
+            for (int c = 0; c < 4; c++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(bp + 256 * j + 64 * c));
+                w[c] = _mm512_and_si512(v, low);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            if (kind == KIND_Q6_K) {
+                const __m512i h0 = _mm512_loadu_si512((const void *)(bp + K6_HB + 128 * j));
+                const __m512i h1 = _mm512_loadu_si512((const void *)(bp + K6_HB + 128 * j + 64));
+                for (int c = 0; c < 4; c++) {
+                    w[c] = _mm512_or_si512(w[c], hi2_512(h0, c));
+                    w[c + 4] = _mm512_or_si512(w[c + 4], hi2_512(h1, c));
+                }
+                sc0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bp + K6_SC + 32 * j)));
+                sc1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bp + K6_SC + 32 * j + 16)));
+            } else {
+                if (kind == KIND_Q5_K) {
+                    const __m512i h = _mm512_loadu_si512((const void *)(bp + K5_HB + 64 * j));
+                    for (int k = 0; k < 8; k++) w[k] = _mm512_or_si512(w[k], hi1_512(h, k));
+                }
+                sc0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bp + k45_off(kind) + K4_SC + 16 * j)));
+                sc1 = sc0;
+            }
+            for (int u = 0; u < TN; u++) {
+                const int8_t *a = qa + (size_t)u * K + sb * QKK + 32 * j;
+                int32_t a4[8];
+                memcpy(a4, a, 32);
+                if (kind != KIND_Q6_K) {
+                    __m512i s = _mm512_setzero_si512();
+                    for (int c = 0; c < 8; c++) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(a4[c]));
+                    sumi[u] = _mm512_add_epi32(sumi[u], _mm512_mullo_epi32(s, sc0));
+                } else {
+                    const int16_t *bsum = bs + ((size_t)u * nsb + sb) * 16;
+                    __m512i s0 = _mm512_set1_epi32(-32 * bsum[2 * j]), s1 = _mm512_set1_epi32(-32 * bsum[2 * j + 1]);
+                    for (int c = 0; c < 4; c++) {
+                        s0 = _mm512_dpbusd_epi32(s0, w[c], _mm512_set1_epi32(a4[c]));
+                        s1 = _mm512_dpbusd_epi32(s1, w[c + 4], _mm512_set1_epi32(a4[c + 4]));
+                    }
+                    sumi[u] = _mm512_add_epi32(sumi[u], _mm512_add_epi32(_mm512_mullo_epi32(s0, sc0),
+                                                                         _mm512_mullo_epi32(s1, sc1)));
+                }
+            }
+        }
+        const size_t o = k45_off(kind);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + (kind == KIND_Q6_K ? K6_D : o + K4_D))));
+        for (int u = 0; u < TN; u++) {
+            const float yd = dA[(size_t)u * nsb + sb];
+            acc[u] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(yd)), _mm512_cvtepi32_ps(sumi[u]), acc[u]);
+            if (kind != KIND_Q6_K) {
+                const int16_t *bsum = bs + ((size_t)u * nsb + sb) * 16;
+                __m512i ms = _mm512_setzero_si512();
+                for (int j = 0; j < 8; j++) {
+                    const __m512i mn = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bp + o + K4_MN + 16 * j)));
+                    ms = _mm512_add_epi32(ms, _mm512_mullo_epi32(mn, _mm512_set1_epi32(bsum[2 * j] + bsum[2 * j + 1])));
+                }
+                const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + o + K4_DMIN)));
+                const __m512 dmin = _mm512_mul_ps(_mm512_mul_ps(dm, _mm512_set1_ps(yd)), _mm512_set1_ps(-1.0f));
+                acc[u] = _mm512_fmadd_ps(dmin, _mm512_cvtepi32_ps(ms), acc[u]);
+            }
+        }
+    }
+    for (int u = 0; u < TN; u++) _mm512_storeu_ps(y + (size_t)u * ldy, acc[u]);
+}
+
+static void tile_k_fast(int kind, const uint8_t *tp, int nsb, const int8_t *qa, const float *dA, const int16_t *bs,
+                        int K, int T, float *y, int ldy) {
+    int t = 0;
+    for (; t + 8 <= T; t += 8)
+        tile_k_avx512_tn(kind, tp, nsb, qa + (size_t)t * K, dA + (size_t)t * nsb, bs + (size_t)t * nsb * 16, K, 8,
+                         y + (size_t)t * ldy, ldy);
+    for (; t + 4 <= T; t += 4)
+        tile_k_avx512_tn(kind, tp, nsb, qa + (size_t)t * K, dA + (size_t)t * nsb, bs + (size_t)t * nsb * 16, K, 4,
+                         y + (size_t)t * ldy, ldy);
+    for (; t < T; t++)
+        tile_k_avx512_tn(kind, tp, nsb, qa + (size_t)t * K, dA + (size_t)t * nsb, bs + (size_t)t * nsb * 16, K, 1,
+                         y + (size_t)t * ldy, ldy);
+}
 #define HAVE_FAST 1
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -401,6 +651,107 @@ static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, con
         _mm256_storeu_ps(y + (size_t)t * ldy + 8, acc1);
     }
 }
+
+/* AVX2 K-quant tile: two halves of 8 rows. maddubs (u8 x s8 -> s16 pairs) sums stay inside int16 (Q4_K: 8 of them
+ * <= 8*2*15*127; Q6_K: 2 of them <= 2*2*63*127), then madd with the row's scale in both int16 halves of its lane
+ * gives scale * (sum of 4 products) in int32. */
+static inline __m256i scale_pair(__m256i x32) {  /* int32 lanes holding an int16 value v -> (v, v) int16 pairs */
+    return _mm256_or_si256(_mm256_and_si256(x32, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(x32, 16));
+}
+
+static inline __m256i hi2_256(__m256i h, int c) {
+    const __m256i m30 = _mm256_set1_epi8(0x30);
+    switch (c) {
+        case 0: return _mm256_and_si256(_mm256_slli_epi16(h, 4), m30);
+        case 1: return _mm256_and_si256(_mm256_slli_epi16(h, 2), m30);
+        case 2: return _mm256_and_si256(h, m30);
+        default: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m30);
+    }
+}
+
+static inline __m256i hi1_256(__m256i h, int k) {
+    const __m256i v = k <= 4 ? _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - k)) : _mm256_srl_epi16(h, _mm_cvtsi32_si128(k - 4));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+static void tile_k_fast(int kind, const uint8_t *tp, int nsb, const int8_t *qa, const float *dA, const int16_t *bs,
+                        int K, int T, float *y, int ldy) {
+    const size_t bsz = kblock_bytes(kind), o = k45_off(kind);
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int t = 0; t < T; t++) {
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int sb = 0; sb < nsb; sb++) {
+            const uint8_t *bp = tp + sb * bsz;
+            const int8_t *a = qa + (size_t)t * K + sb * QKK;
+            const float yd = dA[(size_t)t * nsb + sb];
+            const int16_t *bsum = bs + ((size_t)t * nsb + sb) * 16;
+            for (int h = 0; h < 2; h++) {  /* rows 8h .. 8h+7: bytes 32h .. 32h+31 of every 64-byte group */
+                __m256i sumi = _mm256_setzero_si256(), ms = _mm256_setzero_si256();
+                for (int j = 0; j < 8; j++) {
+                    int32_t a4[8];
+                    memcpy(a4, a + 32 * j, 32);
+                    const uint8_t *nb = bp + 256 * j + 32 * h;
+                    if (kind != KIND_Q6_K) {
+                        /* Q5_K codes reach 31: 4 maddubs per int16 accumulator (<= 4*2*31*127), two of them */
+                        __m256i p = _mm256_setzero_si256(), p2 = _mm256_setzero_si256();
+                        const __m256i hb = kind == KIND_Q5_K ?
+                            _mm256_loadu_si256((const __m256i *)(bp + K5_HB + 64 * j + 32 * h)) : _mm256_setzero_si256();
+                        for (int c = 0; c < 4; c++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(nb + 64 * c));
+                            __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                            if (kind == KIND_Q5_K) {
+                                lo = _mm256_or_si256(lo, hi1_256(hb, c));
+                                hi = _mm256_or_si256(hi, hi1_256(hb, 4 + c));
+                            }
+                            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a4[c])));
+                            p2 = _mm256_add_epi16(p2, _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a4[c + 4])));
+                        }
+                        const __m256i sc = scale_pair(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bp + o + K4_SC + 16 * j + 8 * h))));
+                        if (kind == KIND_Q4_K) sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(_mm256_add_epi16(p, p2), sc));
+                        else sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(p, sc), _mm256_madd_epi16(p2, sc)));
+                        const __m256i mn = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(bp + o + K4_MN + 16 * j + 8 * h)));
+                        const int b2 = bsum[2 * j] + bsum[2 * j + 1];
+                        ms = _mm256_add_epi32(ms, _mm256_madd_epi16(mn, _mm256_set1_epi32((uint16_t)b2)));
+                    } else {
+                        const __m256i h0 = _mm256_loadu_si256((const __m256i *)(bp + K6_HB + 128 * j + 32 * h));
+                        const __m256i h1 = _mm256_loadu_si256((const __m256i *)(bp + K6_HB + 128 * j + 64 + 32 * h));
+                        __m256i p[4];
+                        for (int c = 0; c < 4; c++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(nb + 64 * c));
+                            const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, low), hi2_256(h0, c));
+                            const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), hi2_256(h1, c));
+                            const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a4[c]));
+                            const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a4[c + 4]));
+                            if (c & 1) { p[c - 1] = _mm256_add_epi16(p[c - 1], pl); p[c] = _mm256_add_epi16(p[c], ph); }
+                            else { p[c] = pl; p[c + 1] = ph; }
+                        }
+                        /* p[0], p[2]: columns 0-15 (group 2j); p[1], p[3]: columns 16-31 (group 2j+1) */
+                        const __m256i s0 = scale_pair(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bp + K6_SC + 32 * j + 8 * h))));
+                        const __m256i s1 = scale_pair(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bp + K6_SC + 32 * j + 16 + 8 * h))));
+                        sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(p[0], s0), _mm256_madd_epi16(p[2], s0)));
+                        sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(_mm256_madd_epi16(p[1], s1), _mm256_madd_epi16(p[3], s1)));
+                        ms = _mm256_add_epi32(ms, _mm256_madd_epi16(s0, _mm256_set1_epi32((uint16_t)bsum[2 * j])));
+                        ms = _mm256_add_epi32(ms, _mm256_madd_epi16(s1, _mm256_set1_epi32((uint16_t)bsum[2 * j + 1])));
+                    }
+                }
+                const __m256 ydv = _mm256_set1_ps(yd);
+                if (kind != KIND_Q6_K) {
+                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + o + K4_D + 16 * h)));
+                    const __m256 dm = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + o + K4_DMIN + 16 * h)));
+                    acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(d, ydv), _mm256_cvtepi32_ps(sumi), acc[h]);
+                    acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(dm, ydv), _mm256_set1_ps(-1.0f)),
+                                             _mm256_cvtepi32_ps(ms), acc[h]);
+                } else {
+                    sumi = _mm256_sub_epi32(sumi, _mm256_slli_epi32(ms, 5));
+                    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + K6_D + 16 * h)));
+                    acc[h] = _mm256_fmadd_ps(_mm256_mul_ps(d, ydv), _mm256_cvtepi32_ps(sumi), acc[h]);
+                }
+            }
+        }
+        _mm256_storeu_ps(y + (size_t)t * ldy, acc[0]);
+        _mm256_storeu_ps(y + (size_t)t * ldy + 8, acc[1]);
+    }
+}
 #define HAVE_FAST 1
 #endif
 
@@ -411,8 +762,32 @@ typedef struct {
     const uint8_t *w; const int8_t *qa; const float *da; const int32_t *sa_i; const float *sa_f; float *y;
 } gemm_job;
 
+static void gemm_k_chunk(const gemm_job *g, int chunk) {
+    const int nsb = g->K / QKK;
+    const size_t tile_bytes = (size_t)nsb * kblock_bytes(g->kind);
+    const int16_t *bs = (const int16_t *)g->sa_i;  /* K-quants: the q8_K block sums, 16 per super-block */
+    const int i0 = chunk * g->tiles_per_chunk;
+    const int i1 = i0 + g->tiles_per_chunk < g->tiles ? i0 + g->tiles_per_chunk : g->tiles;
+    for (int i = i0; i < i1; i++) {
+        const uint8_t *tp = g->w + (size_t)i * tile_bytes;
+        for (int t0 = 0; t0 < g->T; t0 += 64) {
+            const int tn = g->T - t0 < 64 ? g->T - t0 : 64;
+            const size_t ao = (size_t)t0 * nsb;
+            float *yo = g->y + (size_t)t0 * g->ldy + (size_t)i * TILE;
+#ifdef HAVE_FAST
+            if (!g->force_scalar)
+                tile_k_fast(g->kind, tp, nsb, g->qa + (size_t)t0 * g->K, g->da + ao, bs + ao * 16, g->K, tn, yo, g->ldy);
+            else
+#endif
+                tile_k_scalar(g->kind, tp, nsb, g->qa + (size_t)t0 * g->K, g->da + ao, bs + ao * 16, g->K, tn, yo,
+                              g->ldy);
+        }
+    }
+}
+
 static void gemm_chunk(void *p, int chunk) {
     const gemm_job *g = p;
+    if (is_k(g->kind)) { gemm_k_chunk(g, chunk); return; }
     const int nb = g->K / QK;
     const size_t tile_bytes = (size_t)nb * block_bytes(g->kind);
     const int i0 = chunk * g->tiles_per_chunk;
@@ -438,6 +813,7 @@ static void gemm_chunk(void *p, int chunk) {
 
 /* ---- the matrix product: runs of tiles (each a contiguous stretch of weight memory) claimed by the threads -- */
 
+/* K-quant kinds: da is q8_K's d (T, K/256) and sa_i points at its int16 bsums (T, K/16); sa_f is unused. */
 void pl_gemm(int kind, const uint8_t *w, int tiles, int K, const int8_t *qa, const float *da, const int32_t *sa_i,
              const float *sa_f, int T, float *y, int ldy, int force_scalar) {
     /* ~4 chunks per thread at decode (load balance on a busy machine), >= 2 tiles each */
@@ -477,7 +853,8 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
 }
 
 static void matvec(const pl_model *m, const pl_mat *w, const float *x, float *y) {
-    quantize_row(x, w->cols, m->qa, m->da, m->sa_i, m->sa_f);
+    if (is_k(w->kind)) quantize_row_q8k(x, w->cols, m->qa, m->da, (int16_t *)m->sa_i);  /* sa_i: cols/16 int16 */
+    else quantize_row(x, w->cols, m->qa, m->da, m->sa_i, m->sa_f);
     const int tiles = (w->rows + TILE - 1) / TILE;
     pl_gemm(w->kind, w->w, tiles, w->cols, m->qa, m->da, m->sa_i, m->sa_f, 1, y, tiles * TILE, 0);
 }

@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (`kernels.c`): int8 activations times 4-bit / 8-bit weights, and their Python side.
+"""The compiled CPU kernels (`kernels.c`): int8 activations times 4/6/8-bit weights, and their Python side.
 
 - Build: `kernels.c` is compiled on first use with the machine's C compiler (`$CC`, else `cc`) as
   `-O3 -march=native -pthread -shared`, into `$POCKETLM_CACHE` (default `~/.cache/pocketlm`) under a name
@@ -17,11 +17,12 @@
   `KernelError` on first use instead of falling back quietly; so does a build that selects another path.
 - Threads: `default_threads()` counts the cores this process may really use: the CPU affinity mask, capped by
   a cgroup CPU quota (`/sys/fs/cgroup/cpu.max`) when one is set; `POCKETLM_NUM_THREADS` overrides.
-- Layout: `pack(raw, type_name, rows, cols)` turns GGUF Q4_0 / Q4_1 / Q8_0 rows into the tile layout the C file
-  documents (16 rows per tile, lossless); `unpack` is its inverse, so export still writes the original bytes.
-  Rows are padded with zero rows to a multiple of 16; outputs are sliced back.
-- `gemm(packed, kind, x)` quantizes x (T, K) to q8 blocks the way llama.cpp's x86 code does (scale = amax/127
-  rounded to f16, codes rounded half to even) and returns x @ W.T in float32.
+- Layout: `pack(raw, type_name, rows, cols)` turns GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K rows into the tile
+  layout the C file documents (16 rows per tile, lossless); `unpack` is its inverse, so export still writes the
+  original bytes. Rows are padded with zero rows to a multiple of 16; outputs are sliced back.
+- `gemm(packed, kind, x)` quantizes x (T, K) to 8 bits the way llama.cpp's x86 code does for that type (q8_0 /
+  q8_1: scale = amax/127 rounded to f16, codes rounded half to even; the K-quants: q8_K, 256 values per float
+  scale, `quantize_activations_k`) and returns x @ W.T in float32.
 """
 
 from __future__ import annotations
@@ -56,12 +57,18 @@ ISA_CPU_FLAGS = {"avx512-vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "
 """The /proc/cpuinfo flags each forced instruction set needs (its compile flags enable exactly these)."""
 ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}
 """pl_isa()'s codes: the path kernels.c selected at compile time."""
-KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_K": 5}
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+"""K-quants: super-blocks of 256 columns and q8_K activations (one float scale and 16 sums per 256 values)."""
 TILE = 16
 BLOCK = 32
-# bytes per tile and 32-column block: codes, then f16 scales (and f16 offsets for Q4_1)
-TILE_BLOCK_BYTES = {"Q4_0": 256 + 32, "Q4_1": 256 + 64, "Q8_0": 512 + 32}
-GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+QK_K = 256
+# columns per block (32, or 256 for the K-quants)
+BLOCK_COLS = {"Q4_0": BLOCK, "Q4_1": BLOCK, "Q8_0": BLOCK, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K}
+# bytes per tile and block: codes, then scales (and offsets / mins); see kernels.c's header for each layout
+TILE_BLOCK_BYTES = {"Q4_0": 256 + 32, "Q4_1": 256 + 64, "Q8_0": 512 + 32, "Q4_K": 2048 + 256 + 64,
+                    "Q5_K": 2048 + 512 + 256 + 64, "Q6_K": 2048 + 1024 + 256 + 32}
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -190,6 +197,8 @@ def _load() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.pl_quantize_act.argtypes = [p, i, i, p, p, p, p]
     lib.pl_quantize_act.restype = None
+    lib.pl_quantize_act_k.argtypes = [p, i, i, p, p, p]
+    lib.pl_quantize_act_k.restype = None
     lib.pl_gemm.argtypes = [i, p, i, i, p, p, p, p, i, p, i, i]
     lib.pl_gemm.restype = None
     lib.pl_set_threads.argtypes = [i]
@@ -262,13 +271,105 @@ def release_free_memory() -> None:
 
 # ----- layout -----------------------------------------------------------------------------------------------------
 
+def _nibble_tiles(q: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:
+    """Codes (tiles*16, nb, 8, 32) in [0, 15] (8 sub-blocks of 32 columns) -> (tiles, nb, 2048) in the Q4 tile
+    order per sub-block: byte (j, c, r, i) = column 4c+i of row r (low nibble) | column 16+4c+i (high nibble)."""
+    qb = q[..., :16] | (q[..., 16:] << 4)  # (R, nb, 8, 16): byte 4c+i
+    return qb.reshape(tiles, TILE, nb, 8, 4, 4).permute(0, 2, 3, 4, 1, 5).reshape(tiles, nb, 2048)
+
+
+def _nibbles_from_tiles(p: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:
+    """Inverse of `_nibble_tiles`: (tiles, nb, 2048) -> codes (tiles*16, nb, 8, 32)."""
+    qb = p.reshape(tiles, nb, 8, 4, TILE, 4).permute(0, 4, 1, 2, 3, 5).reshape(tiles * TILE, nb, 8, 16)
+    return torch.cat([qb & 0x0F, qb >> 4], dim=-1)
+
+
+def _rows_to_tiles(x: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:
+    """Per-row values (tiles*16, nb, n, bytes) -> (tiles, nb, n * 16 * bytes): item-major, then row."""
+    n, w = x.shape[2], x.shape[3]
+    return x.reshape(tiles, TILE, nb, n, w).permute(0, 2, 3, 1, 4).reshape(tiles, nb, n * TILE * w)
+
+
+def _tiles_to_rows(p: torch.Tensor, tiles: int, nb: int, n: int, w: int) -> torch.Tensor:
+    """Inverse of `_rows_to_tiles`: (tiles, nb, n*16*w) -> (tiles*16, nb, n, w)."""
+    return p.reshape(tiles, nb, n, TILE, w).permute(0, 3, 1, 2, 4).reshape(tiles * TILE, nb, n, w)
+
+
+def _pack_k(b: torch.Tensor, type_name: str, tiles: int, nb: int) -> torch.Tensor:
+    """GGUF K-quant blocks (tiles*16, nb, block bytes) -> tile layout (tiles, nb, TILE_BLOCK_BYTES)."""
+    if type_name in ("Q4_K", "Q5_K"):
+        s = b[..., 4:16]
+        sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
+        mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
+        qs = b[..., -128:].reshape(-1, nb, 4, 1, 32)
+        q = torch.cat([qs & 0x0F, qs >> 4], dim=3).reshape(-1, nb, 8, 32)  # column order
+        fifth = []
+        if type_name == "Q5_K":  # GGUF qh[l] bit j -> tile byte (j, r, i) bit c (column 4c+i) / 4+c (16+4c+i)
+            qh = b[..., 16:48].reshape(-1, nb, 1, 32)
+            h = torch.cat([(qh >> j) & 1 for j in range(8)], dim=2).reshape(-1, nb, 8, 2, 4, 4)  # (j, half, c, i)
+            hb = torch.zeros_like(h[..., 0, 0, :])
+            for half in range(2):
+                for c in range(4):
+                    hb |= h[..., half, c, :] << (4 * half + c)
+            fifth = [_rows_to_tiles(hb, tiles, nb)]
+        return torch.cat([_nibble_tiles(q, tiles, nb), *fifth, _rows_to_tiles(sc[..., None], tiles, nb),
+                          _rows_to_tiles(mn[..., None], tiles, nb), _rows_to_tiles(b[..., None, 0:2], tiles, nb),
+                          _rows_to_tiles(b[..., None, 2:4], tiles, nb)], dim=-1)
+    ql, qh = b[..., :128].reshape(-1, nb, 2, 1, 64), b[..., 128:192].reshape(-1, nb, 2, 1, 32)
+    lo = torch.cat([ql & 0x0F, ql >> 4], dim=3)  # (R, nb, 2, 2, 64): column order
+    hi = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=3)  # (R, nb, 2, 4, 32): column order
+    q = (lo.reshape(-1, nb, 8, 32) | (hi.reshape(-1, nb, 8, 32) << 4))  # codes 0..63
+    h2 = (q >> 4).reshape(-1, nb, 8, 2, 4, 4)  # (.., j, half, c, i)
+    hb = h2[..., 0, :] | (h2[..., 1, :] << 2) | (h2[..., 2, :] << 4) | (h2[..., 3, :] << 6)  # (R, nb, 8, 2, 4)
+    hb = hb.reshape(tiles, TILE, nb, 8, 2, 4).permute(0, 2, 3, 4, 1, 5).reshape(tiles, nb, 1024)
+    return torch.cat([_nibble_tiles(q & 0x0F, tiles, nb), hb, _rows_to_tiles(b[..., 192:208, None], tiles, nb),
+                      _rows_to_tiles(b[..., None, 208:210], tiles, nb)], dim=-1)
+
+
+def _unpack_k(p: torch.Tensor, type_name: str, tiles: int, nb: int) -> torch.Tensor:
+    """Inverse of `_pack_k`: (tiles, nb, TILE_BLOCK_BYTES) -> GGUF blocks (tiles*16, nb, block bytes)."""
+    q = _nibbles_from_tiles(p[..., :2048], tiles, nb)  # (R, nb, 8, 32)
+    if type_name in ("Q4_K", "Q5_K"):
+        fifth = []
+        if type_name == "Q5_K":
+            hb = _tiles_to_rows(p[..., 2048:2560], tiles, nb, 8, 4).reshape(-1, nb, 8, 1, 1, 4)  # (j, i)
+            h = torch.cat([torch.cat([(hb >> (4 * half + c)) & 1 for c in range(4)], dim=4) for half in range(2)],
+                          dim=3).reshape(-1, nb, 8, 32)  # (j, column in sub-block)
+            qh = torch.zeros_like(h[:, :, 0, :])
+            for j in range(8):
+                qh |= h[:, :, j, :] << j
+            fifth = [qh]
+            p = p[..., 512:]  # the rest as Q4_K's
+        sc = _tiles_to_rows(p[..., 2048:2176], tiles, nb, 8, 1)[..., 0]
+        mn = _tiles_to_rows(p[..., 2176:2304], tiles, nb, 8, 1)[..., 0]
+        d = _tiles_to_rows(p[..., 2304:2336], tiles, nb, 1, 2)[..., 0, :]
+        dmin = _tiles_to_rows(p[..., 2336:2368], tiles, nb, 1, 2)[..., 0, :]
+        scales = torch.cat([(sc[..., 0:4] & 63) | ((sc[..., 4:8] >> 4) << 6),
+                            (mn[..., 0:4] & 63) | ((mn[..., 4:8] >> 4) << 6),
+                            (sc[..., 4:8] & 0x0F) | ((mn[..., 4:8] & 0x0F) << 4)], dim=-1)
+        pairs = q.reshape(-1, nb, 4, 2, 32)
+        qs = (pairs[..., 0, :] | (pairs[..., 1, :] << 4)).reshape(-1, nb, 128)
+        return torch.cat([d, dmin, scales, *fifth, qs], dim=-1)
+    hb = p[..., 2048:3072].reshape(tiles, nb, 8, 2, TILE, 4).permute(0, 4, 1, 2, 3, 5).reshape(-1, nb, 8, 2, 1, 4)
+    h2 = torch.cat([(hb >> (2 * c)) & 3 for c in range(4)], dim=4).reshape(-1, nb, 8, 32)
+    q = (q | (h2 << 4)).reshape(-1, nb, 256)
+    lo = (q & 0x0F).reshape(-1, nb, 2, 2, 64)
+    ql = (lo[..., 0, :] | (lo[..., 1, :] << 4)).reshape(-1, nb, 128)
+    hi = (q >> 4).reshape(-1, nb, 2, 4, 32)
+    qh = (hi[..., 0, :] | (hi[..., 1, :] << 2) | (hi[..., 2, :] << 4) | (hi[..., 3, :] << 6)).reshape(-1, nb, 64)
+    scales = _tiles_to_rows(p[..., 3072:3328], tiles, nb, 16, 1)[..., 0]
+    d = _tiles_to_rows(p[..., 3328:3360], tiles, nb, 1, 2)[..., 0, :]
+    return torch.cat([ql, qh, scales, d], dim=-1)
+
+
 def pack(raw: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tensor:
-    """GGUF bytes (rows, cols/32*block) uint8 -> tile layout, flat uint8 (tiles * cols/32 * TILE_BLOCK_BYTES)."""
+    """GGUF bytes (rows, cols/block*size) uint8 -> tile layout, flat uint8 (tiles * blocks * TILE_BLOCK_BYTES)."""
     if type_name not in KINDS:
         raise KernelError(f"the CPU kernels run {sorted(KINDS)}, not {type_name}")
-    if cols % BLOCK:
-        raise KernelError(f"{cols} columns are not a multiple of {BLOCK}")
-    nb, gb = cols // BLOCK, GGUF_BLOCK_BYTES[type_name]
+    block = BLOCK_COLS[type_name]
+    if cols % block:
+        raise KernelError(f"{cols} columns are not a multiple of {block} ({type_name})")
+    nb, gb = cols // block, GGUF_BLOCK_BYTES[type_name]
     if raw.shape != (rows, nb * gb):
         raise KernelError(f"{type_name} bytes {tuple(raw.shape)} do not hold a ({rows}, {cols}) matrix")
     pad = -rows % TILE
@@ -276,6 +377,8 @@ def pack(raw: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tenso
     if pad:
         b = torch.cat([b, torch.zeros(pad, nb, gb, dtype=torch.uint8)])
     tiles = (rows + pad) // TILE
+    if type_name in K_TYPES:
+        return _pack_k(b, type_name, tiles, nb).reshape(-1).contiguous()
     b = b.reshape(tiles, TILE, nb, gb)
     if type_name == "Q8_0":
         codes = (b[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)  # (t, r, nb, 32)
@@ -292,10 +395,12 @@ def pack(raw: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tenso
 
 
 def unpack(packed: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tensor:
-    """Inverse of `pack`: the original GGUF bytes (rows, cols/32*block)."""
-    nb, gb, tb = cols // BLOCK, GGUF_BLOCK_BYTES[type_name], TILE_BLOCK_BYTES[type_name]
+    """Inverse of `pack`: the original GGUF bytes (rows, cols/block*size)."""
+    nb, gb, tb = cols // BLOCK_COLS[type_name], GGUF_BLOCK_BYTES[type_name], TILE_BLOCK_BYTES[type_name]
     tiles = -(-rows // TILE)
     p = packed.reshape(tiles, nb, tb)
+    if type_name in K_TYPES:
+        return _unpack_k(p, type_name, tiles, nb).reshape(tiles * TILE, nb * gb)[:rows].contiguous()
     if type_name == "Q8_0":
         codes = p[..., :512].reshape(tiles, nb, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles, TILE, nb, 32)
         codes = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
@@ -312,7 +417,7 @@ def unpack(packed: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.
 
 def unpack_rows(packed: torch.Tensor, type_name: str, rows: int, cols: int, index: torch.Tensor) -> torch.Tensor:
     """GGUF bytes of the rows `index` (1-D int64) only: unpacks just the tiles that hold them."""
-    nb, tb = cols // BLOCK, TILE_BLOCK_BYTES[type_name]
+    nb, tb = cols // BLOCK_COLS[type_name], TILE_BLOCK_BYTES[type_name]
     tiles = -(-rows // TILE)
     index = index.reshape(-1)
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= rows):
@@ -339,6 +444,22 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return qa, da, sa_i, sa_f
 
 
+def quantize_activations_k(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x float32 (T, K) contiguous, K a multiple of 256 -> llama.cpp's q8_K: (codes int8 (T, K), d float32
+    (T, K/256), sums of 16 codes int16 (T, K/16))."""
+    lib = _load()
+    if lib is None:
+        raise KernelError(f"CPU kernels unavailable: {_error}")
+    T, K = x.shape
+    if K % QK_K:
+        raise KernelError(f"input width {K} is not a multiple of {QK_K} (q8_K)")
+    qa = torch.empty(T, K, dtype=torch.int8)
+    d = torch.empty(T, K // QK_K, dtype=torch.float32)
+    bs = torch.empty(T, K // 16, dtype=torch.int16)
+    lib.pl_quantize_act_k(x.data_ptr(), T, K, qa.data_ptr(), d.data_ptr(), bs.data_ptr())
+    return qa, d, bs
+
+
 def gemm(packed: torch.Tensor, type_name: str, rows: int, x: torch.Tensor, *, scalar: bool = False) -> torch.Tensor:
     """x (T, K) float -> x @ W.T (T, rows) float32, W in tile layout. `scalar` forces the plain-C path."""
     lib = _load()
@@ -346,12 +467,17 @@ def gemm(packed: torch.Tensor, type_name: str, rows: int, x: torch.Tensor, *, sc
         raise KernelError(f"CPU kernels unavailable: {_error}")
     x = x.to(torch.float32).contiguous()
     T, K = x.shape
-    if K % BLOCK:
-        raise KernelError(f"input width {K} is not a multiple of {BLOCK}")
+    block = BLOCK_COLS[type_name]
+    if K % block:
+        raise KernelError(f"input width {K} is not a multiple of {block} ({type_name})")
     tiles = -(-rows // TILE)
-    if packed.numel() != tiles * (K // BLOCK) * TILE_BLOCK_BYTES[type_name]:
+    if packed.numel() != tiles * (K // block) * TILE_BLOCK_BYTES[type_name]:
         raise KernelError(f"packed {type_name} weight of {packed.numel()} bytes does not hold ({rows}, {K})")
-    qa, da, sa_i, sa_f = quantize_activations(x)
+    if type_name in K_TYPES:
+        qa, da, sa_i = quantize_activations_k(x)  # sa_i: the int16 block sums
+        sa_f = da
+    else:
+        qa, da, sa_i, sa_f = quantize_activations(x)
     y = torch.empty(T, tiles * TILE, dtype=torch.float32)
     lib.pl_gemm(KINDS[type_name], packed.data_ptr(), tiles, K, qa.data_ptr(), da.data_ptr(), sa_i.data_ptr(),
                 sa_f.data_ptr(), T, y.data_ptr(), tiles * TILE, int(scalar))

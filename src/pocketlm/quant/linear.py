@@ -15,12 +15,13 @@ the scheme is always the tensor's recorded ggml type, never guessed. Two ways to
 - Q8_0 has one scale per 32 weights; `aten._weight_int8pack_mm` takes one scale per output row, so it cannot
   run Q8_0 exactly and is not used here (the later speed work may requantize per row, as a separate scheme).
 
-- "kernel": pocketlm's compiled CPU kernels (`quant/kernels.c`) for Q4_0, Q4_1 and Q8_0: activations are
-  quantized to 8 bits in blocks of 32 (llama.cpp's q8_0/q8_1, the same rounding) and multiplied with integer
-  dot products (AVX512-VNNI or AVX2). The weight is kept only in the kernels' 16-row tile layout (lossless);
-  `qweight` unpacks the GGUF bytes on demand (export), so memory holds one copy.
+- "kernel": pocketlm's compiled CPU kernels (`quant/kernels.c`) for Q4_0, Q4_1, Q8_0 and the K-quants Q4_K and
+  Q6_K (the two types of Q4_K_M files): activations are quantized to 8 bits the way llama.cpp's x86 code does
+  for that type (q8_0/q8_1 in blocks of 32; q8_K in blocks of 256 for the K-quants) and multiplied with integer
+  dot products (AVX512-VNNI, AVX2 or plain C). The weight is kept only in the kernels' 16-row tile layout
+  (lossless); `qweight` unpacks the GGUF bytes on demand (export), so memory holds one copy.
 
-"auto" takes "kernel" for its three types on the CPU when the kernels build here; otherwise it packs for
+"auto" takes "kernel" for the kernels' types on the CPU when the kernels build here; otherwise it packs for
 "int4" where the op exists and accepts the shape, and uses it for bfloat16 activations only: with float32
 activations the op is ~25-50x slower than dequantize + matmul (ANCHORS.md, CPU), so "auto" then takes the
 reference path. backend="int4" forces the op for both dtypes (the exactness tests use it).
@@ -45,7 +46,8 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 BACKENDS = ("auto", "reference", "int4", "kernel")
 INT4_GROUP = 32
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-TORCH_DEQUANT = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # dequantized by torch ops; other types go through numpy
+TORCH_DEQUANT = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+"""Dequantized by torch ops (so GGUF import keeps them quantized); other block types go through numpy."""
 
 
 class QuantError(PocketLMError, ValueError):
@@ -64,18 +66,22 @@ def _nibbles32(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
 
 
-def _q4_k_parts(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_K bytes (N, nb*144) -> codes (N, K) uint8, scales (N, K/32), offsets (N, K/32): w = scale*q - offset."""
+def _q4_k_parts(raw: torch.Tensor, size: int = 144) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_K bytes (N, nb*144) -> codes (N, K) uint8, scales (N, K/32), offsets (N, K/32): w = scale*q - offset.
+    Q5_K (size 176): the same with the fifth bits (32 B after the scales) added to the codes."""
     N = raw.shape[0]
-    b = raw.reshape(N, -1, 144)
+    b = raw.reshape(N, -1, size)
     s = b[..., 4:16].to(torch.int32)
     sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)], dim=-1)
     mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], dim=-1)
     d = _half(b[..., 0:2]) * sc.float()  # (N, nb, 8)
     dm = _half(b[..., 2:4]) * mn.float()
-    qs = b[..., 16:].reshape(N, -1, 4, 1, 32)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=3).reshape(N, -1)  # chunk c: weights 64c..64c+31 low, +32.. high
-    return q, d.reshape(N, -1), dm.reshape(N, -1)
+    qs = b[..., size - 128:].reshape(N, -1, 4, 1, 32)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=3)  # chunk c: weights 64c..64c+31 low, +32.. high
+    if size == 176:  # qh[l] bit j: the high bit of weight 32j + l
+        qh = b[..., 16:48].reshape(N, -1, 1, 32)
+        q = q.reshape(N, -1, 8, 32) | (torch.cat([(qh >> j) & 1 for j in range(8)], dim=2) << 4)
+    return q.reshape(N, -1), d.reshape(N, -1), dm.reshape(N, -1)
 
 
 def dequantize_torch(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -91,10 +97,18 @@ def dequantize_torch(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) 
     if type_name == "Q4_1":
         b = raw.reshape(N, K // 32, 20)
         return (_half(b[..., :2]) * _nibbles32(b[..., 4:]).float() + _half(b[..., 2:4])).reshape(N, K)
-    if type_name == "Q4_K":
-        q, d, dm = _q4_k_parts(raw)
+    if type_name in ("Q4_K", "Q5_K"):
+        q, d, dm = _q4_k_parts(raw, 144 if type_name == "Q4_K" else 176)
         q = q.reshape(N, -1, 32).float()
         return (d[..., None] * q - dm[..., None]).reshape(N, K)
+    if type_name == "Q6_K":  # 128 B low nibbles | 64 B high 2 bits | 16 int8 scales | f16 d; w = d*sc*(q-32)
+        b = raw.reshape(N, K // 256, 210)
+        ql, qh = b[..., :128].reshape(N, -1, 2, 1, 64), b[..., 128:192].reshape(N, -1, 2, 1, 32)
+        lo = torch.cat([ql & 0x0F, ql >> 4], dim=3).reshape(N, -1, 16, 16)
+        hi = torch.cat([(qh >> s) & 3 for s in (0, 2, 4, 6)], dim=3).reshape(N, -1, 16, 16)
+        q = (lo | (hi << 4)).float() - 32
+        dsc = _half(b[..., 208:210]) * b[..., 192:208].contiguous().view(torch.int8).float()  # (N, nb, 16)
+        return (dsc[..., None] * q).reshape(N, K)
     return torch.from_numpy(codecs.dequantize(raw.numpy(), type_name, (N, K)))
 
 
@@ -340,6 +354,23 @@ def install_embedding(model: nn.Module, emb: torch.Tensor, t: str, dtype: torch.
 def set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
     parent, _, leaf = dotted.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def linear_paths(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Weight type -> {compute path: number of linears} over every linear of `model` (lm_head included): "kernel"
+    (the compiled kernels), "int4" (PyTorch's int4 op), "reference" (dequantize + matmul per call) for block
+    types, "pytorch" for float weights. What a verbose report shows, so that a slow path is never silent."""
+    out: dict[str, dict[str, int]] = {}
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            t, path = module.type_name, module.backend
+        elif isinstance(module, nn.Linear):
+            t, path = {v: k for k, v in FLOAT_TYPES.items()}.get(module.weight.dtype, str(module.weight.dtype)), "pytorch"
+        else:
+            continue
+        out.setdefault(t, {})
+        out[t][path] = out[t].get(path, 0) + 1
+    return {t: dict(sorted(p.items())) for t, p in sorted(out.items())}
 
 
 def model_tensor_types(model: nn.Module) -> dict[str, str]:

@@ -1,0 +1,246 @@
+"""K-quant kernels (Q4_K_M / Q5_K_M files) against the reference path and llama.cpp, same weights, same run.
+
+    python bench/bench_kquant.py [--mix q4_k_m|q5_k_m] [--preset phi-3-mini-4k] [--layers 2] [--prompt 64] [--decode 32]
+                                 [--ref-decode 2] [--threads N] [--repeats 3] [--no-llama-cpp] [--out FILE.json]
+
+1. Weights: the preset's width (phi-3-mini: hidden 3072, MLP 8192, vocab 32064) with `--layers` decoder layers,
+   random codes in llama.cpp's Q4_K_M (Q5_K_M) mix: Q4_K (Q5_K) for token_embd, attn_qkv, attn_output, ffn_up
+   (gate+up), Q6_K for ffn_down and output. Written once as a phi3 GGUF in $TMPDIR; every engine loads that file.
+2. pocketlm kernels: `load_gguf` (every linear on the compiled kernels, asserted) + the C decode step
+   (`engine.cpu.accelerate`, f16 KV cache): a `--prompt`-token prompt through `engine.generate.prefill`, then
+   `--decode` greedy tokens; wall clock including Python.
+3. pocketlm reference path: `load_gguf(backend="reference")` (dequantize + float matmul per call), the same
+   prompt, `--ref-decode` tokens (it is slow).
+4. llama.cpp (llama-cpp-python, when installed and not --no-llama-cpp): the same prompt in one eval, then
+   `--decode` greedy tokens; wall clock including Python (llama-cpp-python), as for pocketlm.
+Kernels and llama.cpp alternate `--repeats` times (median reported), each in its own process; on an AVX512 CPU
+the kernels also run with $POCKETLM_KERNEL_ISA=avx2 (the path of AVX2-only CPUs). Also reports the
+roofline: bytes read per decoded token / measured read bandwidth. Prints a table, writes JSON (default
+bench/results/bench_kquant_<mix>.json). On a shared machine other load moves every number: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MIXES = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K"}
+"""--mix -> the main type (token_embd, attn_qkv, attn_output, ffn_up); ffn_down and output are Q6_K."""
+
+
+def prompt_ids(n: int, vocab: int = 32000, seed: int = 0) -> list[int]:
+    import random
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
+
+
+def random_k_bytes(type_name: str, rows: int, cols: int, g):
+    """Random K-quant rows with scales giving weights of std ~0.02 (the values do not matter for speed)."""
+    import torch
+    nb = cols // 256
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[type_name]
+    raw = torch.randint(0, 256, (rows, nb, size), dtype=torch.uint8, generator=g)
+    if type_name in ("Q4_K", "Q5_K"):  # d, dmin: w = d*sc*q - dmin*m with sc, m ~ 32 and q ~ 7.5 (Q5_K: ~15)
+        raw[..., 0:2] = torch.tensor([1.5e-4], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
+        raw[..., 2:4] = torch.tensor([1.1e-3], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
+    else:  # d: w = d*sc*(q-32) with |sc| ~ 64
+        raw[..., 208:210] = torch.tensor([1.6e-5], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
+    return raw.reshape(rows, nb * size)
+
+
+def write_k_m(config, path: Path, main: str) -> None:
+    import torch
+    from torch import nn
+
+    from pocketlm.model import Phi3ForCausalLM, RotaryEmbedding
+    from pocketlm.quant import linear as ql
+    from pocketlm.quant.gguf_export import export_gguf
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    model.rotary_emb = RotaryEmbedding(config)
+    for layer in model.model.layers:
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            layer.get_submodule(name).weight = nn.Parameter(torch.ones(config.hidden_size))
+        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            t = "Q6_K" if name == "mlp.down_proj" else main
+            lin = layer.get_submodule(name)
+            ql.set_module(layer, name, ql.QuantizedLinear(random_k_bytes(t, lin.out_features, lin.in_features, g), t,
+                                                          lin.in_features, backend="reference"))
+    model.model.norm.weight = nn.Parameter(torch.ones(config.hidden_size))
+    emb = random_k_bytes(main, config.vocab_size, config.hidden_size, g)
+    ql.install_embedding(model, None, main, torch.float32, "reference", tied=False, raw=emb)
+    model.lm_head = ql.QuantizedLinear(random_k_bytes("Q6_K", config.vocab_size, config.hidden_size, g), "Q6_K",
+                                       config.hidden_size, backend="reference")
+    export_gguf(model.eval(), path, name=f"random-{main.lower()}_m")
+
+
+# ----- workers (one process each) -----------------------------------------------------------------------------------
+
+def worker_pocketlm(a, backend: str) -> dict:
+    import torch
+
+    from pocketlm.engine import cpu
+    from pocketlm.engine.generate import prefill
+    from pocketlm.quant import kernels
+    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.quant.linear import QuantizedLinear
+    kernels.set_threads(a.threads)
+    torch.set_num_threads(a.threads)
+    t = time.perf_counter()
+    model = load_gguf(a.gguf, backend=backend)
+    out = {"engine": f"pocketlm-{backend}", "load_s": time.perf_counter() - t, "isa": kernels.isa()}
+    paths = {}
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            paths.setdefault(m.type_name, set()).add(m.backend)
+    out["paths"] = {k: sorted(v) for k, v in sorted(paths.items())}
+    n_decode = a.decode if backend == "kernel" else a.ref_decode
+    fast = cpu.accelerate(model, "f16")
+    if backend == "kernel":
+        assert all(p == ["kernel"] for p in out["paths"].values()), out["paths"]
+        assert isinstance(fast, cpu.FastDecoder), "the model did not land on the C decode step"
+    ids = prompt_ids(a.prompt)
+    with torch.inference_mode():
+        cache = fast.make_cache(1, a.prompt + n_decode + 8)
+        t = time.perf_counter()
+        logits = prefill(fast, cache, ids)
+        out["prompt_s"] = time.perf_counter() - t
+        tok = int(logits.argmax())
+        t = time.perf_counter()
+        for _ in range(n_decode):
+            tok = int(fast(torch.tensor([[tok]]), cache, last_only=True)[0, -1].argmax())
+        out["decode_s"] = time.perf_counter() - t
+    out["prompt_tok_s"] = a.prompt / out["prompt_s"]
+    out["decode_tok_s"] = n_decode / out["decode_s"]
+    return out
+
+
+def worker_llamacpp(a) -> dict:
+    import llama_cpp
+    import numpy as np
+    llm = llama_cpp.Llama(model_path=a.gguf, n_ctx=a.prompt + a.decode + 8, n_batch=512, n_threads=a.threads,
+                          n_threads_batch=a.threads, verbose=False)
+    out = {"engine": "llama.cpp", "version": llama_cpp.__version__}
+    ids = prompt_ids(a.prompt)
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    out["prompt_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(a.decode):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    out["decode_s"] = time.perf_counter() - t  # wall clock with Python, as pocketlm's
+    out["prompt_tok_s"] = a.prompt / out["prompt_s"]
+    out["decode_tok_s"] = a.decode / out["decode_s"]
+    llm.close()
+    return out
+
+
+def run_worker(kind: str, a, isa: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--gguf", a.gguf, "--threads", str(a.threads), "--prompt",
+           str(a.prompt), "--decode", str(a.decode), "--ref-decode", str(a.ref_decode)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if isa is not None:
+        env["POCKETLM_KERNEL_ISA"] = isa
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise SystemExit(f"worker {kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="phi-3-mini-4k")
+    p.add_argument("--mix", default="q4_k_m", choices=sorted(MIXES))
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--decode", type=int, default=32)
+    p.add_argument("--ref-decode", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--gguf", default=None)
+    p.add_argument("--out", default=None, help="default: bench/results/bench_kquant_<mix>.json")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        out = worker_llamacpp(a) if a.worker == "llama.cpp" else worker_pocketlm(a, a.worker)
+        print(json.dumps(out))
+        return
+
+    from pocketlm.config import preset
+    from pocketlm.formats.gguf import GGUFFile
+    from pocketlm.quant import kernels
+    config = preset(a.preset).replace(num_hidden_layers=a.layers)
+    a.threads = a.threads or kernels.default_threads()
+    if a.gguf is None:
+        a.gguf = str(Path(tempfile.gettempdir()) / f"pocketlm-bench-{a.preset}-{a.layers}l-{a.mix}.gguf")
+    if not Path(a.gguf).exists():
+        write_k_m(config, Path(a.gguf), MIXES[a.mix])
+    a.out = a.out or str(ROOT / "bench" / "results" / f"bench_kquant_{a.mix}.json")
+    g = GGUFFile(a.gguf)
+    # bytes read per decoded token: every matrix once except the embedding (one row)
+    weight_bytes = sum(t.n_bytes for n, t in g.tensors.items() if n != "token_embd.weight")
+    bw = kernels.read_bandwidth(1 << 30, reps=5, threads=a.threads)
+    have_llama = not a.no_llama_cpp
+    if have_llama:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            have_llama = False
+    # the AVX2 path too where the native one is AVX512 (the AVX2-only CPUs users have)
+    forced = ["avx2"] if kernels.isa() == "avx512-vnni" and "avx2" in kernels.supported_isas() else []
+    runs: dict[str, list[dict]] = {"kernel": [], "llama.cpp": [], **{f"kernel-{i}": [] for i in forced}}
+    for _ in range(a.repeats):  # alternate, so that drifting load hits all
+        runs["kernel"].append(run_worker("kernel", a))
+        for i in forced:
+            runs[f"kernel-{i}"].append(run_worker("kernel", a, isa=i))
+        if have_llama:
+            runs["llama.cpp"].append(run_worker("llama.cpp", a))
+    ref = run_worker("reference", a)
+    rows = {}
+    named = [(f"pocketlm kernels ({kernels.isa()})", runs["kernel"])]
+    named += [(f"pocketlm kernels ({i})", runs[f"kernel-{i}"]) for i in forced]
+    for name, rs in (*named, ("llama.cpp", runs["llama.cpp"]), ("pocketlm reference", [ref])):
+        if rs:
+            rows[name] = {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs),
+                          "prompt_tok_s": statistics.median(r["prompt_tok_s"] for r in rs), "runs": rs}
+    roofline = bw * 1e9 / weight_bytes
+    print(f"{a.mix.upper()}, {a.preset} width, {a.layers} layers, {weight_bytes / 1e6:.0f} MB read per token; "
+          f"kernels isa: {kernels.isa()}; {a.threads} threads; {platform.processor() or platform.machine()}")
+    print(f"read bandwidth {bw:.1f} GB/s -> roofline {roofline:.1f} tokens/s")
+    print(f"{'engine':<30} {'decode tok/s':>13} {'prompt tok/s':>13} {'decode vs ref':>14} {'vs llama.cpp':>13} "
+          f"{'of roofline':>12}")
+    base = rows.get("llama.cpp")
+    for name, r in rows.items():
+        r["decode_vs_reference"] = r["decode_tok_s"] / rows["pocketlm reference"]["decode_tok_s"]
+        r["decode_vs_llama_cpp"] = r["decode_tok_s"] / base["decode_tok_s"] if base else None
+        r["prompt_vs_llama_cpp"] = r["prompt_tok_s"] / base["prompt_tok_s"] if base else None
+        r["of_roofline"] = r["decode_tok_s"] / roofline
+        vs = f"{r['decode_vs_llama_cpp']:.2f}x" if base else "-"
+        print(f"{name:<30} {r['decode_tok_s']:>13.2f} {r['prompt_tok_s']:>13.1f} {r['decode_vs_reference']:>13.1f}x "
+              f"{vs:>13} {r['of_roofline']:>11.0%}")
+    result = {"preset": a.preset, "layers": a.layers, "mix": a.mix,
+              "types": f"{MIXES[a.mix]} + Q6_K for ffn_down and output",
+              "isa": kernels.isa(), "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
+              "ref_decode": a.ref_decode, "weight_bytes_per_token": weight_bytes, "read_bandwidth_gb_s": bw,
+              "roofline_tok_s": roofline, "cpu": platform.processor() or platform.machine(), "engines": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
