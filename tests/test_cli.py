@@ -103,3 +103,16 @@ def test_gguf_model_runs_and_converts(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "m.gguf"), str(tmp_path / "out")]) == 0
     a, b = pocketlm.load("tiny"), pocketlm.load(tmp_path / "out")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_run_verbose_names_the_compute_path_of_each_weight_type(capsys):
+    """`run -v` says where each weight type runs, so a slow path is never silent."""
+    from pocketlm.api import default_model_path
+    from pocketlm.quant import kernels
+    gguf = default_model_path() / "model.q4_0.gguf"
+    assert cli.main(["run", str(gguf), "Hi", "-v", "--max-tokens", "2"]) == 0
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("weights:")]
+    assert len(line) == 1
+    if kernels.available():
+        assert re.search(rf"Q4_0 x\d+ kernels \({kernels.isa()}\)", line[0]), line[0]
+    assert "reference" not in line[0]

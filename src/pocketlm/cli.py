@@ -71,7 +71,7 @@ def _load(args):
         from pocketlm.engine import cpu
         if not cpu.eligible(model):
             raise PocketLMError(f"--kv-cache {args.kv_cache}: {args.model} does not run on the CPU kernels (they take "
-                                "Q4_0, Q4_1 and Q8_0 weights)")
+                                "Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K weights)")
         cpu.accelerate(model, args.kv_cache)  # the decode loop picks this decoder up
     return model
 
@@ -119,10 +119,24 @@ def _print_stats(result, file=None) -> None:
           f"finish reason:        {result.finish_reason}", file=file)
 
 
+def _print_paths(model, file=None) -> None:
+    """Which compute path each weight type runs on (kernels, int4, reference, pytorch), so a slow path is never
+    silent."""
+    from pocketlm.quant import kernels
+    from pocketlm.quant.linear import linear_paths
+    file = file if file is not None else sys.stderr
+    names = {"kernel": f"kernels ({kernels.isa()})", "reference": "reference (dequantize per call)"}
+    parts = [f"{t} x{n} {names.get(path, path)}" for t, paths in linear_paths(model).items()
+             for path, n in paths.items()]
+    print("weights:              " + ", ".join(parts), file=file)
+
+
 def _stream_to_stdout(model, tok, prompt, args):
     from pocketlm.engine.generate import GenerationResult, stream_events
     result = None
-    for event in stream_events(model, tok, prompt, chat_format=_chat_format(args, model), **_sampling(args)):
+    for event in stream_events(model, tok, prompt, chat_format=_chat_format(args, model),
+                               response_format=_json_schema_format(getattr(args, "json_schema", None)),
+                               **_sampling(args)):
         if isinstance(event, GenerationResult):
             result = event
         else:
@@ -130,6 +144,20 @@ def _stream_to_stdout(model, tok, prompt, args):
             sys.stdout.flush()
     sys.stdout.write("\n")
     return result
+
+
+def _json_schema_format(path) -> dict | None:
+    """`--json-schema FILE` -> an OpenAI-style response_format (the reply is JSON valid for that schema)."""
+    if path is None:
+        return None
+    import json
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PocketLMError(f"--json-schema {path}: cannot read a JSON schema: {e}") from None
+    from pocketlm.serve.grammar import check_schema
+    check_schema(schema)  # SchemaError names the unsupported keyword
+    return {"type": "json_schema", "schema": schema}
 
 
 # ---- verbs --------------------------------------------------------------------------------------------------------
@@ -144,6 +172,7 @@ def cmd_run(args) -> int:
     result = _stream_to_stdout(model, tok, prompt, args)
     if args.verbose:
         _print_stats(result)
+        _print_paths(model)
     return 0
 
 
@@ -329,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain text completion, no chat format")
     p.add_argument("--system", default=None, help="system message (chat format only)")
     p.add_argument("--verbose", "-v", action="store_true", help="print prompt and decode tokens/s")
+    p.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="constrain the reply to JSON valid for the JSON schema in FILE")
     _add_sampling(p)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
