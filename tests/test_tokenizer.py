@@ -443,8 +443,10 @@ def corrupt_cases(tmp: Path, tok: Tokenizer):
     cases.append(("bad json", folder_with("badjson", {"tokenizer.json": "{not json"}), "tokenizer.json"))
     cases.append(("json list", folder_with("jsonlist", {"tokenizer.json": "[]"}), "tokenizer.json"))
     mutated("unigram", lambda d: d["model"].update(type="Unigram"))
-    mutated("no byte fallback", lambda d: d["model"].update(byte_fallback=False))
-    mutated("metaspace", lambda d: d.update(normalizer=None))
+    # Valid non-Llama layouts (no byte fallback, no normalizer) load on the HF backend
+    # (tests/test_tokenizer_sources.py); these stay invalid:
+    mutated("unknown normalizer", lambda d: d.update(normalizer={"type": "NoSuchNormalizer"}))
+    mutated("vocab not a map", lambda d: d["model"].update(byte_fallback=False, vocab=[1, 2]))
     mutated("missing byte piece", lambda d: d["model"]["vocab"].pop("<0x41>"))
     mutated("malformed byte piece", lambda d: d["model"]["vocab"].update({"<0xZZ>": 32000}))
     mutated("duplicate id", lambda d: d["model"]["vocab"].update({"▁Hello": 3}))

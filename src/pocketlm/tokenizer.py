@@ -40,13 +40,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer as _Backend
 from tokenizers import models as _models
 from tokenizers import normalizers as _normalizers
 
 from pocketlm.errors import TokenizerError, WeightFormatError
+
+if TYPE_CHECKING:
+    from pocketlm.quant.gguf_tokenizer import HFTokenizer
 
 SPIECE_UNDERLINE = "\u2581"
 # Unicode White_Space = Rust `char::is_whitespace`, what HF uses for lstrip/rstrip (Python's isspace() differs:
@@ -74,6 +77,15 @@ _DECODER_JSON = {"type": "Sequence", "decoders": [
     {"type": "Replace", "pattern": {"String": SPIECE_UNDERLINE}, "content": " "},
     {"type": "ByteFallback"}, {"type": "Fuse"},
     {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+
+
+# GGUF `tokenizer.ggml.model` values `from_pretrained` reads: SentencePiece BPE here, byte-level BPE in
+# `pocketlm.quant.gguf_tokenizer`.
+GGUF_TOKENIZER_MODELS = ("llama", "gpt2")
+
+
+class UnsupportedTokenizerError(TokenizerError):
+    """The file is well formed but uses a tokenizer kind pocketlm does not implement (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -114,14 +126,15 @@ class Tokenizer:
         merges: BPE merges over `pieces`, highest priority first.
         added_tokens: tokens matched as whole strings: control/chat tokens (ids >= len(pieces)) and the
             SentencePiece control pieces (`<unk>`, `<s>`, `</s>`), whose content must equal their piece.
-        bos_id, eos_id, unk_id, pad_id: special ids (None where the files name none; unk_id is required).
+        bos_id, eos_id, unk_id, pad_id: special ids (None where the files name none; byte fallback means no
+            text needs unk_id, so files with `"unk_token": null` load).
         add_bos_default: whether the files ask for `<s>` in front of every sequence.
         padded_vocab_size: embedding rows of the model (>= len(self)); ids in between are padding.
         source: file the tokenizer came from, used in error messages.
     """
 
     def __init__(self, pieces: Sequence[str], merges: Sequence[tuple[str, str]], added_tokens: Iterable[AddedToken],
-                 *, bos_id: int | None, eos_id: int | None, unk_id: int, pad_id: int | None = None,
+                 *, bos_id: int | None, eos_id: int | None, unk_id: int | None, pad_id: int | None = None,
                  add_bos_default: bool = False, padded_vocab_size: int | None = None,
                  source: str = "<memory>") -> None:
         self.source = source
@@ -163,7 +176,7 @@ class Tokenizer:
         for name, value in (("bos_id", bos_id), ("eos_id", eos_id), ("unk_id", unk_id), ("pad_id", pad_id)):
             if value is not None and not (isinstance(value, int) and 0 <= value < self._size):
                 raise TokenizerError(f"{source}: {name} {value!r} is outside the vocabulary [0, {self._size})")
-        if unk_id is None or unk_id >= len(self._pieces):
+        if unk_id is not None and unk_id >= len(self._pieces):
             raise TokenizerError(f"{source}: unk_id {unk_id!r} must be a SentencePiece piece id "
                                  f"< {len(self._pieces)}")
         self._bos, self._eos, self._unk, self._pad = bos_id, eos_id, unk_id, pad_id
@@ -174,7 +187,8 @@ class Tokenizer:
                                  f"tokenizer's {self._size} ids")
 
         try:
-            model = _models.BPE(vocab=self._vocab, merges=self._merges, unk_token=self._pieces[unk_id],
+            model = _models.BPE(vocab=self._vocab, merges=self._merges,
+                                unk_token=None if unk_id is None else self._pieces[unk_id],
                                 fuse_unk=True, byte_fallback=True)
         except Exception as e:  # the Rust side reports its own error type
             raise TokenizerError(f"{source}: cannot build the BPE model: {e}") from None
@@ -190,21 +204,33 @@ class Tokenizer:
         return _default_tokenizer()
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str]) -> Tokenizer:
-        """Load a tokenizer from a checkpoint folder or a GGUF file.
+    def from_pretrained(cls, path: str | os.PathLike[str]) -> Tokenizer | HFTokenizer:
+        """Load a tokenizer from a checkpoint folder, a `tokenizer.json` or a GGUF file: the one entry point for
+        every model pocketlm runs (the CLI, server and converters use it too).
 
         Args:
-            path: a `.gguf` file (`tokenizer.ggml.model` must be "llama"), or a folder holding `tokenizer.json`
-                (HF layout; preferred) or `tokenizer.model` (SentencePiece) plus optional `tokenizer_config.json`,
-                `added_tokens.json`, `special_tokens_map.json` and `config.json` (for `vocab_size`, the padded
-                embedding size).
+            path: a `.gguf` file (`tokenizer.ggml.model` "llama" or "gpt2"), a `tokenizer.json` file, or a
+                folder holding `tokenizer.json` (HF layout; preferred) or `tokenizer.model` (SentencePiece) plus
+                optional `tokenizer_config.json`, `added_tokens.json`, `special_tokens_map.json` and
+                `config.json` (for `vocab_size`, the padded embedding size).
+
+        Returns:
+            a `Tokenizer` for the Llama SentencePiece layout (Phi-3 and other Llama-vocabulary models); for GGUF
+            "gpt2" vocabularies and every other `tokenizer.json` layout, a `pocketlm.quant.gguf_tokenizer`
+            `HFTokenizer` (`ByteLevelBPETokenizer` when byte-level), which has the same encode/decode/special-id
+            surface.
 
         Raises:
+            UnsupportedTokenizerError: a GGUF names a `tokenizer.ggml.model` other than "llama"/"gpt2".
             TokenizerError: the path is missing, or a file is corrupt or inconsistent (the message names it).
         """
         p = Path(path)
         if p.is_file() and p.suffix == ".gguf":
             return _from_gguf(p)
+        if p.is_file() and p.suffix == ".json":  # a bare tokenizer.json: its folder's config files still apply
+            p = p.parent if p.name == "tokenizer.json" else p
+            if p.is_file():
+                return _from_tokenizer_json(p, {}, None)
         if not p.is_dir():
             raise TokenizerError(f"{p}: not a checkpoint folder or a .gguf file")
         config = _read_json(p / "tokenizer_config.json", optional=True) or {}
@@ -376,7 +402,7 @@ class Tokenizer:
         return self._eos
 
     @property
-    def unk_id(self) -> int:
+    def unk_id(self) -> int | None:
         return self._unk
 
     @property
@@ -428,7 +454,8 @@ class Tokenizer:
             "pre_tokenizer": None,
             "post_processor": post,
             "decoder": _DECODER_JSON,
-            "model": {"type": "BPE", "dropout": None, "unk_token": self._pieces[self._unk],
+            "model": {"type": "BPE", "dropout": None,
+                      "unk_token": None if self._unk is None else self._pieces[self._unk],
                       "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
                       "byte_fallback": True, "vocab": self._vocab,
                       "merges": [f"{l} {r}" if space_free else [l, r] for l, r in self._merges]},
@@ -554,15 +581,13 @@ def _from_tokenizer_json(path: Path, config: dict, padded: int | None) -> Tokeni
     if not isinstance(doc, dict):
         raise TokenizerError(f"{where}: top level is {type(doc).__name__}, expected an object")
     model = doc.get("model")
-    if not isinstance(model, dict) or model.get("type") != "BPE" or model.get("byte_fallback") is not True:
-        kind = model.get("type") if isinstance(model, dict) else model
-        raise TokenizerError(f"{where}: model must be BPE with byte_fallback (Llama SentencePiece layout), "
-                             f"got {kind!r:.80}")
-    if doc.get("normalizer") != _NORMALIZER_JSON or doc.get("pre_tokenizer") is not None:
-        raise TokenizerError(f"{where}: normalizer/pre_tokenizer {doc.get('normalizer')!r:.120} is not the "
-                             f"Llama layout Prepend('▁') + Replace(' ', '▁') with no pre-tokenizer")
-    if doc.get("decoder") != _DECODER_JSON:
-        raise TokenizerError(f"{where}: decoder {doc.get('decoder')!r:.120} is not the Llama layout")
+    if not (isinstance(model, dict) and model.get("type") == "BPE" and model.get("byte_fallback") is True
+            and doc.get("normalizer") == _NORMALIZER_JSON and doc.get("pre_tokenizer") is None
+            and doc.get("decoder") == _DECODER_JSON):
+        # Not the Llama SentencePiece layout (byte-level BPE, Metaspace, WordPiece, ...): the HF backend runs the
+        # whole pipeline from the file, with added tokens matched by pocketlm.
+        from pocketlm.quant.gguf_tokenizer import HFTokenizer
+        return HFTokenizer.from_tokenizer_json(path, config)
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
         raise TokenizerError(f"{where}: model.vocab must map strings to integer ids")
@@ -581,8 +606,8 @@ def _from_tokenizer_json(path: Path, config: dict, padded: int | None) -> Tokeni
     if not isinstance(entries, list):
         raise TokenizerError(f"{where}: added_tokens must be a list")
     added = _added_from_entries([(e.get("id") if isinstance(e, dict) else None, e) for e in entries], where)
-    unk = model.get("unk_token")
-    if unk not in vocab:
+    unk = model.get("unk_token")  # null is valid: with byte fallback no text needs <unk>
+    if unk is not None and unk not in vocab:
         raise TokenizerError(f"{where}: unk_token {unk!r} is not in the vocabulary")
     default_bos, default_add_bos = None, False
     post = doc.get("post_processor")
@@ -593,7 +618,8 @@ def _from_tokenizer_json(path: Path, config: dict, padded: int | None) -> Tokeni
             default_bos = {t.content: t.id for t in added}.get(name, vocab.get(name))
             default_add_bos = default_bos is not None
     specials = _specials_from_config(config, pieces, added, where, default_bos, default_add_bos)
-    return Tokenizer(pieces, merges, added, unk_id=vocab[unk], padded_vocab_size=padded, source=where, **specials)
+    return Tokenizer(pieces, merges, added, unk_id=None if unk is None else vocab[unk], padded_vocab_size=padded,
+                     source=where, **specials)
 
 
 def _from_sentencepiece(path: Path, config: dict, added_json: Path, padded: int | None) -> Tokenizer:
@@ -643,9 +669,12 @@ def _from_gguf(path: Path) -> Tokenizer:
     try:
         with GGUFFile(path) as g:
             model = g.metadata_get("tokenizer.ggml.model", "string")
+            if model == "gpt2":
+                from pocketlm.quant.gguf_tokenizer import ByteLevelBPETokenizer
+                return ByteLevelBPETokenizer.from_gguf(path)
             if model != "llama":
-                raise TokenizerError(f"{where}: tokenizer.ggml.model is {model!r}; only 'llama' "
-                                     f"(SentencePiece BPE) is supported")
+                raise UnsupportedTokenizerError(
+                    f"{where}: tokenizer.ggml.model is {model!r}; supported: {', '.join(GGUF_TOKENIZER_MODELS)}")
             tokens = list(g.metadata_get("tokenizer.ggml.tokens", "array[string]"))
             scores = [float(s) for s in g.metadata_get("tokenizer.ggml.scores", "array[float32]")]
             types = [int(t) for t in g.metadata_get("tokenizer.ggml.token_type", ("array[int32]", "array[uint32]"))]
@@ -683,8 +712,8 @@ def _from_gguf(path: Path) -> Tokenizer:
     added = [AddedToken(i, tokens[i], special=types[i] == CONTROL,
                         rstrip=phi3 and tokens[i] not in PHI3_NO_RSTRIP) for i in added_ids]
     unk = ids["unknown_token_id"]
-    if unk is None or unk >= n_pieces:
-        raise TokenizerError(f"{where}: tokenizer.ggml.unknown_token_id {unk!r} is missing or not a piece id")
+    if unk is not None and unk >= n_pieces:
+        raise TokenizerError(f"{where}: tokenizer.ggml.unknown_token_id {unk!r} is not a piece id")
     return Tokenizer(pieces, merges, added, bos_id=ids["bos_token_id"], eos_id=ids["eos_token_id"], unk_id=unk,
                      pad_id=ids["padding_token_id"], add_bos_default=add_bos, padded_vocab_size=len(tokens),
                      source=where)

@@ -273,14 +273,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a GGUF file: `pocketlm.Tokenizer` for `tokenizer.ggml.model = "llama"`, a byte-level BPE
-    (`quant.gguf_tokenizer.ByteLevelBPETokenizer`) for "gpt2"."""
-    with GGUFFile(path) as g:
-        kind = g.metadata_get("tokenizer.ggml.model", "string")
-    if kind == "llama":
-        from pocketlm.tokenizer import Tokenizer
-        return Tokenizer.from_pretrained(path)
-    if kind == "gpt2":
-        from pocketlm.quant.gguf_tokenizer import ByteLevelBPETokenizer
-        return ByteLevelBPETokenizer.from_gguf(path)
-    raise WeightFormatError(f"{path}: tokenizer.ggml.model {kind!r} is not supported (llama, gpt2)")
+    """The tokenizer of a GGUF file; kept for callers of the old name: `Tokenizer.from_pretrained` is the one
+    loader ("llama" and "gpt2" vocabularies; others raise `pocketlm.tokenizer.UnsupportedTokenizerError`)."""
+    from pocketlm.tokenizer import Tokenizer
+    return Tokenizer.from_pretrained(path)
