@@ -171,3 +171,15 @@ def test_bad_settings_raise_generation_error_naming_the_field(field, value):
 ])
 def test_edge_settings_are_accepted(kwargs):
     SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("field", ["temperature", "repetition_penalty"])
+@pytest.mark.parametrize("tiny", [1e-39, 5e-324])
+def test_tiny_positive_temperature_or_penalty_stays_finite(field, tiny):
+    """A positive but tiny divisor must not overflow the float32 logits (it gave inf -> multinomial error -> 500)."""
+    from pocketlm.engine.sampling import MIN_DIVISOR, apply_repetition_penalty, apply_temperature
+    logits = torch.tensor([3.0, -2.0, 1.0, 0.5])
+    out = apply_temperature(logits, tiny) if field == "temperature" else apply_repetition_penalty(logits, [0, 1], tiny)
+    assert torch.isfinite(out).all() and MIN_DIVISOR == 1e-6
+    probs = torch.softmax(out, -1)
+    assert torch.isfinite(probs).all() and int(probs.argmax()) == 0

@@ -100,6 +100,12 @@ class SamplingParams:
         return self.temperature == 0
 
 
+# the smallest temperature / repetition penalty the arithmetic uses: dividing float32 logits by a positive but tiny
+# value (1e-39, 5e-324) would overflow to inf and poison the softmax; at 1e-6 any logit gap above ~1e-4 is already
+# a certain choice, so the clamp changes no distribution anyone can tell apart from the limit
+MIN_DIVISOR = 1e-6
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> torch.Tensor:
     """CTRL/HF repetition penalty: for every id in `seen_ids`, divide its logit by `penalty` if positive, else
     multiply. Each id is penalised once however often it occurred. logits: (V,) or (B, V); seen_ids: ids in
@@ -114,14 +120,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> 
     seen = seen.reshape(1, -1) if seen.dim() == 1 else seen  # (B or 1, N)
     seen = seen.expand(scores.shape[0], -1)
     score = torch.gather(scores, 1, seen)
+    penalty = max(penalty, MIN_DIVISOR)
     score = torch.where(score < 0, score * penalty, score / penalty)
     out = scores.scatter(1, seen, score)
     return out.squeeze(0) if squeeze else out
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide by the temperature (> 0)."""
-    return logits / temperature
+    """Divide by the temperature (> 0; at least MIN_DIVISOR, so the result stays finite)."""
+    return logits / max(temperature, MIN_DIVISOR)
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
