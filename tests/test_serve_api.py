@@ -278,7 +278,9 @@ def test_grammar_random_walks_always_parse():
 
 
 @pytest.mark.parametrize("text, ok", [
-    ('{"a": [1, -2.5e+3, true, false, null, "x\\u00e9\\n"], "b": {}}', True), ('[]', False), ('{"a":01}', False),
+    ('{"a":[1,-2.5e+3,true,false,null,"x\\u00e9\\n"],"b":{}}', True), ('{"a": 1}', True), ('{"a":  1}', False),
+    ('[]', False),
+    ('{"a":01}', False),
     ('{"a":1,}', False), ('{"a" 1}', False), ('{"a": "unterminated', False), ('{"a": tru}', False), ("{'a': 1}", False),
 ])
 def test_grammar_json_object(text, ok):
@@ -286,8 +288,8 @@ def test_grammar_json_object(text, ok):
     assert (state is not None and grammar.can_end(state)) is ok
 
 
-@pytest.mark.parametrize("schema", [{"anyOf": [{}]}, {"$ref": "#/x"}, {"type": "string", "pattern": "a+"},
-                                    {"type": "array", "minItems": 2}, {"type": "date"}, {"enum": [{"a": 1}]}])
+@pytest.mark.parametrize("schema", [{"$ref": "#/x"}, {"type": "date"}, {"type": "string", "format": "nope"},
+                                    {"type": "string", "pattern": "(unclosed"}, 5, [1]])
 def test_grammar_refuses_unsupported_schema(schema):
     with pytest.raises(grammar.SchemaError):
         grammar.check_schema(schema)

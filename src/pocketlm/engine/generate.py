@@ -103,10 +103,16 @@ def next_logits(model, cache, sequence: Sequence[int], chunk_size: int = DEFAULT
 
 
 @torch.inference_mode()
-def _pick(logits: torch.Tensor, params: SamplingParams, generator, sequence: list[int], vocab_limit: int) -> int:
+def _pick(logits: torch.Tensor, params: SamplingParams, generator, sequence: list[int], vocab_limit: int,
+          constraint=None) -> int:
     if vocab_limit < logits.shape[-1]:
         logits = logits.clone()
         logits[vocab_limit:] = -math.inf  # padding rows of the embedding: not real tokens
+    if constraint is not None:  # structured output (serve/grammar.py): only the ids the grammar allows
+        allowed = torch.tensor(constraint.allowed_ids(), dtype=torch.long, device=logits.device)
+        masked = torch.full_like(logits, -math.inf, dtype=torch.float32)
+        masked[allowed] = logits.float()[allowed]
+        logits = masked
     seen = sequence if params.repetition_penalty != 1.0 else ()
     return sample(logits, params, generator, seen_ids=seen)
 
@@ -127,7 +133,7 @@ def check_prompt(model, prompt_ids: Sequence[int]) -> None:
 
 def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams, *, stop_token_ids: Iterable[int] = (),
                  vocab_limit: int | None = None,
-                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE) -> Iterator[int]:
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE, constraint=None) -> Iterator[int]:
     """Return an iterator over the sampled token ids; the core loop. Bad input raises here, not on iteration.
 
     The iterator ends after yielding a stop id (`stop_token_ids` plus `params.stop_token_ids`), after
@@ -141,17 +147,19 @@ def generate_ids(model, prompt_ids: Sequence[int], params: SamplingParams, *, st
         stop_token_ids: ids that end generation.
         vocab_limit: ids >= this are never sampled (default: all `model.config.vocab_size` rows).
         prefill_chunk_size: most prompt tokens per forward during prefill.
+        constraint: a `pocketlm.serve.grammar.JsonConstraint` (allowed_ids/advance): each id is sampled among
+            the ids it allows (structured output).
     """
     if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1:
         raise GenerationError(f"prefill_chunk_size={prefill_chunk_size!r} is invalid: must be an integer >= 1")
     check_prompt(model, prompt_ids)
     vocab_limit = model.config.vocab_size if vocab_limit is None else min(vocab_limit, model.config.vocab_size)
     stops = frozenset(stop_token_ids) | frozenset(params.stop_token_ids)
-    return _decode_loop(model, list(prompt_ids), params, stops, vocab_limit, prefill_chunk_size)
+    return _decode_loop(model, list(prompt_ids), params, stops, vocab_limit, prefill_chunk_size, constraint)
 
 
 def _decode_loop(model, sequence: list[int], params: SamplingParams, stops: frozenset[int], vocab_limit: int,
-                 chunk_size: int) -> Iterator[int]:
+                 chunk_size: int, constraint=None) -> Iterator[int]:
     n_ctx = model.config.max_position_embeddings
     budget = min(params.max_tokens, n_ctx - len(sequence))  # the last sampled id is never fed back
     model = cpu.accelerate(model)  # one C call per token when the linears run on the compiled kernels
@@ -159,7 +167,9 @@ def _decode_loop(model, sequence: list[int], params: SamplingParams, stops: froz
     generator = None if params.greedy else make_generator(params, _device(model))
     logits = prefill(model, cache, sequence, chunk_size)
     for step in range(budget):
-        token = _pick(logits, params, generator, sequence, vocab_limit)
+        token = _pick(logits, params, generator, sequence, vocab_limit, constraint)
+        if constraint is not None:
+            constraint.advance(token)
         sequence.append(token)
         yield token
         if token in stops or step == budget - 1:
@@ -247,7 +257,7 @@ def make_params(params: SamplingParams | None = None, **sampling) -> SamplingPar
 
 def stream_events(model, tokenizer, prompt_or_messages, *, params: SamplingParams | None = None,
                   chat_format: str | None = None, prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK_SIZE,
-                  **sampling) -> Iterator[str | GenerationResult]:
+                  response_format: dict | None = None, **sampling) -> Iterator[str | GenerationResult]:
     """Return an iterator of text chunks as they are produced, ending with one `GenerationResult`.
 
     Settings and the prompt are checked here (GenerationError), before anything is generated.
@@ -259,16 +269,32 @@ def stream_events(model, tokenizer, prompt_or_messages, *, params: SamplingParam
         params: a `SamplingParams`; keyword `sampling` settings override its fields.
         chat_format: passed to `pocketlm.chat.render` for message lists.
         prefill_chunk_size: most prompt tokens per forward.
+        response_format: structured output, as in the OpenAI API: {"type": "json_object"}, {"type": "json_schema",
+            "json_schema": {"schema": {...}}} (or {"type": "json_schema", "schema": {...}}), and the pocketlm
+            extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark or GBNF>"}.
+            Needs the `serve` extra (llguidance); a bad schema raises SchemaError.
         **sampling: any `SamplingParams` field (temperature, top_k, top_p, min_p, repetition_penalty, seed,
             max_tokens, stop, stop_token_ids).
     """
     params = make_params(params, **sampling)
     prompt_ids, default_stops = encode_prompt(tokenizer, prompt_or_messages, chat_format=chat_format)
     stops = frozenset(default_stops) | frozenset(params.stop_token_ids)
+    constraint = _constraint(response_format, tokenizer, stops, params.max_tokens) if response_format else None
     t0 = time.perf_counter()
     ids = generate_ids(model, prompt_ids, params, stop_token_ids=stops, vocab_limit=len(tokenizer),
-                       prefill_chunk_size=prefill_chunk_size)
+                       prefill_chunk_size=prefill_chunk_size, constraint=constraint)
     return _text_events(ids, tokenizer, params, stops, len(prompt_ids), t0)
+
+
+def _constraint(response_format: dict, tokenizer, stops, budget: int):
+    """The per-sequence grammar constraint for an OpenAI-style `response_format` (see `stream_events`)."""
+    from pocketlm.serve import grammar  # needs llguidance (the serve extra)
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        raise grammar.SchemaError(f"response_format must be a dict with a 'type', got {response_format!r:.80}")
+    rf = dict(response_format)
+    if rf["type"] == "json_schema" and "schema" not in rf:
+        rf["schema"] = (rf.get("json_schema") or {}).get("schema", {})
+    return grammar.JsonConstraint(grammar.grammar_for(rf), grammar.token_table(tokenizer), stops, budget=budget)
 
 
 def _text_events(ids: Iterator[int], tokenizer, params: SamplingParams, stops: frozenset[int], prompt_tokens: int,

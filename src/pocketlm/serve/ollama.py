@@ -31,7 +31,7 @@ Mapping:
   Modelfile's parameters, else the server's (the same as /v1: temperature 1, no top-k/top-p), not Ollama's
   built-in 0.8/40/0.9/1.1, so both APIs sample a model the same way.
 - `format: "json"` -> the JSON-object constraint of `response_format: json_object`; a JSON-schema object ->
-  `json_schema` (grammar.py's keywords; others 400). `keep_alive` is accepted (number or duration string) and
+  `json_schema` (JSON Schema as serve/grammar.py enforces it; an unenforceable schema is a 400). `keep_alive` is accepted (number or duration string) and
   ignored: the model is always loaded.
 - Durations are nanoseconds: load_duration = request parsing and tokenization, prompt_eval_duration = submit to
   first token (queueing included), eval_duration = first token to the last, total_duration = all.

@@ -24,6 +24,9 @@ the envelope's `param` (the checklist in RELIABILITY.md §6 item 13; vLLM's and 
   an lm-eval style client finds a continuation's tokens by offset. Computed here, off the event loop.
 - Unsupported features are refused, not ignored: tools/functions, echo on chat completions, best_of > 1,
   suffix, and `response_format` schemas with keywords `grammar.py` does not enforce.
+- `response_format` types: text, json_object, json_schema (full JSON Schema as llguidance knows it, `strict`
+  accepted), and the pocketlm extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar":
+  "<Lark or GBNF>"} (or {"grammar": {"syntax": ..., "definition": "..."}}); see serve/grammar.py.
 """
 
 from __future__ import annotations
@@ -167,7 +170,9 @@ def _logit_bias(body: dict, vocab: int) -> dict[int, float]:
 
 
 def _response_format(body: dict) -> dict | None:
-    from pocketlm.serve.grammar import SchemaError, check_schema
+    """Validate `response_format`; the result's "schema" is what the per-sequence constraint is built from (a JSON
+    schema object, or for the pocketlm extensions `regex` / `grammar` the compiled grammar string)."""
+    from pocketlm.serve.grammar import SchemaError, check_schema, compile_grammar, compile_regex
 
     v = body.get("response_format")
     if v is None:
@@ -181,7 +186,7 @@ def _response_format(body: dict) -> dict | None:
         return {"type": "json_object", "schema": {"type": "object"}}
     if kind == "json_schema":
         js = v.get("json_schema")
-        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), (dict, bool)):
             raise bad_request("'response_format.json_schema' must be an object with a 'schema' object",
                               "response_format.json_schema")
         schema = js.get("schema", {})
@@ -190,8 +195,17 @@ def _response_format(body: dict) -> dict | None:
         except SchemaError as e:
             raise bad_request(f"unsupported JSON schema: {e}", "response_format.json_schema.schema") from None
         return {"type": "json_schema", "schema": schema}
-    raise bad_request(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r:.40}",
-                      "response_format.type")
+    if kind in ("regex", "grammar"):
+        src = v.get(kind)
+        if kind == "grammar" and isinstance(src, dict):  # {"syntax": "lark"|"gbnf", "definition": "..."}
+            src = src.get("definition")
+        try:
+            compiled = compile_regex(src) if kind == "regex" else compile_grammar(src)
+        except SchemaError as e:
+            raise bad_request(f"invalid {kind}: {e}", f"response_format.{kind}") from None
+        return {"type": kind, kind: src, "schema": compiled}
+    raise bad_request(f"'response_format.type' must be 'text', 'json_object', 'json_schema', 'regex' or 'grammar', "
+                      f"got {kind!r:.40}", "response_format.type")
 
 
 def _refuse_unsupported(body: dict, kind: str) -> None:
