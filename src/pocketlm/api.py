@@ -14,8 +14,18 @@ from pocketlm.formats import hf
 from pocketlm.model import Phi3ForCausalLM
 
 
+QUANTIZE_SCHEMES = ("q4_0", "q4_k", "q8_0")
+"""The schemes `load(..., quantize=)` (and `pocketlm run/chat/serve --quantize`) apply while loading."""
+
+
+def check_quantize_scheme(scheme: str | None) -> None:
+    """Raise ConfigError naming the valid schemes when `scheme` is not None and not one of QUANTIZE_SCHEMES."""
+    if scheme is not None and scheme not in QUANTIZE_SCHEMES:
+        raise ConfigError(f"quantize scheme {scheme!r} is not supported; choose from {', '.join(QUANTIZE_SCHEMES)}")
+
+
 def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
-         device: str | torch.device = "cpu", seed: int = 0) -> Phi3ForCausalLM:
+         device: str | torch.device = "cpu", seed: int = 0, quantize: str | None = None) -> Phi3ForCausalLM:
     """Load a model.
 
     Args:
@@ -28,27 +38,41 @@ def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype 
         dtype: float32, float16 or bfloat16; default: the checkpoint's `torch_dtype` (the preset's for presets).
         device: where the weights live.
         seed: the random seed for presets.
+        quantize: None (weights as stored), or one of QUANTIZE_SCHEMES ("q4_k", "q8_0", "q4_0"): float weight
+            matrices are quantized while loading, by the rule `pocketlm quantize` uses (norms stay float), and run
+            on the CPU kernels. A checkpoint folder is streamed tensor by tensor (peak memory: the quantized model
+            plus one float tensor); a float GGUF file or a preset is loaded, then quantized. Already-quantized
+            files are refused (requantizing loses quality).
     """
+    check_quantize_scheme(quantize)
     if path_or_preset is None:
-        return load(default_model_path(), dtype=dtype if dtype is not None else "float32", device=device)
+        return load(default_model_path(), dtype=dtype if dtype is not None else "float32", device=device,
+                    quantize=quantize)
     spec = os.fspath(path_or_preset)
     path = Path(spec)
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             from pocketlm.quant.gguf_import import load_gguf  # phi3 and llama; float and quantized tensors
-            return load_gguf(path, dtype=dtype, device=device)
+            if quantize is not None and gguf_checkpoint_dtype(path)[1]:
+                raise ConfigError(f"{path}: already quantized; --quantize {quantize} applies to float weights "
+                                  "(load the file as it is)")
+            return _quantized(load_gguf(path, dtype=dtype, device=device), quantize)
         if path.is_file() and path.suffix != ".safetensors":
             raise WeightFormatError(f"{path}: not a model file; expected a checkpoint folder, a .safetensors "
                                     "file or a .gguf file")
         from pocketlm.quant.qcheckpoint import is_quantized_checkpoint, load_quantized
         folder = path if path.is_dir() else path.parent
         if is_quantized_checkpoint(folder):  # the scheme is read from the file's metadata, never from its name
+            if quantize is not None:
+                raise ConfigError(f"{path}: already quantized; --quantize {quantize} applies to float weights "
+                                  "(load the folder as it is)")
             return load_quantized(folder, dtype=dtype, device=device)
-        return hf.load_checkpoint(path, dtype=dtype, device=device)
+        return hf.load_checkpoint(path, dtype=dtype, device=device, quantize=quantize)
     if spec in PRESETS:
         config = preset(spec)
-        model = hf.empty_model(config, hf.resolve_dtype(dtype, config), device)
-        return hf.init_weights(model, seed)
+        compute = "float32" if dtype is None and quantize is not None else dtype  # as quantized files load
+        model = hf.empty_model(config, hf.resolve_dtype(compute, config), device)
+        return _quantized(hf.init_weights(model, seed), quantize)
     from pocketlm.errors import ModelNotFoundError
     from pocketlm.store import resolve  # a name in the model store (phi3:mini, a `pocketlm create`d model)
     try:
@@ -56,8 +80,16 @@ def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype 
     except ModelNotFoundError as e:
         raise ConfigError(str(e)) from None
     if entry is not None:
-        return load(entry.weights, dtype=dtype, device=device, seed=seed)
+        return load(entry.weights, dtype=dtype, device=device, seed=seed, quantize=quantize)
     raise ConfigError(f"{spec!r} is neither an existing path nor a preset; presets: {sorted(PRESETS)}")
+
+
+def _quantized(model: Phi3ForCausalLM, scheme: str | None) -> Phi3ForCausalLM:
+    """`model` with its float weight matrices quantized to `scheme` in place (None: unchanged)."""
+    if scheme is None:
+        return model
+    from pocketlm.quant.linear import quantize_model
+    return quantize_model(model, scheme)
 
 
 _WARNED_PRESETS: set[str] = set()

@@ -31,6 +31,16 @@ def _add_model(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
                    help="weight dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer folder or .gguf (default: the model's own, else the bundled Phi-3 tokenizer)")
+    if optional:  # run / chat
+        add_quantize_argument(p)
+
+
+def add_quantize_argument(p: argparse.ArgumentParser) -> None:
+    """--quantize SCHEME: quantize float weights while loading (run, chat and serve)."""
+    from pocketlm.api import QUANTIZE_SCHEMES
+    p.add_argument("--quantize", choices=QUANTIZE_SCHEMES, default=None, metavar="SCHEME",
+                   help=f"quantize float weights while loading, tensor by tensor, to run on the CPU kernels: "
+                        f"{', '.join(QUANTIZE_SCHEMES)} (default: keep the weights as stored)")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -66,7 +76,7 @@ def _use_default_model(args) -> None:
 def _load(args):
     from pocketlm.api import load
     _use_default_model(args)
-    model = load(args.model, dtype=args.dtype)
+    model = load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None))
     if getattr(args, "kv_cache", None):
         from pocketlm.engine import cpu
         if not cpu.eligible(model):
@@ -87,8 +97,7 @@ def _tokenizer_for(args, model):
             with GGUFFile(p) as g:
                 has_vocab = "tokenizer.ggml.tokens" in g.metadata
             if has_vocab:
-                from pocketlm.quant.gguf_import import load_gguf_tokenizer  # llama and gpt2 vocabularies
-                tok = load_gguf_tokenizer(p)
+                tok = Tokenizer.from_pretrained(p)  # llama and gpt2 vocabularies
                 return _check_vocab(tok, model)
         elif p.exists() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
             source = folder

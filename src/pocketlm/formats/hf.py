@@ -88,8 +88,15 @@ def init_weights(model: Phi3ForCausalLM, seed: int = 0) -> Phi3ForCausalLM:
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu", config: Phi3Config | None = None) -> Phi3ForCausalLM:
-    """Load an official-layout checkpoint folder (or a `.safetensors` file with `config.json` beside it)."""
+                    device: str | torch.device = "cpu", config: Phi3Config | None = None,
+                    quantize: str | None = None) -> Phi3ForCausalLM:
+    """Load an official-layout checkpoint folder (or a `.safetensors` file with `config.json` beside it).
+
+    With `quantize` (a `pocketlm quantize` scheme: q4_k, q8_0, q4_0, ...), each weight matrix is quantized as it
+    is read (`_fill_quantized`), so memory holds the quantized model plus one float tensor, never the float model.
+    The compute dtype of a quantized model is then float32 unless `dtype` says otherwise, as for every quantized
+    file pocketlm loads (the checkpoint's own dtype only said how the float weights were stored).
+    """
     path = Path(path)
     folder = path.parent if path.is_file() else path
     if not folder.is_dir():
@@ -97,19 +104,109 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     if config is None:
         config = Phi3Config.from_json_file(folder / "config.json")
         config = config.replace(chat_format=chat_format_of(folder, default=config.chat_format))
-    dtype = resolve_dtype(dtype, config)
+    dtype = resolve_dtype("float32" if dtype is None and quantize is not None else dtype, config)
     with CheckpointReader(path) as reader:
         expected = check_files_match(config, reader, path)  # before the model is allocated
         for n in expected:
             if not reader.dtype(n).is_floating_point:
                 raise WeightFormatError(f"{path}: tensor {n} has dtype {reader.dtype(n)}; weights must be "
                                         "float32, float16 or bfloat16")
+        if quantize is not None:
+            return _fill_quantized(config, reader, expected, dtype, device, quantize)
         model = empty_model(config, dtype, device)
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n in expected:
                 params[n].copy_(reader.get(n))  # one tensor in memory at a time; copy_ converts the dtype
     return model
+
+
+def _fill_quantized(config: Phi3Config, reader: CheckpointReader, expected: dict[str, tuple], dtype: torch.dtype,
+                    device: str | torch.device, scheme: str) -> Phi3ForCausalLM:
+    """Build the model on the meta device, then read the checkpoint one tensor at a time and put each in place:
+    weight matrices quantized by the rule `pocketlm quantize` uses (`linear.tensor_type`, so the same codes as
+    `quantize_model` after a float load), norms as float parameters. A weight matrix is read and quantized a slice
+    at a time (`_quantize_rows`), so no whole float matrix is ever held. The compute path is "auto" (the CPU kernels where they run the type)."""
+    from pocketlm.quant.linear import (FLOAT_TYPES, QuantizedLinear, converted_linear, install_embedding,
+                                       set_module, tensor_type)
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config).to(dtype)
+    tied = config.tie_word_embeddings
+    with torch.no_grad():
+        for name in expected:
+            module_name = name.rpartition(".")[0]
+            shape = tuple(reader.shape(name))
+            t = tensor_type(scheme, name, shape)
+            if len(shape) == 2 and t not in FLOAT_TYPES:
+                cols = shape[1]
+                q = _quantize_rows(reader, name, t).to(device)
+                if name == "model.embed_tokens.weight":
+                    install_embedding(model, None, t, dtype, "auto", tied=tied, raw=q)
+                else:
+                    set_module(model, module_name, QuantizedLinear(q, t, cols, dtype=dtype, backend="auto"))
+                del q
+                _release_freed_memory()
+                continue
+            w = reader.get(name)
+            if name == "model.embed_tokens.weight":
+                install_embedding(model, w.to(device), t, dtype, "auto", tied=tied)
+            elif w.ndim == 2:
+                set_module(model, module_name, converted_linear(w.to(device), t, dtype, "auto"))
+            else:  # norms: plain float parameters in the model's dtype
+                model.get_submodule(module_name).weight = torch.nn.Parameter(w.to(device, dtype))
+            del w
+    model.rotary_emb = type(model.rotary_emb)(config).to(device)  # non-persistent tables, lost on meta
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not left, f"tensors not filled from the checkpoint: {left}"
+    return model.eval()
+
+
+def _quantize_rows(reader: CheckpointReader, name: str, type_name: str) -> torch.Tensor:
+    """The GGUF bytes of 2-D tensor `name` quantized to `type_name`, read `linear.QUANT_CHUNK` values at a time.
+
+    Each slice is read from a fresh mapping of the file that is closed before the next, so the float pages never
+    pile up in memory: only the quantized bytes grow. Blocks never span rows, so the bytes equal quantizing the
+    whole tensor at once."""
+    from safetensors import SafetensorError, safe_open
+
+    from pocketlm.quant import codecs
+    from pocketlm.quant.linear import QUANT_CHUNK, quantize_tensor
+    rows, cols = reader.shape(name)
+    block, size = codecs.BLOCK[type_name]
+    out = torch.empty(rows, cols // block * size, dtype=torch.uint8)
+    step = max(1, QUANT_CHUNK // max(cols, 1))
+    file = reader.file_of(name)
+    for r in range(0, rows, step):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                part = f.get_slice(name)[r:r + step]
+        except (SafetensorError, OSError) as e:
+            raise WeightFormatError(f"{file}: cannot read tensor {name!r}: {e}") from None
+        if tuple(part.shape) != (min(step, rows - r), cols):  # the file changed under us
+            raise WeightFormatError(f"{file}: tensor {name!r} rows {r}.. read as {tuple(part.shape)}, the header "
+                                    f"said ({rows}, {cols})")
+        out[r:r + step] = quantize_tensor(part, type_name)
+        del part
+        _release_freed_memory()  # the slice's float32 temporaries, before the next slice allocates its own
+    return out
+
+
+def _release_freed_memory() -> None:
+    """Hand memory that was freed back to the system (glibc keeps freed heap pages otherwise, and the quantizer's
+    temporaries would then add up across tensors); a no-op where the C library has no `malloc_trim`."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        import ctypes
+        import ctypes.util
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def check_files_match(config: Phi3Config, reader: CheckpointReader, where: str | os.PathLike) -> dict[str, tuple]:

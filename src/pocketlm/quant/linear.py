@@ -133,6 +133,29 @@ def _int4_operands(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) ->
     return q.to(torch.int32), torch.stack([scale.T, zero.T], dim=-1).contiguous()
 
 
+PACK_SLICE_BYTES = 1 << 22
+"""GGUF bytes repacked per step by `pack_in_slices` (the packer's whole-tensor temporaries stay this small)."""
+
+
+def pack_in_slices(raw: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tensor:
+    """`kernels.pack` a slice of rows at a time into one preallocated buffer: the same bytes (the tile layout is
+    tile-major, (tiles, blocks, tile_block_bytes), so slices of whole 16-row tiles are consecutive runs of it), but
+    the packer's temporaries cover one slice, not the whole matrix (a 32064-row Q4_K head needs hundreds of MB)."""
+    if raw.shape != (rows, raw.shape[1]) or cols % kernels.BLOCK_COLS.get(type_name, 1):
+        return kernels.pack(raw, type_name, rows, cols)  # its typed error
+    step = max(1, PACK_SLICE_BYTES // max(raw.shape[1], 1) // kernels.TILE) * kernels.TILE
+    if rows <= step:
+        return kernels.pack(raw, type_name, rows, cols)
+    nb = cols // kernels.BLOCK_COLS[type_name]
+    tile_bytes = nb * kernels.TILE_BLOCK_BYTES[type_name]
+    out = torch.empty(-(-rows // kernels.TILE) * tile_bytes, dtype=torch.uint8)
+    for r in range(0, rows, step):
+        part = kernels.pack(raw[r:r + step], type_name, min(step, rows - r), cols)
+        start = r // kernels.TILE * tile_bytes
+        out[start:start + part.numel()] = part
+    return out
+
+
 def _int4_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
         hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
@@ -172,7 +195,7 @@ class QuantizedLinear(nn.Module):
         self.requested = backend
         if backend in ("auto", "kernel") and type_name in kernels.KINDS and qweight.device.type == "cpu" and \
                 kernels.available():
-            self.register_buffer("packed", kernels.pack(qweight, type_name, out_features, in_features),
+            self.register_buffer("packed", pack_in_slices(qweight, type_name, out_features, in_features),
                                  persistent=False)
             self.backend = "kernel"
             return
@@ -301,9 +324,25 @@ def tensor_type(scheme: str, name: str, shape: tuple[int, ...], keep_embeddings:
     raise AssertionError("F16 always fits")
 
 
+QUANT_CHUNK = 1 << 22
+"""Values quantized per step: rows are converted to float32 this many at a time, so quantizing a bf16 tensor never
+holds a float32 copy of all of it (blocks never span rows, so the bytes are the same as in one pass)."""
+
+
 def quantize_tensor(w: torch.Tensor, type_name: str) -> torch.Tensor:
     """(rows, cols) float weight -> uint8 GGUF bytes (rows, row_bytes) of `type_name` (Q8_0/Q4_0/Q4_K)."""
-    return torch.from_numpy(codecs.quantize(w.detach().float().cpu().numpy(), type_name))
+    w = w.detach()
+    if w.ndim != 2 or type_name not in codecs.BLOCK:
+        return torch.from_numpy(codecs.quantize(w.float().cpu().numpy(), type_name))
+    rows, cols = w.shape
+    block, size = codecs.BLOCK[type_name]
+    step = max(1, QUANT_CHUNK // max(cols, 1))
+    if rows <= step or cols % block:  # one pass (codecs raises the typed error for a bad row length)
+        return torch.from_numpy(codecs.quantize(w.float().cpu().numpy(), type_name))
+    out = torch.empty(rows, cols // block * size, dtype=torch.uint8)
+    for r in range(0, rows, step):
+        out[r:r + step] = torch.from_numpy(codecs.quantize(w[r:r + step].float().cpu().numpy(), type_name))
+    return out
 
 
 def quantize_model(model: nn.Module, scheme: str, *, keep_embeddings: str | None = None,
@@ -315,14 +354,15 @@ def quantize_model(model: nn.Module, scheme: str, *, keep_embeddings: str | None
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and module.weight is not model.model.embed_tokens.weight:
             t = tensor_type(scheme, name + ".weight", tuple(module.weight.shape), keep_embeddings)
-            set_module(model, name, _converted_linear(module.weight, t, dtype, backend))
+            set_module(model, name, converted_linear(module.weight, t, dtype, backend))
     emb = model.model.embed_tokens.weight
     t = tensor_type(scheme, "model.embed_tokens.weight", tuple(emb.shape), keep_embeddings)
     install_embedding(model, emb, t, dtype, backend, tied=tied)
     return model
 
 
-def _converted_linear(w: torch.Tensor, t: str, dtype: torch.dtype, backend: str) -> nn.Module:
+def converted_linear(w: torch.Tensor, t: str, dtype: torch.dtype, backend: str) -> nn.Module:
+    """A linear of ggml type `t` holding `w` (rows = outputs): nn.Linear for float types, else QuantizedLinear."""
     if t in FLOAT_TYPES:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=w.device)
         with torch.no_grad():

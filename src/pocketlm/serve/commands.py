@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weight dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    from pocketlm.cli import add_quantize_argument
+    add_quantize_argument(p)
     p.add_argument("--tokenizer", default=None, metavar="PATH",
                    help="tokenizer folder or .gguf (default: the model's own, else the bundled Phi-3 tokenizer)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -127,7 +129,7 @@ def run(args) -> int:
         from pocketlm.api import default_model_path
         args.model = str(default_model_path())
         args.dtype = args.dtype or "float32"
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     source = args.tokenizer
     if source is None:
         p = Path(args.model)
