@@ -251,7 +251,7 @@ def test_dropped_stream_frees_the_slot(setup):
     assert r.eval_count == 2
 
 
-def test_api_key_full_engine_and_modelfile_defaults(setup):
+def test_api_key_full_engine_and_modelfile_defaults(setup, monkeypatch):
     model, tok = setup[3], setup[4]
     mf = {"from": "tiny", "system": "You are terse.", "parameters": {"num_predict": 3, "temperature": 0.0}}
     app = create_app(model, tok, ServerConfig(model_name="tiny", api_key="k", max_slots=1, max_queue=0,
@@ -269,6 +269,13 @@ def test_api_key_full_engine_and_modelfile_defaults(setup):
         assert "num_predict" in show.parameters and "SYSTEM" in show.modelfile
         raw = httpx.post(srv.url + "/api/show", json={"model": "tiny"}, headers={"Authorization": "Bearer k"}).json()
         assert raw["system"] == "You are terse."
+        decode = model.forward_batched
+
+        def slow_decode(*args, **kwargs):  # an idle machine decodes 400 tiny-model tokens before the next request
+            time.sleep(0.02)
+            return decode(*args, **kwargs)
+
+        monkeypatch.setattr(model, "forward_batched", slow_decode)
         with httpx.stream("POST", srv.url + "/api/generate", headers={"Authorization": "Bearer k"},
                           json={"model": "tiny", "prompt": "Hi", "options": {"num_predict": 400}}) as long:
             next(long.iter_lines())  # the only slot is taken
