@@ -43,47 +43,6 @@ def prompt_ids(n: int, vocab: int = 32000, seed: int = 0) -> list[int]:
     return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
 
 
-def random_k_bytes(type_name: str, rows: int, cols: int, g):
-    """Random K-quant rows with scales giving weights of std ~0.02 (the values do not matter for speed)."""
-    import torch
-    nb = cols // 256
-    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[type_name]
-    raw = torch.randint(0, 256, (rows, nb, size), dtype=torch.uint8, generator=g)
-    if type_name in ("Q4_K", "Q5_K"):  # d, dmin: w = d*sc*q - dmin*m with sc, m ~ 32 and q ~ 7.5 (Q5_K: ~15)
-        raw[..., 0:2] = torch.tensor([1.5e-4], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
-        raw[..., 2:4] = torch.tensor([1.1e-3], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
-    else:  # d: w = d*sc*(q-32) with |sc| ~ 64
-        raw[..., 208:210] = torch.tensor([1.6e-5], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
-    return raw.reshape(rows, nb * size)
-
-
-def write_k_m(config, path: Path, main: str) -> None:
-    import torch
-    from torch import nn
-
-    from pocketlm.model import Phi3ForCausalLM, RotaryEmbedding
-    from pocketlm.quant import linear as ql
-    from pocketlm.quant.gguf_export import export_gguf
-    g = torch.Generator().manual_seed(0)
-    with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    model.rotary_emb = RotaryEmbedding(config)
-    for layer in model.model.layers:
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            layer.get_submodule(name).weight = nn.Parameter(torch.ones(config.hidden_size))
-        for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
-            t = "Q6_K" if name == "mlp.down_proj" else main
-            lin = layer.get_submodule(name)
-            ql.set_module(layer, name, ql.QuantizedLinear(random_k_bytes(t, lin.out_features, lin.in_features, g), t,
-                                                          lin.in_features, backend="reference"))
-    model.model.norm.weight = nn.Parameter(torch.ones(config.hidden_size))
-    emb = random_k_bytes(main, config.vocab_size, config.hidden_size, g)
-    ql.install_embedding(model, None, main, torch.float32, "reference", tied=False, raw=emb)
-    model.lm_head = ql.QuantizedLinear(random_k_bytes("Q6_K", config.vocab_size, config.hidden_size, g), "Q6_K",
-                                       config.hidden_size, backend="reference")
-    export_gguf(model.eval(), path, name=f"random-{main.lower()}_m")
-
-
 # ----- workers (one process each) -----------------------------------------------------------------------------------
 
 def worker_pocketlm(a, backend: str) -> dict:
@@ -188,7 +147,8 @@ def main() -> None:
     if a.gguf is None:
         a.gguf = str(Path(tempfile.gettempdir()) / f"pocketlm-bench-{a.preset}-{a.layers}l-{a.mix}.gguf")
     if not Path(a.gguf).exists():
-        write_k_m(config, Path(a.gguf), MIXES[a.mix])
+        from pocketlm.quant.random_model import write_random_gguf
+        write_random_gguf(config, Path(a.gguf), MIXES[a.mix], down_and_output="Q6_K")
     a.out = a.out or str(ROOT / "bench" / "results" / f"bench_kquant_{a.mix}.json")
     g = GGUFFile(a.gguf)
     # bytes read per decoded token: every matrix once except the embedding (one row)

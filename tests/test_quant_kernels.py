@@ -563,3 +563,18 @@ def test_q4_k_m_kernels_agree_with_llama_cpp(q4_k_m_path):
     assert (k.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
     mine = list(generate_ids(kern, ids, SamplingParams(temperature=0.0, max_tokens=12)))
     assert mine == greedy_theirs
+
+
+def test_random_k_m_model_runs_on_the_kernels(tmp_path):
+    """quant.random_model makes K-quant files too (what bench/bench_kquant.py measures): Q4_K with Q6_K for ffn_down
+    and output, every linear on the kernels, finite logits."""
+    import pocketlm
+    from pocketlm.config import preset
+    from pocketlm.quant.linear import linear_paths
+    from pocketlm.quant.random_model import write_random_gguf
+    config = preset("phi-3-mini-4k").replace(num_hidden_layers=1, hidden_size=512, intermediate_size=1024,
+                                             num_attention_heads=8, num_key_value_heads=8)
+    write_random_gguf(config, tmp_path / "k.gguf", "Q4_K", down_and_output="Q6_K")
+    model = pocketlm.load(str(tmp_path / "k.gguf"))
+    assert linear_paths(model) == {"Q4_K": {"kernel": 3}, "Q6_K": {"kernel": 2}}
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]]))).all()

@@ -24,21 +24,31 @@ from pocketlm.quant import linear as ql
 SCALES = {"Q4_0": 0.0043, "Q8_0": 0.00027}
 
 
+# K-quants: (byte offset, f16 value) of the super-block scales. Q4_K/Q5_K: d, dmin with w = d*sc*q - dmin*m
+# (sc, m ~ 32, q ~ 7.5 or ~15); Q6_K: d with w = d*sc*(q-32), |sc| ~ 64
+K_SCALES = {"Q4_K": ((0, 1.5e-4), (2, 1.1e-3)), "Q5_K": ((0, 1.5e-4), (2, 1.1e-3)), "Q6_K": ((208, 1.6e-5),)}
+
+
 def random_bytes(type_name: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """(rows, cols/32*block) GGUF bytes of `type_name` (Q4_0 or Q8_0) with random codes and a fixed scale."""
-    if type_name not in SCALES:
-        raise ql.QuantError(f"random models are made in {sorted(SCALES)}, not {type_name}")
+    """(rows, cols/block*size) GGUF bytes of `type_name` (Q4_0, Q8_0, Q4_K, Q5_K or Q6_K) with random codes and
+    fixed scales."""
+    if type_name not in SCALES and type_name not in K_SCALES:
+        raise ql.QuantError(f"random models are made in {sorted(SCALES) + sorted(K_SCALES)}, not {type_name}")
     block, size = codecs.BLOCK[type_name]
     nb = cols // block
     raw = torch.randint(0, 256, (rows, nb, size), dtype=torch.uint8, generator=generator)
-    raw[..., :2] = torch.full((rows, nb), SCALES[type_name], dtype=torch.float16).view(torch.uint8).reshape(rows, nb, 2)
+    scales = K_SCALES.get(type_name, ((0, SCALES.get(type_name)),))
+    for offset, value in scales:
+        raw[..., offset:offset + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
     return raw.reshape(rows, nb * size)
 
 
-def random_quantized_model(config: Phi3Config, type_name: str = "Q4_0", *, seed: int = 0,
-                           backend: str = "auto") -> Phi3ForCausalLM:
+def random_quantized_model(config: Phi3Config, type_name: str = "Q4_0", *, seed: int = 0, backend: str = "auto",
+                           down_and_output: str | None = None) -> Phi3ForCausalLM:
     """A `Phi3ForCausalLM` of `config` whose every weight matrix (embedding and lm_head included) is random
-    `type_name` codes; norms are ones."""
+    `type_name` codes; norms are ones. `down_and_output` gives mlp.down_proj and lm_head another type, as
+    llama.cpp's *_K_M files do (Q6_K there)."""
+    other = down_and_output or type_name
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = Phi3ForCausalLM(config)
@@ -47,20 +57,23 @@ def random_quantized_model(config: Phi3Config, type_name: str = "Q4_0", *, seed:
         for name in ("input_layernorm", "post_attention_layernorm"):
             layer.get_submodule(name).weight = nn.Parameter(torch.ones(config.hidden_size))
         for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+            t = other if name == "mlp.down_proj" else type_name
             lin = layer.get_submodule(name)
-            raw = random_bytes(type_name, lin.out_features, lin.in_features, g)
-            ql.set_module(layer, name, ql.QuantizedLinear(raw, type_name, lin.in_features, backend=backend))
+            raw = random_bytes(t, lin.out_features, lin.in_features, g)
+            ql.set_module(layer, name, ql.QuantizedLinear(raw, t, lin.in_features, backend=backend))
     model.model.norm.weight = nn.Parameter(torch.ones(config.hidden_size))
     emb = random_bytes(type_name, config.vocab_size, config.hidden_size, g)
     ql.install_embedding(model, None, type_name, torch.float32, backend, tied=config.tie_word_embeddings, raw=emb)
     if not config.tie_word_embeddings:
-        model.lm_head = ql.QuantizedLinear(random_bytes(type_name, config.vocab_size, config.hidden_size, g),
-                                           type_name, config.hidden_size, backend=backend)
+        model.lm_head = ql.QuantizedLinear(random_bytes(other, config.vocab_size, config.hidden_size, g),
+                                           other, config.hidden_size, backend=backend)
     return model.eval()
 
 
-def write_random_gguf(config: Phi3Config, path: str | os.PathLike, type_name: str = "Q4_0", *, seed: int = 0) -> None:
-    """Write `random_quantized_model(config, type_name)` as a phi3 GGUF file (atomic via the GGUF writer)."""
+def write_random_gguf(config: Phi3Config, path: str | os.PathLike, type_name: str = "Q4_0", *, seed: int = 0,
+                      down_and_output: str | None = None) -> None:
+    """Write `random_quantized_model(config, type_name, down_and_output=...)` as a phi3 GGUF file (atomic via the
+    GGUF writer)."""
     from pocketlm.quant.gguf_export import export_gguf
-    model = random_quantized_model(config, type_name, seed=seed, backend="reference")
+    model = random_quantized_model(config, type_name, seed=seed, backend="reference", down_and_output=down_and_output)
     export_gguf(model, path, name=f"random-{config.name or 'model'}-{type_name.lower()}")
