@@ -402,6 +402,23 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+async def _whole_reply(request: Request, engine, req, collect) -> Response:
+    """A non-streamed reply: await `collect` (the coroutine that reads `req`'s events into one JSON body) unless the
+    client disconnects first; then the request is cancelled in the engine and the answer is a 499 nobody reads."""
+    consumer = asyncio.ensure_future(collect)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not consumer.done():
+            engine.cancel(req)
+            consumer.cancel()
+        watcher.cancel()
+    if consumer not in done:
+        return Response(status_code=499)  # nobody reads it: the client has gone
+    return JSONResponse(consumer.result())
+
+
 def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     """Build the app; starts the engine's scheduler thread (stopped by the app's shutdown)."""
     config = config or ServerConfig()
@@ -542,18 +559,7 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
         fmt = _Formatter(gen, tokenizer, rid, gen.model)
         if gen.stream:
             return SSEResponse(_sse(req, queue, fmt, engine), on_disconnect=lambda: engine.cancel(req))
-        consumer = asyncio.ensure_future(_collect(queue, fmt))
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not consumer.done():
-                engine.cancel(req)
-                consumer.cancel()
-            watcher.cancel()
-        if consumer not in done:
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        return JSONResponse(consumer.result())
+        return await _whole_reply(request, engine, req, _collect(queue, fmt))
 
     from pocketlm.serve.ollama import register_ollama_routes  # here: ollama.py imports this module
     register_ollama_routes(app, engine=engine, model=model, tokenizer=tokenizer, config=config, names=names,

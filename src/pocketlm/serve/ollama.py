@@ -61,7 +61,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from pocketlm import __version__, chat
-from pocketlm.serve.app import SSEResponse, ServerConfig, _read_json, _wait_disconnect
+from pocketlm.serve.app import SSEResponse, ServerConfig, _read_json, _whole_reply
 from pocketlm.serve.batching import Engine
 from pocketlm.serve.errors import APIError, bad_request
 from pocketlm.serve.metrics import Metrics
@@ -504,18 +504,7 @@ def register_ollama_routes(app: FastAPI, *, engine: Engine, model, tokenizer, co
         reply = _Reply(kind, prep, t_start)
         if stream:
             return NDJSONResponse(_ndjson(req, queue, reply, engine), on_disconnect=lambda: engine.cancel(req))
-        consumer = asyncio.ensure_future(_collect(req, queue, reply))
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            done, _ = await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not consumer.done():
-                engine.cancel(req)
-                consumer.cancel()
-            watcher.cancel()
-        if consumer not in done:
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        return JSONResponse(consumer.result())
+        return await _whole_reply(request, engine, req, _collect(req, queue, reply))
 
     @app.post("/api/chat")
     @guarded
