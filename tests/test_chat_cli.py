@@ -115,7 +115,11 @@ def test_chat_session_through_a_terminal(env):
         _say(child, "/save after", "Saved conversation as 'after' \\(6 messages")
         assert "Tell me a long story" not in json.dumps(_saved(env, "after"))
         # Ctrl-C at the prompt only clears the line
+        # wait for the echo: readline then sits in its select() on the terminal. A Ctrl-C sent before that is
+        # a race Python's readline loses (the tty flushes the typed text, the signal lands before select() and
+        # nothing wakes it); a person's Ctrl-C always comes after the echo
         child.send("half a line")
+        child.expect_exact("half a line")
         child.sendintr()
         child.expect_exact("Use Ctrl + d or /bye to exit.")
         child.sendline("/bye")
