@@ -38,7 +38,10 @@ def test_info_preset_reports_3_82b(capsys):
     assert info["kv_heads"] == 10 and info["context_length"] == 131072
     assert info["rope"].startswith("LongRoPE") and "1.190238" in info["rope"]
     assert cli.main(["info", "--presets"]) == 0
-    assert "phi-3.5-mini" in capsys.readouterr().out
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    from pocketlm.config import PRESETS
+    from pocketlm.vision import VISION_PRESETS
+    assert listed == set(PRESETS) | set(VISION_PRESETS)  # every preset `load` accepts, the family's members too
 
 
 def test_convert_and_info_on_folder(tmp_path, capsys):
@@ -64,6 +67,16 @@ def test_run_prints_reply_and_stats():
     # greedy is deterministic
     r2 = run_cli("run", "tiny", "Hello there", "--max-tokens", "8")
     assert r2.stdout == r.stdout
+
+
+def test_run_takes_options_between_model_and_prompt(capsys):
+    # `run MODEL --image x.png "prompt"` is how people write it: plain argparse took MODEL as the PROMPT there
+    assert cli.main(["run", "tiny", "Hello there", "--max-tokens", "5"]) == 0
+    last = capsys.readouterr().out
+    assert cli.main(["run", "tiny", "--max-tokens", "5", "Hello there"]) == 0
+    assert capsys.readouterr().out == last and last.strip()
+    with pytest.raises(SystemExit):
+        cli.main(["run", "tiny", "--max-tokens", "5", "Hello", "extra"])
 
 
 def test_chat_multi_turn():

@@ -181,7 +181,7 @@ def test_tags_show_ps_version(setup):
     assert m.size > 0 and m.details.parameter_size.endswith("M")
     show = client.show("tiny:latest")
     assert show.modelinfo["general.architecture"] == "phi3" and show.modelinfo["phi3.context_length"] == 512
-    assert show.capabilities == ["completion"] and show.modelfile.startswith("FROM ")
+    assert show.capabilities == ["completion", "tools"] and show.modelfile.startswith("FROM ")
     ps = client.ps()
     assert ps.models[0].name == "tiny:latest" and ps.models[0].context_length == 512
     v = httpx.get(srv.url + "/api/version")

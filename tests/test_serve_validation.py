@@ -70,7 +70,7 @@ TABLE = [
     ("message-not-object", "POST", C, chat(messages=["hi"]), {}, 400, None, "messages"),
     ("content-number", "POST", C, chat(messages=[{"role": "user", "content": 42}]), {}, 400, None, "messages"),
     ("content-image-part", "POST", C, chat(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "x"}}]}]), {}, 400, None, "messages"),
+        {"type": "image_url", "image_url": {"url": "x"}}]}]), {}, 400, "images_not_supported", "messages"),
     ("n-too-big", "POST", C, chat(n=9), {}, 400, None, "n"),
     ("n-zero", "POST", C, chat(n=0), {}, 400, None, "n"),
     ("n-bool", "POST", C, chat(n=True), {}, 400, None, "n"),
@@ -109,8 +109,11 @@ TABLE = [
     ("response-format-unsupported-schema", "POST", C, chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "string", "format": "no-such-format"}}}), {}, 400, None,
      "response_format.json_schema.schema"),
-    ("tools-unsupported", "POST", C, chat(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400,
+    ("tools-bad-name", "POST", C, chat(tools=[{"type": "function", "function": {"name": "f g"}}]), {}, 400,
+     None, "tools[0].function.name"),
+    ("tools-on-completions", "POST", P, comp(tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400,
      None, "tools"),
+    ("functions-legacy", "POST", C, chat(functions=[{"name": "f"}]), {}, 400, None, "functions"),
     ("prompt-missing", "POST", P, {"model": "tiny"}, {}, 400, None, "prompt"),
     ("prompt-empty-list", "POST", P, comp(prompt=[]), {}, 400, None, "prompt"),
     ("prompt-number", "POST", P, comp(prompt=5), {}, 400, None, "prompt"),

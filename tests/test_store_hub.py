@@ -218,6 +218,27 @@ def test_pull_then_run_by_name(hub, tiny_files, capsys):
     assert pocketlm.load("hf.co/test/tiny-phi3").config.hidden_size == 256
 
 
+@pytest.mark.parametrize("tag,preset,arch", [("phi3.5:moe", "tiny-moe", "PhimoeForCausalLM"),
+                                             ("phi3:small", "tiny-small", "Phi3SmallForCausalLM"),
+                                             ("phi3.5:vision", "tiny-vision", "Phi3VForCausalLM")])
+def test_the_other_family_members_pull_and_run(hub, tmp_path, capsys, tag, preset, arch):
+    from pocketlm.formats.hf import save_checkpoint
+    from pocketlm.store.registry import TAGS
+    model = pocketlm.load(preset, seed=1)
+    tokenizer = None if preset == "tiny-small" else pocketlm.Tokenizer.default()
+    save_checkpoint(model, tmp_path / "ckpt", dtype="bfloat16", tokenizer=tokenizer)
+    hub.add(TAGS[tag].repo, {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()})
+    entry = pull(tag)
+    assert entry.manifest["architecture"] == arch
+    assert entry.manifest["parameters"] == sum(p.numel() for p in model.parameters())
+    capsys.readouterr()
+    assert cli.main(["run", tag, "Hello", "--max-tokens", "4"]) == 0
+    by_tag = capsys.readouterr().out
+    assert cli.main(["run", str(Store().get(tag).weights), "Hello", "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out == by_tag and by_tag.count("\n") >= 1
+    assert type(pocketlm.load(tag)).__name__ == type(model).__name__
+
+
 def test_family_tag_maps_to_microsoft_repo(hub, tiny_files):
     hub.add("microsoft/Phi-3-mini-4k-instruct", tiny_files)
     entry = pull("phi3")  # the alias of phi3:mini
@@ -314,15 +335,14 @@ def test_gated_repository_needs_a_token(hub, tiny_files, monkeypatch):
     assert pull("hf.co/test/gated").name == "hf.co/test/gated"
 
 
-def test_unknown_tag_and_unsupported_models_fail_before_any_request(hub, capsys):
+def test_unknown_tag_and_unsupported_models_fail_before_any_request(hub, capsys, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="phi3:giant.*not a tag.*phi3:mini"):
         pull("phi3:giant")
-    with pytest.raises(StoreError, match="PhiMoEForCausalLM.*does not download"):
-        pull("phi3.5:moe")
-    with pytest.raises(StoreError, match="vision"):
-        pull("phi3.5:vision")
-    with pytest.raises(StoreError, match="Phi3SmallForCausalLM"):
-        pull("phi3:small-128k")
+    from pocketlm.store import registry
+    monkeypatch.setitem(registry.TAGS, "phi3:giant", registry.Source("microsoft/Phi-3-giant",
+                                                                     unsupported="Phi-3-giant is not implemented"))
+    with pytest.raises(StoreError, match="Phi-3-giant is not implemented.*does not download"):
+        pull("phi3:giant")
     assert hub.log == []
     assert cli.main(["pull", "Not A Name!"]) == 2
     assert "not a model name" in capsys.readouterr().err

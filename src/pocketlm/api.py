@@ -48,6 +48,9 @@ def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype 
     if path_or_preset is None:
         return load(default_model_path(), dtype=dtype if dtype is not None else "float32", device=device,
                     quantize=quantize)
+    from pocketlm import vision  # phi-3.5-vision: a vision preset or a phi3_v checkpoint folder
+    if vision.is_vision_model(path_or_preset):  # --quantize: the language model only, the image tower stays float
+        return vision.load(path_or_preset, dtype=dtype, device=device, seed=seed, quantize=quantize)
     spec = os.fspath(path_or_preset)
     path = Path(spec)
     if path.exists():

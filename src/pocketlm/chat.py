@@ -48,6 +48,11 @@ TEMPLATE_PHI3_MINI_2024_07 = (
     "{% endif %}")
 TEMPLATE_PHI3_5 = TEMPLATE_PHI3_MINI_2024_07.replace(
     "{% if message['role'] == 'system' %}", "{% if message['role'] == 'system' and message['content'] %}")
+# microsoft/Phi-3-small-8k-instruct tokenizer_config.json
+TEMPLATE_PHI3_SMALL = (
+    "{{ bos_token }}{% for message in messages %}{{'<|' + message['role'] + '|>' + '\\n' + message['content'] + "
+    "'<|end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}"
+    "{% endif %}")
 
 
 @dataclass(frozen=True)
@@ -103,17 +108,29 @@ def _phi3_5(messages: Sequence[Message], ids: _Ids, add_generation_prompt: bool)
     return _phi3_mini_2024_07(messages, ids, add_generation_prompt, skip_empty_system=True)
 
 
+def _phi3_small(messages: Sequence[Message], ids: _Ids, add_generation_prompt: bool) -> Parts:
+    """Phi-3-small (tokenizer_config.json of microsoft/Phi-3-small-*-instruct): `{{ bos_token }}` (<|endoftext|>),
+    then every message as `<|role|>\\n content <|end|>\\n` whatever its role, then `<|assistant|>\\n` or eos."""
+    parts: Parts = [_need(ids.bos, "bos")]
+    for m in messages:
+        parts += [ids.role(m.role), "\n" + m.content, ids.end, "\n"]
+    parts += [ids.assistant, "\n"] if add_generation_prompt else [_need(ids.eos, "eos")]
+    return parts
+
+
 FORMATS: dict[str, Callable[[Sequence[Message], _Ids, bool], Parts]] = {
     "phi3-mini-2024-04": _phi3_mini_2024_04,
     "phi3-medium": _phi3_medium,
     "phi3-mini-2024-07": _phi3_mini_2024_07,
     "phi3.5": _phi3_5,
+    "phi3-small": _phi3_small,
 }
 TEMPLATES: dict[str, str] = {
     "phi3-mini-2024-04": TEMPLATE_PHI3_MINI_2024_04,
     "phi3-medium": TEMPLATE_PHI3_MEDIUM,
     "phi3-mini-2024-07": TEMPLATE_PHI3_MINI_2024_07,
     "phi3.5": TEMPLATE_PHI3_5,
+    "phi3-small": TEMPLATE_PHI3_SMALL,
 }
 
 

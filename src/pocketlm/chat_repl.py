@@ -42,6 +42,7 @@ HELP = """Available commands:
   /save NAME                  save this conversation
   /load NAME                  load a saved conversation
   /clear                      clear the conversation
+  /image PATH                 attach an image to the next message (vision models)
   /bye                        exit
   /?, /help                   this help
 Use \"\"\" to begin a multi-line message; Ctrl-C stops a reply."""
@@ -60,6 +61,8 @@ class ChatREPL:
         self.home = home()
         self.system: str | None = args.system
         self.messages: list[dict] = []
+        self.images: list = []  # vision models: the conversation's images, <|image_1|> ..
+        self.pending_images: list = []  # /image: attached to the next message
         self.params: dict = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
                              "min_p": args.min_p, "repeat_penalty": args.repetition_penalty, "seed": args.seed,
                              "num_predict": args.max_tokens, "stop": list(args.stop)}
@@ -179,6 +182,11 @@ class ChatREPL:
         """Answer one user message, streaming; Ctrl-C stops it and leaves the conversation as it was."""
         from pocketlm.engine.generate import GenerationResult, stream_events
         sampling = self._sampling()
+        if self.images or self.pending_images:  # vision: the new images are named in front of this message
+            from functools import partial
+            from pocketlm import vision
+            text = "".join(f"<|image_{len(self.images) + k}|>\n" for k in range(1, len(self.pending_images) + 1)) + text
+            stream_events = partial(vision.stream_events, images=self.images + self.pending_images)
         try:
             prompt, sampling["max_tokens"] = self._fit(self._conversation() + [{"role": "user", "content": text}],
                                                        sampling["max_tokens"])
@@ -204,6 +212,7 @@ class ChatREPL:
         self.out.write("\n\n" if self.interactive else "\n")
         self.out.flush()
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+        self.images, self.pending_images = self.images + self.pending_images, []
         print(f"[{result.completion_tokens} tokens at {result.decode_tokens_per_s:.1f} tokens/s; prompt "
               f"{result.prompt_tokens} tokens at {result.prompt_tokens_per_s:.1f} tokens/s]", file=self.err)
 
@@ -219,7 +228,7 @@ class ChatREPL:
             if word in ("/?", "/help"):
                 print(HELP, file=self.err)
             elif word in ("/clear", "/reset"):
-                self.messages = []
+                self.messages, self.images, self.pending_images = [], [], []
                 print("Cleared session context (conversation cleared).", file=self.err)
             elif word == "/set":
                 self._set(rest)
@@ -229,6 +238,9 @@ class ChatREPL:
                 self._save(rest)
             elif word == "/load":
                 self._load(rest)
+            elif word == "/image":
+                from pocketlm import vision
+                self.pending_images.append(vision.attach_image(self.model, rest, file=self.err))
             else:
                 print(f"Unknown command {word!r}. Type /? for help", file=self.err)
         except PocketLMError as e:

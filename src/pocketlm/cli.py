@@ -54,8 +54,37 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--chat-format", default=None, help="chat format name (default: the model's)")
-    g.add_argument("--kv-cache", choices=["f16", "int8"], default=None,
-                   help="KV cache of quantized models on the CPU kernels: f16 (default) or int8 (half the memory)")
+    add_kv_cache_argument(g)
+    g.add_argument("--num-ctx", type=int, default=None, metavar="N",
+                   help="context window: prompt + reply fit in N tokens, the KV cache's capacity (default: the "
+                        "model's max_position_embeddings, or the Modelfile's num_ctx)")
+
+
+def add_kv_cache_argument(p) -> None:
+    """--kv-cache TYPE (run, chat and serve): how keys and values are stored (pocketlm.kvcache)."""
+    from pocketlm.kvcache import KV_CACHE_TYPES
+    p.add_argument("--kv-cache", choices=KV_CACHE_TYPES, default=None, metavar="TYPE",
+                   help="KV cache type: f32, f16, int8 (per-row scale), q8_0 or q4_0 (ggml blocks of 32 with f16 "
+                        "scales: 0.53x and 0.28x the f16 memory); default: f16 on the CPU kernels, else the "
+                        "weights' dtype. `pocketlm info MODEL --ctx N` prints the memory of each")
+
+
+def apply_kv_cache(model, kv_type: str | None, *, what: str = "MODEL", fast: bool = True) -> None:
+    """Make `model` store keys/values as `kv_type`: the C decoder's cache for a model on the CPU kernels (when
+    `fast`), else the PyTorch KVCache's (`model.kv_cache_type`)."""
+    if kv_type is None:
+        return
+    from pocketlm.engine import cpu
+    from pocketlm.kvcache import check_head_dim, check_kv_type
+    check_kv_type(kv_type)
+    check_head_dim(kv_type, model.config.head_dim)
+    if fast and cpu.eligible(model):
+        if kv_type not in cpu.KV_DTYPES:
+            raise PocketLMError(f"--kv-cache {kv_type}: {what} runs on the CPU kernels, whose decode step stores "
+                                f"{', '.join(cpu.KV_DTYPES)}")
+        cpu.accelerate(model, kv_type)  # the decode loop picks this decoder up
+    else:
+        model.kv_cache_type = kv_type
 
 
 def _sampling(args) -> dict:
@@ -64,11 +93,15 @@ def _sampling(args) -> dict:
 
 
 def _use_default_model(args) -> None:
-    """MODEL omitted: the embedded default model, computed in float32 unless --dtype says otherwise."""
+    """MODEL omitted: the embedded default model, quantized to Q8_0 while loading so that it runs on the CPU
+    kernels (measured: the same greedy replies as float32, 2.5x its decode tokens/s, a quarter of its load time),
+    unless --quantize or --dtype says otherwise (--dtype alone: that float dtype, unquantized)."""
     if args.model is None:
         from pocketlm.api import DEFAULT_MODEL_NAME, default_model_path
         args.model = str(default_model_path())
         args.store_name = getattr(args, "store_name", None) or DEFAULT_MODEL_NAME  # the name chat shows
+        if args.dtype is None and hasattr(args, "quantize") and args.quantize is None:
+            args.quantize = "q8_0"
         if args.dtype is None:
             args.dtype = "float32"
 
@@ -77,17 +110,18 @@ def _load(args):
     from pocketlm.api import load
     _use_default_model(args)
     model = load(args.model, dtype=args.dtype, quantize=getattr(args, "quantize", None))
-    if getattr(args, "kv_cache", None):
-        from pocketlm.engine import cpu
-        if not cpu.eligible(model):
-            raise PocketLMError(f"--kv-cache {args.kv_cache}: {args.model} does not run on the CPU kernels (they take "
-                                "Q4_0, Q4_1, Q8_0, Q4_K, Q5_K and Q6_K weights)")
-        cpu.accelerate(model, args.kv_cache)  # the decode loop picks this decoder up
+    apply_kv_cache(model, getattr(args, "kv_cache", None), what=args.model)
+    if getattr(args, "num_ctx", None) is not None and not 0 < args.num_ctx <= model.config.max_position_embeddings:
+        raise PocketLMError(f"--num-ctx {args.num_ctx} is outside [1, max_position_embeddings="
+                            f"{model.config.max_position_embeddings}]")
     return model
 
 
 def _tokenizer_for(args, model):
     from pocketlm.tokenizer import Tokenizer
+    if getattr(model.config, "model_type", "phi3") == "phi3small":  # cl100k_base + its specials (tokenizer_small)
+        from pocketlm.tokenizer_small import Phi3SmallTokenizer
+        return _check_vocab(Phi3SmallTokenizer.from_pretrained(args.tokenizer or args.model), model)
     source = args.tokenizer
     if source is None:
         p = Path(args.model)
@@ -177,6 +211,9 @@ def cmd_run(args) -> int:
     tok = _tokenizer_for(args, model)
     prompt = args.prompt if args.raw else [{"role": "system", "content": args.system}] * bool(args.system) + [
         {"role": "user", "content": args.prompt}]
+    if args.image:  # phi-3.5-vision: the images go in front of the prompt as <|image_1|> ..
+        from pocketlm.vision import run_with_images
+        return run_with_images(model, tok, prompt, args, _chat_format(args, model), _sampling(args), _print_stats)
     _fit_num_ctx(args, tok, prompt, model)
     result = _stream_to_stdout(model, tok, prompt, args)
     if args.verbose:
@@ -213,7 +250,7 @@ def _describe(config, *, source: str, file_info: dict | None = None) -> dict:
     rs = config.rope_scaling
     info = {
         "model": source,
-        "architecture": "Phi3ForCausalLM",
+        "architecture": config.to_hf_dict()["architectures"][0],
         "parameters": n,
         "layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
@@ -234,6 +271,25 @@ def _describe(config, *, source: str, file_info: dict | None = None) -> dict:
         "kv_cache_bytes_per_token_bf16": 2 * kv_per_token,
         "kv_cache_bytes_full_context_bf16": 2 * kv_per_token * config.max_position_embeddings,
     }
+    if getattr(config, "model_type", "phi3") == "phi3small":
+        dense = sum(config.is_dense_layer(i) for i in range(config.num_hidden_layers))
+        info["attention"] = (f"{config.num_hidden_layers - dense} block-sparse layers (blocks of "
+                             f"{config.blocksparse_block_size}, {config.blocksparse_num_local_blocks} local, vertical "
+                             f"stride {config.blocksparse_vert_stride}, "
+                             f"{'one pattern' if config.blocksparse_homo_head_pattern else 'per-head patterns'}), "
+                             f"{dense} dense; GEGELU (limit {config.gegelu_limit}); muP (embedding x"
+                             f"{config.mup_embedding_multiplier}, logits / {config.mup_width_multiplier}, scale "
+                             f"{config.mup_attn_multiplier}/head_dim)")
+    if rs is not None and (rs.short_mscale is not None or rs.long_mscale is not None):  # per-mode magnitudes
+        default = f"{config.rope_attention_factor:.6f}"
+        short, long = (default if m is None else f"{m:.6f}" for m in (rs.short_mscale, rs.long_mscale))
+        info["rope"] = info["rope"].replace(f"magnitude {default}", f"magnitude short {short} / long {long}")
+    if getattr(config, "is_moe", False):  # phi-3.5-MoE: what one token uses (2 of the experts per layer)
+        active = config.num_parameters(active=True)
+        info["experts"] = (f"{config.num_local_experts} per layer, {config.num_experts_per_tok} active per token "
+                           f"(SparseMixer routing, jitter eps {config.router_jitter_noise:g})")
+        info["active_parameters"] = active
+        info["active_weights_bytes"] = {"float32": 4 * active, "bfloat16": 2 * active}
     if file_info:
         info.update(file_info)
     return info
@@ -252,10 +308,22 @@ def cmd_info(args) -> int:
             print(f"{name:20s} {c.num_parameters() / 1e9:7.3f}B  layers {c.num_hidden_layers:2d}  hidden "
                   f"{c.hidden_size:5d}  heads {c.num_attention_heads}/{c.num_key_value_heads}  context "
                   f"{c.max_position_embeddings}")
+        from pocketlm import vision
+        for name in vision.VISION_PRESETS:  # the language model's shape; the count includes the image tower
+            d, c = vision.describe(name), vision.vision_preset(name).text
+            print(f"{name:20s} {d['parameters'] / 1e9:7.3f}B  layers {c.num_hidden_layers:2d}  hidden "
+                  f"{c.hidden_size:5d}  heads {c.num_attention_heads}/{c.num_key_value_heads}  context "
+                  f"{c.max_position_embeddings}  + image tower")
         return 0
     if args.model is None:
         from pocketlm.api import default_model_path
         args.model = str(default_model_path())
+    from pocketlm import vision
+    if vision.is_vision_model(args.model):  # phi-3.5-vision: both halves
+        info = vision.describe(args.model)
+        print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k:19s}{v:,}" if isinstance(v, int)
+                                                                 else f"{k:19s}{v}" for k, v in info.items()))
+        return 0
     path = Path(args.model)
     file_info = None
     if path.exists() and path.suffix == ".gguf":
@@ -273,6 +341,13 @@ def cmd_info(args) -> int:
     else:
         raise PocketLMError(f"{args.model!r} is neither an existing path nor a preset; presets: {sorted(PRESETS)}")
     info = _describe(config, source=args.model, file_info=file_info)
+    if args.ctx is not None:
+        from pocketlm.kvcache import memory_plan
+        if file_info and "file_bytes" in file_info:  # the weights as stored (GGUF: quantized; safetensors: its dtype)
+            wb, label = file_info["file_bytes"], "as stored in " + ", ".join(file_info.get("file_dtypes", []))
+        else:
+            wb, label = info["weights_bytes"]["bfloat16"], "bf16"
+        info["memory_plan"] = memory_plan(config, args.ctx, wb, label)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -288,6 +363,12 @@ def cmd_info(args) -> int:
     print(f"sliding window   {info['sliding_window'] or 'none'}")
     print(f"tied embeddings  {info['tied_embeddings']}")
     print(f"chat format      {info['chat_format']}")
+    if "attention" in info:
+        print(f"attention        {info['attention']}")
+    if "experts" in info:
+        print(f"experts          {info['experts']}")
+        print(f"active params    {info['active_parameters'] / 1e9:.2f}B ({info['active_parameters']:,}) per token, "
+              f"{_gib(info['active_weights_bytes']['bfloat16'])} bf16 read per token")
     print(f"weights          {_gib(info['weights_bytes']['bfloat16'])} bf16, "
           f"{_gib(info['weights_bytes']['float32'])} fp32")
     print(f"KV cache (bf16)  {info['kv_cache_bytes_per_token_bf16'] // 1024} KiB/token, "
@@ -295,6 +376,13 @@ def cmd_info(args) -> int:
     if file_info and "file_bytes" in file_info:
         print(f"files            {len(file_info['files'])} ({_gib(file_info['file_bytes'])}, "
               f"{', '.join(file_info['file_dtypes'])})")
+    if "memory_plan" in info:
+        plan = info["memory_plan"]
+        print(f"memory plan at {plan['ctx']} tokens (batch 1; weights {_gib(plan['weights_bytes'])} {plan['weights']}; "
+              "runtime overhead not included):")
+        print(f"  {'--kv-cache':10s} {'KV cache':>12s} {'total':>12s}")
+        for t, b in plan["kv_cache_bytes"].items():
+            print(f"  {t:10s} {_gib(b):>12s} {_gib(plan['total_bytes'][t]):>12s}")
     return 0
 
 
@@ -369,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="print prompt and decode tokens/s")
     p.add_argument("--json-schema", metavar="FILE", default=None,
                    help="constrain the reply to JSON valid for the JSON schema in FILE")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for a vision model (phi-3.5-vision); repeatable")
     _add_sampling(p)
 
     p = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
@@ -381,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint folder, weight file or preset name (default: the built-in model)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--presets", action="store_true", help="list the presets")
+    p.add_argument("--ctx", type=int, default=None, metavar="N",
+                   help="print the memory plan: weights + KV cache at N tokens for each --kv-cache type")
 
     p = sub.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     _add_model(p)
@@ -408,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             formatter_class=argparse.RawDescriptionHelpFormatter))
         COMMANDS.setdefault(verb, module.run)
     assert set(sub.choices) == set(COMMANDS), "COMMANDS and the subparsers must list the same verbs"
+    parser.verbs = sub.choices  # the verbs' own parsers (main parses `run` intermixed)
     return parser
 
 
@@ -458,9 +551,9 @@ def resolve_store_model(args, argv: list[str]) -> None:
     num_ctx = (mf.get("parameters") or {}).get("num_ctx")
     if num_ctx is not None:
         if hasattr(args, "context_length"):  # serve
-            if not _given(argv, "--context-length"):
+            if not (_given(argv, "--context-length") or _given(argv, "--num-ctx")):
                 args.context_length = num_ctx
-        else:
+        elif not _given(argv, "--num-ctx"):
             args.num_ctx = num_ctx
     if mf.get("system") is not None and hasattr(args, "system") and args.system is None:
         args.system = mf["system"]
@@ -471,15 +564,24 @@ def _warn_if_preset(args) -> None:
     spec = getattr(args, "model", None)
     if args.command in _MODEL_VERBS and args.command != "info" and spec is not None and not Path(spec).exists():
         from pocketlm.config import PRESETS
-        if spec in PRESETS:
+        from pocketlm.vision import VISION_PRESETS
+        if spec in PRESETS or spec in VISION_PRESETS:
             from pocketlm.api import warn_random_weights
             warn_random_weights(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["run"]:
+        # `run [MODEL] PROMPT` with options between the two (`run MODEL --image x.png "What is this?"`): plain
+        # parsing takes the first positional alone as PROMPT; intermixed parsing reads the options first
+        args = parser.verbs["run"].parse_intermixed_args(argv[1:])
+        args.command = "run"
+    else:
+        args = parser.parse_args(argv)
     try:
-        resolve_store_model(args, list(sys.argv[1:] if argv is None else argv))
+        resolve_store_model(args, argv)
         _warn_if_preset(args)
         return COMMANDS[args.command](args)
     except PocketLMError as e:

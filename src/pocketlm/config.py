@@ -11,12 +11,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pocketlm import longrope_factors
 from pocketlm.errors import ConfigError
 
 ROPE_POLICIES = ("dynamic", "long", "short")
+MOE_TRAINING = ("deterministic", "sparsemixer")
 
 # Upper bounds on every size field. They are far above any published checkpoint (largest public figures: ~256k
 # vocabulary rows, hidden 16-25k, ~130 layers, FFN ~53k, 128 query heads, 10M positions) and exist so that a
@@ -34,6 +35,7 @@ SIZE_LIMITS: dict[str, int] = {
 }
 MAX_PARAMETERS = 1 << 42  # ~4.4 trillion: the parameter count a config may imply
 MAX_WINDOW = 1 << 32  # sliding_window / window_keys (the 128k configs write 262144)
+MAX_EXPERTS = 1 << 10  # experts per MoE layer (phi-3.5-MoE: 16)
 MAX_CONFIG_JSON_BYTES = 1 << 20  # a real Phi-3 config.json is ~4 KB, even with 48 LongRoPE factors per set
 
 
@@ -50,6 +52,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class Phi3Config:
+    model_type: ClassVar[str] = "phi3"  # config.json's model_type; subclasses for other architectures override it
     vocab_size: int = 32064  # embedding rows; the tokenizer defines 32011 ids, 32011-32063 are padding rows
     hidden_size: int = 3072
     intermediate_size: int = 8192
@@ -69,6 +72,15 @@ class Phi3Config:
     pad_token_id: int | None = 32000
     initializer_range: float = 0.02
     torch_dtype: str = "bfloat16"
+    # --- phi-3.5-MoE (config.json model_type "phimoe"); num_local_experts = 0 is a dense Phi-3 model ---
+    num_local_experts: int = 0  # experts per layer (16), replacing the dense MLP with `block_sparse_moe`
+    num_experts_per_tok: int = 2  # SparseMixer routing selects exactly two experts
+    router_jitter_noise: float = 0.0  # SparseMixer's jitter epsilon: experts within 2*eps (relative) of the max compete
+    input_jitter_noise: float = 0.0  # training-time input noise (applied with moe_training = "sparsemixer")
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (the released config: 0.0)
+    attention_bias: bool = False  # biases on q/k/v/o projections
+    lm_head_bias: bool = False
+    layer_norm: bool = False  # nn.LayerNorm (weight and bias, eps = rms_norm_eps) instead of RMSNorm
     # --- pocketlm runtime choices (not part of the checkpoint's architecture) ---
     chat_format: str = "phi3-mini-2024-07"
     longrope_policy: str = "dynamic"
@@ -80,6 +92,10 @@ class Phi3Config:
     """Keys a query sees under the sliding window, itself included. None = sliding_window + 1: flash-attn
     semantics, which the 4k checkpoints were trained with (2047 -> 2048 keys; newer transformers SDPA masks
     show 2047). Ignored when sliding_window is None."""
+    moe_training: str = "deterministic"
+    """How phi-3.5-MoE routes in training mode: "deterministic" (the inference rule, gradients through the chosen
+    experts' weights; FSDP ranks agree exactly) or "sparsemixer" (the reference's estimator: Gumbel-sampled
+    experts, Heun's third-order gradient correction, input jitter; random, so runs differ by their RNG)."""
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +111,19 @@ class Phi3Config:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_key_value_heads}")
+        experts = self.num_local_experts
+        if not isinstance(experts, int) or isinstance(experts, bool) or not 0 <= experts <= MAX_EXPERTS:
+            raise ConfigError(f"num_local_experts must be an integer in [0, {MAX_EXPERTS}], got {experts!r}")
+        if experts and (self.num_experts_per_tok != 2 or experts < 2):
+            raise ConfigError(f"num_experts_per_tok = {self.num_experts_per_tok!r} with {experts} experts: "
+                              "SparseMixer routing (phi-3.5-MoE) selects exactly 2 of at least 2 experts")
+        for key in ("router_jitter_noise", "input_jitter_noise", "router_aux_loss_coef"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+        if experts and not self.layer_norm:
+            raise ConfigError("a phi-3.5-MoE structure (num_local_experts > 0) uses LayerNorm: set layer_norm")
         if self.num_parameters() > MAX_PARAMETERS:
             raise ConfigError(f"the sizes imply {self.num_parameters():,} parameters, more than the limit of "
                               f"{MAX_PARAMETERS:,} (hidden_size {self.hidden_size}, intermediate_size "
@@ -119,6 +148,8 @@ class Phi3Config:
         if not (isinstance(self.initializer_range, (int, float)) and math.isfinite(self.initializer_range)
                 and self.initializer_range >= 0):
             raise ConfigError(f"initializer_range must be a finite number >= 0, got {self.initializer_range!r}")
+        if self.moe_training not in MOE_TRAINING:
+            raise ConfigError(f"moe_training {self.moe_training!r} is not one of {MOE_TRAINING}")
         if self.longrope_policy not in ROPE_POLICIES:
             raise ConfigError(f"longrope_policy {self.longrope_policy!r} is not one of {ROPE_POLICIES}")
         if self.torch_dtype not in ("float32", "float16", "bfloat16"):
@@ -170,12 +201,28 @@ class Phi3Config:
         s = self.max_position_embeddings / self.original_max_position_embeddings
         return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(self.original_max_position_embeddings))
 
-    def num_parameters(self) -> int:
+    @property
+    def is_moe(self) -> bool:
+        """A phi-3.5-MoE structure: `block_sparse_moe` layers with SparseMixer top-2 routing."""
+        return self.num_local_experts > 0
+
+    def num_parameters(self, *, active: bool = False) -> int:
+        """Parameters the shapes imply (tied embeddings counted once). `active`: those one token uses, i.e. only
+        `num_experts_per_tok` of the experts of each MoE layer (the router itself is always active)."""
         h, i, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
-        qkv = h * (self.num_attention_heads + 2 * self.num_key_value_heads) * hd
-        per_layer = qkv + h * h + 2 * i * h + i * h + 2 * h
+        q_rows, kv_rows = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        qkv = h * (q_rows + 2 * kv_rows) + (q_rows + 2 * kv_rows if self.attention_bias else 0)
+        o = q_rows * h + (h if self.attention_bias else 0)
+        norm = 2 * h if self.layer_norm else h  # LayerNorm: weight and bias
+        if self.is_moe:
+            experts = self.num_experts_per_tok if active else self.num_local_experts
+            ffn = h * self.num_local_experts + experts * 3 * i * h  # router + w1/w3 (i, h) and w2 (h, i) each
+        else:
+            ffn = 3 * i * h
+        per_layer = qkv + o + ffn + 2 * norm
         head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_hidden_layers * per_layer + h + head
+        head += v if self.lm_head_bias else 0
+        return v * h + self.num_hidden_layers * per_layer + norm + head
 
     # ---- Hugging Face config.json ------------------------------------------------------------------------
     @classmethod
@@ -184,12 +231,15 @@ class Phi3Config:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
-        if model_type != "phi3":
+        if model_type == "phi3small":  # Phi-3-small: block-sparse attention, GEGELU, muP (config_small.py)
+            from pocketlm.config_small import Phi3SmallConfig
+            return Phi3SmallConfig.from_hf_dict(d, source=source)
+        if model_type not in ("phi3", "phimoe"):
             raise ConfigError(f"{source}: model_type {model_type!r} is not supported; pocketlm loads 'phi3' "
-                              "checkpoints (Phi-3-mini, Phi-3-medium, Phi-3.5-mini)")
-        for key in ("attention_bias", "mlp_bias", "lm_head_bias"):
+                              "checkpoints (Phi-3-mini, Phi-3-medium, Phi-3.5-mini) and 'phimoe' (Phi-3.5-MoE)")
+        for key in ("mlp_bias",) if model_type == "phimoe" else ("attention_bias", "mlp_bias", "lm_head_bias"):
             if d.get(key):
-                raise ConfigError(f"{source}: {key}=true is not part of the Phi-3 architecture")
+                raise ConfigError(f"{source}: {key}=true is not part of the {model_type} architecture")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise ConfigError(f"{source}: hidden_act {act!r} is not supported (Phi-3 uses 'silu')")
@@ -249,6 +299,7 @@ class Phi3Config:
                 initializer_range=float(get("initializer_range", (int, float), 0.02)),
                 torch_dtype=str(dtype),
                 name=d.get("_name_or_path") if isinstance(d.get("_name_or_path"), str) else None,
+                **(_phimoe_fields(d, get) if model_type == "phimoe" else {}),
             )
         except ConfigError as e:
             raise ConfigError(str(e) if str(e).startswith(f"{source}: ") else f"{source}: {e}") from None
@@ -317,6 +368,17 @@ class Phi3Config:
             for key in ("attention_factor", "short_mscale", "long_mscale"):
                 if getattr(rs, key) is not None:
                     d["rope_scaling"][key] = getattr(rs, key)
+        if self.is_moe:  # the config.json transformers' PhimoeForCausalLM loads
+            del d["embd_pdrop"], d["resid_pdrop"]
+            d.update(architectures=["PhimoeForCausalLM"], model_type="phimoe", attention_bias=self.attention_bias,
+                     lm_head_bias=self.lm_head_bias, num_local_experts=self.num_local_experts,
+                     num_experts_per_tok=self.num_experts_per_tok, router_jitter_noise=self.router_jitter_noise,
+                     input_jitter_noise=self.input_jitter_noise, router_aux_loss_coef=self.router_aux_loss_coef,
+                     output_router_logits=False, hidden_dropout=0.0)
+            if rs is not None:  # PhimoeConfig requires both magnitudes: the one in use when not overridden
+                d["rope_scaling"]["original_max_position_embeddings"] = self.original_max_position_embeddings
+                for key in ("short_mscale", "long_mscale"):
+                    d["rope_scaling"].setdefault(key, self.rope_attention_factor)
         if self.name:
             d["_name_or_path"] = self.name
         return d
@@ -332,6 +394,21 @@ class Phi3Config:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _phimoe_fields(d: dict[str, Any], get) -> dict[str, Any]:
+    """The phi-3.5-MoE fields of a `model_type: "phimoe"` config.json, with transformers' PhimoeConfig defaults
+    for absent keys. Its norms are LayerNorm (eps = rms_norm_eps), as the reference builds them."""
+    return dict(
+        num_local_experts=get("num_local_experts", int, 16),
+        num_experts_per_tok=get("num_experts_per_tok", int, 2),
+        router_jitter_noise=float(get("router_jitter_noise", (int, float), 0.01)),
+        input_jitter_noise=float(get("input_jitter_noise", (int, float), 0.0)),
+        router_aux_loss_coef=float(get("router_aux_loss_coef", (int, float), 0.001)),
+        attention_bias=get("attention_bias", bool, False),
+        lm_head_bias=get("lm_head_bias", bool, False),
+        layer_norm=True,
+    )
 
 
 def _parse_rope_scaling(scaling: Any, source: str) -> RopeScaling | None:
@@ -377,6 +454,11 @@ _MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num
 _MEDIUM = dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
                num_key_value_heads=10, chat_format="phi3-medium")
 
+# phi-3.5-MoE's architecture constants (its config.json): 16 experts, top-2 SparseMixer with jitter eps 0.01
+_PHIMOE = dict(num_local_experts=16, num_experts_per_tok=2, router_jitter_noise=0.01, input_jitter_noise=0.01,
+               router_aux_loss_coef=0.0, attention_bias=True, lm_head_bias=True, layer_norm=True,
+               eos_token_id=32000)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json
     "phi-3-mini-4k": dict(**_MINI, max_position_embeddings=4096, sliding_window=2047),
@@ -391,6 +473,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # https://huggingface.co/microsoft/Phi-3.5-mini-instruct/blob/main/config.json
     "phi-3.5-mini": dict(**_MINI, max_position_embeddings=131072, sliding_window=262144, chat_format="phi3.5",
                          rope_scaling=_longrope(longrope_factors.PHI35_MINI)),
+    # https://huggingface.co/microsoft/Phi-3.5-MoE-instruct/blob/main/config.json: the exact shapes and routing
+    # constants. Its 64 LongRoPE factors per set were not available offline: the preset keeps the released
+    # per-mode magnitudes (1.243163121016122) with factors of 1.0; a real checkpoint's config.json carries its own.
+    "phi-3.5-moe": dict(hidden_size=4096, intermediate_size=6400, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, max_position_embeddings=131072, sliding_window=131072,
+                        pad_token_id=None, chat_format="phi3.5", **_PHIMOE,
+                        rope_scaling=RopeScaling(short_factor=(1.0,) * 64, long_factor=(1.0,) * 64,
+                                                 short_mscale=1.243163121016122, long_mscale=1.243163121016122)),
     # --- small structures for tests: the real 32064-row vocabulary so the real tokenizer works with them ---
     # mini-4k structure (MHA, sliding window 2047 -> 2048 keys)
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
@@ -404,6 +494,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                           num_key_value_heads=4, max_position_embeddings=131072, sliding_window=262144,
                           rope_scaling=RopeScaling(short_factor=_ramp(32, 1.0, 3.0), long_factor=_ramp(32, 1.0, 64.0)),
                           torch_dtype="float32"),
+    # phi-3.5-MoE structure: 4 experts (SparseMixer top-2), GQA 2:1, LayerNorm, biases, LongRoPE with per-mode
+    # magnitudes switching at 4096
+    "tiny-moe": dict(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=131072, sliding_window=131072,
+                     pad_token_id=None, chat_format="phi3.5", **_PHIMOE,
+                     rope_scaling=RopeScaling(short_factor=_ramp(16, 1.0, 2.0), long_factor=_ramp(16, 1.0, 32.0),
+                                              short_mscale=1.1, long_mscale=1.2),
+                     torch_dtype="float32") | dict(num_local_experts=4),
     # --- the small models we train ourselves (issue 8 sizes them for the CPU and GPU recipes) ---
     "nano": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True,
@@ -411,6 +509,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "micro": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True,
                   torch_dtype="float32"),
+    # --- Phi-3-small (model_type "phi3small", config_small.py / model_small.py) ---
+    # https://huggingface.co/microsoft/Phi-3-small-8k-instruct/blob/main/config.json (every other field: the
+    # Phi3SmallConfig defaults, which are that file's values)
+    "phi-3-small-8k": dict(model_type="phi3small", max_position_embeddings=8192),
+    # https://huggingface.co/microsoft/Phi-3-small-128k-instruct/blob/main/config.json: the 8K shapes with LongRoPE
+    # switching at 8192 up to 131072. Its 64 factors per set (and mscales) were not available offline: the preset
+    # (for shapes, parameter counts and memory plans) keeps factors of 1.0 with the default magnitude rule; a real
+    # checkpoint's config.json carries its own factors and is what `load` reads.
+    "phi-3-small-128k": dict(model_type="phi3small", max_position_embeddings=131072,
+                             original_max_position_embeddings=8192,
+                             rope_scaling=RopeScaling(short_factor=(1.0,) * 64, long_factor=(1.0,) * 64)),
+    # Phi-3-small structure at test size: the real 100352-row vocabulary (tied), GQA 2:1, a block-sparse layer 0
+    # and a dense layer 1, 16-token blocks with 2 local blocks and vertical stride 4 (per-head pattern)
+    "tiny-small": dict(model_type="phi3small", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       blocksparse_block_size=16, blocksparse_triton_kernel_block_size=16,
+                       blocksparse_num_local_blocks=2, blocksparse_vert_stride=4, torch_dtype="float32"),
 }
 
 
@@ -418,4 +533,9 @@ def preset(name: str) -> Phi3Config:
     """The named preset, looked up exactly (no fuzzy matching)."""
     if not isinstance(name, str) or name not in PRESETS:
         raise ConfigError(f"{name!r} is not a preset; choose from {sorted(PRESETS)}")
-    return Phi3Config(**PRESETS[name], name=name)
+    fields_ = dict(PRESETS[name])
+    model_type = fields_.pop("model_type", "phi3")
+    if model_type == "phi3small":
+        from pocketlm.config_small import Phi3SmallConfig
+        return Phi3SmallConfig(**fields_, name=name)
+    return Phi3Config(**fields_, name=name)

@@ -49,3 +49,7 @@ class ModelNotFoundError(StoreError, LookupError):
 
 class SandboxUnavailable(PocketLMError, RuntimeError):
     """Generated code cannot run isolated here (no working bubblewrap) and running it unisolated was not allowed."""
+
+
+class ImageError(PocketLMError, ValueError):
+    """An image input (file, data URL, bytes) is unreadable, truncated, empty, too large, or not an image."""

@@ -1,4 +1,6 @@
-"""The Phi-3 decoder (phi-3-mini, phi-3-medium, phi-3.5-mini), all of it in this one file.
+"""The Phi-3 decoder (phi-3-mini, phi-3-medium, phi-3.5-mini), all of it in this one file; phi-3.5-MoE
+(`config.is_moe`) reuses it with LayerNorms, separate biased q/k/v/o projections, a biased lm_head and the
+expert block of pocketlm.moe in place of the MLP (transformers' `PhimoeForCausalLM`).
 
 Notable features, each defined in ../shared/phi3-spec.md:
 - pre-norm blocks: RMSNorm computed in fp32, weight applied after the cast back (§3.1);
@@ -25,6 +27,8 @@ from torch import nn
 
 from pocketlm.config import Phi3Config
 from pocketlm.errors import GenerationError, StaleCacheError
+from pocketlm.moe import SparseMoeBlock
+from pocketlm.kvcache import dense, kv_store
 
 
 class RMSNorm(nn.Module):
@@ -38,6 +42,14 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)  # weight applied after the cast, as the reference does
+
+
+def make_norm(config: Phi3Config) -> nn.Module:
+    """The pre-norm of a block: RMSNorm (Phi-3), or LayerNorm with weight and bias (phi-3.5-MoE, as the reference
+    builds it: nn.LayerNorm with eps = rms_norm_eps)."""
+    if config.layer_norm:
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -84,13 +96,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (layers, B, n_kv, capacity, hd)."""
+    """Preallocated keys and values for every layer: (layers, B, n_kv, capacity, hd), in `dtype`, or in the
+    cache type `kv_type` (f32, f16, int8, q8_0, q4_0: pocketlm.kvcache) when given."""
 
     def __init__(self, config: Phi3Config, batch_size: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, kv_type: str | None = None):
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = kv_store(shape, kv_type, dtype, device)  # a tensor, or a QuantizedKV of that logical shape
+        self.v = kv_store(shape, kv_type, dtype, device)
+        self.kv_type = kv_type
         self.capacity = capacity
         self.length = 0  # positions filled, the same for every layer between forward calls
         self.rope_mode: str | None = None  # LongRoPE factor set the cached keys were rotated with
@@ -104,7 +118,7 @@ class KVCache:
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return dense(self.k[layer, :, :, :end], k.dtype), dense(self.v[layer, :, :, :end], v.dtype)
 
 
 class Attention(nn.Module):
@@ -112,14 +126,23 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        h, bias = config.hidden_size, config.attention_bias
+        if config.is_moe:  # phi-3.5-MoE checkpoints: separate, biased q/k/v projections
+            self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+            self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(h, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # contiguous [Q; K; V] rows
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)  # contiguous [Q; K; V] rows
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -146,14 +169,21 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: Phi3Config, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = make_norm(config)
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = make_norm(config)
+        if config.is_moe:  # phi-3.5-MoE: routed experts in place of the dense MLP (pocketlm.moe)
+            self.block_sparse_moe = SparseMoeBlock(config.hidden_size, config.intermediate_size,
+                                                   config.num_local_experts, config.router_jitter_noise,
+                                                   sampled_training=config.moe_training == "sparsemixer",
+                                                   input_jitter=config.input_jitter_noise)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
 
 
 class Phi3Model(nn.Module):
@@ -161,7 +191,7 @@ class Phi3Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config)
 
 
 class Phi3ForCausalLM(nn.Module):
@@ -171,10 +201,11 @@ class Phi3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Phi3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary_emb = RotaryEmbedding(config)
+        self.kv_cache_type: str | None = None  # what make_cache stores: None = the weights' dtype (pocketlm.kvcache)
 
     def rope_mode_for(self, seq_len: int) -> str:
         """The LongRoPE factor set a sequence of `seq_len` tokens needs: "default", "short" or "long"."""
@@ -190,7 +221,7 @@ class Phi3ForCausalLM(nn.Module):
             raise GenerationError(f"KV cache capacity {capacity} is outside [1, max_position_embeddings="
                                   f"{self.config.max_position_embeddings}]")
         p = self.lm_head.weight
-        return KVCache(self.config, batch_size, capacity, p.dtype, p.device)
+        return KVCache(self.config, batch_size, capacity, p.dtype, p.device, self.kv_cache_type)
 
     def _mask(self, start: int, T: int, L: int, device: torch.device) -> torch.Tensor | None:
         """Boolean (T, L) mask, True = attend; None when plain causal attention (or no mask) is exact."""
@@ -206,12 +237,16 @@ class Phi3ForCausalLM(nn.Module):
         return mask
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False,
-                rope_mode: str | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`.
+                rope_mode: str | None = None, inputs_embeds: torch.Tensor | None = None,
+                hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`; with `hidden`, the final-norm states
+        (B, T, hidden_size) that the head would multiply (training's chunked loss, pocketlm.train.chunked_loss).
 
         With a cache, `input_ids` continue the cached sequence. `rope_mode` forces the LongRoPE factor set; a
         chunked prefill passes `rope_mode_for(final length)` so that every chunk of a prompt longer than
         original_max_position_embeddings uses the long factors (default: `rope_mode_for(cached + T)`).
+        `inputs_embeds` (B, T, hidden), when given, is used instead of looking `input_ids` up (phi-3.5-vision puts
+        image features at the image positions, vision.py).
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -229,7 +264,7 @@ class Phi3ForCausalLM(nn.Module):
                 raise StaleCacheError(f"the KV cache holds {start} keys rotated with the {cache.rope_mode!r} "
                                       f"LongRoPE factors but a {L}-token sequence needs {mode!r}: reset the cache "
                                       "and prefill the whole sequence")
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
         positions = torch.arange(start, L, device=input_ids.device)
         cos, sin = self.rotary_emb(positions, mode, x.dtype)  # (T, rotary_dim)
         mask = self._mask(start, T, L, input_ids.device)
@@ -239,6 +274,8 @@ class Phi3ForCausalLM(nn.Module):
             cache.length, cache.rope_mode = L, mode
         if last_only:
             x = x[:, -1:]
+        if hidden:
+            return self.model.norm(x)  # (B, T or 1, hidden)
         return self.lm_head(self.model.norm(x))  # (B, T or 1, vocab)
 
     # ---- rows at their own positions: continuous batching (serving) and packed sequences (training) ----------
@@ -259,8 +296,9 @@ class Phi3ForCausalLM(nn.Module):
         return mask[:, None]
 
     def forward_batched(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_mask: torch.Tensor,
-                        cache=None, *, rope_mode: str | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab) for rows that sit at their own positions.
+                        cache=None, *, rope_mode: str | None = None, last_only: bool = False,
+                        hidden: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for rows that sit at their own positions (final-norm states with `hidden`).
 
         input_ids, positions: (B, T). attn_mask: (B, 1, T, L) boolean (see `attention_mask`); the caller owns
         the layout. cache: None (L = T), or any object whose `update(layer, k, v)` stores the new (B, n_kv, T, hd)
@@ -279,4 +317,6 @@ class Phi3ForCausalLM(nn.Module):
             x = layer(x, cos, sin, attn_mask, cache)
         if last_only:
             x = x[:, -1:]
+        if hidden:
+            return self.model.norm(x)  # (B, T or 1, hidden)
         return self.lm_head(self.model.norm(x))  # (B, T or 1, vocab)

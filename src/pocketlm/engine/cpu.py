@@ -8,7 +8,9 @@ asking. A `FastDecoder` speaks the model protocol the loop uses (`__call__(ids, 
 
 - `make_cache(1, capacity)` gives a `FastKVCache`: keys and values preallocated (with `torch.empty`, so pages
   are only resident once written) in float16 (default, as llama.cpp) or int8 with one scale per (layer, head,
-  position) (`kv_dtype="int8"`, half the memory: 0.4 GB instead of 0.8 GB per 2k tokens of phi-3-mini).
+  position) (`kv_dtype="int8"`, half the memory: 0.4 GB instead of 0.8 GB per 2k tokens of phi-3-mini), or
+  ggml's Q8_0 / Q4_0 blocks of 32 values with f16 scales (`"q8_0"`, `"q4_0"`: 0.53 and 0.28 of f16; see
+  pocketlm.kvcache).
 - A prompt (T > 1) runs through the PyTorch model (matrix products on the kernels, chunked by the loop); the
   cache's `update` stores what the model computes, so both paths share one cache.
 - A single token at batch 1 runs `pl_decode_step` (quant/kernels.c): all layers in C, no Python per layer.
@@ -27,10 +29,12 @@ import ctypes
 import torch
 
 from pocketlm.errors import GenerationError, StaleCacheError
+from pocketlm.kvcache import BLOCK_TYPES, QuantizedKV, check_head_dim
 from pocketlm.quant import kernels
 from pocketlm.quant.linear import QuantizedLinear
 
-KV_DTYPES = {"f16": torch.float16, "int8": torch.int8}
+KV_DTYPES = {"f16": torch.float16, "int8": torch.int8, "q8_0": torch.int8, "q4_0": torch.uint8}
+_KV_TYPE_CODES = {"f16": 1, "int8": 2, "q8_0": 3, "q4_0": 4}  # pl_model.kv_type in kernels.c
 
 
 class _Mat(ctypes.Structure):
@@ -52,26 +56,34 @@ class _Model(ctypes.Structure):
 
 
 class FastKVCache:
-    """Keys and values of every layer for one sequence: (layers, n_kv, capacity, head_dim) f16 or int8."""
+    """Keys and values of every layer for one sequence: (layers, n_kv, capacity, head_dim) f16 or int8, or
+    q8_0/q4_0 blocks (a pocketlm.kvcache.QuantizedKV each: codes + f16 scales, unwritten pages not resident)."""
 
     def __init__(self, config, capacity: int, kv_dtype: str = "f16"):
         if kv_dtype not in KV_DTYPES:
             raise GenerationError(f"kv_dtype {kv_dtype!r} is not one of {sorted(KV_DTYPES)}")
         shape = (config.num_hidden_layers, config.num_key_value_heads, capacity, config.head_dim)
         self.kv_dtype = kv_dtype
+        self.capacity = capacity
+        self.length = 0
+        self.rope_mode: str | None = None
+        if kv_dtype in BLOCK_TYPES:
+            self.k = QuantizedKV.empty(shape, kv_dtype, zero=False)
+            self.v = QuantizedKV.empty(shape, kv_dtype, zero=False)
+            self.k_scale, self.v_scale = self.k.scales, self.v.scales
+            return
         self.k = torch.empty(shape, dtype=KV_DTYPES[kv_dtype])
         self.v = torch.empty(shape, dtype=KV_DTYPES[kv_dtype])
         self.k_scale = torch.empty(shape[:3]) if kv_dtype == "int8" else None
         self.v_scale = torch.empty(shape[:3]) if kv_dtype == "int8" else None
-        self.capacity = capacity
-        self.length = 0
-        self.rope_mode: str | None = None
 
     def reset(self) -> None:
         self.length = 0
         self.rope_mode = None
 
     def nbytes(self) -> int:
+        if self.kv_dtype in BLOCK_TYPES:
+            return self.k.nbytes() + self.v.nbytes()
         extra = 0 if self.k_scale is None else 2 * self.k_scale.numel() * 4
         return 2 * self.k.numel() * self.k.element_size() + extra
 
@@ -80,6 +92,10 @@ class FastKVCache:
         if k.shape[0] != 1:
             raise GenerationError(f"FastKVCache holds one sequence; got a batch of {k.shape[0]}")
         start, end = self.length, self.length + k.shape[2]
+        if self.kv_dtype in BLOCK_TYPES:
+            self.k[layer, :, start:end] = k[0]
+            self.v[layer, :, start:end] = v[0]
+            return self.k[layer, :, :end].dequantize()[None], self.v[layer, :, :end].dequantize()[None]
         if self.kv_dtype == "f16":
             self.k[layer, :, start:end] = k[0]
             self.v[layer, :, start:end] = v[0]
@@ -99,6 +115,10 @@ def eligible(model) -> bool:
     try:
         layers = model.model.layers
     except AttributeError:
+        return False
+    if getattr(model.config, "is_moe", False):  # the fused decoder is for dense layers (qkv_proj, gate_up_proj)
+        return False
+    if getattr(model.config, "model_type", "phi3") == "phi3small":  # block-sparse layers, GEGELU: model_small.py
         return False
     for layer in layers:
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
@@ -137,6 +157,7 @@ class FastDecoder:
         self.model = model
         self.config = c = model.config
         self.kv_dtype = kv_dtype
+        check_head_dim(kv_dtype, c.head_dim)
         if c.num_attention_heads % c.num_key_value_heads or c.head_dim > 512:
             raise GenerationError(f"the C decode step needs n_heads divisible by n_kv and head_dim <= 512: {c}")
         self._lib = kernels._load()
@@ -200,9 +221,9 @@ class FastDecoder:
             "sa_f": torch.empty(widest // 32), "sa_i": torch.empty(widest // 32, dtype=torch.int32)}
         m = _Model(n_layers=c.num_hidden_layers, hidden=c.hidden_size, n_heads=H, n_kv=KV, head_dim=hd,
                    inter=c.intermediate_size, rotary_dim=c.rotary_dim, capacity=cache.capacity,
-                   kv_type=1 if cache.kv_dtype == "f16" else 2, eps=c.rms_norm_eps,
-                   layers=ctypes.cast(self._layers, ctypes.POINTER(_Layer)), k=cache.k.data_ptr(),
-                   v=cache.v.data_ptr(),
+                   kv_type=_KV_TYPE_CODES[cache.kv_dtype], eps=c.rms_norm_eps,
+                   layers=ctypes.cast(self._layers, ctypes.POINTER(_Layer)), k=_codes(cache.k).data_ptr(),
+                   v=_codes(cache.v).data_ptr(),
                    k_scale=cache.k_scale.data_ptr() if cache.k_scale is not None else None,
                    v_scale=cache.v_scale.data_ptr() if cache.v_scale is not None else None,
                    **{name: t.data_ptr() for name, t in scratch.items()})
@@ -239,11 +260,14 @@ class FastDecoder:
         return model.lm_head(h)  # (1, 1, vocab)
 
 
+def _codes(store) -> torch.Tensor:
+    return store.codes if isinstance(store, QuantizedKV) else store
+
+
 def kv_cache_bytes(config, n_tokens: int, kv_dtype: str = "f16") -> int:
     """Bytes the cache needs for n_tokens (for memory planning and the CLI's report)."""
-    per = 2 if kv_dtype == "f16" else 1
-    extra = 0 if kv_dtype == "f16" else 8 * config.num_hidden_layers * config.num_key_value_heads * n_tokens
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * n_tokens * config.head_dim * per + extra
+    from pocketlm.kvcache import kv_cache_bytes as plan
+    return plan(config, n_tokens, kv_dtype)
 
 
 __all__ = ["FastDecoder", "FastKVCache", "accelerate", "eligible", "kv_cache_bytes", "KV_DTYPES"]

@@ -146,7 +146,9 @@ class PocketLMBackend:
 
     # ---- generation -----------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence, *, stop: Sequence[str] = (), max_tokens: int = 256) -> list[str]:
+    def generate(self, prompts: Sequence, *, stop: Sequence[str] = (), max_tokens: int = 256,
+                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        """Greedy unless `temperature` > 0 (then sampled with `seed`: same seed, same text)."""
         from pocketlm.engine.generate import generate_full
         out = []
         for p in prompts:
@@ -155,9 +157,10 @@ class PocketLMBackend:
             if ids_len >= self.max_length:
                 raise EvalBackendError(f"prompt of {ids_len} tokens does not fit the {self.max_length}-token "
                                        "context; use fewer --shots")
-            r = generate_full(self.model, self.tok, p, max_tokens=budget, temperature=0.0, stop=list(stop),
-                              chat_format=self.chat_format) if isinstance(p, list) else \
-                generate_full(self.model, self.tok, p, max_tokens=budget, temperature=0.0, stop=list(stop))
+            sampling = {"temperature": temperature} | ({"seed": seed} if temperature > 0 else {})
+            r = generate_full(self.model, self.tok, p, max_tokens=budget, stop=list(stop),
+                              chat_format=self.chat_format, **sampling) if isinstance(p, list) else \
+                generate_full(self.model, self.tok, p, max_tokens=budget, stop=list(stop), **sampling)
             out.append(r.text)
         return out
 
@@ -208,11 +211,13 @@ class OpenAIBackend:
             out.append((float(sum(vals[i] for i in sel)), greedy))
         return out
 
-    def generate(self, prompts: Sequence, *, stop: Sequence[str] = (), max_tokens: int = 256) -> list[str]:
+    def generate(self, prompts: Sequence, *, stop: Sequence[str] = (), max_tokens: int = 256,
+                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
         from pocketlm.eval.scoring import cut_at_stops
         out = []
         for p in prompts:
-            body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0}
+            body = {"model": self.model, "max_tokens": max_tokens, "temperature": temperature} | \
+                ({"seed": seed} if seed is not None and temperature > 0 else {})
             if stop:
                 body["stop"] = list(stop)[:4]  # the API takes at most 4; the rest are applied here
             if isinstance(p, list):

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 
 from pocketlm.eval import scoring
-from pocketlm.eval.data import (field, find, malformed, missing, read_csv, read_json, read_jsonl, read_labels,
-                                read_records)
+from pocketlm.eval.data import (LazyDocs, field, find, malformed, missing, read_csv, read_json, read_jsonl,
+                                read_labels, read_records)
 from pocketlm.eval.tasks import Doc, Task, register
 
 LETTERS = "ABCDEFGHIJ"
@@ -32,16 +32,18 @@ MMLU_LAYOUT = ("data/test/<subject>_test.csv and data/dev/<subject>_dev.csv, no 
                "question,A,B,C,D,answer (answer is a letter A-D), as in data.tar of hendrycks/test")
 
 
-def _mmlu_split(root: Path, split: str) -> list[Doc]:
-    folder = root / split if (root / split).is_dir() else root / "data" / split
-    files = sorted(folder.glob(f"*_{split}.csv"))
-    if not files:
-        raise malformed(folder, "", f"no *_{split}.csv files", MMLU_LAYOUT) if folder.is_dir() else \
-            malformed(folder, "", "folder not found", MMLU_LAYOUT)
+def _mmlu_split(root: Path, split: str, rows: dict[str, tuple[Path, list]] | None = None) -> list[Doc]:
+    """`rows`: subject -> (file, rows) already read (the hub layout, see hub.py), else the CSV files."""
+    if rows is None:
+        folder = root / split if (root / split).is_dir() else root / "data" / split
+        files = sorted(folder.glob(f"*_{split}.csv"))
+        if not files:
+            raise malformed(folder, "", f"no *_{split}.csv files", MMLU_LAYOUT) if folder.is_dir() else \
+                malformed(folder, "", "folder not found", MMLU_LAYOUT)
+        rows = {p.name[: -len(f"_{split}.csv")]: (p, read_csv(p, MMLU_LAYOUT, header=False)) for p in files}
     docs = []
-    for path in files:
-        subject = path.name[: -len(f"_{split}.csv")]
-        for n, row in enumerate(read_csv(path, MMLU_LAYOUT, header=False), 1):
+    for subject, (path, subject_rows) in rows.items():
+        for n, row in enumerate(subject_rows, 1):
             if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
                 raise malformed(path, f" row {n}", f"expected 6 columns ending in a letter A-D, got {row!r:.80}",
                                 MMLU_LAYOUT)
@@ -52,7 +54,7 @@ def _mmlu_split(root: Path, split: str) -> list[Doc]:
 
 
 def load_mmlu(root: Path):
-    return _mmlu_split(root, "test"), _mmlu_split(root, "dev")
+    return _mmlu_split(root, "test"), LazyDocs(lambda: _mmlu_split(root, "dev"))
 
 
 register(Task(
@@ -75,9 +77,9 @@ def _hs_pre(text: str) -> str:  # lm-eval hellaswag/utils.py preprocess
     return text.replace("  ", " ")
 
 
-def _hellaswag(path: Path) -> list[Doc]:
+def _hellaswag(path: Path, recs: list[dict] | None = None) -> list[Doc]:
     docs = []
-    for n, r in enumerate(read_jsonl(path, HELLASWAG_LAYOUT), 1):
+    for n, r in enumerate(read_jsonl(path, HELLASWAG_LAYOUT) if recs is None else recs, 1):
         endings = field(r, "endings", path, n, HELLASWAG_LAYOUT, list)
         ctx = field(r, "ctx_a", path, n, HELLASWAG_LAYOUT, str) + " " + \
             field(r, "ctx_b", path, n, HELLASWAG_LAYOUT, str).capitalize()
@@ -91,7 +93,8 @@ def _hellaswag(path: Path) -> list[Doc]:
 
 register(Task(
     "hellaswag", "HellaSwag", "mc", 5, "hellaswag", HELLASWAG_LAYOUT,
-    lambda root: (_hellaswag(root / "hellaswag_val.jsonl"), _hellaswag(root / "hellaswag_train.jsonl")),
+    lambda root: (_hellaswag(root / "hellaswag_val.jsonl"),
+                  LazyDocs(lambda: _hellaswag(root / "hellaswag_train.jsonl"))),
     "acc_norm", (76.7, 77.0, 82.4, 53.6, 58.5, 49.8, 71.1, 70.4, 78.8),
     lm_eval_draw_extra=True, notes="lm-eval hellaswag"))
 
@@ -103,11 +106,14 @@ ANLI_LAYOUT = ("R1/test.jsonl, R2/test.jsonl, R3/test.jsonl (+ R*/train.jsonl fo
 ANLI_LABELS = {"e": 0, "n": 1, "c": 2, 0: 0, 1: 1, 2: 2}
 
 
-def _anli(root: Path, split: str) -> list[Doc]:
+def _anli(root: Path, split: str, recs: dict[str, tuple[Path, list[dict]]] | None = None) -> list[Doc]:
+    """`recs`: round -> (file, records) already read (the hub layout), else R*/<split>.jsonl."""
     docs = []
     for rnd in ("R1", "R2", "R3"):
         path = root / rnd / f"{split}.jsonl"
-        for n, r in enumerate(read_jsonl(path, ANLI_LAYOUT), 1):
+        if recs is not None:
+            path, round_recs = recs[rnd]
+        for n, r in enumerate(read_jsonl(path, ANLI_LAYOUT) if recs is None else round_recs, 1):
             label = field(r, "label", path, n, ANLI_LAYOUT)
             if label not in ANLI_LABELS:
                 raise malformed(path, f" record {n}", f"label {label!r} is not e/n/c or 0/1/2", ANLI_LAYOUT)
@@ -122,7 +128,8 @@ def _anli(root: Path, split: str) -> list[Doc]:
 
 
 register(Task(
-    "anli", "ANLI", "mc", 7, "anli", ANLI_LAYOUT, lambda root: (_anli(root, "test"), _anli(root, "train")),
+    "anli", "ANLI", "mc", 7, "anli", ANLI_LAYOUT,
+    lambda root: (_anli(root, "test"), LazyDocs(lambda: _anli(root, "train"))),
     "acc", (52.8, 58.1, 55.8, 42.5, 47.1, 48.7, 57.3, 55.2, 58.1), notes="lm-eval anli_r1..r3, pooled"))
 
 
@@ -162,10 +169,10 @@ GSM8K_COT = [  # Wei et al. 2022, Table 20; as lm-eval gsm8k-cot.yaml
 ]
 
 
-def load_gsm8k(root: Path):
-    path = root / "test.jsonl"
+def load_gsm8k(root: Path, recs: list[dict] | None = None, path: Path | None = None):
+    path = path or root / "test.jsonl"
     docs = []
-    for n, r in enumerate(read_jsonl(path, GSM8K_LAYOUT), 1):
+    for n, r in enumerate(read_jsonl(path, GSM8K_LAYOUT) if recs is None else recs, 1):
         answer = field(r, "answer", path, n, GSM8K_LAYOUT, str)
         if "####" not in answer:
             raise malformed(path, f" record {n}", "answer has no '#### <number>' line", GSM8K_LAYOUT)
@@ -192,16 +199,18 @@ MATH_PROMPT = ("Solve the following math problem step by step. The last line of 
                "\n\nSolution:")
 
 
-def load_math(root: Path):
-    folder = root / "test"
-    files = sorted(folder.glob("*/*.json"), key=lambda p: (p.parent.name, int(p.stem) if p.stem.isdigit() else 0,
-                                                          p.stem))
-    if not files:
-        raise malformed(folder, "", "no <subject>/<n>.json files" if folder.is_dir() else "folder not found",
-                        MATH_LAYOUT)
+def load_math(root: Path, recs: list[tuple[Path, str, dict]] | None = None):
+    """`recs`: (file, item id, record) already read (the hub layout), else test/<subject>/<n>.json."""
+    if recs is None:
+        folder = root / "test"
+        files = sorted(folder.glob("*/*.json"), key=lambda p: (p.parent.name, int(p.stem) if p.stem.isdigit()
+                                                              else 0, p.stem))
+        if not files:
+            raise malformed(folder, "", "no <subject>/<n>.json files" if folder.is_dir() else "folder not found",
+                            MATH_LAYOUT)
+        recs = [(p, f"{p.parent.name}/{p.stem}", read_json(p, MATH_LAYOUT)) for p in files]
     docs = []
-    for path in files:
-        r = read_json(path, MATH_LAYOUT)
+    for path, item_id, r in recs:
         if not isinstance(r, dict):
             raise malformed(path, "", "expected a JSON object", MATH_LAYOUT)
         solution = field(r, "solution", path, 1, MATH_LAYOUT, str)
@@ -209,8 +218,8 @@ def load_math(root: Path):
         if boxed is None:
             raise malformed(path, "", "solution has no \\boxed{...} answer", MATH_LAYOUT)
         problem = field(r, "problem", path, 1, MATH_LAYOUT, str)
-        docs.append(Doc(id=f"{path.parent.name}/{path.stem}", text=MATH_PROMPT.replace("{problem}", problem),
-                        answers=[boxed], group=path.parent.name, question=problem, extra={"level": r.get("level", "")}))
+        docs.append(Doc(id=item_id, text=MATH_PROMPT.replace("{problem}", problem), answers=[boxed],
+                        group=item_id.split("/")[0], question=problem, extra={"level": r.get("level", "")}))
     return docs, []
 
 
@@ -227,12 +236,14 @@ MEDQA_LAYOUT = ("data_clean/questions/US/4_options/phrases_no_exclude_{test,trai
                 "beside it) from jind11/MedQA; objects with question, options {letter: text}, answer_idx")
 
 
-def _medqa(root: Path, split: str) -> list[Doc]:
-    path = find(root, [f"data_clean/questions/US/4_options/phrases_no_exclude_{split}.jsonl",
-                       f"questions/US/4_options/phrases_no_exclude_{split}.jsonl",
-                       f"phrases_no_exclude_{split}.jsonl", f"{split}.jsonl"], MEDQA_LAYOUT)
+def _medqa(root: Path, split: str, recs: list[dict] | None = None, path: Path | None = None) -> list[Doc]:
+    if recs is None:
+        path = find(root, [f"data_clean/questions/US/4_options/phrases_no_exclude_{split}.jsonl",
+                           f"questions/US/4_options/phrases_no_exclude_{split}.jsonl",
+                           f"phrases_no_exclude_{split}.jsonl", f"{split}.jsonl"], MEDQA_LAYOUT)
+        recs = read_jsonl(path, MEDQA_LAYOUT)
     docs = []
-    for n, r in enumerate(read_jsonl(path, MEDQA_LAYOUT), 1):
+    for n, r in enumerate(recs, 1):
         opts = field(r, "options", path, n, MEDQA_LAYOUT, dict)
         letters = sorted(opts)
         ans = field(r, "answer_idx", path, n, MEDQA_LAYOUT, str)
@@ -247,7 +258,8 @@ def _medqa(root: Path, split: str) -> list[Doc]:
 
 
 register(Task(
-    "medqa", "MedQA", "mc", 2, "medqa", MEDQA_LAYOUT, lambda root: (_medqa(root, "test"), _medqa(root, "train")),
+    "medqa", "MedQA", "mc", 2, "medqa", MEDQA_LAYOUT,
+    lambda root: (_medqa(root, "test"), LazyDocs(lambda: _medqa(root, "train"))),
     "acc", (53.8, 65.4, 69.9, 40.9, 50.0, 49.6, 60.5, 62.2, 63.4),
     notes="USMLE 4-option set; MMLU-style letters scored by log-likelihood"))
 
@@ -303,8 +315,8 @@ TRIVIAQA_LAYOUT = ("qa/wikipedia-dev.json and qa/wikipedia-train.json (triviaqa-
                    "\"NormalizedAliases\"}}]}")
 
 
-def _triviaqa(path: Path) -> list[Doc]:
-    obj = read_json(path, TRIVIAQA_LAYOUT)
+def _triviaqa(path: Path, obj: dict | None = None) -> list[Doc]:
+    obj = read_json(path, TRIVIAQA_LAYOUT) if obj is None else obj
     data = obj.get("Data") if isinstance(obj, dict) else None
     if not isinstance(data, list):
         raise malformed(path, "", "no \"Data\" list", TRIVIAQA_LAYOUT)
@@ -342,10 +354,10 @@ ARC_LAYOUT = ("ARC-Challenge/ARC-Challenge-{Test,Train}.jsonl and ARC-Easy/ARC-E
               "(ARC-V1-Feb2018-2); objects with id, question {stem, choices [{text, label}]}, answerKey")
 
 
-def _qa_choices(path: Path, layout: str, with_prefix: bool) -> list[Doc]:
+def _qa_choices(path: Path, layout: str, with_prefix: bool, recs: list[dict] | None = None) -> list[Doc]:
     """ARC / OpenBookQA / CommonsenseQA share the AI2 jsonl layout."""
     docs = []
-    for n, r in enumerate(read_jsonl(path, layout), 1):
+    for n, r in enumerate(read_jsonl(path, layout) if recs is None else recs, 1):
         q = field(r, "question", path, n, layout, dict)
         stem = field(q, "stem", path, n, layout, str)
         choices = field(q, "choices", path, n, layout, list)
@@ -365,7 +377,7 @@ def _qa_choices(path: Path, layout: str, with_prefix: bool) -> list[Doc]:
 
 def _arc(name: str):
     return lambda root: (_qa_choices(root / name / f"{name}-Test.jsonl", ARC_LAYOUT, True),
-                         _qa_choices(root / name / f"{name}-Train.jsonl", ARC_LAYOUT, True))
+                         LazyDocs(lambda: _qa_choices(root / name / f"{name}-Train.jsonl", ARC_LAYOUT, True)))
 
 
 register(Task("arc_challenge", "Arc-C", "mc", 10, "arc", ARC_LAYOUT, _arc("ARC-Challenge"), "acc_norm",
@@ -380,10 +392,14 @@ PIQA_LAYOUT = ("valid.jsonl + valid-labels.lst and train.jsonl + train-labels.ls
                "data); objects with goal, sol1, sol2; one 0/1 label per line")
 
 
-def _piqa(root: Path, split: str) -> list[Doc]:
-    path = root / f"{split}.jsonl"
-    recs = read_jsonl(path, PIQA_LAYOUT)
-    labels = read_labels(root / f"{split}-labels.lst", PIQA_LAYOUT, len(recs))
+def _piqa(root: Path, split: str, recs: list[dict] | None = None, path: Path | None = None) -> list[Doc]:
+    """`recs`: records with the label inline (the hub layout), else <split>.jsonl + <split>-labels.lst."""
+    path = path or root / f"{split}.jsonl"
+    if recs is None:
+        recs = read_jsonl(path, PIQA_LAYOUT)
+        labels = read_labels(root / f"{split}-labels.lst", PIQA_LAYOUT, len(recs))
+    else:
+        labels = [int(field(r, "label", path, n, PIQA_LAYOUT, (int, str))) for n, r in enumerate(recs, 1)]
     docs = []
     for n, (r, y) in enumerate(zip(recs, labels), 1):
         choices = [field(r, "sol1", path, n, PIQA_LAYOUT, str), field(r, "sol2", path, n, PIQA_LAYOUT, str)]
@@ -393,7 +409,8 @@ def _piqa(root: Path, split: str) -> list[Doc]:
     return docs
 
 
-register(Task("piqa", "PIQA", "mc", 5, "piqa", PIQA_LAYOUT, lambda root: (_piqa(root, "valid"), _piqa(root, "train")),
+register(Task("piqa", "PIQA", "mc", 5, "piqa", PIQA_LAYOUT,
+              lambda root: (_piqa(root, "valid"), LazyDocs(lambda: _piqa(root, "train"))),
               "acc_norm", (84.2, 86.9, 87.9, 60.2, 77.7, 78.1, 75.7, 86.0, 86.6),
               lm_eval_draw_extra=True, notes="lm-eval piqa"))
 
@@ -404,11 +421,15 @@ SIQA_LAYOUT = ("dev.jsonl + dev-labels.lst and train.jsonl + train-labels.lst (s
                "with context, question, answerA, answerB, answerC; labels 1-3, one per line")
 
 
-def _siqa(root: Path, split: str) -> list[Doc]:
+def _siqa(root: Path, split: str, recs: list[dict] | None = None, path: Path | None = None) -> list[Doc]:
+    """`recs`: records with the label inline (the hub layout), else <split>.jsonl + <split>-labels.lst."""
     base = root / "socialiqa-train-dev" if (root / "socialiqa-train-dev").is_dir() else root
-    path = base / f"{split}.jsonl"
-    recs = read_jsonl(path, SIQA_LAYOUT)
-    labels = read_labels(base / f"{split}-labels.lst", SIQA_LAYOUT, len(recs))
+    path = path or base / f"{split}.jsonl"
+    if recs is None:
+        recs = read_jsonl(path, SIQA_LAYOUT)
+        labels = read_labels(base / f"{split}-labels.lst", SIQA_LAYOUT, len(recs))
+    else:
+        labels = [int(field(r, "label", path, n, SIQA_LAYOUT, (int, str))) for n, r in enumerate(recs, 1)]
     docs = []
     for n, (r, y) in enumerate(zip(recs, labels), 1):
         if y not in (1, 2, 3):
@@ -420,7 +441,8 @@ def _siqa(root: Path, split: str) -> list[Doc]:
     return docs
 
 
-register(Task("siqa", "SociQA", "mc", 5, "siqa", SIQA_LAYOUT, lambda root: (_siqa(root, "dev"), _siqa(root, "train")),
+register(Task("siqa", "SociQA", "mc", 5, "siqa", SIQA_LAYOUT,
+              lambda root: (_siqa(root, "dev"), LazyDocs(lambda: _siqa(root, "train"))),
               "acc", (76.6, 79.2, 80.2, 68.3, 74.6, 65.5, 73.9, 75.9, 68.3),
               lm_eval_draw_extra=True, notes="lm-eval siqa"))
 
@@ -471,11 +493,11 @@ WINOGRANDE_LAYOUT = ("dev.jsonl and train_xl.jsonl (winogrande_1.1.zip); objects
                      "option1, option2, answer ('1' or '2')")
 
 
-def _winogrande(root: Path, name: str) -> list[Doc]:
+def _winogrande(root: Path, name: str, recs: list[dict] | None = None, path: Path | None = None) -> list[Doc]:
     base = root / "winogrande_1.1" if (root / "winogrande_1.1").is_dir() else root
-    path = base / f"{name}.jsonl"
+    path = path or base / f"{name}.jsonl"
     docs = []
-    for n, r in enumerate(read_jsonl(path, WINOGRANDE_LAYOUT), 1):
+    for n, r in enumerate(read_jsonl(path, WINOGRANDE_LAYOUT) if recs is None else recs, 1):
         s = field(r, "sentence", path, n, WINOGRANDE_LAYOUT, str)
         if "_" not in s:
             raise malformed(path, f" record {n}", "sentence has no '_' blank", WINOGRANDE_LAYOUT)
@@ -492,7 +514,7 @@ def _winogrande(root: Path, name: str) -> list[Doc]:
 
 
 register(Task("winogrande", "WinoGrande", "mc_partial", 5, "winogrande", WINOGRANDE_LAYOUT,
-              lambda root: (_winogrande(root, "dev"), _winogrande(root, "train_xl")), "acc",
+              lambda root: (_winogrande(root, "dev"), LazyDocs(lambda: _winogrande(root, "train_xl"))), "acc",
               (70.8, 81.5, 81.5, 54.7, 54.2, 55.6, 65.0, 62.0, 68.8),
               lm_eval_draw_extra=True,
               notes="lm-eval winogrande: partial scoring (the text after the blank, under each filled-in context)"))
@@ -504,7 +526,7 @@ OBQA_LAYOUT = ("Data/Main/test.jsonl and Data/Main/train.jsonl (OpenBookQA-V1-Se
                "{stem, choices [{text, label}]}, answerKey")
 register(Task("openbookqa", "OpenBookQA", "mc", 10, "openbookqa", OBQA_LAYOUT,
               lambda root: (_qa_choices(root / "Data" / "Main" / "test.jsonl", OBQA_LAYOUT, False),
-                            _qa_choices(root / "Data" / "Main" / "train.jsonl", OBQA_LAYOUT, False)),
+                            LazyDocs(lambda: _qa_choices(root / "Data" / "Main" / "train.jsonl", OBQA_LAYOUT, False))),
               "acc_norm", (83.2, 88.0, 87.4, 73.6, 79.8, 78.6, 82.6, 85.8, 86.0), notes="lm-eval openbookqa"))
 
 
@@ -514,9 +536,9 @@ BOOLQ_LAYOUT = "dev.jsonl and train.jsonl (google-research-datasets/boolean-ques
                "title, answer (true/false), passage"
 
 
-def _boolq(path: Path) -> list[Doc]:
+def _boolq(path: Path, recs: list[dict] | None = None) -> list[Doc]:
     docs = []
-    for n, r in enumerate(read_jsonl(path, BOOLQ_LAYOUT), 1):
+    for n, r in enumerate(read_jsonl(path, BOOLQ_LAYOUT) if recs is None else recs, 1):
         gold = int(field(r, "answer", path, n, BOOLQ_LAYOUT, bool))
         passage, q = field(r, "passage", path, n, BOOLQ_LAYOUT, str), field(r, "question", path, n, BOOLQ_LAYOUT,
                                                                            str)
@@ -526,7 +548,7 @@ def _boolq(path: Path) -> list[Doc]:
 
 
 register(Task("boolq", "BoolQ", "mc", 2, "boolq", BOOLQ_LAYOUT,
-              lambda root: (_boolq(root / "dev.jsonl"), _boolq(root / "train.jsonl")), "acc",
+              lambda root: (_boolq(root / "dev.jsonl"), LazyDocs(lambda: _boolq(root / "train.jsonl"))), "acc",
               (77.2, 84.8, 86.5, None, 72.2, 66.0, 80.9, 77.6, 79.1),
               lm_eval_draw_extra=True, notes="lm-eval boolq (super_glue)"))
 
@@ -537,8 +559,8 @@ CSQA_LAYOUT = ("dev_rand_split.jsonl and train_rand_split.jsonl; objects with id
                "stem, choices [{label, text}]}, answerKey")
 
 
-def _csqa(path: Path) -> list[Doc]:
-    docs = _qa_choices(path, CSQA_LAYOUT, False)
+def _csqa(path: Path, recs: list[dict] | None = None) -> list[Doc]:
+    docs = _qa_choices(path, CSQA_LAYOUT, False, recs)
     for d in docs:
         d.text = "Question: " + _letter_block(d.question, d.options)
         d.choices, d.target = list(LETTERS[:len(d.options)]), LETTERS[d.gold]
@@ -546,7 +568,9 @@ def _csqa(path: Path) -> list[Doc]:
 
 
 register(Task("commonsense_qa", "CommonSenseQA", "mc", 10, "commonsense_qa", CSQA_LAYOUT,
-              lambda root: (_csqa(root / "dev_rand_split.jsonl"), _csqa(root / "train_rand_split.jsonl")), "acc",
+              lambda root: (_csqa(root / "dev_rand_split.jsonl"),
+                            LazyDocs(lambda: _csqa(root / "train_rand_split.jsonl"))),
+              "acc",
               (80.2, 80.0, 82.8, 69.3, 72.6, 76.2, 79.0, 78.1, 79.6), lm_eval_draw_extra=True,
               notes="lm-eval commonsense_qa (letters)"))
 
@@ -569,9 +593,10 @@ QA_PRIMER = ("Q: What is human life expectancy in the United States?\n"
              "A: The 1992 Olympics were held in Barcelona, Spain.")
 
 
-def load_truthfulqa(root: Path):
-    path = find(root, ["data/mc_task.json", "mc_task.json"], TRUTHFULQA_LAYOUT)
-    recs = read_records(path, TRUTHFULQA_LAYOUT)
+def load_truthfulqa(root: Path, recs: list[dict] | None = None, path: Path | None = None):
+    if recs is None:
+        path = find(root, ["data/mc_task.json", "mc_task.json"], TRUTHFULQA_LAYOUT)
+        recs = read_records(path, TRUTHFULQA_LAYOUT)
     docs = []
     for n, r in enumerate(recs, 1):
         t = field(r, "mc2_targets", path, n, TRUTHFULQA_LAYOUT, dict)
@@ -636,9 +661,10 @@ def _mbpp_prompt(r: dict) -> str:
            f"Your code should pass these tests:\n\n{tests}\n[BEGIN]\n"
 
 
-def load_mbpp(root: Path):
-    path = find(root, ["mbpp.jsonl"], MBPP_LAYOUT)
-    recs = read_jsonl(path, MBPP_LAYOUT)
+def load_mbpp(root: Path, recs: list[dict] | None = None, path: Path | None = None):
+    if recs is None:
+        path = find(root, ["mbpp.jsonl"], MBPP_LAYOUT)
+        recs = read_jsonl(path, MBPP_LAYOUT)
     test, shots = [], []
     for n, r in enumerate(recs, 1):
         tid = field(r, "task_id", path, n, MBPP_LAYOUT, int)

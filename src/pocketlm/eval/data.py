@@ -14,7 +14,7 @@ import gzip
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from pocketlm.errors import PocketLMError
 
@@ -142,3 +142,25 @@ def read_labels(path: Path, layout: str, count: int) -> list[int]:
     if len(labels) != count:
         raise malformed(path, "", f"{len(labels)} labels for {count} records", layout)
     return labels
+
+
+class LazyDocs(Sequence):
+    """A few-shot pool read on first use: a 0-shot run never opens the train split (its errors surface when,
+    and only when, shots are drawn)."""
+
+    def __init__(self, read: Callable[[], list]):
+        self._read, self._docs = read, None
+
+    def _get(self) -> list:
+        if self._docs is None:
+            self._docs = list(self._read())
+        return self._docs
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __iter__(self):
+        return iter(self._get())

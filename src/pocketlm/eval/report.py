@@ -36,13 +36,33 @@ def table(run: dict) -> str:
     return "\n".join(lines)
 
 
+def write_partial(run: dict, out: Path) -> None:
+    """After each finished task: its samples_<task>.jsonl, and results.json with every task finished so far
+    (`config.complete: false` until `write` runs at the end). Each file is replaced atomically."""
+    import os
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def put(path: Path, text: str) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+    for name, rows in run["samples"].items():
+        put(out / f"samples_{name}.jsonl",
+            "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
+    put(out / "results.json", json.dumps({"results": run["results"], "config": run["config"] | {"complete": False}},
+                                         indent=2, sort_keys=True) + "\n")
+
+
 def write(run: dict, out: Path, *, chart: bool = True) -> list[Path]:
     """results.json (scores, config), samples_<task>.jsonl (every item), report.txt, scores.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     p = out / "results.json"
-    p.write_text(json.dumps({"results": run["results"], "config": run["config"]}, indent=2, sort_keys=True) + "\n")
+    p.write_text(json.dumps({"results": run["results"], "config": run["config"] | {"complete": True}}, indent=2,
+                            sort_keys=True) + "\n")
     written.append(p)
     for name, rows in run["samples"].items():
         p = out / f"samples_{name}.jsonl"

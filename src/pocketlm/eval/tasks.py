@@ -98,9 +98,15 @@ def get_task(name: str) -> Task:
         for task in HELDOUT:
             if task.name == name:
                 return task
+    if name not in REGISTRY and name == "simple-qa":  # chat quality (eval/simple_qa.py): by name, not in paper/all
+        from pocketlm.eval.simple_qa import TASK as SIMPLE_QA
+        return SIMPLE_QA
+    if name not in REGISTRY and name == "scienceqa-img":  # images (eval/vision_tasks.py): by name, not in paper/all
+        from pocketlm.eval.vision_tasks import TASK as SCIENCEQA_IMG
+        return SCIENCEQA_IMG
     if name not in REGISTRY:
         raise EvalDataError(f"unknown task {name!r}; known tasks: {', '.join(sorted(REGISTRY))} (and "
-                            "heldout-arith, heldout-cloze)")
+                            "heldout-arith, heldout-cloze, simple-qa, scienceqa-img)")
     return REGISTRY[name]
 
 

@@ -32,6 +32,11 @@ def expected_shapes(config: Phi3Config) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Phi-3 checkpoint with its shape (PyTorch order: Linear weights are (out, in))."""
     h, i, v, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
     qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
+    if config.model_type == "phi3small":  # biased fused projections, LayerNorms with bias (model_small.py)
+        from pocketlm.model_small import checkpoint_shapes
+        return checkpoint_shapes(config)
+    if config.is_moe:
+        return _phimoe_shapes(config)
     shapes = {"model.embed_tokens.weight": (v, h)}
     for n in range(config.num_hidden_layers):
         p = f"model.layers.{n}."
@@ -45,6 +50,56 @@ def expected_shapes(config: Phi3Config) -> dict[str, tuple[int, ...]]:
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (v, h)
     return shapes
+
+
+def _phimoe_shapes(config: Phi3Config) -> dict[str, tuple[int, ...]]:
+    """The phi-3.5-MoE checkpoint (PhiMoEForCausalLM): separate biased q/k/v/o projections, LayerNorm weight and
+    bias, `block_sparse_moe.gate` and `block_sparse_moe.experts.E.w1/w2/w3`, lm_head with bias."""
+    h, i, v, hd = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    norm_keys = ("weight", "bias") if config.layer_norm else ("weight",)
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        for key in norm_keys:
+            shapes[p + f"input_layernorm.{key}"] = (h,)
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shapes[p + f"self_attn.{name}.weight"] = (rows, h)
+            if config.attention_bias:
+                shapes[p + f"self_attn.{name}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, q)
+        if config.attention_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        for key in norm_keys:
+            shapes[p + f"post_attention_layernorm.{key}"] = (h,)
+        shapes[p + "block_sparse_moe.gate.weight"] = (config.num_local_experts, h)
+        for e in range(config.num_local_experts):
+            x = p + f"block_sparse_moe.experts.{e}."
+            shapes[x + "w1.weight"], shapes[x + "w2.weight"], shapes[x + "w3.weight"] = (i, h), (h, i), (i, h)
+    for key in norm_keys:
+        shapes[f"model.norm.{key}"] = (h,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    if config.lm_head_bias:
+        shapes["lm_head.bias"] = (v,)
+    return shapes
+
+
+def generation_config(config: Phi3Config) -> dict:
+    """generation_config.json: the Phi-3 instruct stop ids, or for Phi-3-small <|endoftext|> and <|end|> (the
+    ids its chat turns end with, tokenizer_small.py)."""
+    if config.model_type == "phi3small":
+        return {"bos_token_id": 100257, "eos_token_id": [100257, 100266]}
+    return GENERATION_CONFIG
+
+
+def model_class(config: Phi3Config) -> type:
+    """The module class of a config's architecture: Phi3ForCausalLM, or Phi3SmallForCausalLM (model_type
+    "phi3small")."""
+    if config.model_type == "phi3small":
+        from pocketlm.model_small import Phi3SmallForCausalLM
+        return Phi3SmallForCausalLM
+    return Phi3ForCausalLM
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, config: Phi3Config) -> torch.dtype:
@@ -62,7 +117,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: Phi3Config) -> torch.
 def empty_model(config: Phi3Config, dtype: torch.dtype, device: str | torch.device = "cpu") -> Phi3ForCausalLM:
     """The model with uninitialised storage (built on meta, then materialised once)."""
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config).to(dtype)  # the dtype is set on meta: storage is allocated once
+        model = model_class(config)(config).to(dtype)  # the dtype is set on meta: storage is allocated once
     model = model.to_empty(device=device)
     # non-persistent RoPE tables were lost on meta: rebuild them in fp32
     model.rotary_emb = type(model.rotary_emb)(config).to(device)
@@ -80,6 +135,8 @@ def init_weights(model: Phi3ForCausalLM, seed: int = 0) -> Phi3ForCausalLM:
         for name, p in model.named_parameters():  # tied weights appear once
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
                 p.fill_(1.0)
+            elif name.endswith(".bias"):  # LayerNorm and projection biases (phi-3.5-MoE) start at zero
+                p.zero_()
             elif p.device.type == "cpu":
                 p.normal_(0.0, std, generator=g)  # in the parameter's own dtype: no fp32 copy of a bf16 model
             else:
@@ -130,7 +187,7 @@ def _fill_quantized(config: Phi3Config, reader: CheckpointReader, expected: dict
     from pocketlm.quant.linear import (FLOAT_TYPES, QuantizedLinear, converted_linear, install_embedding,
                                        set_module, tensor_type)
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config).to(dtype)
+        model = model_class(config)(config).to(dtype)
     tied = config.tie_word_embeddings
     with torch.no_grad():
         for name in expected:
@@ -152,8 +209,9 @@ def _fill_quantized(config: Phi3Config, reader: CheckpointReader, expected: dict
                 install_embedding(model, w.to(device), t, dtype, "auto", tied=tied)
             elif w.ndim == 2:
                 set_module(model, module_name, converted_linear(w.to(device), t, dtype, "auto"))
-            else:  # norms: plain float parameters in the model's dtype
-                model.get_submodule(module_name).weight = torch.nn.Parameter(w.to(device, dtype))
+            else:  # norms and biases: plain float parameters in the model's dtype, under their own name
+                setattr(model.get_submodule(module_name), name.rpartition(".")[2],
+                        torch.nn.Parameter(w.to(device, dtype)))
             del w
     model.rotary_emb = type(model.rotary_emb)(config).to(device)  # non-persistent tables, lost on meta
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -259,14 +317,17 @@ def check_files_match(config: Phi3Config, reader: CheckpointReader, where: str |
 def save_checkpoint(model: Phi3ForCausalLM, folder: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     max_shard_bytes: int = 5 * 2**30, tokenizer=None) -> Path:
     """Write `config.json`, `generation_config.json` and the safetensors file(s) in the official layout; with a
-    tokenizer, its files too."""
+    tokenizer, its files too. A phi-3.5-vision model is written by `pocketlm.vision.save` (both halves)."""
+    if hasattr(model, "vision_config"):  # Phi3VForCausalLM: the image tower and projector are part of the model
+        from pocketlm import vision
+        return vision.save(model, folder, dtype=dtype, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     target = resolve_dtype(dtype, config) if dtype is not None else next(model.parameters()).dtype
     dtype_name = {v: k for k, v in DTYPES.items()}[target]
     config.replace(torch_dtype=dtype_name).save_json(folder / "config.json")
-    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
     params = dict(model.named_parameters())
     tensors = ((n, params[n].detach().to("cpu", target)) for n in expected_shapes(config))
     write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})

@@ -40,6 +40,9 @@ def _load(spec: str):
     folder = path if path.is_dir() else path.parent
     if path.exists() and ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
         tokenizer = pocketlm.Tokenizer.from_pretrained(folder)
+    if getattr(model.config, "model_type", "phi3") == "phi3small":  # cl100k_base + its specials (tokenizer_small)
+        from pocketlm.tokenizer_small import Phi3SmallTokenizer
+        tokenizer = Phi3SmallTokenizer.from_pretrained(folder)
     return model, tokenizer
 
 
@@ -51,8 +54,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = _load(args.model)
     if args.format == "gguf":
-        from pocketlm.quant.gguf_export import export_gguf
+        from pocketlm.quant.gguf_export import check_exportable, export_gguf
         from pocketlm.tokenizer import Tokenizer
+        check_exportable(model.config)
         if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
             raise PocketLMError(f"{args.model}: GGUF export writes the Llama SentencePiece tokenizer; this model's "
                                 f"tokenizer is {type(tokenizer).__name__}")

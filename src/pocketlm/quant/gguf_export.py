@@ -140,6 +140,16 @@ def _float_scheme(dtype: torch.dtype) -> str:
     return {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
 
 
+def check_exportable(config) -> None:
+    """Refuse architectures llama.cpp cannot load: writing a GGUF file no one can run helps nobody."""
+    if getattr(config, "model_type", "phi3") == "phi3small":
+        raise WeightFormatError(
+            f"{config.name or 'this model'} is Phi-3-small (model_type 'phi3small'): llama.cpp has no architecture "
+            "for it (no block-sparse attention, GEGELU or muP scaling in its graph), so a GGUF file would load "
+            "nowhere; quantize to pocketlm's quantized safetensors instead: "
+            "pocketlm quantize MODEL OUT --format safetensors")
+
+
 def export_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str | None = None,
                 keep_embeddings: str | None = None, name: str | None = None) -> dict[str, str]:
     """Write `model` (a `Phi3ForCausalLM`, float or quantized with `quant.linear`) as a phi3 GGUF file.
@@ -157,6 +167,12 @@ def export_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str |
     from pocketlm.tokenizer import Tokenizer
 
     c = model.config
+    check_exportable(c)
+    if getattr(c, "is_moe", False):  # phi-3.5-MoE: llama.cpp's `phimoe` layout (quant.gguf_phimoe)
+        from pocketlm.quant.gguf_phimoe import export_phimoe_gguf
+        if keep_embeddings is not None:
+            raise WeightFormatError("keep_embeddings is not supported for phi-3.5-MoE GGUF export")
+        return export_phimoe_gguf(model, path, tokenizer=tokenizer, scheme=scheme, name=name)
     tokenizer = tokenizer if tokenizer is not None else Tokenizer.default()
     tensors = _model_tensors(model, scheme, keep_embeddings)
     major = ql.SCHEMES[scheme] if scheme is not None else _major_type(tensors)  # what the user asked for

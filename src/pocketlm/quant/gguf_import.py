@@ -56,6 +56,9 @@ def gguf_config(g: GGUFFile) -> Phi3Config:
         return gguf_model._config(g)
     if arch == "llama":
         return _llama_config(g)
+    if arch == "phimoe":
+        from pocketlm.quant.gguf_phimoe import phimoe_config
+        return phimoe_config(g)
     raise WeightFormatError(f"{g.path}: general.architecture is {arch!r}; pocketlm loads {ARCHITECTURES}")
 
 
@@ -231,6 +234,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
     path = Path(path)
     with GGUFFile(path) as g:
         arch = g.architecture
+        if arch == "phimoe":  # phi-3.5-MoE in llama.cpp's layout: read as float (quant.gguf_phimoe)
+            from pocketlm.quant.gguf_phimoe import load_phimoe_gguf
+            return load_phimoe_gguf(path, dtype=dtype, device=device)
         config = gguf_config(g)
         dtype = resolve_dtype(dtype, config)
         _check_names(g, arch, config)

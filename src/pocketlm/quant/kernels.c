@@ -831,7 +831,11 @@ void pl_gemm(int kind, const uint8_t *w, int tiles, int K, const int8_t *qa, con
  * over the visible keys [lo, pos] (the sliding window) -> o_proj + residual -> RMSNorm -> gate_up ->
  * up * silu(gate) -> down + residual. Only the final norm and lm_head stay in Python.
  * KV cache layouts: f16 (kv_type 1; queries are rounded to f16 for the q.k products, as llama.cpp's f16
- * attention does) or int8 with one f32 scale per (layer, head, position) (kv_type 2: amax/127, half to even).
+ * attention does) or int8 with one f32 scale per (layer, head, position) (kv_type 2: amax/127, half to even),
+ * or ggml's Q8_0 / Q4_0 blocks of 32 values along head_dim kept as two arrays, codes and f16 scales
+ * (kv_type 3: int8 codes (.., head_dim), d = amax/127, q = roundf(x/d); kv_type 4: nibbles (.., head_dim/2),
+ * byte j = values j | j+16 << 4, d = signed max/-8, q = trunc(x/d + 8.5) clamped to [0, 15]; both as
+ * pocketlm/kvcache.py and ggml-quants.c quantize_row_q{8,4}_0_ref). Queries stay f32 for the quantized types.
  */
 typedef struct { const uint8_t *w; int kind, rows, cols; } pl_mat;
 typedef struct { const float *attn_norm, *ffn_norm; pl_mat qkv, o, gate_up, down; } pl_layer;
@@ -840,7 +844,7 @@ typedef struct {
     float eps;
     const pl_layer *layers;
     void *k, *v;               /* (layers, n_kv, capacity, head_dim) */
-    float *k_scale, *v_scale;  /* int8 only: (layers, n_kv, capacity) */
+    float *k_scale, *v_scale;  /* int8: f32 (layers, n_kv, capacity); q8_0/q4_0: f16 (layers, n_kv, capacity, hd/32) */
     float *xn, *qkv, *att, *gu, *hmid, *y, *scores;  /* scratch; scores: n_heads * capacity */
     int8_t *qa; float *da, *sa_f; int32_t *sa_i;     /* activation codes for the widest input */
 } pl_model;
@@ -924,12 +928,126 @@ static void axpy_i8(float *out, float p, const int8_t *v, int n) {
     for (; i < n; i++) out[i] += p * (float)v[i];
 }
 
+/* one head row (hd values, hd % 32 == 0) -> Q8_0 codes + f16 scales */
+static void quant_row_q8_0(const float *x, int hd, int8_t *q, uint16_t *d) {
+    for (int b = 0; b < hd / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float s = amax / 127.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const float t = roundf(xb[i] * id);
+            q[b * 32 + i] = (int8_t)(isfinite(t) ? t : 0.0f);
+        }
+        d[b] = f32_to_f16(s);
+    }
+}
+
+/* one head row -> Q4_0 nibbles (byte j of a block: value j low, value j + 16 high) + f16 scales */
+static void quant_row_q4_0(const float *x, int hd, uint8_t *q, uint16_t *d) {
+    for (int b = 0; b < hd / 32; b++) {
+        const float *xb = x + b * 32;
+        float amax = 0.0f, max = 0.0f;
+        for (int i = 0; i < 32; i++) if (fabsf(xb[i]) > amax) { amax = fabsf(xb[i]); max = xb[i]; }
+        const float s = max / -8.0f, id = s != 0.0f ? 1.0f / s : 0.0f;
+        uint8_t c[32];
+        for (int i = 0; i < 32; i++) {
+            const float t = xb[i] * id;
+            const float u = truncf(t + 8.5f);
+            const int v = isfinite(u) ? (int)u : 0;
+            c[i] = (uint8_t)(v < 0 ? 0 : (v > 15 ? 15 : v));
+        }
+        for (int j = 0; j < 16; j++) q[b * 16 + j] = (uint8_t)(c[j] | (c[j + 16] << 4));
+        d[b] = f32_to_f16(s);
+    }
+}
+
+/* q8_0 / q4_0 attention: per 32-value block, the int8 dot product / axpy above times the block's f16 scale
+ * (q4_0's nibbles are unpacked to int8 q - 8 first) */
+static float dot_q8_0(const int8_t *k, const uint16_t *d, const float *q, int hd) {
+    float s = 0.0f;
+    for (int b = 0; b < hd / 32; b++) s += dot_i8(k + b * 32, q + b * 32, 32) * f16_to_f32(d[b]);
+    return s;
+}
+
+static void axpy_q8_0(float *out, float p, const int8_t *v, const uint16_t *d, int hd) {
+    for (int b = 0; b < hd / 32; b++) axpy_i8(out + b * 32, p * f16_to_f32(d[b]), v + b * 32, 32);
+}
+
+static void unpack_q4_0(const uint8_t *c, int8_t *q) {
+    for (int j = 0; j < 16; j++) { q[j] = (int8_t)((c[j] & 15) - 8); q[j + 16] = (int8_t)((c[j] >> 4) - 8); }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* one q4_0 block's 32 codes as int8 q - 8: values 0..15 (low nibbles) and 16..31 (high nibbles) */
+static inline void unpack_q4_0_avx2(const uint8_t *c, __m128i *lo, __m128i *hi) {
+    const __m128i raw = _mm_loadu_si128((const __m128i *)c), m4 = _mm_set1_epi8(15), e8 = _mm_set1_epi8(8);
+    *lo = _mm_sub_epi8(_mm_and_si128(raw, m4), e8);
+    *hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), m4), e8);
+}
+
+static inline __m256 i8x8_ps(__m128i x) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(x)); }
+#endif
+
+static float dot_q4_0(const uint8_t *k, const uint16_t *d, const float *q, int hd) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 total = _mm256_setzero_ps();
+    for (int b = 0; b < hd / 32; b++) {
+        __m128i lo, hi;
+        unpack_q4_0_avx2(k + b * 16, &lo, &hi);
+        const float *qb = q + b * 32;
+        __m256 acc = _mm256_mul_ps(i8x8_ps(lo), _mm256_loadu_ps(qb));
+        acc = _mm256_fmadd_ps(i8x8_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(qb + 8), acc);
+        acc = _mm256_fmadd_ps(i8x8_ps(hi), _mm256_loadu_ps(qb + 16), acc);
+        acc = _mm256_fmadd_ps(i8x8_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(qb + 24), acc);
+        total = _mm256_fmadd_ps(acc, _mm256_set1_ps(f16_to_f32(d[b])), total);
+    }
+    float t[8]; _mm256_storeu_ps(t, total);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+#else
+    float s = 0.0f;
+    int8_t t[32];
+    for (int b = 0; b < hd / 32; b++) {
+        unpack_q4_0(k + b * 16, t);
+        s += dot_i8(t, q + b * 32, 32) * f16_to_f32(d[b]);
+    }
+    return s;
+#endif
+}
+
+static void axpy_q4_0(float *out, float p, const uint8_t *v, const uint16_t *d, int hd) {
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int b = 0; b < hd / 32; b++) {
+        __m128i lo, hi;
+        unpack_q4_0_avx2(v + b * 16, &lo, &hi);
+        const __m256 pd = _mm256_set1_ps(p * f16_to_f32(d[b]));
+        float *ob = out + b * 32;
+        _mm256_storeu_ps(ob, _mm256_fmadd_ps(pd, i8x8_ps(lo), _mm256_loadu_ps(ob)));
+        _mm256_storeu_ps(ob + 8, _mm256_fmadd_ps(pd, i8x8_ps(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(ob + 8)));
+        _mm256_storeu_ps(ob + 16, _mm256_fmadd_ps(pd, i8x8_ps(hi), _mm256_loadu_ps(ob + 16)));
+        _mm256_storeu_ps(ob + 24, _mm256_fmadd_ps(pd, i8x8_ps(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(ob + 24)));
+    }
+#else
+    int8_t t[32];
+    for (int b = 0; b < hd / 32; b++) {
+        unpack_q4_0(v + b * 16, t);
+        axpy_i8(out + b * 32, p * f16_to_f32(d[b]), t, 32);
+    }
+#endif
+}
+
 static void store_kv(const pl_model *m, int layer, int pos, const float *k, const float *v) {
     const int hd = m->head_dim;
     for (int g = 0; g < m->n_kv; g++) {
         const size_t row = ((size_t)layer * m->n_kv + g) * m->capacity + pos;
         const float *ks = k + (size_t)g * hd, *vs = v + (size_t)g * hd;
-        if (m->kv_type == 1) {
+        if (m->kv_type == 3) {
+            quant_row_q8_0(ks, hd, (int8_t *)m->k + row * hd, (uint16_t *)m->k_scale + row * (hd / 32));
+            quant_row_q8_0(vs, hd, (int8_t *)m->v + row * hd, (uint16_t *)m->v_scale + row * (hd / 32));
+        } else if (m->kv_type == 4) {
+            quant_row_q4_0(ks, hd, (uint8_t *)m->k + row * (hd / 2), (uint16_t *)m->k_scale + row * (hd / 32));
+            quant_row_q4_0(vs, hd, (uint8_t *)m->v + row * (hd / 2), (uint16_t *)m->v_scale + row * (hd / 32));
+        } else if (m->kv_type == 1) {
             uint16_t *kd = (uint16_t *)m->k + row * hd, *vd = (uint16_t *)m->v + row * hd;
             for (int i = 0; i < hd; i++) { kd[i] = f32_to_f16(ks[i]); vd[i] = f32_to_f16(vs[i]); }
         } else {
@@ -965,6 +1083,11 @@ static void attention_head(void *p, int h) {
             const size_t row = base + lo + j;
             float s;
             if (m->kv_type == 1) s = dot_f16((const uint16_t *)m->k + row * hd, qr, hd);
+            else if (m->kv_type == 3)
+                s = dot_q8_0((const int8_t *)m->k + row * hd, (const uint16_t *)m->k_scale + row * (hd / 32), qr, hd);
+            else if (m->kv_type == 4)
+                s = dot_q4_0((const uint8_t *)m->k + row * (hd / 2), (const uint16_t *)m->k_scale + row * (hd / 32),
+                             qr, hd);
             else s = dot_i8((const int8_t *)m->k + row * hd, qr, hd) * m->k_scale[row];
             sc[j] = s * scale;
             if (sc[j] > mx) mx = sc[j];
@@ -977,13 +1100,18 @@ static void attention_head(void *p, int h) {
             const size_t row = base + lo + j;
             const float p = sc[j] * inv;
             if (m->kv_type == 1) axpy_f16(out, p, (const uint16_t *)m->v + row * hd, hd);
+            else if (m->kv_type == 3)
+                axpy_q8_0(out, p, (const int8_t *)m->v + row * hd, (const uint16_t *)m->v_scale + row * (hd / 32), hd);
+            else if (m->kv_type == 4)
+                axpy_q4_0(out, p, (const uint8_t *)m->v + row * (hd / 2), (const uint16_t *)m->v_scale + row * (hd / 32),
+                          hd);
             else axpy_i8(out, p * m->v_scale[row], (const int8_t *)m->v + row * hd, hd);
         }
     }
 }
 
 int pl_decode_step(const pl_model *m, float *x, int pos, int lo, const float *cos, const float *sin) {
-    if (m->head_dim > 512 || pos < 0 || pos >= m->capacity || lo < 0 || lo > pos) return -1;
+    if (m->head_dim > 512 || ((m->kv_type == 3 || m->kv_type == 4) && m->head_dim % 32) || pos < 0 || pos >= m->capacity || lo < 0 || lo > pos) return -1;
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim;
     for (int l = 0; l < m->n_layers; l++) {
         const pl_layer *L = &m->layers[l];

@@ -164,7 +164,8 @@ def _int4_available() -> bool:
 # ----- layers --------------------------------------------------------------------------------------------------
 
 class QuantizedLinear(nn.Module):
-    """`y = x @ W.T` with W stored in a GGUF block format (no bias: Phi-3 and Llama linears have none).
+    """`y = x @ W.T (+ b)` with W stored in a GGUF block format; the bias, when there is one (Phi-3-small's
+    projections), stays a float parameter named `bias` as in the checkpoint.
 
     Args:
         qweight: uint8 (out_features, row_bytes), the GGUF bytes of W (rows = output features).
@@ -172,11 +173,13 @@ class QuantizedLinear(nn.Module):
         in_features: columns of W.
         dtype: compute/output dtype for the reference path (the model's dtype).
         backend: "auto", "reference" or "int4".
+        bias: optional (out_features,) float tensor.
     """
 
     def __init__(self, qweight: torch.Tensor, type_name: str, in_features: int, *, dtype: torch.dtype = torch.float32,
-                 backend: str = "auto"):
+                 backend: str = "auto", bias: torch.Tensor | None = None):
         super().__init__()
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().to(dtype)))
         if backend not in BACKENDS:
             raise QuantError(f"backend {backend!r} is not one of {BACKENDS}")
         if type_name not in codecs.BLOCK:
@@ -242,6 +245,10 @@ class QuantizedLinear(nn.Module):
         return dequantize_torch(self.qweight, self.type_name, (self.out_features, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "kernel":
             y = kernels.gemm(self.packed, self.type_name, self.out_features, x.reshape(-1, self.in_features))
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -313,8 +320,8 @@ def tensor_type(scheme: str, name: str, shape: tuple[int, ...], keep_embeddings:
         raise QuantError(f"scheme {scheme!r} is not one of {sorted(SCHEMES)}")
     if keep_embeddings is not None and keep_embeddings not in KEEP_TYPES:
         raise QuantError(f"--keep-embeddings {keep_embeddings!r} is not one of {sorted(KEEP_TYPES)}")
-    if len(shape) < 2:
-        return "F32"
+    if len(shape) < 2 or name.endswith("block_sparse_moe.gate.weight"):
+        return "F32"  # norms, and the MoE router (llama.cpp keeps ffn_gate_inp F32: routing is near-tie sensitive)
     t = SCHEMES[scheme]
     if keep_embeddings is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
         t = KEEP_TYPES[keep_embeddings]
@@ -354,21 +361,25 @@ def quantize_model(model: nn.Module, scheme: str, *, keep_embeddings: str | None
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and module.weight is not model.model.embed_tokens.weight:
             t = tensor_type(scheme, name + ".weight", tuple(module.weight.shape), keep_embeddings)
-            set_module(model, name, converted_linear(module.weight, t, dtype, backend))
+            set_module(model, name, converted_linear(module.weight, t, dtype, backend, bias=module.bias))
     emb = model.model.embed_tokens.weight
     t = tensor_type(scheme, "model.embed_tokens.weight", tuple(emb.shape), keep_embeddings)
     install_embedding(model, emb, t, dtype, backend, tied=tied)
     return model
 
 
-def converted_linear(w: torch.Tensor, t: str, dtype: torch.dtype, backend: str) -> nn.Module:
-    """A linear of ggml type `t` holding `w` (rows = outputs): nn.Linear for float types, else QuantizedLinear."""
+def converted_linear(w: torch.Tensor, t: str, dtype: torch.dtype, backend: str,
+                     bias: torch.Tensor | None = None) -> nn.Module:
+    """A linear of ggml type `t` holding `w` (rows = outputs) and the float `bias` if any: nn.Linear for float
+    types, else QuantizedLinear."""
     if t in FLOAT_TYPES:
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=dtype, device=w.device)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=dtype, device=w.device)
         with torch.no_grad():
             lin.weight.copy_(w.detach().to(FLOAT_TYPES[t]).to(dtype))
+            if bias is not None:
+                lin.bias.copy_(bias.detach().to(dtype))
         return lin
-    return QuantizedLinear(quantize_tensor(w, t), t, w.shape[1], dtype=dtype, backend=backend)
+    return QuantizedLinear(quantize_tensor(w, t), t, w.shape[1], dtype=dtype, backend=backend, bias=bias)
 
 
 def install_embedding(model: nn.Module, emb: torch.Tensor, t: str, dtype: torch.dtype, backend: str, *,

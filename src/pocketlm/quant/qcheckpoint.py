@@ -44,16 +44,18 @@ def save_quantized(model: Phi3ForCausalLM, folder: str | os.PathLike, *, scheme:
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     c.save_json(folder / "config.json")
-    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    from pocketlm.formats.hf import generation_config
+    (folder / "generation_config.json").write_text(json.dumps(generation_config(c), indent=2) + "\n")
     types = {}
     tensors = {}
     modules = dict(model.named_modules())
     for name in expected_shapes(c):
         mod = modules[name.rsplit(".", 1)[0]]
-        if isinstance(mod, (ql.QuantizedLinear, ql.QuantizedEmbedding)):
+        leaf = name.rsplit(".", 1)[1]  # "weight", or "bias" (float, Phi-3-small's projections and LayerNorms)
+        if isinstance(mod, (ql.QuantizedLinear, ql.QuantizedEmbedding)) and leaf == "weight":
             types[name], tensors[name] = mod.type_name, mod.qweight.detach().cpu()
         else:
-            w = mod.weight.detach().cpu()
+            w = getattr(mod, leaf).detach().cpu()
             types[name] = {v: k for k, v in ql.FLOAT_TYPES.items()}[w.dtype]
             tensors[name] = w
     write_checkpoint(folder, tensors, max_shard_bytes=2**62,
@@ -80,9 +82,10 @@ def load_quantized(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     if set(types) != set(expected):
         raise WeightFormatError(f"{path}: the type table names {sorted(set(types) ^ set(expected))[:6]} "
                                 f"differently from the config's tensors")
+    from pocketlm.formats.hf import model_class
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
-    model.rotary_emb = RotaryEmbedding(config).to(device)
+        model = model_class(config)(config)
+    model.rotary_emb = type(model.rotary_emb)(config).to(device)
     with CheckpointReader(path) as reader:
         for name, shape in expected.items():
             t, data = types[name], reader.get(name)
@@ -109,8 +112,8 @@ def _install(model, name: str, t: str, data: torch.Tensor, dtype, backend: str) 
     if name == "model.embed_tokens.weight":
         ql.install_embedding(model, None, t if t not in ql.FLOAT_TYPES else "F32", dtype, backend, tied=tied,
                              raw=data)
-    elif name.endswith("layernorm.weight") or name == "model.norm.weight":
-        model.get_submodule(module_name).weight = nn.Parameter(data.to(dtype))
+    elif name.endswith("layernorm.weight") or name == "model.norm.weight" or name.endswith(".bias"):
+        setattr(model.get_submodule(module_name), name.rsplit(".", 1)[1], nn.Parameter(data.to(dtype)))
     elif t in ql.FLOAT_TYPES:
         lin = nn.Linear(data.shape[1], data.shape[0], bias=False, dtype=dtype, device=data.device)
         with torch.no_grad():

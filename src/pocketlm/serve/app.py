@@ -64,6 +64,7 @@ from pocketlm.serve.batching import Engine, fix_longrope_policy
 from pocketlm.serve.errors import APIError
 from pocketlm.serve.metrics import Metrics
 from pocketlm.serve.schemas import GenRequest, Limits, parse_request
+from pocketlm.serve import vision_route
 
 log = logging.getLogger("pocketlm.serve")
 MiB = 2**20
@@ -93,6 +94,7 @@ class ServerConfig:
     prefix_cache: bool = True  # reuse the keys/values of shared prompt prefixes (serve/kvpool.py)
     prefix_cache_tokens: int | None = None  # positions the prefix cache keeps (None: 8192, at most 512 MiB)
     kv_pool_tokens: int | None = None  # KV positions admitted sequences may reserve; then 429 (None: no limit)
+    image_dir: str | None = None  # local image paths in image_url parts are read only inside it (None: refused)
 
 
 def default_max_connections() -> int:
@@ -221,7 +223,8 @@ def _with_security_headers(headers) -> list[tuple[bytes, bytes]]:
 
 
 # the chat page runs only its own same-origin files: no inline script or style, no plugins, no <base> rewrites
-_PAGE_CSP = "default-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'"
+_PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'; "
+             "img-src 'self' data:")  # data: for attached images (vision models); never a foreign image
 _STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".txt": "text/plain; charset=utf-8"}
 
@@ -542,6 +545,9 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await _read_json(request, config.max_body_bytes)
+        if vision_route.has_images(body):  # image_url parts: phi-3.5-vision, outside the batching engine
+            return await vision_route.chat_with_images(request, body, model=model, tokenizer=tokenizer,
+                                                       config=config, parse=parse, chat_format=chat_format)
         gen = await anyio.to_thread.run_sync(parse, body, "chat")  # tokenizing a 4 MiB body must not block
         return await _generate(request, gen)
 
@@ -577,6 +583,9 @@ class _Formatter:
         self.completion_tokens = 0
         self.offsets = [0] * gen.num_sequences
         self.echo: dict[int, tuple[str, dict | None]] = {}  # choice -> (prompt text, prompt logprobs)
+        # with tools that may be called: each choice's reply parser (serve/tools.py), streaming deltas and calls
+        self.tools = gen.tools if gen.tools is not None and gen.tools.calls_possible else None
+        self.tool_replies: dict = {}
         if gen.echo:
             self.offsets = [len(gen.echo_texts[i // gen.n]) for i in range(gen.num_sequences)]
 
@@ -645,7 +654,11 @@ class _Formatter:
             if i in self.echo:
                 texts = {**texts, i: [self.echo[i][0]] + texts.get(i, [])}
                 lp = self.join_logprobs(self.echo[i][1], lp)
-            if self.chat:
+            if self.chat and self.tools is not None:
+                from pocketlm.serve.tools import parse_reply
+                message, reason = parse_reply(self.tools, "".join(texts.get(i, [])), finish.get(i))
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
+            elif self.chat:
                 choices.append({"index": i, "message": {"role": "assistant", "content": "".join(texts.get(i, []))},
                                 "logprobs": lp, "finish_reason": finish.get(i)})
             else:
@@ -662,8 +675,22 @@ class _Formatter:
             obj["usage"] = usage
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    def event_choice(self, ev: dict) -> dict:
+    def event_choice(self, ev: dict) -> dict | None:
+        """One event's stream choice; None when there is nothing to send yet (tool-call text held back)."""
         lp = self.logprobs([ev]) if self.gen.logprobs else None
+        if self.chat and self.tools is not None:
+            from pocketlm.serve.tools import ToolReply
+            reply = self.tool_replies.setdefault(ev["index"], ToolReply(self.tools))
+            delta = reply.push(ev["text"])
+            reason = ev["finish_reason"]
+            if reason is not None:
+                held = reply.finish()
+                if held:
+                    delta["content"] = delta.get("content", "") + held["content"]
+                reason = reply.stream_finish_reason(reason)
+            if not delta and reason is None and lp is None:
+                return None
+            return {"index": ev["index"], "delta": delta, "logprobs": lp, "finish_reason": reason}
         if self.chat:
             return {"index": ev["index"], "delta": {"content": ev["text"]} if ev["text"] else {}, "logprobs": lp,
                     "finish_reason": ev["finish_reason"]}
@@ -715,7 +742,9 @@ async def _sse(req, queue: asyncio.Queue, fmt: _Formatter, engine: Engine):
                 continue
             fmt.note(ev)
             if ev["text"] or ev["finish_reason"] is not None or (fmt.gen.logprobs and "logprob" in ev):
-                yield fmt.chunk([fmt.event_choice(ev)])
+                choice = fmt.event_choice(ev)
+                if choice is not None:
+                    yield fmt.chunk([choice])
     finally:
         engine.cancel(req)  # no-op when finished; frees the slot when the stream was abandoned
 

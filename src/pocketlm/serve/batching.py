@@ -71,9 +71,10 @@ from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
 from pocketlm.engine.sampling import SamplingParams, make_generator, sample
 from pocketlm.errors import ConfigError
+from pocketlm.kvcache import dense, kv_store
 from pocketlm.serve.errors import QueueFullError
 from pocketlm.serve.kvpool import DEFAULT_BLOCK_SIZE, PrefixCache
-from pocketlm.serve.grammar import JsonConstraint, token_table
+from pocketlm.serve.grammar import JsonConstraint, constraint_for, token_table
 from pocketlm.serve.schemas import GenRequest
 
 log = logging.getLogger("pocketlm.serve")
@@ -98,12 +99,13 @@ def fix_longrope_policy(model, context_length: int) -> str | None:
 class SlotKVCache:
     """Keys/values of `slots` rows, each row at its own length; the `cache` object `forward_batched` takes."""
 
-    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device):
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device, kv_type: str | None = None):
         self.shape = (config.num_hidden_layers, slots, config.num_key_value_heads, 0, config.head_dim)
         self.max_len = max_len
-        self.dtype, self.device = dtype, device
-        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
-        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.dtype, self.device, self.kv_type = dtype, device, kv_type
+        # tensors, or QuantizedKV stores for a quantized --kv-cache (pocketlm.kvcache)
+        self.k = kv_store(self.shape, kv_type, dtype, device)
+        self.v = kv_store(self.shape, kv_type, dtype, device)
         self.rows = self.pos = None
         self.L = 0
         self.contiguous = False
@@ -121,7 +123,7 @@ class SlotKVCache:
         shape = self.shape[:3] + (new,) + self.shape[4:]
         for name in ("k", "v"):
             old = getattr(self, name)
-            t = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            t = kv_store(shape, self.kv_type, self.dtype, self.device)
             t[:, :, :, :old.shape[3]] = old
             setattr(self, name, t)
 
@@ -145,8 +147,9 @@ class SlotKVCache:
         self.v[layer, self.rows, :, self.pos] = v[:, :, 0]
         if self.contiguous:
             n = len(self.rows)
-            return self.k[layer, :n, :, :self.L], self.v[layer, :n, :, :self.L]
-        return self.k[layer, :, :, :self.L][self.rows], self.v[layer, :, :, :self.L][self.rows]
+            return dense(self.k[layer, :n, :, :self.L], k.dtype), dense(self.v[layer, :n, :, :self.L], v.dtype)
+        return (dense(self.k[layer, :, :, :self.L][self.rows], k.dtype),
+                dense(self.v[layer, :, :, :self.L][self.rows], v.dtype))
 
 
 @dataclass(eq=False)
@@ -201,8 +204,8 @@ class _PrefillBatch:
             end = start + n
             kv.k[layer, 0, :, start:end] = k[r, :, self.T - n:]
             kv.v[layer, 0, :, start:end] = v[r, :, self.T - n:]
-            keys[r, :, :end] = kv.k[layer, 0, :, :end]
-            values[r, :, :end] = kv.v[layer, 0, :, :end]
+            keys[r, :, :end] = dense(kv.k[layer, 0, :, :end], k.dtype)
+            values[r, :, :end] = dense(kv.v[layer, 0, :, :end], v.dtype)
         return keys, values
 
 
@@ -261,11 +264,12 @@ class Engine:
         self.vocab_limit = min(len(tokenizer), model.config.vocab_size)
         p = next(model.parameters())
         self.device = p.device
-        self.cache = SlotKVCache(model.config, max_slots, self.context_length, p.dtype, p.device)
+        kv_type = getattr(model, "kv_cache_type", None)  # --kv-cache: make_cache's caches are of this type too
+        self.cache = SlotKVCache(model.config, max_slots, self.context_length, p.dtype, p.device, kv_type)
         self.prefix = None
         if prefix_cache:
             self.prefix = PrefixCache(model.config, max_blocks=0, block_size=prefix_block_size,
-                                      dtype=model.lm_head.weight.dtype)
+                                      dtype=model.lm_head.weight.dtype, kv_type=kv_type)
             if prefix_cache_tokens is None:  # 8192 positions, fewer for a model whose keys/values are large
                 per_token = self.prefix.block_bytes / prefix_block_size
                 prefix_cache_tokens = min(DEFAULT_PREFIX_CACHE_TOKENS, int(DEFAULT_PREFIX_CACHE_BYTES // per_token))
@@ -295,7 +299,7 @@ class Engine:
             for j in range(gen.n):
                 seed = None if params.seed is None else (params.seed + j) % 2**63
                 sp = params if seed == params.seed else SamplingParams(**{**params.__dict__, "seed": seed})
-                constraint = (JsonConstraint(gen.response_format["schema"], self.table, gen.stop_token_ids,
+                constraint = (constraint_for(gen.response_format, self.table, gen.stop_token_ids,
                                              budget=sp.max_tokens)
                               if gen.response_format else None)
                 req.seqs.append(Sequence(

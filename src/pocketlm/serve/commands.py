@@ -46,8 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting beyond those; then 429 (default 64)")
     p.add_argument("--max-n", type=int, default=8, help="most choices (n x prompts) per request (default 8)")
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body in MiB; then 413 (default 4)")
-    p.add_argument("--context-length", type=int, default=None,
-                   help="prompt + max_tokens limit (default: the model's max_position_embeddings)")
+    p.add_argument("--context-length", "--num-ctx", type=int, default=None,
+                   help="prompt + max_tokens limit, the KV cache's capacity per slot (default: the model's "
+                        "max_position_embeddings)")
+    from pocketlm.cli import add_kv_cache_argument
+    add_kv_cache_argument(p)
     p.add_argument("--chat-format", default=None, help="chat format name (default: the model's)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's choice; 1 is fastest for tiny models on shared cores)")
@@ -66,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=None, metavar="N",
                    help="open connections served at once; a connection beyond them gets 503 with Retry-After "
                         "(default 256, or half the open-file limit `ulimit -n` when that is lower)")
+    p.add_argument("--image-dir", default=None, metavar="DIR",
+                   help="vision models: also accept local image paths in image_url parts, inside DIR only (default: "
+                        "data: URLs only; URLs are never fetched)")
     p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
                    help="prompt tokens prefilled per scheduler step, between decode steps, so a long prompt does "
                         "not stall the other streams (default 512)")
@@ -130,6 +136,8 @@ def run(args) -> int:
         args.model = str(default_model_path())
         args.dtype = args.dtype or "float32"
     model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    from pocketlm.cli import apply_kv_cache
+    apply_kv_cache(model, args.kv_cache, what=args.model, fast=False)  # slots, prefills and the prefix cache
     source = args.tokenizer
     if source is None:
         p = Path(args.model)
@@ -139,6 +147,9 @@ def run(args) -> int:
         elif p.exists() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
             source = folder
     tok = Tokenizer.from_pretrained(source) if source is not None else Tokenizer.default()
+    if getattr(model.config, "model_type", "phi3") == "phi3small":  # cl100k_base + its specials (tokenizer_small)
+        from pocketlm.tokenizer_small import Phi3SmallTokenizer
+        tok = Phi3SmallTokenizer.from_pretrained(args.tokenizer or args.model)
     if args.context_length is not None and not 0 < args.context_length <= model.config.max_position_embeddings:
         raise ConfigError(f"--context-length {args.context_length} is outside [1, "
                           f"{model.config.max_position_embeddings}]")
@@ -150,7 +161,7 @@ def run(args) -> int:
                           keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
                           modelfile=getattr(args, "modelfile", None), prefill_chunk=args.prefill_chunk,
                           prefix_cache=args.prefix_cache, prefix_cache_tokens=args.prefix_cache_tokens,
-                          kv_pool_tokens=args.kv_pool_tokens)
+                          kv_pool_tokens=args.kv_pool_tokens, image_dir=args.image_dir)
     # no autograd while serving (the engine's thread sets its own mode); scoped, so the caller's grad mode
     # survives `run` (the CLI tests call it in-process)
     with torch.no_grad():

@@ -411,6 +411,14 @@ class JsonConstraint:
         self.emitted += 1
 
 
+def constraint_for(response_format: dict, table: TokenTable, stop_ids, budget: int | None = None) -> JsonConstraint:
+    """The per-sequence constraint of a validated request's `response_format` (tool calls: tools.py's)."""
+    if response_format["type"] == "tools":
+        from pocketlm.serve.tools import ToolCallConstraint
+        return ToolCallConstraint(response_format, table, stop_ids, budget=budget)
+    return JsonConstraint(response_format["schema"], table, stop_ids, budget=budget)
+
+
 # ---- checking text (tests, validation of finished replies) ----------------------------------------------------
 
 _BYTE_TABLE: list = []

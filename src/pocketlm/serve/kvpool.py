@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from pocketlm.errors import ConfigError
+from pocketlm.kvcache import kv_cache_bytes
 
 DEFAULT_BLOCK_SIZE = 32
 
@@ -53,14 +54,19 @@ class Block:
 class PrefixCache:
     """Blocks of prompt keys/values, at most `max_blocks` of them, LRU-evicted (see the module docstring)."""
 
-    def __init__(self, config, *, max_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, dtype=torch.float32):
+    def __init__(self, config, *, max_blocks: int, block_size: int = DEFAULT_BLOCK_SIZE, dtype=torch.float32,
+                 kv_type: str | None = None):
         if block_size < 1 or max_blocks < 0:
             raise ConfigError(f"prefix cache needs block_size >= 1 and max_blocks >= 0, got block_size "
                               f"{block_size}, max_blocks {max_blocks}")
         self.block_size, self.max_blocks = block_size, max_blocks
-        # the blocks keep the dtype of the caches they were copied from (the model's KV dtype)
-        self.block_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * block_size * config.head_dim
-                            * torch.empty((), dtype=dtype).element_size())
+        # the blocks keep the type of the caches they were copied from (the model's KV dtype, or a --kv-cache
+        # type: quantized blocks are QuantizedKV slices, copied code for code)
+        if kv_type is not None:
+            self.block_bytes = kv_cache_bytes(config, block_size, kv_type)
+        else:
+            self.block_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads * block_size
+                                * config.head_dim * torch.empty((), dtype=dtype).element_size())
         self._blocks: collections.OrderedDict[tuple, Block] = collections.OrderedDict()  # LRU first
         self._ids = itertools.count()
         self.hit_tokens = 0  # prompt tokens whose keys/values came from the cache

@@ -14,8 +14,12 @@ and every bound, 429 on a full engine, and disconnect handling is shared. A drop
 by the same watcher as app.py's.
 
 Mapping:
-- /api/chat `messages` ({role, content}) -> chat messages; `images`, `tool_calls`, `tools`, `think: true` and
-  `logprobs` are refused with 400 (the model has no such capability here) rather than silently dropped.
+- /api/chat `messages` ({role, content}) -> chat messages; `images`, `think: true` and `logprobs` are refused
+  with 400 (the model has no such capability here) rather than silently dropped.
+- /api/chat `tools` (OpenAI's function tools) -> the OpenAI `tools` with tool_choice "auto" (serve/tools.py: the
+  prompt format and the constraint); a reply that calls tools has `message.tool_calls` = [{"function": {"name",
+  "arguments": {...}}}] and empty content (streamed: one line per complete call). Assistant messages with
+  `tool_calls` and `tool` messages (`tool_name`, else the n-th result answers the n-th call) are rendered back.
 - /api/generate: `prompt` (+ `system`, else the Modelfile's SYSTEM) is rendered as one user turn of the model's chat
   format, exactly like a one-message /api/chat; `raw: true` tokenizes `prompt` as it is (no template). `context`
   (the ids a previous reply returned) is prepended as token ids. Both stop at the chat format's end tokens.
@@ -66,6 +70,7 @@ from pocketlm.serve.batching import Engine
 from pocketlm.serve.errors import APIError, bad_request
 from pocketlm.serve.metrics import Metrics
 from pocketlm.serve.schemas import GenRequest, Limits, _is_int, _is_num, _type_name, parse_request
+from pocketlm.serve.tools import ToolReply
 
 log = logging.getLogger("pocketlm.serve")
 
@@ -191,8 +196,6 @@ def _refuse_features(body: dict, model: str) -> None:
     """Fields naming capabilities this model does not have: a 400 rather than a reply that ignores them."""
     if body.get("images"):
         raise bad_request(f'"{model[:100]}" does not support images')
-    if body.get("tools"):
-        raise bad_request(f'"{model[:100]}" does not support tools')
     think = body.get("think")
     if think not in (None, False):
         raise bad_request(f'"{model[:100]}" does not support thinking')
@@ -217,10 +220,31 @@ def _chat_messages(messages) -> list[dict]:
             raise bad_request(f"messages[{i}] must be an object, got {_type_name(m)}")
         if m.get("images"):
             raise bad_request(f"messages[{i}] has images; this model does not support images")
-        if m.get("tool_calls"):
-            raise bad_request(f"messages[{i}] has tool_calls; this model does not support tools")
-        out.append({"role": m.get("role"), "content": "" if m.get("content") is None else m.get("content")})
+        msg = {"role": m.get("role"), "content": "" if m.get("content") is None else m.get("content")}
+        calls = m.get("tool_calls")
+        if calls:
+            if not isinstance(calls, list):
+                raise bad_request(f"messages[{i}].tool_calls must be a list, got {_type_name(calls)}")
+            msg["tool_calls"] = [_openai_call(c, i, j) for j, c in enumerate(calls)]
+        name = m.get("tool_name", m.get("name"))
+        if m.get("role") == "tool" and isinstance(name, str) and name:
+            msg["name"] = name
+        out.append(msg)
     return out
+
+
+def _openai_call(call, i: int, j: int) -> dict:
+    """An Ollama tool call {"function": {"name", "arguments": {...}}} -> the OpenAI shape (arguments as JSON text)."""
+    f = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(f, dict) or not isinstance(f.get("arguments", {}), dict):
+        raise bad_request(f'messages[{i}].tool_calls[{j}] must be {{"function": {{"name": ..., "arguments": '
+                          f"{{...}}}}}}, got {call!r:.80}")
+    return {"type": "function", "function": {"name": f.get("name"), "arguments": json.dumps(f.get("arguments", {}))}}
+
+
+def _ollama_calls(calls: list[dict]) -> list[dict]:
+    """Parsed calls (serve/tools.py ToolReply.calls) -> Ollama's tool_calls (arguments as an object)."""
+    return [{"function": {"name": c["name"], "arguments": json.loads(c["arguments"])}} for c in calls]
 
 
 def _rename(err: APIError) -> APIError:
@@ -247,6 +271,27 @@ class _Reply:
         self.text: list[str] = []
         self.tokens: list[int] = []
         self.done_reason: str | None = None
+        tools = prep.gen.tools
+        self.tools = tools if kind == "chat" and tools is not None and tools.calls_possible else None
+        self.parser = ToolReply(self.tools) if self.tools is not None else None  # the streamed reply's calls
+        self.sent_calls = 0
+
+    def stream_pieces(self, text: str) -> list[dict]:
+        """The stream lines for one token's text: the text, or (with tools) text once it cannot start a call,
+        and one line per call once it is complete."""
+        if self.parser is None:
+            return [self.piece(text)] if text else []
+        out = []
+        delta = self.parser.push(text)
+        if delta.get("content"):
+            out.append(self.piece(delta["content"]))
+        done = self.parser.complete_calls
+        if len(done) > self.sent_calls:
+            obj = self.piece("")
+            obj["message"]["tool_calls"] = _ollama_calls(done[self.sent_calls:])
+            self.sent_calls = len(done)
+            out.append(obj)
+        return out
 
     def piece(self, text: str) -> dict:
         obj = {"model": self.model, "created_at": _now_iso()}
@@ -268,6 +313,13 @@ class _Reply:
         end = time.perf_counter()
         first = req.t_first if req.t_first is not None else end
         obj = self.piece(text)
+        if self.parser is not None and self.parser.text:  # streamed: the text held back while it could be a call
+            obj["message"]["content"] = self.parser.finish().get("content", "")
+        elif self.tools is not None:
+            whole = ToolReply(self.tools)
+            whole.push(text)
+            if whole.is_call_reply():
+                obj["message"] = {"role": "assistant", "content": "", "tool_calls": _ollama_calls(whole.calls)}
         obj["done"] = True
         obj["done_reason"] = self.done_reason or "stop"
         if self.kind == "generate":
@@ -305,8 +357,8 @@ async def _ndjson(req, queue: asyncio.Queue, reply: _Reply, engine: Engine):
             if ev["type"] != "token":
                 continue
             reply.note(ev)
-            if ev["text"]:
-                yield _line(reply.piece(ev["text"]))
+            for obj in reply.stream_pieces(ev["text"]):
+                yield _line(obj)
     finally:
         engine.cancel(req)  # no-op when finished; frees the slot when the stream was abandoned
 
@@ -436,6 +488,8 @@ def register_ollama_routes(app: FastAPI, *, engine: Engine, model, tokenizer, co
         rf = format_to_body(body.get("format"))
         if rf is not None:
             fields["response_format"] = rf
+        if kind == "chat" and body.get("tools") is not None:
+            fields["tools"] = body["tools"]  # validated (400 naming the bad part) by parse_request
         lim = Limits(max_n=1, context_length=min(num_ctx or limits.context_length, limits.context_length))
         if kind == "chat":
             oa = apply_to_request(dict(fields, messages=_chat_messages(body.get("messages"))), "chat",
@@ -534,7 +588,7 @@ def register_ollama_routes(app: FastAPI, *, engine: Engine, model, tokenizer, co
                 params.append(f"{key:<30} {json.dumps(v) if isinstance(v, str) else v}")
         return {"modelfile": render(mf, from_line=mf.get("from") or served), "parameters": "\n".join(params),
                 "template": "", "system": mf.get("system") or "", "license": mf.get("license") or "",
-                "details": card.details, "model_info": card.info, "capabilities": ["completion"],
+                "details": card.details, "model_info": card.info, "capabilities": ["completion", "tools"],
                 "modified_at": card.modified}
 
     @app.get("/api/ps")

@@ -22,8 +22,12 @@ the envelope's `param` (the checklist in RELIABILITY.md §6 item 13; vLLM's and 
   prompt, generate nothing). The echo text is the prompt string as sent (decoded ids for an id prompt) and each
   prompt token's `text_offset` is the length of the text its predecessors decode to (`IncrementalDecoder`), so
   an lm-eval style client finds a continuation's tokens by offset. Computed here, off the event loop.
-- Unsupported features are refused, not ignored: tools/functions, echo on chat completions, best_of > 1,
-  suffix, and `response_format` schemas with keywords `grammar.py` does not enforce.
+- Unsupported features are refused, not ignored: the legacy `functions` (use `tools`), tools on completions,
+  echo on chat completions, best_of > 1, suffix, and `response_format` schemas with keywords `grammar.py` does
+  not enforce; a `response_format` together with tools that may be called.
+- chat `tools` / `tool_choice` / `parallel_tool_calls` are validated by serve/tools.py, which also renders
+  `tool_calls` and `tool` messages and the tool list into the prompt; the request's constraint is then the tool
+  grammar (response_format {"type": "tools"}).
 - `response_format` types: text, json_object, json_schema (full JSON Schema as llguidance knows it, `strict`
   accepted), and the pocketlm extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar":
   "<Lark or GBNF>"} (or {"grammar": {"syntax": ..., "definition": "..."}}); see serve/grammar.py.
@@ -77,6 +81,7 @@ class GenRequest:
     echo_only: bool = False  # max_tokens 0 with echo: score the prompt, generate nothing
     echo_texts: list[str] = field(default_factory=list)  # per prompt, with echo
     echo_offsets: list[list[int]] = field(default_factory=list)  # per prompt: each prompt token's text offset
+    tools: Any = None  # chat: a serve.tools.ToolSpec when the request gives tools (replies are parsed for calls)
 
     @property
     def num_sequences(self) -> int:
@@ -209,9 +214,12 @@ def _response_format(body: dict) -> dict | None:
 
 
 def _refuse_unsupported(body: dict, kind: str) -> None:
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise bad_request(f"'{name}' (function calling) is not supported by this server", name)
+    if body.get("functions") or body.get("function_call"):
+        name = "functions" if body.get("functions") else "function_call"
+        raise bad_request(f"'{name}' (legacy function calling) is not supported by this server; use 'tools' and "
+                          "'tool_choice'", name)
+    if kind == "completion" and body.get("tools"):
+        raise bad_request("'tools' is supported on chat completions only (/v1/chat/completions)", "tools")
     if kind == "chat" and body.get("echo") not in (None, False):
         raise bad_request("'echo' is not supported on chat completions (use /v1/completions)", "echo")
     if kind == "completion":
@@ -273,7 +281,9 @@ def _prompts_from_completion(body: dict, tokenizer, vocab: int, limits: Limits) 
     return prompts
 
 
-def _prompt_from_chat(body: dict, tokenizer, chat_format: str | None, limits: Limits) -> list[int]:
+def _prompt_from_chat(body: dict, tokenizer, chat_format: str | None, limits: Limits, tools=None) -> list[int]:
+    from pocketlm.serve.tools import render_tool_messages
+
     if "messages" not in body:
         raise bad_request("'messages' is required", "messages")
     messages = body["messages"]
@@ -286,6 +296,7 @@ def _prompt_from_chat(body: dict, tokenizer, chat_format: str | None, limits: Li
         _refuse_long_text(sum(_text_chars(m.get("content")) for m in messages if isinstance(m, dict)), limits,
                           "messages")
     try:
+        messages = render_tool_messages(messages, tools, chat_format or chat.DEFAULT_FORMAT)
         return chat.render(messages, tokenizer, add_generation_prompt=True, format=chat_format)
     except ChatFormatError as e:
         raise bad_request(str(e), "messages") from None
@@ -314,8 +325,11 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
                        param="model", code="model_not_found")
     _refuse_unsupported(body, kind)
     vocab = len(tokenizer)
+    tools = None
     if kind == "chat":
-        prompts = [_prompt_from_chat(body, tokenizer, chat_format, limits)]
+        from pocketlm.serve.tools import parse_tools
+        tools = parse_tools(body)
+        prompts = [_prompt_from_chat(body, tokenizer, chat_format, limits, tools)]
         stop_ids = frozenset(chat.stop_token_ids(tokenizer)) | {tokenizer.eos_id}
         logprobs = _get_bool(body, "logprobs", False)
         top_logprobs = _get_int(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
@@ -353,6 +367,12 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
     if "user" in body and body["user"] is not None and not isinstance(body["user"], str):
         raise bad_request("'user' must be a string", "user")
     response_format = _response_format(body)
+    if tools is not None and (response_format is None or tools.calls_possible):
+        if response_format is not None:
+            raise bad_request("'response_format' together with 'tools' is not supported (the reply is constrained "
+                              "to text or tool calls); use tool_choice 'none' to constrain a text reply",
+                              "response_format")
+        response_format = tools.response_format()
     logit_bias = _logit_bias(body, vocab)
 
     params = []
@@ -386,7 +406,7 @@ def parse_request(body: Any, kind: str, *, tokenizer, model_names: list[str], li
                       stream=stream, include_usage=include_usage, logprobs=logprobs, top_logprobs=top_logprobs,
                       response_format=response_format, logit_bias=logit_bias, presence_penalty=presence,
                       frequency_penalty=frequency, echo=echo, echo_only=echo_only, echo_texts=texts,
-                      echo_offsets=offsets)
+                      echo_offsets=offsets, tools=tools)
 
 
 def echo_text_offsets(tokenizer, ids: list[int]) -> tuple[str, list[int]]:

@@ -20,7 +20,11 @@ def config_and_info(weights: Path):
         types = [t for t in info["file_dtypes"] if t not in ("F32",)] or info["file_dtypes"]
         return config, {"format": "gguf", "quantization": ", ".join(types), "architecture": f"{arch} (GGUF)"}
     folder = weights if weights.is_dir() else weights.parent
-    config = Phi3Config.from_json_file(folder / "config.json")
+    from pocketlm import vision
+    if vision.is_vision_model(folder):  # phi-3.5-vision: the language model's config, the whole model's count
+        config = vision.Phi3VConfig.from_folder(folder).text
+    else:
+        config = Phi3Config.from_json_file(folder / "config.json")
     arch = (json.loads((folder / "config.json").read_text(encoding="utf-8")).get("architectures") or ["?"])[0]
     from pocketlm.quant.qcheckpoint import SCHEME_KEY, is_quantized_checkpoint
     from pocketlm.formats.safetensors_io import CheckpointReader, read_header
@@ -44,7 +48,11 @@ def check_loadable(weights: Path) -> None:
 def describe_weights(weights: Path) -> dict:
     """The manifest fields of `weights`: format, quantization, architecture, parameters, context, chat format."""
     config, info = config_and_info(weights)
-    return dict(info, parameters=config.num_parameters(), context_length=config.max_position_embeddings,
+    from pocketlm import vision
+    folder = weights if weights.is_dir() else weights.parent
+    parameters = (vision.describe(folder)["parameters"] if weights.suffix != ".gguf" and vision.is_vision_model(folder)
+                  else config.num_parameters())
+    return dict(info, parameters=parameters, context_length=config.max_position_embeddings,
                 chat_format=config.chat_format)
 
 

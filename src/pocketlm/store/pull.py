@@ -296,9 +296,13 @@ def _pull_locked(name, source, store: Store, endpoint: str, force: bool, out) ->
 
 
 def _check_runnable(config_json: Path, repo: str) -> None:
+    from pocketlm import vision
     from pocketlm.config import Phi3Config
     try:
-        Phi3Config.from_json_file(config_json)
+        if vision.is_vision_model(config_json.parent):  # phi-3.5-vision: config.json's text and image halves
+            vision.Phi3VConfig.from_folder(config_json.parent)
+        else:
+            Phi3Config.from_json_file(config_json)
     except PocketLMError as e:
         raise StoreError(f"{repo}: pocketlm cannot run this model ({e}); nothing more was downloaded") from None
 

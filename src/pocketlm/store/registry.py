@@ -1,9 +1,8 @@
 """Model names: the Phi-3 family's tags (as `ollama run phi3:mini` spells them) and `hf.co/OWNER/REPO[:FILE]`.
 
 A name resolves to a `Source`: which hub repository to download, which file of it (GGUF) or which files
-(safetensors checkpoint), and what to do after (quantize locally). Family members pocketlm cannot run yet
-(Phi-3-small's block-sparse attention, the MoE, the vision model) are refused at `pull`, before any download:
-their checkpoints are 15 to 84 GB that no pocketlm verb could use.
+(safetensors checkpoint), and what to do after (quantize locally). Every tag of the family names a model pocketlm
+runs; a `Source` marked `unsupported` would be refused at `pull`, before any download.
 """
 
 from __future__ import annotations
@@ -33,8 +32,6 @@ class Source:
     description: str = ""
 
 
-_SMALL = ("Phi-3-small (Phi3SmallForCausalLM: block-sparse attention and the tiktoken cl100k vocabulary) is not "
-          "implemented by pocketlm yet")
 TAGS: dict[str, Source] = {
     "phi3:mini": Source("microsoft/Phi-3-mini-4k-instruct", description="3.8B, 4k context (bf16 safetensors)"),
     "phi3:mini-128k": Source("microsoft/Phi-3-mini-128k-instruct",
@@ -43,15 +40,14 @@ TAGS: dict[str, Source] = {
     "phi3:medium-128k": Source("microsoft/Phi-3-medium-128k-instruct",
                                description="14B, 128k context with LongRoPE (bf16 safetensors)"),
     "phi3.5:mini": Source("microsoft/Phi-3.5-mini-instruct", description="3.8B, 128k context (bf16 safetensors)"),
-    "phi3.5:moe": Source("microsoft/Phi-3.5-MoE-instruct", description="16x3.8B mixture of experts",
-                         unsupported="Phi-3.5-MoE (PhiMoEForCausalLM, 16 experts) is not implemented by pocketlm "
-                                     "yet"),
-    "phi3.5:vision": Source("microsoft/Phi-3.5-vision-instruct", description="4.2B, image + text",
-                            unsupported="Phi-3.5-vision (Phi3VForCausalLM: an image encoder in front of the "
-                                        "language model) is not implemented by pocketlm yet"),
-    "phi3:small": Source("microsoft/Phi-3-small-8k-instruct", description="7B, 8k context", unsupported=_SMALL),
-    "phi3:small-128k": Source("microsoft/Phi-3-small-128k-instruct", description="7B, 128k context",
-                              unsupported=_SMALL),
+    "phi3.5:moe": Source("microsoft/Phi-3.5-MoE-instruct",
+                         description="16 experts top-2: 41.9B total, 6.6B active (84 GB bf16 safetensors)"),
+    "phi3.5:vision": Source("microsoft/Phi-3.5-vision-instruct",
+                            description="4.1B, image + text, 128k context (bf16 safetensors)"),
+    "phi3:small": Source("microsoft/Phi-3-small-8k-instruct",
+                         description="7.4B, 8k context, block-sparse attention (bf16 safetensors)"),
+    "phi3:small-128k": Source("microsoft/Phi-3-small-128k-instruct",
+                              description="7.4B, 128k context, block-sparse attention (bf16 safetensors)"),
     "phi3:mini-q4": Source("microsoft/Phi-3-mini-4k-instruct-gguf", file="Phi-3-mini-4k-instruct-q4.gguf",
                            description="3.8B, Microsoft's own 4-bit GGUF (2.2 GB)"),
     "phi3:mini-q4_k": Source("microsoft/Phi-3-mini-4k-instruct", quantize="q4_k",

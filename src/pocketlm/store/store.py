@@ -273,7 +273,8 @@ def resolve(spec: str | None, store: Store | None = None) -> Entry | None:
     if spec is None:
         return None
     from pocketlm.config import PRESETS
-    if spec in PRESETS or Path(spec).expanduser().exists():
+    from pocketlm.vision import VISION_PRESETS
+    if spec in PRESETS or spec in VISION_PRESETS or Path(spec).expanduser().exists():
         return None
     store = store or Store()
     if not is_name(spec):

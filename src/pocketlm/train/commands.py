@@ -5,6 +5,8 @@
   pocketlm train sft --recipe phi3-mini-sft --run-dir runs/b --set model=ckpt/Phi-3-mini-4k-instruct --resume auto
   torchrun --nproc-per-node 8 -m pocketlm.cli train pretrain --recipe micro-pretrain-gpu --run-dir runs/c
   pocketlm train pretrain --recipe nano-pretrain-cpu --run-dir runs/d --data data/pipeline-out
+  pocketlm train longctx --model ckpt/short --run-dir runs/e --data text.txt --scale 4 --method longrope
+      (context extension: factors + fine-tuning at the target length, pocketlm.train.longctx)
 
 Where the data comes from: `--data DIR` reads the token shards of a `pocketlm data run` output folder (its
 tokens/mixture.json: phase 1 and phase 2 draw from each phase's sources in proportion to tokens x weight); `--set
@@ -52,11 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p = sub.add_parser("recipes", help="list the recipes")
     p.add_argument("--json", action="store_true")
+    from pocketlm.train import longctx
+    longctx.add_arguments(sub.add_parser("longctx", help="extend a model's context: LongRoPE factors (or PI/NTK) "
+                                          "+ fine-tuning at the target length (pocketlm.train.longctx)"))
 
 
 def run(args) -> int:
     """Pretrain, fine-tune (SFT) or preference-tune (DPO) a model from a named recipe; list the recipes."""
     from pocketlm.train.config import RECIPES, apply_overrides, recipe
+    if args.train_command == "longctx":
+        from pocketlm.train import longctx
+        return longctx.run(args)
     if args.train_command == "recipes":
         if args.json:
             print(json.dumps({name: fn().to_dict() for name, fn in RECIPES.items()}, indent=1))

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
@@ -45,8 +44,10 @@ from pocketlm.errors import ConfigError
 from pocketlm.formats import hf
 from pocketlm.fsutil import atomic_write_text
 from pocketlm.formats.safetensors_io import CheckpointReader
+from pocketlm.moe import with_aux_loss
 from pocketlm.data.shards import MixtureLoader, TokenWindows
 from pocketlm.train import checkpoint as ckpt
+from pocketlm.train.chunked_loss import causal_lm_loss
 from pocketlm.train.config import UNHASHED, TrainConfig, config_changes
 from pocketlm.train.distributed import (DistEnv, all_reduce_sum, barrier, parallelize, set_gradient_sync, setup,
                                         shutdown)
@@ -90,9 +91,12 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
-def load_tokenizer(cfg: TrainConfig, vocab_size: int):
+def load_tokenizer(cfg: TrainConfig, vocab_size: int, model_type: str = "phi3"):
     from pocketlm.tokenizer import Tokenizer
     folder = Path(cfg.model)
+    if model_type == "phi3small":  # cl100k_base + its specials (tokenizer_small)
+        from pocketlm.tokenizer_small import Phi3SmallTokenizer
+        return Phi3SmallTokenizer.from_pretrained(folder)
     has_own = folder.is_dir() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
     tok = Tokenizer.from_pretrained(folder) if has_own else Tokenizer.default()
     if len(tok) > vocab_size:
@@ -155,10 +159,12 @@ def shard_max_id(shards, run_dir: Path) -> int:
 
 
 def pretrain_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    logits = model(batch["input_ids"])  # (B, T, V); plain causal SDPA
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, (labels != IGNORE).sum(), {}
+    # plain causal SDPA; the head's loss chunk by chunk where it can (pocketlm.train.chunked_loss)
+    loss = causal_lm_loss(model, labels, input_ids=batch["input_ids"])
+    count = (labels != IGNORE).sum()
+    loss, metrics = with_aux_loss(model, loss, count)  # MoE load balancing (pocketlm.moe); dense: unchanged
+    return loss, count, metrics
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -213,7 +219,8 @@ class Trainer:
 
         model = build_model(cfg, env.device)
         self.config = model.config
-        self.tokenizer = load_tokenizer(cfg, self.config.vocab_size) if cfg.task != "pretrain" else None
+        self.tokenizer = (load_tokenizer(cfg, self.config.vocab_size, self.config.model_type)
+                          if cfg.task != "pretrain" else None)
         ref_model = None
         if cfg.task == "dpo":  # the reference is the starting model, frozen
             ref_model = build_model(cfg, env.device).eval().requires_grad_(False)
@@ -224,6 +231,7 @@ class Trainer:
         self.model = parallelize(model, env, compile=cfg.compile, activation_checkpointing=cfg.activation_checkpointing,
                                  fsdp=cfg.fsdp, bf16_params=bf16 and env.distributed)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and not env.distributed
+                         else torch.autocast("cpu", dtype=torch.bfloat16) if env.device.type == "cpu" and cfg.cpu_bf16
                          else contextlib.nullcontext())
         self.loader, self.objective = self._build_data(ref_model)
         self.optimizer = make_optimizer(self.model, cfg, env.device)

@@ -36,7 +36,9 @@ _cpu_peak_cache: dict[tuple, float] = {}
 
 
 def flops_per_token(config, seq_len: int) -> float:
-    n = config.num_parameters() - config.vocab_size * config.hidden_size  # the embedding is a lookup
+    moe = getattr(config, "is_moe", False)  # an MoE token runs only its selected experts: the active count
+    n = config.num_parameters(active=True) if moe else config.num_parameters()
+    n -= config.vocab_size * config.hidden_size  # the embedding is a lookup
     if config.tie_word_embeddings:
         n += config.vocab_size * config.hidden_size  # the tied head is a matmul
     attn = 12 * config.num_hidden_layers * config.hidden_size * seq_len

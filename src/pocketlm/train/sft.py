@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pocketlm.chat import parse_messages, render
 from pocketlm.data.shards import DataError
 from pocketlm.errors import ChatFormatError
+from pocketlm.train.chunked_loss import causal_lm_loss
+from pocketlm.moe import with_aux_loss
 
 IGNORE = -100
 
@@ -142,7 +143,8 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch
     """(sum of token losses, number of trained tokens, extra metric sums) for one packed batch."""
     ids, positions, doc = batch["input_ids"], batch["positions"], batch["doc"]
     mask = model.attention_mask(positions, positions, q_doc=doc, k_doc=doc)  # (B, 1, T, T)
-    logits = model.forward_batched(ids, positions, mask)  # (B, T, V)
     labels = batch["labels"]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, (labels != IGNORE).sum(), {}
+    loss = causal_lm_loss(model, labels, batched=(ids, positions, mask))  # chunked head loss where it applies
+    count = (labels != IGNORE).sum()
+    loss, metrics = with_aux_loss(model, loss, count)  # MoE load balancing (pocketlm.moe); dense: unchanged
+    return loss, count, metrics

@@ -33,7 +33,11 @@ const STORE_KEY = "pocketlm.chats.v1";
 const SETTINGS_KEY = "pocketlm.settings.v1";
 const EXPORT_FORMAT = "pocketlm-chats";
 const MAX_IMPORT_BYTES = 50 * 1024 * 1024;
+const MAX_IMAGE_BYTES = 3 * 1024 * 1024;  // one attached image (the server's default body limit is 4 MiB)
+const MAX_IMAGES = 8;  // per message
+const IMAGE_URL = /^data:image\/(png|jpeg|gif|webp|bmp);base64,[A-Za-z0-9+/=]+$/;
 const $ = (id) => document.getElementById(id);
+let pendingImages = [];  // data: URLs attached to the next message
 
 // ---------------------------------------------------------------- Markdown -> sanitised DOM
 
@@ -195,6 +199,10 @@ function validConversation(c) {
   for (const m of c.messages) {
     if (!m || !["user", "assistant"].includes(m.role) || typeof m.content !== "string") return null;
     const msg = {role: m.role, content: m.content};
+    if (m.role === "user" && Array.isArray(m.images)) {  // only image data URLs, nothing that could load elsewhere
+      const images = m.images.filter((u) => typeof u === "string" && IMAGE_URL.test(u)).slice(0, MAX_IMAGES);
+      if (images.length) msg.images = images;
+    }
     if (m.role === "assistant") {
       msg.state = ["done", "stopped", "error", "streaming"].includes(m.state) ? m.state : "done";
       if (typeof m.note === "string") msg.note = m.note.slice(0, 500);
@@ -378,6 +386,7 @@ function messageElement(conv, index) {
   content.className = "content";
   div.appendChild(content);
   if (m.role === "user") {
+    if (m.images && m.images.length) div.insertBefore(thumbnails(m.images), content);
     content.textContent = m.content;
   } else {
     div.dataset.state = m.state || "done";
@@ -393,6 +402,56 @@ function messageElement(conv, index) {
   }
   if (m.state !== "streaming") div.appendChild(messageActions(conv, index));
   return div;
+}
+
+function thumbnails(urls) {
+  const box = document.createElement("div");
+  box.className = "images";
+  urls.forEach((u, i) => {
+    const img = document.createElement("img");
+    img.className = "thumb";
+    img.alt = `image ${i + 1}`;
+    img.src = u;  // a checked data: URL (IMAGE_URL); the page's CSP allows data: images only
+    box.appendChild(img);
+  });
+  return box;
+}
+
+function renderAttachments() {
+  const box = $("attachments");
+  box.replaceChildren();
+  pendingImages.forEach((u, i) => {
+    const item = document.createElement("div");
+    item.className = "attachment";
+    item.appendChild(thumbnails([u]).firstChild);
+    item.appendChild(button("✕", "remove", () => { pendingImages.splice(i, 1); renderAttachments(); }));
+    item.lastChild.setAttribute("aria-label", `remove image ${i + 1}`);
+    box.appendChild(item);
+  });
+}
+
+function readAsDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function attachFiles(files) {
+  for (const file of files) {
+    try {
+      if (pendingImages.length >= MAX_IMAGES) throw new Error(`at most ${MAX_IMAGES} images per message`);
+      if (file.size > MAX_IMAGE_BYTES) throw new Error(`${file.size} bytes, above the ${MAX_IMAGE_BYTES} byte limit`);
+      const url = await readAsDataURL(file);
+      if (!IMAGE_URL.test(url)) throw new Error("not a PNG, JPEG, GIF, WebP or BMP image");
+      pendingImages.push(url);
+    } catch (e) {
+      status(`could not attach ${file.name}: ${e.message}`, true);
+    }
+  }
+  renderAttachments();
 }
 
 function messageActions(conv, index) {
@@ -463,8 +522,9 @@ function startEdit(conv, index) {
   const sendEdit = () => {
     const text = box.value;
     if (!text.trim() || running) return;
+    const images = conv.messages[index].images;  // an edit changes the text; the images stay
     conv.messages = conv.messages.slice(0, index);  // the edited turn replaces this one and everything after it
-    conv.messages.push({role: "user", content: text});
+    conv.messages.push(images ? {role: "user", content: text, images} : {role: "user", content: text});
     touch(conv);
     renderAll();
     generate(conv);
@@ -536,6 +596,11 @@ function requestBody(conv) {
   if (settings.system.trim()) messages.push({role: "system", content: settings.system});
   for (const m of conv.messages) {
     if (m.role === "assistant" && (m.state === "error" && !m.content)) continue;  // a failed reply with nothing shown
+    if (m.role === "user" && m.images && m.images.length) {  // OpenAI image_url parts, then the text
+      messages.push({role: "user", content: [...m.images.map((url) => ({type: "image_url", image_url: {url}})),
+                                            {type: "text", text: m.content}]});
+      continue;
+    }
     messages.push({role: m.role, content: m.content});
   }
   const body = {model: $("model").value || settings.model || undefined, messages, stream: true,
@@ -700,7 +765,7 @@ function figures(t0, tFirst, tLast, chunks, usage, finish, approx) {
 
 async function send() {
   const text = $("input").value;
-  if (!text.trim() || running) return;
+  if ((!text.trim() && !pendingImages.length) || running) return;
   let conv = currentConversation();
   if (!conv) {
     const now = Date.now();
@@ -709,7 +774,11 @@ async function send() {
     store.current = conv.id;
   }
   $("input").value = "";
-  conv.messages.push({role: "user", content: text});
+  const userMsg = {role: "user", content: text};
+  if (pendingImages.length) userMsg.images = pendingImages;
+  pendingImages = [];
+  renderAttachments();
+  conv.messages.push(userMsg);
   touch(conv);
   renderAll();
   if (!$("model").value) await loadModels();
@@ -761,6 +830,12 @@ $("import-file").addEventListener("change", async () => {
   }
 });
 $("send").addEventListener("click", send);
+$("attach").addEventListener("click", () => $("attach-file").click());
+$("attach-file").addEventListener("change", async () => {
+  const files = [...$("attach-file").files];
+  $("attach-file").value = "";
+  await attachFiles(files);
+});
 $("stop").addEventListener("click", stopRunning);
 $("input").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
