@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import pocketlm  # noqa: F401  (registers nothing; keeps the import order of the other benches)
 from pocketlm.config import preset
 from pocketlm.formats import hf
 from pocketlm.model import Phi3ForCausalLM

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import pocketlm
-from pocketlm.config import Phi3Config, RopeScaling, preset
+from pocketlm.config import Phi3Config, preset
 from pocketlm.errors import ConfigError
 from pocketlm.formats import hf
 from pocketlm.model import Phi3ForCausalLM

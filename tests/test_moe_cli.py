@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import openai
-import pytest
 import torch
 
 import pocketlm

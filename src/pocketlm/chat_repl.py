@@ -182,11 +182,12 @@ class ChatREPL:
         """Answer one user message, streaming; Ctrl-C stops it and leaves the conversation as it was."""
         from pocketlm.engine.generate import GenerationResult, stream_events
         sampling = self._sampling()
+        stream = stream_events
         if self.images or self.pending_images:  # vision: the new images are named in front of this message
             from functools import partial
             from pocketlm import vision
             text = "".join(f"<|image_{len(self.images) + k}|>\n" for k in range(1, len(self.pending_images) + 1)) + text
-            stream_events = partial(vision.stream_events, images=self.images + self.pending_images)
+            stream = partial(vision.stream_events, images=self.images + self.pending_images)
         try:
             prompt, sampling["max_tokens"] = self._fit(self._conversation() + [{"role": "user", "content": text}],
                                                        sampling["max_tokens"])
@@ -195,7 +196,7 @@ class ChatREPL:
             return
         result = None
         try:
-            for event in stream_events(self.model, self.tok, prompt, chat_format=self._chat_format(), **sampling):
+            for event in stream(self.model, self.tok, prompt, chat_format=self._chat_format(), **sampling):
                 if isinstance(event, GenerationResult):
                     result = event
                 else:

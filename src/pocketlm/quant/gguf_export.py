@@ -86,6 +86,24 @@ def tokenizer_metadata(tokenizer, n_vocab: int) -> dict:
             "unk": tokenizer.unk_id, "pad": tokenizer.pad_id, "add_bos": tokenizer.add_bos_default}
 
 
+def write_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
+    """The `tokenizer.*` keys (llama.cpp's SentencePiece "llama" vocabulary) and the chat template of config `c`."""
+    from pocketlm.chat import TEMPLATES
+    tok = tokenizer_metadata(tokenizer, c.vocab_size)
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_string("tokenizer.ggml.pre", "default")
+    w.add_array("tokenizer.ggml.tokens", tok["tokens"], GGUFValueType.STRING)
+    w.add_array("tokenizer.ggml.scores", tok["scores"], GGUFValueType.FLOAT32)
+    w.add_array("tokenizer.ggml.token_type", tok["types"], GGUFValueType.INT32)
+    for key, value in (("bos_token_id", tok["bos"]), ("eos_token_id", tok["eos"]),
+                       ("unknown_token_id", tok["unk"]), ("padding_token_id", tok["pad"])):
+        if value is not None:
+            w.add_uint32(f"tokenizer.ggml.{key}", value)
+    w.add_bool("tokenizer.ggml.add_bos_token", tok["add_bos"])
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    w.add_string("tokenizer.chat_template", TEMPLATES[c.chat_format].replace("\\n", "\n"))
+
+
 def _float_bytes(t: torch.Tensor, type_name: str) -> np.ndarray:
     t = t.detach().cpu()
     if type_name == "F32":
@@ -163,7 +181,6 @@ def export_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str |
 
     Returns: GGUF tensor name -> ggml type written.
     """
-    from pocketlm.chat import TEMPLATES
     from pocketlm.tokenizer import Tokenizer
 
     c = model.config
@@ -199,19 +216,7 @@ def export_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str |
         w.add_string("pocketlm.scheme", scheme)
     if keep_embeddings is not None:
         w.add_string("pocketlm.keep_embeddings", keep_embeddings)
-    tok = tokenizer_metadata(tokenizer, c.vocab_size)
-    w.add_string("tokenizer.ggml.model", "llama")
-    w.add_string("tokenizer.ggml.pre", "default")
-    w.add_array("tokenizer.ggml.tokens", tok["tokens"], GGUFValueType.STRING)
-    w.add_array("tokenizer.ggml.scores", tok["scores"], GGUFValueType.FLOAT32)
-    w.add_array("tokenizer.ggml.token_type", tok["types"], GGUFValueType.INT32)
-    for key, value in (("bos_token_id", tok["bos"]), ("eos_token_id", tok["eos"]),
-                       ("unknown_token_id", tok["unk"]), ("padding_token_id", tok["pad"])):
-        if value is not None:
-            w.add_uint32(f"tokenizer.ggml.{key}", value)
-    w.add_bool("tokenizer.ggml.add_bos_token", tok["add_bos"])
-    w.add_bool("tokenizer.ggml.add_eos_token", False)
-    w.add_string("tokenizer.chat_template", TEMPLATES[c.chat_format].replace("\\n", "\n"))
+    write_tokenizer(w, tokenizer, c)
 
     producers = {}
     written = {}

@@ -34,7 +34,7 @@ import torch
 
 from pocketlm.config import Phi3Config, RopeScaling
 from pocketlm.errors import ConfigError, WeightFormatError
-from pocketlm.formats.gguf import GGML_TYPES, GGUFFile, GGUFValueType
+from pocketlm.formats.gguf import GGML_TYPES, GGUFFile
 from pocketlm.formats.gguf_model import FLOAT, UINT
 from pocketlm.quant import codecs
 from pocketlm.quant import linear as ql
@@ -92,8 +92,7 @@ def export_phimoe_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme
 
     scheme: a `pocketlm quantize` scheme (f32/f16/bf16/q8_0/q4_0/q4_k) for the weight matrices and experts;
     None keeps the model's float dtype. Returns: GGUF tensor name -> ggml type written."""
-    from pocketlm.chat import TEMPLATES
-    from pocketlm.quant.gguf_export import tokenizer_metadata
+    from pocketlm.quant.gguf_export import write_tokenizer
     from pocketlm.tokenizer import Tokenizer
 
     c = model.config
@@ -153,19 +152,7 @@ def export_phimoe_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme
     w.add_float32("pocketlm.router_jitter_noise", c.router_jitter_noise)
     if scheme != float_scheme:
         w.add_string("pocketlm.scheme", scheme)
-    tok = tokenizer_metadata(tokenizer, c.vocab_size)
-    w.add_string("tokenizer.ggml.model", "llama")
-    w.add_string("tokenizer.ggml.pre", "default")
-    w.add_array("tokenizer.ggml.tokens", tok["tokens"], GGUFValueType.STRING)
-    w.add_array("tokenizer.ggml.scores", tok["scores"], GGUFValueType.FLOAT32)
-    w.add_array("tokenizer.ggml.token_type", tok["types"], GGUFValueType.INT32)
-    for key, value in (("bos_token_id", tok["bos"]), ("eos_token_id", tok["eos"]),
-                       ("unknown_token_id", tok["unk"]), ("padding_token_id", tok["pad"])):
-        if value is not None:
-            w.add_uint32(f"tokenizer.ggml.{key}", value)
-    w.add_bool("tokenizer.ggml.add_bos_token", tok["add_bos"])
-    w.add_bool("tokenizer.ggml.add_eos_token", False)
-    w.add_string("tokenizer.chat_template", TEMPLATES[c.chat_format].replace("\\n", "\n"))
+    write_tokenizer(w, tokenizer, c)
     if c.rope_scaling is not None:
         for gname, factors in (("rope_factors_long.weight", c.rope_scaling.long_factor),
                                ("rope_factors_short.weight", c.rope_scaling.short_factor)):

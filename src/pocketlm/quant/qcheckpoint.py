@@ -22,9 +22,9 @@ from torch import nn
 
 from pocketlm.config import Phi3Config
 from pocketlm.errors import WeightFormatError
-from pocketlm.formats.hf import GENERATION_CONFIG, expected_shapes
+from pocketlm.formats.hf import expected_shapes
 from pocketlm.formats.safetensors_io import CheckpointReader, read_header, write_checkpoint
-from pocketlm.model import Phi3ForCausalLM, RotaryEmbedding
+from pocketlm.model import Phi3ForCausalLM
 from pocketlm.quant import codecs, kernels
 from pocketlm.quant import linear as ql
 
