@@ -1,11 +1,14 @@
-"""K-quant kernels (Q4_K_M / Q5_K_M files) against the reference path and llama.cpp, same weights, same run.
+"""K-quant kernels (Q4_K_M / Q5_K_M files; also all-Q5_0 / Q5_1 / IQ4_NL files) against the reference path and
+llama.cpp, same weights, same run.
 
-    python bench/bench_kquant.py [--mix q4_k_m|q5_k_m] [--preset phi-3-mini-4k] [--layers 2] [--prompt 64] [--decode 32]
-                                 [--ref-decode 2] [--threads N] [--repeats 3] [--no-llama-cpp] [--out FILE.json]
+    python bench/bench_kquant.py [--mix q4_k_m|q5_k_m|q5_0|q5_1|iq4_nl] [--preset phi-3-mini-4k] [--layers 2]
+                                 [--prompt 64] [--decode 32] [--ref-decode 2] [--threads N] [--repeats 3]
+                                 [--no-llama-cpp] [--out FILE.json]
 
 1. Weights: the preset's width (phi-3-mini: hidden 3072, MLP 8192, vocab 32064) with `--layers` decoder layers,
    random codes in llama.cpp's Q4_K_M (Q5_K_M) mix: Q4_K (Q5_K) for token_embd, attn_qkv, attn_output, ffn_up
-   (gate+up), Q6_K for ffn_down and output. Written once as a phi3 GGUF in $TMPDIR; every engine loads that file.
+   (gate+up), Q6_K for ffn_down and output (the q5_0 / q5_1 / iq4_nl mixes: that type everywhere). Written once
+   as a phi3 GGUF in $TMPDIR; every engine loads that file.
 2. pocketlm kernels: `load_gguf` (every linear on the compiled kernels, asserted) + the C decode step
    (`engine.cpu.accelerate`, f16 KV cache): a `--prompt`-token prompt through `engine.generate.prefill`, then
    `--decode` greedy tokens; wall clock including Python.
@@ -33,8 +36,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MIXES = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K"}
-"""--mix -> the main type (token_embd, attn_qkv, attn_output, ffn_up); ffn_down and output are Q6_K."""
+MIXES = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}
+"""--mix -> the main type (token_embd, attn_qkv, attn_output, ffn_up); ffn_down and output are DOWN's type."""
+DOWN = {"q4_k_m": "Q6_K", "q5_k_m": "Q6_K"}
+"""ffn_down and output of the K-quant mixes (llama.cpp's); the other mixes are one type throughout."""
 
 
 def prompt_ids(n: int, vocab: int = 32000, seed: int = 0) -> list[int]:
@@ -148,7 +153,7 @@ def main() -> None:
         a.gguf = str(Path(tempfile.gettempdir()) / f"pocketlm-bench-{a.preset}-{a.layers}l-{a.mix}.gguf")
     if not Path(a.gguf).exists():
         from pocketlm.quant.random_model import write_random_gguf
-        write_random_gguf(config, Path(a.gguf), MIXES[a.mix], down_and_output="Q6_K")
+        write_random_gguf(config, Path(a.gguf), MIXES[a.mix], down_and_output=DOWN.get(a.mix))
     a.out = a.out or str(ROOT / "bench" / "results" / f"bench_kquant_{a.mix}.json")
     g = GGUFFile(a.gguf)
     # bytes read per decoded token: every matrix once except the embedding (one row)
@@ -193,7 +198,7 @@ def main() -> None:
         print(f"{name:<30} {r['decode_tok_s']:>13.2f} {r['prompt_tok_s']:>13.1f} {r['decode_vs_reference']:>13.1f}x "
               f"{vs:>13} {r['of_roofline']:>11.0%}")
     result = {"preset": a.preset, "layers": a.layers, "mix": a.mix,
-              "types": f"{MIXES[a.mix]} + Q6_K for ffn_down and output",
+              "types": MIXES[a.mix] + (f" + {DOWN[a.mix]} for ffn_down and output" if a.mix in DOWN else ""),
               "isa": kernels.isa(), "threads": a.threads, "prompt": a.prompt, "decode": a.decode,
               "ref_decode": a.ref_decode, "weight_bytes_per_token": weight_bytes, "read_bandwidth_gb_s": bw,
               "roofline_tok_s": roofline, "cpu": platform.processor() or platform.machine(), "engines": rows}

@@ -34,7 +34,7 @@ def _blocks(n: int, size: int, seed: int) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q5_0", "Q5_1"])
 def test_quantize_bit_exact_vs_gguf_py(name):
     print("seed", SEED)
     x = _blocks(12000, 32, SEED)
@@ -67,7 +67,7 @@ def test_round_trip_through_gguf_py_dequantizer(name):
     back = gguf.quants.dequantize(q, GT[name])
     np.testing.assert_array_equal(back, codecs.dequantize(q, name, x.shape))
     rel = np.abs(back - x).max() / np.abs(x).max()
-    assert rel < {"Q8_0": 0.01, "Q4_0": 0.15, "Q4_K": 0.15}[name]
+    assert rel < {"Q8_0": 0.01, "Q4_0": 0.15, "Q5_0": 0.08, "Q5_1": 0.08, "Q4_K": 0.15}[name]
 
 
 def _libggml():
@@ -114,6 +114,6 @@ def test_bad_shapes_raise():
     with pytest.raises(WeightFormatError, match="multiple of 32"):
         codecs.quantize(np.zeros((2, 33), np.float32), "Q4_0")
     with pytest.raises(WeightFormatError, match="no quantizer"):
-        codecs.quantize(np.zeros(32, np.float32), "Q5_0")
+        codecs.quantize(np.zeros(256, np.float32), "Q6_K")
     with pytest.raises(WeightFormatError, match="do not hold"):
         codecs.dequantize(np.zeros(17, np.uint8), "Q4_0", (32,))

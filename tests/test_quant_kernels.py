@@ -283,6 +283,9 @@ FORCED_ISA_CHECKS = [
     "tests/test_engine_cpu.py::test_c_decode_step_matches_pytorch_step",
     "tests/test_engine_cpu.py::test_q4_1_model_decodes_like_pytorch",
     "tests/test_engine_cpu.py::test_threads_do_not_change_the_result",
+    "tests/test_quant_kernels_legacy.py::test_legacy_gemm_equals_integer_emulation",
+    "tests/test_quant_kernels_legacy.py::test_legacy_threads_give_identical_results",
+    "tests/test_quant_kernels_legacy.py::test_random_model_in_each_type_runs_on_the_kernels",
 ]
 
 

@@ -1,7 +1,8 @@
 """The fast CPU decode path: one C call per generated token for models whose linears run on the kernels.
 
 `accelerate(model)` returns a `FastDecoder` when every decoder linear of `model` is a `QuantizedLinear` on the
-compiled kernels (`pocketlm.quant.kernels`: Q4_0, Q4_1, Q8_0, Q4_K, Q6_K on the CPU), else the model unchanged. The decode
+compiled kernels (`pocketlm.quant.kernels.KINDS`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K, Q6_K on the
+CPU), else the model unchanged. The decode
 loop in `engine.generate` calls it for every generation, so `pocketlm run`, `chat` and `eval` use it without
 asking. A `FastDecoder` speaks the model protocol the loop uses (`__call__(ids, cache, last_only=, rope_mode=)`,
 `make_cache`, `rope_mode_for`, `config`):

@@ -1,4 +1,5 @@
-"""GGUF block formats in numpy: Q8_0, Q4_0, Q4_K quantize + dequantize; Q4_1, Q5_0, Q5_1, Q5_K, Q6_K dequantize.
+"""GGUF block formats in numpy: Q8_0, Q4_0, Q5_0, Q5_1, Q4_K quantize + dequantize; Q4_1, Q5_K, Q6_K, IQ4_NL
+dequantize.
 
 Each format stores a row of `n` weights as `n / block_size` blocks of `type_size` bytes (ggml-common.h):
 
@@ -7,6 +8,7 @@ Each format stores a row of `n` weights as `n / block_size` blocks of `type_size
     Q4_1  (32 w, 20 B):  f16 d | f16 m | 16 B nibbles         w = d * q + m
     Q5_0  (32 w, 22 B):  f16 d | u32 high bits | 16 B nibbles w = d * (q - 16)
     Q5_1  (32 w, 24 B):  f16 d | f16 m | u32 qh | nibbles     w = d * q + m
+    IQ4_NL (32 w, 18 B): f16 d | 16 B nibbles (j, j+16)      w = d * kvalues_iq4nl[q]  (a fixed 16-entry table)
     Q4_K  (256 w, 144 B): f16 d | f16 dmin | 12 B of 6-bit (scale, min) for 8 sub-blocks of 32 | 128 B nibbles
                           w = d * sc_j * q - dmin * m_j
     Q5_K  (256 w, 176 B): as Q4_K, with 32 B of fifth bits (qh) before the nibbles: q = nibble | bit << 4
@@ -15,9 +17,10 @@ Each format stores a row of `n` weights as `n / block_size` blocks of `type_size
 Exactness: every quantizer reproduces, in float32, the operation order of the reference it names, so the bytes
 are the reference's bytes (tests/test_quant_codecs.py checks >= 10,000 random blocks, zeros, huge and denormal
 values):
-- Q8_0 / Q4_0: gguf-py `gguf.quants` (which follows ggml-quants.c `quantize_row_q{8,4}_0_ref`). Caveat, as in
-  gguf-py: the C reference may be compiled with `x*id + 8.5f` fused into one FMA, which rounds once instead of
-  twice; gguf-py and we round twice, so a rare Q4_0 nibble can differ from a given libggml build.
+- Q8_0 / Q4_0 / Q5_0 / Q5_1: gguf-py `gguf.quants` (which follows ggml-quants.c `quantize_row_q{8,4,5}_{0,1}_ref`).
+  Caveat, as in gguf-py: the C reference may be compiled with `x*id + 8.5f` fused into one FMA, which rounds
+  once instead of twice; gguf-py and we round twice, so a rare Q4_0 (Q5_0, Q5_1) code can differ from a given
+  libggml build (tests/test_quant_kernels_legacy.py compares Q5_0 / Q5_1 with gguf-py).
 - Q4_K: llama.cpp `quantize_row_q4_K_ref` + `make_qkx2_quants` (ggml-quants.c, llama.cpp vendored in
   llama-cpp-python 0.3.36), transcribed with the sums accumulated sequentially in float32 as the C loops do
   (numpy's pairwise `sum` would round differently) and `nearest_int` = round half to even. gguf-py has no Q4_K
@@ -39,8 +42,11 @@ QK_K = 256  # super-block size of the k-quants
 
 # name -> (elements per block, bytes per block), ggml.c type_traits
 BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+         "IQ4_NL": (32, 18),
          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
-QUANTIZERS = ("Q8_0", "Q4_0", "Q4_K")
+QUANTIZERS = ("Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K")
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+"""ggml's kvalues_iq4nl (ggml-common.h): the weight code of each IQ4_NL nibble."""
 
 
 def _blocks(x: np.ndarray, block: int, what: str) -> np.ndarray:
@@ -130,7 +136,7 @@ def dequantize_q4_0(data: np.ndarray) -> np.ndarray:
     return (_half(b[:, :2]) * q.astype(np.float32)).reshape(-1)
 
 
-# ----- Q4_1 / Q5_0 / Q5_1 (dequantize only) --------------------------------------------------------------------
+# ----- Q4_1 (dequantize only) / Q5_0 / Q5_1 / IQ4_NL (dequantize only) ------------------------------------------
 
 def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
     b = _raw_blocks(data, 20, "Q4_1")
@@ -141,6 +147,43 @@ def dequantize_q4_1(data: np.ndarray) -> np.ndarray:
 def _fifth_bits(qh: np.ndarray) -> np.ndarray:
     """(n, 4) bytes of a little-endian u32 -> (n, 32) bit i of it, as the 5th bit of weight i."""
     return np.unpackbits(np.ascontiguousarray(qh), axis=1, bitorder="little")
+
+
+def _pack5(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 32) codes 0..31 -> (qh (n, 4): bit i = 5th bit of weight i, little-endian u32; qs (n, 16) nibbles)."""
+    qh = np.packbits(q >> np.uint8(4), axis=1, bitorder="little")
+    return qh, (q[:, :16] & np.uint8(0x0F)) | ((q[:, 16:] & np.uint8(0x0F)) << np.uint8(4))
+
+
+def quantize_q5_0(x: np.ndarray) -> np.ndarray:
+    """float32 values (count a multiple of 32) -> Q5_0 bytes (n_blocks * 22,): ggml's quantize_row_q5_0_ref,
+    d = signed max / -16, q = trunc(x/d + 16.5) clipped to 0..31 (as gguf-py, i.e. the same rounding caveat as
+    Q4_0)."""
+    b = _blocks(x, QK, "Q5_0")
+    imax = np.abs(b).argmax(axis=1)[:, None]
+    d = (np.take_along_axis(b, imax, axis=1) / np.float32(-16)).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = np.trunc(b * _inverse(d) + np.float32(16.5))
+    qh, qs = _pack5(np.clip(_to_int(q, np.int64), 0, 31).astype(np.uint8))
+    return np.concatenate([_f16(d), qh, qs], axis=1).reshape(-1)
+
+
+def quantize_q5_1(x: np.ndarray) -> np.ndarray:
+    """float32 values (count a multiple of 32) -> Q5_1 bytes (n_blocks * 24,): ggml's quantize_row_q5_1_ref,
+    d = (max - min) / 31, m = min, q = trunc((x - min)/d + 0.5) clipped to 0..31."""
+    b = _blocks(x, QK, "Q5_1")
+    mx, mn = b.max(axis=1, keepdims=True), b.min(axis=1, keepdims=True)
+    d = ((mx - mn) / np.float32(31)).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        q = np.trunc((b - mn) * _inverse(d) + np.float32(0.5))
+    qh, qs = _pack5(np.clip(_to_int(q, np.int64), 0, 31).astype(np.uint8))
+    return np.concatenate([_f16(d), _f16(mn), qh, qs], axis=1).reshape(-1)
+
+
+def dequantize_iq4_nl(data: np.ndarray) -> np.ndarray:
+    b = _raw_blocks(data, 18, "IQ4_NL")
+    q = IQ4_NL_VALUES[_nibbles(b[:, 2:])]
+    return (_half(b[:, :2]) * q.astype(np.float32)).reshape(-1)
 
 
 def dequantize_q5_0(data: np.ndarray) -> np.ndarray:
@@ -315,9 +358,11 @@ def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
 
 # ----- dispatch ------------------------------------------------------------------------------------------------
 
-_QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q4_K": quantize_q4_k}
+_QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q5_0": quantize_q5_0, "Q5_1": quantize_q5_1,
+             "Q4_K": quantize_q4_k}
 _DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
-               "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k}
+               "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k,
+               "IQ4_NL": dequantize_iq4_nl}
 DEQUANTIZERS = tuple(_DEQUANTIZE)
 
 

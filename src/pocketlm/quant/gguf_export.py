@@ -38,7 +38,8 @@ from pocketlm.quant.gguf_writer import GGUFWriter
 # SentencePiece token types (gguf `TokenType`)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # llama.cpp `LlamaFileType` for general.file_type
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 14, "BF16": 32}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14, "IQ4_NL": 25,
+              "BF16": 32}
 CHECKPOINT_TO_GGUF = {v: k for k, v in TENSOR_NAMES.items()}
 
 

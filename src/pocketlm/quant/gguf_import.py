@@ -11,8 +11,8 @@ Phi-3's block is Llama-2's, so one model class serves both. What differs in the 
   are whole blocks, so the permutation and the concatenations move bytes and never requantize.
 
 Quantized tensors stay quantized (`quant.linear.QuantizedLinear` / `QuantizedEmbedding`, the bytes of the file)
-for the types with a torch path (Q8_0, Q4_0, Q4_1, Q4_K); other block types (Q5_0, Q5_1, Q6_K) and fused
-groups that mix types are dequantized to float at load. `dequantize=True` makes every weight float.
+for the types with a torch path and kernels (`quant.linear.TORCH_DEQUANT`: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL
+and the K-quants Q4_K, Q5_K, Q6_K); fused groups that mix types are dequantized to float at load. `dequantize=True` makes every weight float.
 The model is built on the meta device and filled tensor by tensor, so a quantized file never needs the float
 model's memory.
 
@@ -224,7 +224,7 @@ def _check_names(g: GGUFFile, arch: str, config: Phi3Config) -> None:
 
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
               backend: str = "auto", dequantize: bool = False) -> Phi3ForCausalLM:
-    """Load a phi3 or llama GGUF file (F32/F16/BF16 and Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K tensors).
+    """Load a phi3 or llama GGUF file (F32/F16/BF16 and Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/IQ4_NL/Q4_K/Q5_K/Q6_K tensors).
 
     Args:
         dtype: compute dtype of the float parts and of quantized layers' outputs (default float32).

@@ -14,11 +14,19 @@
  *                     m[16]   f16 (32 bytes)     Q4_1 only: offset of row r  (w = d*q + m)
  *   Q8 (Q8_0):        q[8][16][4] bytes (512)    code + 128 (u8) of row r, column 4c+i
  *                     d[16]   f16 (32 bytes)
+ *   Q5 (Q5_0, Q5_1):  nib[4][16][4] bytes (256)   low 4 bits of the codes, as Q4
+ *                     hb[16][4] bytes (64)       byte (r, i) bit k: fifth bit of row r, column 4k+i (k < 4: the
+ *                                                low-nibble register k, k >= 4: the high-nibble register k-4)
+ *                     d[16], (Q5_1: m[16]) f16   Q5_0: w = d*(q-16); Q5_1: w = d*q + m
+ *   IQ4_NL:           as Q4_0 (nib, d): w = d * kvalues_iq4nl[q], the 16-entry int8 table looked up in registers
+ *                     (AVX512: table + 128 as u8 with vpdpbusd and a -128*sum a correction; AVX2: signed values
+ *                     with maddubs(|w|, sign(a, w)), as llama.cpp's ggml_vec_dot_iq4_nl_q8_0)
  *
  * Codes are unsigned (Q4: 0..15, Q8: 0..255 after +128), activations signed int8 in blocks of 32 with one
  * scale each (llama.cpp's q8_0/q8_1), so a block's exact integer dot product is
  *   Q4_0: sum (q-8)*a   = sum q*a - 8*sum a       Q8_0: sum (q-128)*a = sum q*a - 128*sum a
- *   Q4_1: d*da*sum q*a + m*sa                     (sa = da*sum a rounded to f16, as llama.cpp's q8_1)
+ *   Q4_1, Q5_1: d*da*sum q*a + m*sa               (sa = da*sum a rounded to f16, as llama.cpp's q8_1)
+ *   Q5_0: sum (q-16)*a = sum q*a - 16*sum a        IQ4_NL: sum kvalues_iq4nl[q]*a
  * The "- k*sum a" correction is the initial value of the integer accumulator.
  *
  * Activation quantization follows llama.cpp's x86 quantize_row_q8_0/q8_1: d = amax/127 stored as f16,
@@ -72,7 +80,16 @@
 #define QK 32
 #define TILE 16
 #define QKK 256
-enum { KIND_Q4_0 = 0, KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q4_K = 3, KIND_Q6_K = 4, KIND_Q5_K = 5 };
+enum { KIND_Q4_0 = 0, KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q4_K = 3, KIND_Q6_K = 4, KIND_Q5_K = 5, KIND_Q5_0 = 6,
+       KIND_Q5_1 = 7, KIND_IQ4_NL = 8 };
+static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+static int is_q5(int kind) { return kind == KIND_Q5_0 || kind == KIND_Q5_1; }
+static int has_m(int kind) { return kind == KIND_Q4_1 || kind == KIND_Q5_1; }
+/* 32-column kinds: byte offset of d in a tile block (m follows it), and the integer correction k of "- k*sum a" */
+static size_t d_off(int kind) { return kind == KIND_Q8_0 ? 512 : (is_q5(kind) ? 320 : 256); }
+static int corr_k(int kind) {
+    return kind == KIND_Q8_0 ? 128 : (kind == KIND_Q4_0 ? 8 : (kind == KIND_Q5_0 ? 16 : 0));
+}
 static int is_k(int kind) { return kind == KIND_Q4_K || kind == KIND_Q6_K || kind == KIND_Q5_K; }
 
 /* ---- threads: a pool whose jobs never wait for an idle thread -------------------------------------------------
@@ -190,7 +207,7 @@ int pl_isa(void) {
 }
 
 static size_t block_bytes(int kind) {
-    return kind == KIND_Q8_0 ? 512 + 32 : (kind == KIND_Q4_1 ? 256 + 64 : 256 + 32);
+    return d_off(kind) + (has_m(kind) ? 64 : 32);
 }
 
 /* K-quant tiles: bytes per tile and 256-column super-block, and the offsets of their parts (see the header) */
@@ -399,23 +416,25 @@ static void tile_scalar(int kind, const uint8_t *tp, int nb, const int8_t *qa, c
             const uint8_t *bp = tp + b * bs;
             const int8_t *a = qa + (size_t)t * K + b * QK;
             const float dA = da[(size_t)t * nb + b];
-            const uint16_t *dw = (const uint16_t *)(bp + (kind == KIND_Q8_0 ? 512 : 256));
+            const uint16_t *dw = (const uint16_t *)(bp + d_off(kind));
             for (int r = 0; r < TILE; r++) {
-                int32_t s;
+                int32_t s = -corr_k(kind) * sa_i[(size_t)t * nb + b];
                 if (kind == KIND_Q8_0) {
-                    s = -128 * sa_i[(size_t)t * nb + b];
                     for (int c = 0; c < 8; c++)
                         for (int i = 0; i < 4; i++) s += (int32_t)bp[(c * TILE + r) * 4 + i] * a[4 * c + i];
                 } else {
-                    s = kind == KIND_Q4_0 ? -8 * sa_i[(size_t)t * nb + b] : 0;
                     for (int c = 0; c < 4; c++)
                         for (int i = 0; i < 4; i++) {
-                            uint8_t byte = bp[(c * TILE + r) * 4 + i];
-                            s += (int32_t)(byte & 0x0F) * a[4 * c + i] + (int32_t)(byte >> 4) * a[16 + 4 * c + i];
+                            const uint8_t byte = bp[(c * TILE + r) * 4 + i];
+                            const int hb = is_q5(kind) ? bp[256 + r * 4 + i] : 0;  /* fifth bits */
+                            int lo = (byte & 0x0F) | (((hb >> c) & 1) << 4);
+                            int hi = (byte >> 4) | (((hb >> (4 + c)) & 1) << 4);
+                            if (kind == KIND_IQ4_NL) { lo = IQ4NL[lo]; hi = IQ4NL[hi]; }
+                            s += lo * a[4 * c + i] + hi * a[16 + 4 * c + i];
                         }
                 }
                 acc[r] += f16_to_f32(dw[r]) * (dA * (float)s);
-                if (kind == KIND_Q4_1) acc[r] += f16_to_f32(dw[TILE + r]) * sa_f[(size_t)t * nb + b];
+                if (has_m(kind)) acc[r] += f16_to_f32(dw[TILE + r]) * sa_f[(size_t)t * nb + b];
             }
         }
         memcpy(y + (size_t)t * ldy, acc, sizeof acc);
@@ -424,6 +443,12 @@ static void tile_scalar(int kind, const uint8_t *tp, int nb, const int8_t *qa, c
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 /* ---- AVX512-VNNI: TN tokens at once share one unpacked weight block ------------------------------------ */
+
+/* Q5_0/Q5_1's and Q5_K's fifth bit of register k (0..7) of a block, moved to bit 4 of each byte */
+static inline __m512i hi1_512(__m512i h, int k) {
+    const __m512i v = k <= 4 ? _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - k)) : _mm512_srl_epi16(h, _mm_cvtsi32_si128(k - 4));
+    return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
+}
 
 static inline __attribute__((always_inline)) void
 tile_avx512_tn(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
@@ -438,27 +463,35 @@ tile_avx512_tn(int kind, const uint8_t *tp, int nb, const int8_t *qa, const floa
         __m512 dw, mw = _mm512_setzero_ps();
         if (kind == KIND_Q8_0) {
             for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512((const void *)(bp + 64 * c));
-            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 512)));
         } else {
             for (int c = 0; c < 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(bp + 64 * c));
                 w[c] = _mm512_and_si512(v, low);
                 w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             }
-            dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 256)));
-            if (kind == KIND_Q4_1) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + 288)));
+            if (is_q5(kind)) {
+                const __m512i hb = _mm512_loadu_si512((const void *)(bp + 256));
+                for (int k = 0; k < 8; k++) w[k] = _mm512_or_si512(w[k], hi1_512(hb, k));
+            }
+            if (kind == KIND_IQ4_NL) {  /* table + 128: u8 codes 1..241, corrected by -128 * sum a below */
+                const __m512i tbl = _mm512_broadcast_i32x4(_mm_setr_epi8(1, 24, 45, 63, 79, 93, 106, 118, (char)129,
+                    (char)141, (char)153, (char)166, (char)181, (char)197, (char)217, (char)241));
+                for (int k = 0; k < 8; k++) w[k] = _mm512_shuffle_epi8(tbl, w[k]);
+            }
         }
+        dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + d_off(kind))));
+        if (has_m(kind)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + d_off(kind) + 32)));
         for (int u = 0; u < TN; u++) {
             const int8_t *a = qa + (size_t)u * K + b * QK;
             const size_t ab = (size_t)u * nb + b;
-            const int corr = kind == KIND_Q8_0 ? -128 : (kind == KIND_Q4_0 ? -8 : 0);
+            const int corr = kind == KIND_IQ4_NL ? -128 : -corr_k(kind);
             __m512i s = _mm512_set1_epi32(corr * sa_i[ab]);
             int32_t a4[8];
             memcpy(a4, a, 32);
             for (int c = 0; c < 8; c++) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(a4[c]));
             const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(da[ab]));
             acc[u] = _mm512_fmadd_ps(dw, f, acc[u]);
-            if (kind == KIND_Q4_1) acc[u] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa_f[ab]), acc[u]);
+            if (has_m(kind)) acc[u] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa_f[ab]), acc[u]);
         }
     }
     for (int u = 0; u < TN; u++) _mm512_storeu_ps(y + (size_t)u * ldy, acc[u]);
@@ -487,12 +520,6 @@ static inline __m512i hi2_512(__m512i h, int c) {
         case 2: return _mm512_and_si512(h, m30);
         default: return _mm512_and_si512(_mm512_srli_epi16(h, 2), m30);
     }
-}
-
-/* Q5_K's fifth bit of register k (0..7) of a sub-block, moved to bit 4 of each byte */
-static inline __m512i hi1_512(__m512i h, int k) {
-    const __m512i v = k <= 4 ? _mm512_sll_epi16(h, _mm_cvtsi32_si128(4 - k)) : _mm512_srl_epi16(h, _mm_cvtsi32_si128(k - 4));
-    return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
 }
 
 static inline __attribute__((always_inline)) void
@@ -589,6 +616,18 @@ static void tile_k_fast(int kind, const uint8_t *tp, int nsb, const int8_t *qa, 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 /* ---- AVX2: the same tile as two halves of 8 rows; u8 x s8 pairs with maddubs, then madd to s32 ---------- */
 
+/* Q5_0/Q5_1's and Q5_K's fifth bit of register k (0..7), moved to bit 4 of each byte */
+static inline __m256i hi1_256(__m256i h, int k) {
+    const __m256i v = k <= 4 ? _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - k)) : _mm256_srl_epi16(h, _mm_cvtsi32_si128(k - 4));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+/* signed w (|w| <= 127) x signed a: maddubs(|w|, sign(a, w)), llama.cpp's mul_add_epi8 */
+static inline __m256i dot_s8s8(__m256i acc, __m256i w, __m256i a) {
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
+
 static inline __m256i dot_u8s8(__m256i acc, __m256i w, __m256i a) {
     const __m256i p16 = _mm256_maddubs_epi16(w, a);  /* Q4: |15*127*2| fits; Q8 handled by the caller */
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
@@ -623,28 +662,46 @@ static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, con
                 s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(h0, 4));
                 s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(h1, 4));
             } else {
-                const int corr = kind == KIND_Q4_0 ? -8 : 0;
-                s0 = _mm256_set1_epi32(corr * sa_i[ab]); s1 = s0;
+                s0 = _mm256_set1_epi32(-corr_k(kind) * sa_i[ab]); s1 = s0;
+                const int q5 = is_q5(kind);  /* codes up to 31: 2 * 31 * 128 fits the s16 pair sums */
+                const __m256i hb0 = q5 ? _mm256_loadu_si256((const __m256i *)(bp + 256)) : _mm256_setzero_si256();
+                const __m256i hb1 = q5 ? _mm256_loadu_si256((const __m256i *)(bp + 288)) : _mm256_setzero_si256();
                 for (int c = 0; c < 4; c++) {
                     const __m256i v0 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c));
                     const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32));
                     const __m256i al = _mm256_set1_epi32(a4[c]), ah = _mm256_set1_epi32(a4[c + 4]);
-                    s0 = dot_u8s8(s0, _mm256_and_si256(v0, low), al);
-                    s1 = dot_u8s8(s1, _mm256_and_si256(v1, low), al);
-                    s0 = dot_u8s8(s0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), ah);
-                    s1 = dot_u8s8(s1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), low), ah);
+                    __m256i l0 = _mm256_and_si256(v0, low), l1 = _mm256_and_si256(v1, low);
+                    __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+                    __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+                    if (q5) {
+                        l0 = _mm256_or_si256(l0, hi1_256(hb0, c)); l1 = _mm256_or_si256(l1, hi1_256(hb1, c));
+                        h0 = _mm256_or_si256(h0, hi1_256(hb0, 4 + c)); h1 = _mm256_or_si256(h1, hi1_256(hb1, 4 + c));
+                    }
+                    if (kind == KIND_IQ4_NL) {
+                        const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4NL));
+                        s0 = dot_s8s8(s0, _mm256_shuffle_epi8(tbl, l0), al);
+                        s1 = dot_s8s8(s1, _mm256_shuffle_epi8(tbl, l1), al);
+                        s0 = dot_s8s8(s0, _mm256_shuffle_epi8(tbl, h0), ah);
+                        s1 = dot_s8s8(s1, _mm256_shuffle_epi8(tbl, h1), ah);
+                        continue;
+                    }
+                    s0 = dot_u8s8(s0, l0, al);
+                    s1 = dot_u8s8(s1, l1, al);
+                    s0 = dot_u8s8(s0, h0, ah);
+                    s1 = dot_u8s8(s1, h1, ah);
                 }
             }
-            const size_t doff = kind == KIND_Q8_0 ? 512 : 256;
+            const size_t doff = d_off(kind);
             const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff)));
             const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff + 16)));
             const __m256 dA = _mm256_set1_ps(da[ab]);
             acc0 = _mm256_fmadd_ps(d0, _mm256_mul_ps(_mm256_cvtepi32_ps(s0), dA), acc0);
             acc1 = _mm256_fmadd_ps(d1, _mm256_mul_ps(_mm256_cvtepi32_ps(s1), dA), acc1);
-            if (kind == KIND_Q4_1) {
+            if (has_m(kind)) {
                 const __m256 sA = _mm256_set1_ps(sa_f[ab]);
-                acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 288))), sA, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + 304))), sA, acc1);
+                const size_t mo = doff + 32;
+                acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + mo))), sA, acc0);
+                acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + mo + 16))), sA, acc1);
             }
         }
         _mm256_storeu_ps(y + (size_t)t * ldy, acc0);
@@ -667,11 +724,6 @@ static inline __m256i hi2_256(__m256i h, int c) {
         case 2: return _mm256_and_si256(h, m30);
         default: return _mm256_and_si256(_mm256_srli_epi16(h, 2), m30);
     }
-}
-
-static inline __m256i hi1_256(__m256i h, int k) {
-    const __m256i v = k <= 4 ? _mm256_sll_epi16(h, _mm_cvtsi32_si128(4 - k)) : _mm256_srl_epi16(h, _mm_cvtsi32_si128(k - 4));
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
 static void tile_k_fast(int kind, const uint8_t *tp, int nsb, const int8_t *qa, const float *dA, const int16_t *bs,

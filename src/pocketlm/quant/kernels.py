@@ -18,8 +18,10 @@
 - Threads: `default_threads()` counts the cores this process may really use: the CPU affinity mask, capped by
   a cgroup CPU quota (`/sys/fs/cgroup/cpu.max`) when one is set; `POCKETLM_NUM_THREADS` overrides.
 - Layout: `pack(raw, type_name, rows, cols)` turns GGUF Q4_0 / Q4_1 / Q8_0 / Q4_K / Q5_K / Q6_K rows into the tile
-  layout the C file documents (16 rows per tile, lossless); `unpack` is its inverse, so export still writes the
-  original bytes. Rows are padded with zero rows to a multiple of 16; outputs are sliced back.
+  layout the C file documents (16 rows per tile, lossless), also Q5_0 / Q5_1 (4-bit tiles plus a plane of fifth
+  bits) and IQ4_NL (Q4_0's tile; the kernel looks the nibbles up in kvalues_iq4nl); `unpack` is its inverse,
+  so export still writes the original bytes. Rows are padded with zero rows to a multiple of 16; outputs are
+  sliced back.
 - `gemm(packed, kind, x)` quantizes x (T, K) to 8 bits the way llama.cpp's x86 code does for that type (q8_0 /
   q8_1: scale = amax/127 rounded to f16, codes rounded half to even; the K-quants: q8_K, 256 values per float
   scale, `quantize_activations_k`) and returns x @ W.T in float32.
@@ -57,18 +59,23 @@ ISA_CPU_FLAGS = {"avx512-vnni": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "
 """The /proc/cpuinfo flags each forced instruction set needs (its compile flags enable exactly these)."""
 ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 0: "scalar"}
 """pl_isa()'s codes: the path kernels.c selected at compile time."""
-KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_K": 5}
+KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q4_K": 3, "Q6_K": 4, "Q5_K": 5, "Q5_0": 6, "Q5_1": 7, "IQ4_NL": 8}
+Q5_TYPES = ("Q5_0", "Q5_1")
+"""4-bit tiles plus a 64-byte plane of fifth bits per tile and block (kernels.c's header)."""
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 """K-quants: super-blocks of 256 columns and q8_K activations (one float scale and 16 sums per 256 values)."""
 TILE = 16
 BLOCK = 32
 QK_K = 256
 # columns per block (32, or 256 for the K-quants)
-BLOCK_COLS = {"Q4_0": BLOCK, "Q4_1": BLOCK, "Q8_0": BLOCK, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K}
+BLOCK_COLS = {"Q4_0": BLOCK, "Q4_1": BLOCK, "Q8_0": BLOCK, "Q4_K": QK_K, "Q5_K": QK_K, "Q6_K": QK_K,
+              "Q5_0": BLOCK, "Q5_1": BLOCK, "IQ4_NL": BLOCK}
 # bytes per tile and block: codes, then scales (and offsets / mins); see kernels.c's header for each layout
 TILE_BLOCK_BYTES = {"Q4_0": 256 + 32, "Q4_1": 256 + 64, "Q8_0": 512 + 32, "Q4_K": 2048 + 256 + 64,
-                    "Q5_K": 2048 + 512 + 256 + 64, "Q6_K": 2048 + 1024 + 256 + 32}
-GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+                    "Q5_K": 2048 + 512 + 256 + 64, "Q6_K": 2048 + 1024 + 256 + 32,
+                    "Q5_0": 256 + 64 + 32, "Q5_1": 256 + 64 + 64, "IQ4_NL": 256 + 32}
+GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210,
+                    "Q5_0": 22, "Q5_1": 24, "IQ4_NL": 18}
 
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
@@ -362,6 +369,23 @@ def _unpack_k(p: torch.Tensor, type_name: str, tiles: int, nb: int) -> torch.Ten
     return torch.cat([ql, qh, scales, d], dim=-1)
 
 
+def _fifth_bit_tiles(qh: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:
+    """Q5_0/Q5_1 qh bytes (tiles*16, nb, 4) (a little-endian u32, bit j: fifth bit of weight j) -> the tiles'
+    fifth-bit planes (tiles, nb, 64): byte (r, i) bit k = fifth bit of column 4k+i of row r."""
+    q = qh.to(torch.int64)
+    bits = ((q[..., 0] | q[..., 1] << 8 | q[..., 2] << 16 | q[..., 3] << 24)[..., None] >> torch.arange(32)) & 1
+    hb = (bits.reshape(-1, nb, 8, 4) << torch.arange(8).reshape(8, 1)).sum(2)  # (R, nb, i)
+    return _rows_to_tiles(hb.to(torch.uint8)[..., None, :], tiles, nb)
+
+
+def _fifth_bit_rows(p: torch.Tensor, tiles: int, nb: int) -> torch.Tensor:
+    """Inverse of `_fifth_bit_tiles`: (tiles, nb, 64) -> qh bytes (tiles*16, nb, 4)."""
+    hb = _tiles_to_rows(p, tiles, nb, 1, 4)[..., 0, :].to(torch.int64)  # (R, nb, i)
+    bits = (hb[..., None, :] >> torch.arange(8).reshape(8, 1)) & 1  # (R, nb, k, i): column 4k+i
+    u32 = (bits.reshape(*bits.shape[:2], 32) << torch.arange(32)).sum(-1)
+    return torch.stack([(u32 >> s) & 0xFF for s in (0, 8, 16, 24)], dim=-1).to(torch.uint8)
+
+
 def pack(raw: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tensor:
     """GGUF bytes (rows, cols/block*size) uint8 -> tile layout, flat uint8 (tiles * blocks * TILE_BLOCK_BYTES)."""
     if type_name not in KINDS:
@@ -380,13 +404,18 @@ def pack(raw: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tenso
     if type_name in K_TYPES:
         return _pack_k(b, type_name, tiles, nb).reshape(-1).contiguous()
     b = b.reshape(tiles, TILE, nb, gb)
-    if type_name == "Q8_0":
+    if type_name in Q5_TYPES:
+        o = 2 if type_name == "Q5_0" else 4  # qh at o, nibbles at o + 4
+        qs = b[..., o + 4:].reshape(tiles, TILE, nb, 4, 4).permute(0, 2, 3, 1, 4)  # (t, nb, c, r, i)
+        parts = [qs.reshape(tiles, nb, 256), _fifth_bit_tiles(b[..., o:o + 4].reshape(-1, nb, 4), tiles, nb)]
+        parts += [b[..., h:h + 2].permute(0, 2, 1, 3).reshape(tiles, nb, 32) for h in range(0, o, 2)]  # d (, m)
+    elif type_name == "Q8_0":
         codes = (b[..., 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)  # (t, r, nb, 32)
         codes = codes.reshape(tiles, TILE, nb, 8, 4).permute(0, 2, 3, 1, 4)  # (t, nb, c, r, i)
         scales = b[..., :2].permute(0, 2, 1, 3)  # (t, nb, r, 2)
         parts = [codes.reshape(tiles, nb, 512), scales.reshape(tiles, nb, 32)]
-    else:
-        hdr = 2 if type_name == "Q4_0" else 4
+    else:  # Q4_0, Q4_1, IQ4_NL (IQ4_NL's block is Q4_0's: f16 d, 16 bytes of nibbles)
+        hdr = 4 if type_name == "Q4_1" else 2
         qs = b[..., hdr:].reshape(tiles, TILE, nb, 4, 4).permute(0, 2, 3, 1, 4)  # (t, nb, c, r, i)
         parts = [qs.reshape(tiles, nb, 256), b[..., 0:2].permute(0, 2, 1, 3).reshape(tiles, nb, 32)]
         if type_name == "Q4_1":
@@ -401,7 +430,13 @@ def unpack(packed: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.
     p = packed.reshape(tiles, nb, tb)
     if type_name in K_TYPES:
         return _unpack_k(p, type_name, tiles, nb).reshape(tiles * TILE, nb * gb)[:rows].contiguous()
-    if type_name == "Q8_0":
+    if type_name in Q5_TYPES:
+        qs = p[..., :256].reshape(tiles, nb, 4, TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles, TILE, nb, 16)
+        qh = _fifth_bit_rows(p[..., 256:320], tiles, nb).reshape(tiles, TILE, nb, 4)
+        hdr = [p[..., o:o + 32].reshape(tiles, nb, TILE, 2).permute(0, 2, 1, 3)
+               for o in ((320,) if type_name == "Q5_0" else (320, 352))]
+        out = torch.cat([*hdr, qh, qs], dim=-1)
+    elif type_name == "Q8_0":
         codes = p[..., :512].reshape(tiles, nb, 8, TILE, 4).permute(0, 3, 1, 2, 4).reshape(tiles, TILE, nb, 32)
         codes = (codes.to(torch.int16) - 128).to(torch.int8).view(torch.uint8)
         scales = p[..., 512:544].reshape(tiles, nb, TILE, 2).permute(0, 2, 1, 3)

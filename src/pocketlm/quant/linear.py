@@ -15,11 +15,11 @@ the scheme is always the tensor's recorded ggml type, never guessed. Two ways to
 - Q8_0 has one scale per 32 weights; `aten._weight_int8pack_mm` takes one scale per output row, so it cannot
   run Q8_0 exactly and is not used here (the later speed work may requantize per row, as a separate scheme).
 
-- "kernel": pocketlm's compiled CPU kernels (`quant/kernels.c`) for Q4_0, Q4_1, Q8_0 and the K-quants Q4_K and
-  Q6_K (the two types of Q4_K_M files): activations are quantized to 8 bits the way llama.cpp's x86 code does
-  for that type (q8_0/q8_1 in blocks of 32; q8_K in blocks of 256 for the K-quants) and multiplied with integer
-  dot products (AVX512-VNNI, AVX2 or plain C). The weight is kept only in the kernels' 16-row tile layout
-  (lossless); `qweight` unpacks the GGUF bytes on demand (export), so memory holds one copy.
+- "kernel": pocketlm's compiled CPU kernels (`quant/kernels.c`) for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL and the
+  K-quants Q4_K, Q5_K and Q6_K (Q4_K_M files mix Q4_K and Q6_K): activations are quantized to 8 bits the way
+  llama.cpp's x86 code does for that type (q8_0/q8_1 in blocks of 32; q8_K in blocks of 256 for the K-quants)
+  and multiplied with integer dot products (AVX512-VNNI, AVX2 or plain C). The weight is kept only in the
+  kernels' 16-row tile layout (lossless); `qweight` unpacks the GGUF bytes on demand (export), so memory holds one copy.
 
 "auto" takes "kernel" for the kernels' types on the CPU when the kernels build here; otherwise it packs for
 "int4" where the op exists and accepts the shape, and uses it for bfloat16 activations only: with float32
@@ -46,7 +46,7 @@ FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 BACKENDS = ("auto", "reference", "int4", "kernel")
 INT4_GROUP = 32
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-TORCH_DEQUANT = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+TORCH_DEQUANT = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "IQ4_NL")
 """Dequantized by torch ops (so GGUF import keeps them quantized); other block types go through numpy."""
 
 
@@ -97,6 +97,19 @@ def dequantize_torch(raw: torch.Tensor, type_name: str, shape: tuple[int, int]) 
     if type_name == "Q4_1":
         b = raw.reshape(N, K // 32, 20)
         return (_half(b[..., :2]) * _nibbles32(b[..., 4:]).float() + _half(b[..., 2:4])).reshape(N, K)
+    if type_name in ("Q5_0", "Q5_1"):  # f16 d | (f16 m) | u32 fifth bits | nibbles
+        o = 2 if type_name == "Q5_0" else 4
+        b = raw.reshape(N, K // 32, o + 20)
+        qh = b[..., o:o + 4].to(torch.int64)
+        bits = (qh[..., 0:1] | qh[..., 1:2] << 8 | qh[..., 2:3] << 16 | qh[..., 3:4] << 24) >> torch.arange(32)
+        q = (_nibbles32(b[..., o + 4:]).to(torch.int64) | (bits & 1) << 4).float()
+        if type_name == "Q5_0":
+            return (_half(b[..., :2]) * (q - 16)).reshape(N, K)
+        return (_half(b[..., :2]) * q + _half(b[..., 2:4])).reshape(N, K)
+    if type_name == "IQ4_NL":
+        b = raw.reshape(N, K // 32, 18)
+        values = torch.tensor(codecs.IQ4_NL_VALUES.tolist(), dtype=torch.float32)
+        return (_half(b[..., :2]) * values[_nibbles32(b[..., 2:]).long()]).reshape(N, K)
     if type_name in ("Q4_K", "Q5_K"):
         q, d, dm = _q4_k_parts(raw, 144 if type_name == "Q4_K" else 176)
         q = q.reshape(N, -1, 32).float()

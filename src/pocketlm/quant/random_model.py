@@ -27,17 +27,20 @@ SCALES = {"Q4_0": 0.0043, "Q8_0": 0.00027}
 # K-quants: (byte offset, f16 value) of the super-block scales. Q4_K/Q5_K: d, dmin with w = d*sc*q - dmin*m
 # (sc, m ~ 32, q ~ 7.5 or ~15); Q6_K: d with w = d*sc*(q-32), |sc| ~ 64
 K_SCALES = {"Q4_K": ((0, 1.5e-4), (2, 1.1e-3)), "Q5_K": ((0, 1.5e-4), (2, 1.1e-3)), "Q6_K": ((208, 1.6e-5),)}
+# Q5_0: w = d*(q-16); Q5_1: w = d*q + m (m at byte 2); IQ4_NL: w = d*kvalues_iq4nl[q] (|value| ~ 60)
+BLOCK32_SCALES = {"Q5_0": ((0, 2.2e-3),), "Q5_1": ((0, 2.2e-3), (2, -3.4e-2)), "IQ4_NL": ((0, 3.0e-4),)}
 
 
 def random_bytes(type_name: str, rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """(rows, cols/block*size) GGUF bytes of `type_name` (Q4_0, Q8_0, Q4_K, Q5_K or Q6_K) with random codes and
-    fixed scales."""
-    if type_name not in SCALES and type_name not in K_SCALES:
-        raise ql.QuantError(f"random models are made in {sorted(SCALES) + sorted(K_SCALES)}, not {type_name}")
+    """(rows, cols/block*size) GGUF bytes of `type_name` (Q4_0, Q8_0, Q5_0, Q5_1, IQ4_NL, Q4_K, Q5_K or Q6_K)
+    with random codes and fixed scales."""
+    fixed = {**K_SCALES, **BLOCK32_SCALES}
+    if type_name not in SCALES and type_name not in fixed:
+        raise ql.QuantError(f"random models are made in {sorted(SCALES) + sorted(fixed)}, not {type_name}")
     block, size = codecs.BLOCK[type_name]
     nb = cols // block
     raw = torch.randint(0, 256, (rows, nb, size), dtype=torch.uint8, generator=generator)
-    scales = K_SCALES.get(type_name, ((0, SCALES.get(type_name)),))
+    scales = fixed.get(type_name, ((0, SCALES.get(type_name)),))
     for offset, value in scales:
         raw[..., offset:offset + 2] = torch.tensor([value], dtype=torch.float16).view(torch.uint8).reshape(1, 1, 2)
     return raw.reshape(rows, nb * size)
