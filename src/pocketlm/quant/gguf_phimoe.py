@@ -76,14 +76,11 @@ def _check_llamacpp_layout(c: Phi3Config) -> None:
 
 
 def _floats(t: torch.Tensor, type_name: str) -> np.ndarray:
-    t = t.detach().cpu()
-    if type_name == "F32":
-        return t.float().numpy()
-    if type_name == "F16":
-        return t.to(torch.float16).numpy()
-    if type_name == "BF16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy()
-    return ql.quantize_tensor(t.reshape(-1, t.shape[-1]).float(), type_name).numpy()
+    """A tensor's bytes as the GGUF stores them: the float types as the phi3 writer writes them, else quantized."""
+    from pocketlm.quant.gguf_export import _float_bytes
+    if type_name in ("F32", "F16", "BF16"):
+        return _float_bytes(t, type_name)
+    return ql.quantize_tensor(t.detach().cpu().reshape(-1, t.shape[-1]).float(), type_name).numpy()
 
 
 def export_phimoe_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str | None = None,
