@@ -194,6 +194,28 @@ class Phi3Model(nn.Module):
         self.norm = make_norm(config)
 
 
+def sequence_span(model: nn.Module, T: int, cache: KVCache | None, rope_mode: str | None) -> tuple[int, int, str]:
+    """(start, L, mode) for T new tokens after the cached ones: checked against max_position_embeddings, the
+    LongRoPE factor sets the model has, the cache's capacity and the factor set its keys were rotated with.
+    Shared by `Phi3ForCausalLM.forward` and phi-3-small's (model_small.py)."""
+    start = cache.length if cache is not None else 0
+    L = start + T
+    if L > model.config.max_position_embeddings:
+        raise GenerationError(f"sequence of {L} tokens exceeds max_position_embeddings "
+                              f"{model.config.max_position_embeddings}")
+    mode = model.rope_mode_for(L) if rope_mode is None else rope_mode
+    if mode not in (("short", "long") if model.config.rope_scaling is not None else ("default",)):
+        raise GenerationError(f"rope_mode {mode!r} is not valid for this model")
+    if cache is not None:
+        if L > cache.capacity:
+            raise GenerationError(f"{L} tokens do not fit the KV cache of capacity {cache.capacity}")
+        if start > 0 and cache.rope_mode != mode:
+            raise StaleCacheError(f"the KV cache holds {start} keys rotated with the {cache.rope_mode!r} "
+                                  f"LongRoPE factors but a {L}-token sequence needs {mode!r}: reset the cache "
+                                  "and prefill the whole sequence")
+    return start, L, mode
+
+
 class Phi3ForCausalLM(nn.Module):
     """`model(input_ids (B, T), cache=None) -> logits (B, T, vocab)`; state-dict names are the checkpoint's."""
 
@@ -249,21 +271,7 @@ class Phi3ForCausalLM(nn.Module):
         image features at the image positions, vision.py).
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        L = start + T
-        if L > self.config.max_position_embeddings:
-            raise GenerationError(f"sequence of {L} tokens exceeds max_position_embeddings "
-                                  f"{self.config.max_position_embeddings}")
-        mode = self.rope_mode_for(L) if rope_mode is None else rope_mode
-        if mode not in (("short", "long") if self.config.rope_scaling is not None else ("default",)):
-            raise GenerationError(f"rope_mode {mode!r} is not valid for this model")
-        if cache is not None:
-            if L > cache.capacity:
-                raise GenerationError(f"{L} tokens do not fit the KV cache of capacity {cache.capacity}")
-            if start > 0 and cache.rope_mode != mode:
-                raise StaleCacheError(f"the KV cache holds {start} keys rotated with the {cache.rope_mode!r} "
-                                      f"LongRoPE factors but a {L}-token sequence needs {mode!r}: reset the cache "
-                                      "and prefill the whole sequence")
+        start, L, mode = sequence_span(self, T, cache, rope_mode)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, hidden)
         positions = torch.arange(start, L, device=input_ids.device)
         cos, sin = self.rotary_emb(positions, mode, x.dtype)  # (T, rotary_dim)

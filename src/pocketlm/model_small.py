@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.config_small import Phi3SmallConfig
-from pocketlm.errors import GenerationError, StaleCacheError
-from pocketlm.model import KVCache, Phi3ForCausalLM, RotaryEmbedding, apply_rope
+from pocketlm.errors import GenerationError
+from pocketlm.model import KVCache, Phi3ForCausalLM, RotaryEmbedding, apply_rope, sequence_span
 
 
 # ---- the block-sparse layout --------------------------------------------------------------------------------
@@ -281,20 +281,7 @@ class Phi3SmallForCausalLM(nn.Module):
                 rope_mode: str | None = None) -> torch.Tensor:
         """Logits (B, T, vocab), or (B, 1, vocab) with `last_only`; with a cache, `input_ids` continue it."""
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        L = start + T
-        if L > self.config.max_position_embeddings:
-            raise GenerationError(f"sequence of {L} tokens exceeds max_position_embeddings "
-                                  f"{self.config.max_position_embeddings}")
-        mode = self.rope_mode_for(L) if rope_mode is None else rope_mode
-        self._check_mode(mode)
-        if cache is not None:
-            if L > cache.capacity:
-                raise GenerationError(f"{L} tokens do not fit the KV cache of capacity {cache.capacity}")
-            if start > 0 and cache.rope_mode != mode:
-                raise StaleCacheError(f"the KV cache holds {start} keys rotated with the {cache.rope_mode!r} "
-                                      f"LongRoPE factors but a {L}-token sequence needs {mode!r}: reset the cache "
-                                      "and prefill the whole sequence")
+        start, L, mode = sequence_span(self, T, cache, rope_mode)
         x = self._embed(input_ids)
         cos, sin = self.rotary_emb(torch.arange(start, L, device=input_ids.device), mode, x.dtype)  # (T, hd)
         for layer in self.model.layers:
