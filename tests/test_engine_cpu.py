@@ -102,13 +102,13 @@ def test_generation_uses_the_fast_path_and_stops():
     tok = pocketlm.Tokenizer.default()
     calls = {"n": 0}
     fast = cpu.accelerate(model)
-    original = fast._decode
+    original = fast._run_token  # pl_decode_token: one C call per decoded token
 
     def counting(*a, **k):
         calls["n"] += 1
         return original(*a, **k)
 
-    fast._decode = counting
+    fast._run_token = counting
     r = generate_full(model, tok, "Hello", max_tokens=6, temperature=0)
     assert r.completion_tokens == 6 and calls["n"] == 5  # the first token comes from the prompt pass
     assert r.decode_tokens_per_s > 0

@@ -84,7 +84,9 @@ QUANT_PROBE = textwrap.dedent('''
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
 
-    from pocketlm.quant import gguf_import, kernels  # one-time costs (modules, the kernels library) before "before"
+    # one-time costs (modules, the kernels library) before "before"
+    from pocketlm.formats import gguf_model  # noqa: F401
+    from pocketlm.quant import kernels
     kernels.available()
     before = anon_bytes()
     model = pocketlm.load(sys.argv[1])

@@ -30,7 +30,7 @@ from pocketlm.formats.gguf import GGML_TYPE_IDS, GGML_TYPES, GGUFValueType as V
 from pocketlm.formats.gguf_model import gguf_config
 from pocketlm.formats.hf import empty_model, expected_shapes, init_weights, save_checkpoint
 from pocketlm.formats.safetensors_io import CheckpointReader
-from pocketlm.quant.gguf_import import load_gguf
+from pocketlm.formats.gguf_model import load_gguf
 from pocketlm.quant.gguf_writer import GGUFWriter
 
 MAX_SECONDS = 1.0

@@ -67,7 +67,8 @@ def test_round_trip_through_gguf_py_dequantizer(name):
     back = gguf.quants.dequantize(q, GT[name])
     np.testing.assert_array_equal(back, codecs.dequantize(q, name, x.shape))
     rel = np.abs(back - x).max() / np.abs(x).max()
-    assert rel < {"Q8_0": 0.01, "Q4_0": 0.15, "Q5_0": 0.08, "Q5_1": 0.08, "Q4_K": 0.15}[name]
+    assert rel < {"Q8_0": 0.01, "Q4_0": 0.15, "Q5_0": 0.08, "Q5_1": 0.08, "IQ4_NL": 0.15, "Q4_K": 0.15,
+                  "Q5_K": 0.08, "Q6_K": 0.04}[name]
 
 
 def _libggml():
@@ -79,22 +80,31 @@ def _libggml():
     return ctypes.CDLL(path) if os.path.exists(path) else None
 
 
-@pytest.mark.parametrize("name", ["Q4_K", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "Q4_0", "Q8_0"])
 def test_quantize_bit_exact_vs_libggml(name):
-    """Q4_K has no gguf-py quantizer: the oracle is llama.cpp's C `quantize_row_q4_K_ref` itself."""
+    """The K-quants and IQ4_NL have no gguf-py quantizer: the oracle is llama.cpp's C code itself,
+    `quantize_row_<type>_ref` (what `llama-quantize` runs without an importance matrix), and for IQ4_NL
+    `quantize_iq4_nl(src, dst, rows, row_length, NULL)` (its row `_ref` searches fewer scales than the
+    quantizer `llama-quantize` calls)."""
     lib = _libggml()
     if lib is None:
         pytest.skip("llama_cpp (llama-cpp-python, with libggml-base.so) is not installed")
     block, size = codecs.BLOCK[name]
     n = 10000 if block == 32 else 1500
     x = _blocks(n, block, SEED + 2)
-    fn = getattr(lib, f"quantize_row_{name.lower().replace('_k', '_K')}_ref")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    fn.restype = None
     finite = np.isfinite(x).all(axis=1) & (np.abs(x).max(axis=1) < 1e30)  # C casts of inf/NaN are undefined
     x = np.ascontiguousarray(x[finite])
     ref = np.zeros((x.shape[0], size), np.uint8)
-    fn(x.ctypes.data, ref.ctypes.data, x.size)
+    if name == "IQ4_NL":
+        fn = lib.quantize_iq4_nl
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn.restype = ctypes.c_size_t
+        fn(x.ctypes.data, ref.ctypes.data, x.shape[0], block, None)
+    else:
+        fn = getattr(lib, f"quantize_row_{name.lower().replace('_k', '_K')}_ref")
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
+        fn(x.ctypes.data, ref.ctypes.data, x.size)
     ours = codecs.quantize(x, name)
     bad = np.flatnonzero((ours != ref).any(axis=1))
     assert bad.size == 0, f"{bad.size} of {x.shape[0]} blocks differ from libggml, first {bad[:5]}"
@@ -114,6 +124,6 @@ def test_bad_shapes_raise():
     with pytest.raises(WeightFormatError, match="multiple of 32"):
         codecs.quantize(np.zeros((2, 33), np.float32), "Q4_0")
     with pytest.raises(WeightFormatError, match="no quantizer"):
-        codecs.quantize(np.zeros(256, np.float32), "Q6_K")
+        codecs.quantize(np.zeros(256, np.float32), "Q4_1")
     with pytest.raises(WeightFormatError, match="do not hold"):
         codecs.dequantize(np.zeros(17, np.uint8), "Q4_0", (32,))

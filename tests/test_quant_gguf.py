@@ -11,7 +11,7 @@ import pocketlm
 from pocketlm.formats.gguf import GGML_TYPES, GGUFFile, GGUFValueType
 from pocketlm.quant import codecs
 from pocketlm.quant.gguf_export import export_gguf, tokenizer_metadata
-from pocketlm.quant.gguf_import import load_gguf
+from pocketlm.formats.gguf_model import load_gguf
 from pocketlm.quant.gguf_writer import GGUFWriter, GGUFWriterError, WriterState
 from pocketlm.quant.linear import QuantizedLinear, quantize_model
 

@@ -16,116 +16,19 @@ import torch
 from pocketlm.quant import codecs, kernels
 from pocketlm.quant.linear import QuantizedLinear, dequantize_torch, linear_paths, quantize_tensor
 
+from kernel_helpers import (  # the shared harness: tests/kernel_helpers.py
+    K_TYPES, check_decodes_like_reference, check_gemm_equals_emulation, check_pack_round_trip,
+    check_threads_identical, emulate_q8_k, random_bytes)
+
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: "
                                                                 f"{kernels.unavailable_reason()}")
 TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
-K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
-
-
-def random_bytes(type_name: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """Valid GGUF rows: random codes, finite f16 scales (and offsets for Q4_1, mins for Q4_K)."""
-    g = torch.Generator().manual_seed(seed)
-    if type_name in K_TYPES:
-        nb, gb = cols // 256, kernels.GGUF_BLOCK_BYTES[type_name]
-        raw = torch.randint(0, 256, (rows, nb, gb), dtype=torch.uint8, generator=g)  # codes, 6-bit / int8 scales
-        d = (torch.rand(rows, nb, 2, generator=g) * 0.002).half().view(torch.uint8).reshape(rows, nb, 4)
-        if type_name in ("Q4_K", "Q5_K"):
-            raw[..., 0:4] = d  # d, dmin
-        else:
-            raw[..., 208:210] = d[..., :2]
-        return raw.reshape(rows, nb * gb)
-    nb, gb = cols // 32, kernels.GGUF_BLOCK_BYTES[type_name]
-    raw = torch.randint(0, 256, (rows, nb, gb), dtype=torch.uint8, generator=g)
-    raw[..., 0:2] = (torch.rand(rows, nb, generator=g) * 0.02).half().view(torch.uint8).reshape(rows, nb, 2)
-    if type_name == "Q4_1":
-        raw[..., 2:4] = (-torch.rand(rows, nb, generator=g) * 0.1).half().view(torch.uint8).reshape(rows, nb, 2)
-    return raw.reshape(rows, nb * gb)
-
-
-def emulate(raw: torch.Tensor, type_name: str, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
-    """llama.cpp's arithmetic in numpy: q8 activations (x86 rounding), exact integer block dots, float64 sums."""
-    T, nb = x.shape[0], cols // 32
-    xb = x.reshape(T, nb, 32).astype(np.float32)
-    amax = np.abs(xb).max(-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax != 0, np.float32(127.0) / amax, 0).astype(np.float32)
-    qa = np.rint(xb * inv).astype(np.int64)  # half to even
-    d_exact = amax[..., 0] / np.float32(127.0)
-    da = d_exact.astype(np.float16).astype(np.float64)
-    sa = (d_exact * qa.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float64)  # q8_1: unrounded d
-    b = raw.numpy().reshape(rows, nb, -1)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
-    if type_name == "Q8_0":
-        q = b[..., 2:].copy().view(np.int8).astype(np.int64)
-    else:
-        qs = b[..., (2 if type_name == "Q4_0" else 4):]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
-        if type_name == "Q4_0":
-            q = q - 8
-    dots = np.einsum("rbk,tbk->trb", q, qa).astype(np.float64)  # exact integers
-    y = (d[None] * da[:, None, :] * dots).sum(-1)
-    if type_name == "Q4_1":
-        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-        y = y + (m[None] * sa[:, None, :]).sum(-1)
-    return y
-
-
-def emulate_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """llama.cpp's quantize_row_q8_K_ref in float32: (codes int64 (T, nsb, 256), d float32 (T, nsb), bsums)."""
-    T = x.shape[0]
-    xb = x.reshape(T, -1, 256).astype(np.float32)
-    mx = np.take_along_axis(xb, np.abs(xb).argmax(-1)[..., None], -1)  # signed value of largest magnitude
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iscale = np.float32(-127.0) / mx
-        q = np.where(mx != 0, np.minimum(127, np.rint(iscale * xb)), 0).astype(np.int64)
-        d = np.where(mx[..., 0] != 0, np.float32(1.0) / iscale[..., 0], 0).astype(np.float32)
-    return q, d, q.reshape(T, q.shape[1], 16, 16).sum(-1)
-
-
-def emulate_k(raw: torch.Tensor, type_name: str, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
-    """llama.cpp's ggml_vec_dot_q4_K_q8_K / q6_K_q8_K: exact int sums per super-block, then float steps."""
-    qa, yd, bs = emulate_q8_k(x)
-    nb = cols // 256
-    b = raw.numpy().reshape(rows, nb, -1)
-    if type_name in ("Q4_K", "Q5_K"):  # Q5_K: the same with a fifth bit, qh[l] bit j for weight 32j + l
-        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        dmin = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-        s = b[..., 4:16].astype(np.int64)
-        sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
-        mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
-        qs = b[..., -128:].reshape(rows, nb, 4, 1, 32).astype(np.int64)
-        q = np.concatenate([qs & 15, qs >> 4], 3).reshape(rows, nb, 8, 32)
-        if type_name == "Q5_K":
-            qh = b[..., 16:48].reshape(rows, nb, 1, 32).astype(np.int64)
-            q = q | (((qh >> np.arange(8).reshape(1, 1, 8, 1)) & 1) << 4)
-        dots = np.einsum("rsjk,tsjk->trsj", q, qa.reshape(*qa.shape[:2], 8, 32))
-        sumi = (dots * sc[None]).sum(-1)  # (t, r, s)
-        msum = (mn[None] * bs.reshape(*bs.shape[:2], 8, 2).sum(-1)[:, None]).sum(-1)
-        dd = (d[None] * yd[:, None]).astype(np.float64)  # float32 products, as llama.cpp
-        dm = (-(dmin[None] * yd[:, None])).astype(np.float64)
-        return (dd * sumi + dm * msum).sum(-1)
-    ql, qh = b[..., :128].reshape(rows, nb, 2, 1, 64), b[..., 128:192].reshape(rows, nb, 2, 1, 32)
-    lo = np.concatenate([ql & 15, ql >> 4], 3).reshape(rows, nb, 256).astype(np.int64)
-    hi = np.concatenate([(qh >> k) & 3 for k in (0, 2, 4, 6)], 3).reshape(rows, nb, 256).astype(np.int64)
-    q = (lo | (hi << 4)) - 32
-    sc = b[..., 192:208].copy().view(np.int8).astype(np.int64)
-    d = b[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)
-    dots = np.einsum("rsgk,tsgk->trsg", q.reshape(rows, nb, 16, 16), qa.reshape(*qa.shape[:2], 16, 16))
-    sumi = (dots * sc[None]).sum(-1)
-    return ((d[None] * yd[:, None]).astype(np.float64) * sumi).sum(-1)
-
-
 @pytest.mark.parametrize("type_name", K_TYPES)
 @pytest.mark.parametrize("rows", [16, 37])
 def test_k_pack_unpack_round_trip(type_name, rows):
-    raw = random_bytes(type_name, rows, 512, seed=rows)
-    packed = kernels.pack(raw, type_name, rows, 512)
-    assert packed.numel() == -(-rows // 16) * 2 * kernels.TILE_BLOCK_BYTES[type_name]
-    assert torch.equal(kernels.unpack(packed, type_name, rows, 512), raw)
-    idx = torch.tensor([rows - 1, 0, 5 % rows, rows - 1])
-    assert torch.equal(kernels.unpack_rows(packed, type_name, rows, 512, idx), raw[idx])
+    check_pack_round_trip(type_name, rows, 512)
 
 
 def test_q8_k_activations_match_llama_cpp():
@@ -144,56 +47,24 @@ def test_q8_k_activations_match_llama_cpp():
 @pytest.mark.parametrize("type_name", K_TYPES)
 @pytest.mark.parametrize("T", [1, 3, 9, 70])
 def test_k_gemm_equals_integer_emulation(type_name, T):
-    rows, cols = 40, 512
-    raw = random_bytes(type_name, rows, cols, seed=T)
-    packed = kernels.pack(raw, type_name, rows, cols)
-    x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T)) * 3
-    x[0, :256] = 0.0  # an all-zero activation super-block
-    want = emulate_k(raw, type_name, rows, cols, x.numpy())
-    for scalar in (False, True):
-        got = kernels.gemm(packed, type_name, rows, x, scalar=scalar).double().numpy()
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    check_gemm_equals_emulation(type_name, 40, 512, T)
 
 
 @pytest.mark.parametrize("type_name", K_TYPES)
 def test_k_threads_give_identical_results(type_name):
-    raw = random_bytes(type_name, 256, 768)
-    packed = kernels.pack(raw, type_name, 256, 768)
-    x = torch.randn(5, 768)
-    old = kernels.get_threads()
-    try:
-        outs = []
-        for n in (1, 2):
-            kernels.set_threads(n)
-            outs.append(kernels.gemm(packed, type_name, 256, x))
-    finally:
-        kernels.set_threads(old)
-    assert torch.equal(outs[0], outs[1])
+    check_threads_identical(type_name, 256, 768)
 
 
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("rows", [16, 37, 96])
 def test_pack_unpack_round_trip(type_name, rows):
-    raw = random_bytes(type_name, rows, 128, seed=rows)
-    packed = kernels.pack(raw, type_name, rows, 128)
-    assert packed.numel() == -(-rows // 16) * 4 * kernels.TILE_BLOCK_BYTES[type_name]
-    assert torch.equal(kernels.unpack(packed, type_name, rows, 128), raw)
-    idx = torch.tensor([rows - 1, 0, 5 % rows, rows - 1])
-    assert torch.equal(kernels.unpack_rows(packed, type_name, rows, 128, idx), raw[idx])
+    check_pack_round_trip(type_name, rows, 128)
 
 
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("T", [1, 3, 4, 9, 70])
 def test_gemm_equals_integer_emulation(type_name, T):
-    rows, cols = 50, 256
-    raw = random_bytes(type_name, rows, cols, seed=T)
-    packed = kernels.pack(raw, type_name, rows, cols)
-    x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T)) * 3
-    x[0, :32] = 0.0  # an all-zero activation block
-    want = emulate(raw, type_name, rows, cols, x.numpy())
-    for scalar in (False, True):
-        got = kernels.gemm(packed, type_name, rows, x, scalar=scalar).double().numpy()
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    check_gemm_equals_emulation(type_name, 50, 256, T)
 
 
 def test_activation_rounding_matches_llama_cpp_x86():
@@ -204,18 +75,7 @@ def test_activation_rounding_matches_llama_cpp_x86():
 
 
 def test_threads_give_identical_results():
-    raw = random_bytes("Q4_0", 512, 512)
-    packed = kernels.pack(raw, "Q4_0", 512, 512)
-    x = torch.randn(5, 512)
-    old = kernels.get_threads()
-    try:
-        kernels.set_threads(1)
-        one = kernels.gemm(packed, "Q4_0", 512, x)
-        kernels.set_threads(2)
-        two = kernels.gemm(packed, "Q4_0", 512, x)
-    finally:
-        kernels.set_threads(old)
-    assert torch.equal(one, two)
+    check_threads_identical("Q4_0", 512, 512)
 
 
 def test_default_threads_respects_environment(monkeypatch):
@@ -475,7 +335,7 @@ def test_k_m_model_runs_entirely_on_the_kernels(main, request):
     reference path's (dequantize + float matmul) wherever the reference's top-2 margin exceeds the error."""
     from pocketlm.engine import cpu
     from pocketlm.formats.gguf import GGML_TYPES, GGUFFile
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     path = request.getfixturevalue("q4_k_m_path" if main == "Q4_K" else "q5_k_m_path")
     g = GGUFFile(path)
     types = {name: GGML_TYPES[t.ggml_type].name for name, t in g.tensors.items()}
@@ -491,28 +351,12 @@ def test_k_m_model_runs_entirely_on_the_kernels(main, request):
     fast = cpu.accelerate(fast_model)
     assert isinstance(fast, cpu.FastDecoder)
     ref = load_gguf(path, dequantize=True)  # the reference path's arithmetic, its weights dequantized only once
-    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 432, 17204, 975]])
-    cache = fast.make_cache(1, 32)
-    checked = 0
-    with torch.inference_mode():
-        got = fast(ids, cache, last_only=True)  # prompt: the PyTorch model on the kernels (several tokens)
-        for step in range(12):
-            want = ref(ids)[:, -1:]
-            err = (got - want).abs().max().item()
-            assert err < 3e-2 * want.abs().max().item(), (step, err)  # 8-bit activations, as the Q4_0 tests
-            top2 = want[0, 0].topk(2).values
-            nxt = int(got[0, 0].argmax())
-            if (top2[0] - top2[1]).item() > 2 * err:
-                assert nxt == int(want[0, 0].argmax()), step
-                checked += 1
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-            got = fast(ids[:, -1:], cache, last_only=True)  # one token: the C decode step
-    assert checked >= 6
+    check_decodes_like_reference(fast, ref, [1, 450, 4996, 17354, 1701, 432, 17204, 975], steps=12, min_checked=6)
 
 
 def test_truncated_k_quant_file_fails_at_load(q4_k_m_path, tmp_path):
     from pocketlm.errors import WeightFormatError
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     bad = tmp_path / "cut.gguf"
     data = q4_k_m_path.read_bytes()
     bad.write_bytes(data[:len(data) - 100])  # the last tensor (a K-quant) loses part of its last block
@@ -543,7 +387,7 @@ def test_q4_k_m_kernels_agree_with_llama_cpp(q4_k_m_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (test-time reference)")
     from pocketlm.engine.generate import generate_ids
     from pocketlm.engine.sampling import SamplingParams
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     ids = [1, 450, 4996, 17354, 1701, 432, 17204, 975, 278, 17366, 11203, 29889]
     llm = llama_cpp.Llama(model_path=str(q4_k_m_path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
     try:

@@ -13,76 +13,17 @@ import torch
 from pocketlm.quant import codecs, kernels
 from pocketlm.quant.linear import QuantizedLinear, dequantize_torch, linear_paths
 
+from kernel_helpers import (  # the shared harness: tests/kernel_helpers.py
+    check_decodes_like_reference, check_gemm_equals_emulation, check_pack_round_trip, check_threads_identical, codes,
+    random_bytes)
+
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: "
                                                                    f"{kernels.unavailable_reason()}")
 TYPES = ("Q5_0", "Q5_1", "IQ4_NL")
-VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])  # kvalues_iq4nl
-
-
-def random_bytes(type_name: str, rows: int, cols: int, seed: int = 0) -> torch.Tensor:
-    """Valid GGUF rows: random codes and fifth bits, finite f16 scales (and offsets for Q5_1)."""
-    g = torch.Generator().manual_seed(seed)
-    nb, gb = cols // 32, codecs.BLOCK[type_name][1]
-    raw = torch.randint(0, 256, (rows, nb, gb), dtype=torch.uint8, generator=g)
-    raw[..., 0:2] = (torch.rand(rows, nb, generator=g) * 0.02).half().view(torch.uint8).reshape(rows, nb, 2)
-    if type_name == "Q5_1":
-        raw[..., 2:4] = (-torch.rand(rows, nb, generator=g) * 0.1).half().view(torch.uint8).reshape(rows, nb, 2)
-    return raw.reshape(rows, nb * gb)
-
-
-def codes(raw: torch.Tensor, type_name: str, rows: int, cols: int) -> np.ndarray:
-    """The integer weight codes (rows, nb, 32) that multiply d, decoded independently of the package."""
-    b = raw.numpy().reshape(rows, cols // 32, -1)
-    if type_name == "IQ4_NL":
-        qs = b[..., 2:].astype(np.int64)
-        return VALUES[np.concatenate([qs & 15, qs >> 4], -1)]
-    o = 2 if type_name == "Q5_0" else 4
-    qs = b[..., o + 4:].astype(np.int64)
-    qh = b[..., o:o + 4].astype(np.int64)
-    u32 = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
-    q = np.concatenate([qs & 15, qs >> 4], -1) | (((u32[..., None] >> np.arange(32)) & 1) << 4)
-    return q - 16 if type_name == "Q5_0" else q
-
-
-def emulate(raw: torch.Tensor, type_name: str, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
-    """llama.cpp's ggml_vec_dot_q5_0_q8_0 / q5_1_q8_1 / iq4_nl_q8_0 in numpy: q8 activations (x86 rounding),
-    exact integer block dots, then d_w * d_a * dot (+ m * s for Q5_1), summed in float64."""
-    T, nb = x.shape[0], cols // 32
-    xb = x.reshape(T, nb, 32).astype(np.float32)
-    amax = np.abs(xb).max(-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax != 0, np.float32(127.0) / amax, 0).astype(np.float32)
-    qa = np.rint(xb * inv).astype(np.int64)  # half to even
-    d_exact = amax[..., 0] / np.float32(127.0)
-    da = d_exact.astype(np.float16).astype(np.float64)
-    sa = (d_exact * qa.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float64)  # q8_1's s
-    b = raw.numpy().reshape(rows, nb, -1)
-    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
-    dots = np.einsum("rbk,tbk->trb", codes(raw, type_name, rows, cols), qa).astype(np.float64)  # exact
-    y = (d[None] * da[:, None, :] * dots).sum(-1)
-    if type_name == "Q5_1":
-        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-        y = y + (m[None] * sa[:, None, :]).sum(-1)
-    return y
-
-
-def iq4_nl_bytes(w: torch.Tensor) -> torch.Tensor:
-    """A simple IQ4_NL encoder (codecs has none; llama.cpp's searches the scale): d = signed max / -127, each
-    weight the nearest table value."""
-    R, K = w.shape
-    b = w.detach().float().numpy().reshape(R, K // 32, 32)
-    mx = np.take_along_axis(b, np.abs(b).argmax(-1)[..., None], -1)
-    d = (mx / -127.0).astype(np.float16)
-    df = d.astype(np.float32)[..., None]  # (R, nb, 1, 1)
-    q = np.abs(df * VALUES.astype(np.float32) - b[..., None]).argmin(-1).astype(np.uint8)
-    qs = q[..., :16] | (q[..., 16:] << 4)
-    raw = np.concatenate([d.view(np.uint8).reshape(R, K // 32, 2), qs], -1)
-    return torch.from_numpy(np.ascontiguousarray(raw.reshape(R, -1)))
 
 
 def encode(w: torch.Tensor, type_name: str) -> torch.Tensor:
-    if type_name == "IQ4_NL":
-        return iq4_nl_bytes(w)
+    """llama.cpp's own quantizers (codecs: bit-exact with gguf-py for Q5_0/Q5_1, with libggml for IQ4_NL)."""
     return torch.from_numpy(codecs.quantize(w.detach().float().numpy(), type_name))
 
 
@@ -127,45 +68,22 @@ def test_dequantizers_equal_gguf_py_and_each_other(type_name):
 @pytest.mark.parametrize("rows", [16, 37])
 @needs_kernels
 def test_pack_unpack_round_trip(type_name, rows):
-    raw = random_bytes(type_name, rows, 128, seed=rows)
-    packed = kernels.pack(raw, type_name, rows, 128)
-    assert packed.numel() == -(-rows // 16) * 4 * kernels.TILE_BLOCK_BYTES[type_name]
-    assert packed.numel() == -(-rows // 16) * 16 * raw.shape[1]  # the file's bytes: one copy, no widening
-    assert torch.equal(kernels.unpack(packed, type_name, rows, 128), raw)
-    idx = torch.tensor([rows - 1, 0, 5 % rows, rows - 1])
-    assert torch.equal(kernels.unpack_rows(packed, type_name, rows, 128, idx), raw[idx])
+    packed = check_pack_round_trip(type_name, rows, 128)
+    row_bytes = 128 // 32 * codecs.BLOCK[type_name][1]
+    assert packed.numel() == -(-rows // 16) * 16 * row_bytes  # the file's bytes: one copy, no widening
 
 
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("T", [1, 3, 9, 70])
 @needs_kernels
 def test_legacy_gemm_equals_integer_emulation(type_name, T):
-    rows, cols = 50, 256
-    raw = random_bytes(type_name, rows, cols, seed=T)
-    packed = kernels.pack(raw, type_name, rows, cols)
-    x = torch.randn(T, cols, generator=torch.Generator().manual_seed(T)) * 3
-    x[0, :32] = 0.0  # an all-zero activation block
-    want = emulate(raw, type_name, rows, cols, x.numpy())
-    for scalar in (False, True):
-        got = kernels.gemm(packed, type_name, rows, x, scalar=scalar).double().numpy()
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    check_gemm_equals_emulation(type_name, 50, 256, T)
 
 
 @pytest.mark.parametrize("type_name", TYPES)
 @needs_kernels
 def test_legacy_threads_give_identical_results(type_name):
-    raw = random_bytes(type_name, 256, 512)
-    packed = kernels.pack(raw, type_name, 256, 512)
-    x = torch.randn(5, 512)
-    old = kernels.get_threads()
-    try:
-        outs = []
-        for n in (1, 2):
-            kernels.set_threads(n)
-            outs.append(kernels.gemm(packed, type_name, 256, x))
-    finally:
-        kernels.set_threads(old)
-    assert torch.equal(outs[0], outs[1])
+    check_threads_identical(type_name, 256, 512)
 
 
 # ----- a model in each type ----------------------------------------------------------------------------------------
@@ -204,7 +122,7 @@ def test_model_runs_on_the_kernels_and_decodes_like_the_reference(model_file):
     tokens equal the reference's wherever the reference's top-2 margin exceeds that error."""
     from pocketlm.engine import cpu
     from pocketlm.formats.gguf import GGML_TYPES, GGUFFile
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     type_name, path = model_file
     g = GGUFFile(path)
     assert {GGML_TYPES[t.ggml_type].name for n, t in g.tensors.items() if len(t.shape) == 2} == {type_name}
@@ -214,23 +132,7 @@ def test_model_runs_on_the_kernels_and_decodes_like_the_reference(model_file):
     fast = cpu.accelerate(fast_model)
     assert isinstance(fast, cpu.FastDecoder)
     ref = load_gguf(path, dequantize=True)
-    ids = torch.tensor([IDS[:8]])
-    cache = fast.make_cache(1, 32)
-    checked = 0
-    with torch.inference_mode():
-        got = fast(ids, cache, last_only=True)  # prompt: several tokens per unpacked block
-        for step in range(10):
-            want = ref(ids)[:, -1:]
-            err = (got - want).abs().max().item()
-            assert err < 3e-2 * want.abs().max().item(), (step, err)
-            top2 = want[0, 0].topk(2).values
-            nxt = int(got[0, 0].argmax())
-            if (top2[0] - top2[1]).item() > 2 * err:
-                assert nxt == int(want[0, 0].argmax()), step
-                checked += 1
-            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-            got = fast(ids[:, -1:], cache, last_only=True)  # one token: the C decode step
-    assert checked >= 5
+    check_decodes_like_reference(fast, ref, IDS[:8], steps=10, min_checked=5)
 
 
 def test_model_is_close_to_the_float_model(model_file):
@@ -238,7 +140,7 @@ def test_model_is_close_to_the_float_model(model_file):
     random-init model a Q4_0 file is ~22% of the logit range off, Q5_0/Q5_1 ~10%, IQ4_NL ~19%), and the kernels
     add little to the weights' own error (the reference path: dequantized weights, float activations)."""
     import pocketlm
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     type_name, path = model_file
     float_model = pocketlm.load("tiny", seed=2)
     with torch.inference_mode():
@@ -273,7 +175,7 @@ def test_file_quantized_by_llama_cpp_runs_on_the_kernels(type_name, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (test-time reference)")
     import pocketlm
     from pocketlm.quant.gguf_export import export_gguf
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     export_gguf(pocketlm.load("tiny", seed=2), tmp_path / "f32.gguf", scheme="f32")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = LLAMA_FTYPES[type_name], 1
@@ -294,7 +196,7 @@ def agree_with_llama_cpp(path) -> None:
     import llama_cpp
 
     from pocketlm.engine import cpu
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
     try:
         llm.reset()

@@ -13,7 +13,7 @@ import torch
 
 import pocketlm
 from pocketlm.quant.gguf_export import export_gguf
-from pocketlm.quant.gguf_import import load_gguf, load_gguf_tokenizer
+from pocketlm.formats.gguf_model import load_gguf, load_gguf_tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (test-time reference)")
 

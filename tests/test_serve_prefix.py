@@ -206,6 +206,7 @@ def test_quantized_model_prefix_hits_equal_generate(tok, tmp_path):
         for p, (ids, _) in zip(prompts, out):
             assert ids[0] == _alone(model, tok, p, 5)
         assert engine.stats()["prefix_hit_tokens"] == 96 * 2
+        assert engine.c_decode_steps > 0  # the decode steps ran on the batched C step (engine/cpu_batch.py)
     finally:
         engine.shutdown()
 

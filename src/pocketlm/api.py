@@ -55,7 +55,7 @@ def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype 
     path = Path(spec)
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
-            from pocketlm.quant.gguf_import import load_gguf  # phi3 and llama; float and quantized tensors
+            from pocketlm.formats.gguf_model import load_gguf  # phi3 and llama; float and quantized tensors
             if quantize is not None and gguf_checkpoint_dtype(path)[1]:
                 raise ConfigError(f"{path}: already quantized; --quantize {quantize} applies to float weights "
                                   "(load the file as it is)")
@@ -152,7 +152,7 @@ def load_for_conversion(path_or_preset: str | os.PathLike, *, dtype: str | None 
     spec = os.fspath(path_or_preset)
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
-        from pocketlm.quant.gguf_import import load_gguf
+        from pocketlm.formats.gguf_model import load_gguf
         own, quantized = gguf_checkpoint_dtype(path)
         target = dtype or own
         if quantized:

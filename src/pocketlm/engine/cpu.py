@@ -2,7 +2,9 @@
 
 `accelerate(model)` returns a `FastDecoder` when every decoder linear of `model` is a `QuantizedLinear` on the
 compiled kernels (`pocketlm.quant.kernels.KINDS`: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, Q4_K, Q5_K, Q6_K on the
-CPU), else the model unchanged. The decode
+CPU; a fused qkv_proj / gate_up_proj whose parts a GGUF file stores in different types, a
+`ConcatQuantizedLinear`, counts when all its parts are: C runs it as one pl_mat of kind KIND_PARTS, `mat_of`),
+else the model unchanged. The decode
 loop in `engine.generate` calls it for every generation, so `pocketlm run`, `chat` and `eval` use it without
 asking. A `FastDecoder` speaks the model protocol the loop uses (`__call__(ids, cache, last_only=, rope_mode=)`,
 `make_cache`, `rope_mode_for`, `config`):
@@ -14,10 +16,22 @@ asking. A `FastDecoder` speaks the model protocol the loop uses (`__call__(ids, 
   pocketlm.kvcache).
 - A prompt (T > 1) runs through the PyTorch model (matrix products on the kernels, chunked by the loop); the
   cache's `update` stores what the model computes, so both paths share one cache.
-- A single token at batch 1 runs `pl_decode_step` (quant/kernels.c): all layers in C, no Python per layer.
-  Only the embedding row, the final RMSNorm and lm_head (also on the kernels) stay in Python.
-- The LongRoPE policy is the model's: the rotary rows come from `model.rotary_emb`, and a cache whose keys were
-  rotated with the other factor set raises `StaleCacheError` (the loop then re-prefills), as in model.py.
+- A single token at batch 1 is one C call, `pl_decode_token` (quant/kernels.c), which runs everything:
+  the embedding row (dequantized in C from the table's own bytes: the tied lm_head's tile layout or the
+  untied table's GGUF rows of any kernels type, or float32/float16/bfloat16 rows; the same float products as
+  `QuantizedEmbedding`), all layers (`pl_decode_step`), the final RMSNorm, lm_head on the kernels into a
+  preallocated logits buffer, and for greedy decoding the argmax. What stays in Python per token: the
+  position/cache checks, one ctypes call, and, in `engine.generate`'s loop, sampling at temperature > 0
+  (torch's generator, so a seed gives the same ids as before), the repetition penalty and grammar masks, which
+  read the logits buffer (`decode_logits`); greedy decoding without those gets the id from C (`decode_argmax`).
+  Exceptions fall back per part: an embedding type C does not read -> the model's embedding fills C's input
+  row (`python_embed_steps` counts them); an lm_head that is not on the kernels (float, or with a bias) -> C
+  stops after the norm and the model's lm_head runs (`python_head_steps`); a final norm that is not an
+  RMSNorm -> the older split below. `full_step = False` selects the older split (`pl_decode_step` for the
+  layers, the embedding, final norm and lm_head in PyTorch), kept for comparison.
+- The LongRoPE policy is the model's: the rotary rows come from `model.rotary_emb` (evaluated for blocks of
+  ROPE_BLOCK positions per factor set and kept), and a cache whose keys were rotated with the other factor set
+  raises `StaleCacheError` (the loop then re-prefills), as in model.py.
 
 Threads: the kernels use `kernels.default_threads()` (the cores this process may use); PyTorch's own pool
 (prompt path) is set to the same number once.
@@ -32,7 +46,7 @@ import torch
 from pocketlm.errors import GenerationError, StaleCacheError
 from pocketlm.kvcache import BLOCK_TYPES, QuantizedKV, check_head_dim
 from pocketlm.quant import kernels
-from pocketlm.quant.linear import QuantizedLinear
+from pocketlm.quant.linear import ConcatQuantizedLinear, QuantizedLinear
 
 KV_DTYPES = {"f16": torch.float16, "int8": torch.int8, "q8_0": torch.int8, "q4_0": torch.uint8}
 _KV_TYPE_CODES = {"f16": 1, "int8": 2, "q8_0": 3, "q4_0": 4}  # pl_model.kv_type in kernels.c
@@ -54,6 +68,69 @@ class _Model(ctypes.Structure):
                 ("v", ctypes.c_void_p), ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p)] + \
                [(n, ctypes.c_void_p) for n in ("xn", "qkv", "att", "gu", "hmid", "y", "scores", "qa", "da", "sa_f",
                                                "sa_i")]
+
+
+class _Head(ctypes.Structure):
+    """kernels.c's pl_head: the embedding table, the final norm, lm_head and the buffers of pl_decode_token."""
+    _fields_ = [("embd", ctypes.c_void_p), ("embd_type", ctypes.c_int), ("embd_tiles", ctypes.c_int),
+                ("vocab", ctypes.c_int), ("norm", ctypes.c_void_p), ("lm_head", _Mat), ("x", ctypes.c_void_p),
+                ("h", ctypes.c_void_p), ("logits", ctypes.c_void_p), ("n_valid", ctypes.c_int)]
+
+
+_KIND_PARTS = 64  # kernels.c KIND_PARTS: a pl_mat whose w is an array of pl_mat parts (rows stacked), ended by rows 0
+
+
+def on_kernels(lin) -> bool:
+    """Whether the C decode step can run linear `lin`: a QuantizedLinear on the kernels, or a
+    ConcatQuantizedLinear (row blocks of different types) whose parts all are, every part but the last being
+    whole 16-row tiles (kernels.c pl_mat_check)."""
+    if isinstance(lin, QuantizedLinear):
+        return lin.backend == "kernel"
+    return isinstance(lin, ConcatQuantizedLinear) and lin.backend == "kernel" and \
+        all(p.out_features % kernels.TILE == 0 for p in lin.parts[:-1])
+
+
+def mat_of(lin, keep: list) -> _Mat:
+    """kernels.c's pl_mat of a linear `on_kernels`: its tiles, or for a ConcatQuantizedLinear a KIND_PARTS mat
+    over a ctypes array of its parts' pl_mats (appended to `keep`, which must live as long as the struct).
+    Checked by pl_mat_check; a mat C would refuse raises GenerationError."""
+    if isinstance(lin, ConcatQuantizedLinear):
+        parts = (_Mat * (len(lin.parts) + 1))(*[mat_of(p, keep) for p in lin.parts])  # the last stays rows 0
+        keep.append(parts)
+        mat = _Mat(ctypes.addressof(parts), _KIND_PARTS, lin.out_features, lin.in_features)
+    else:
+        mat = _Mat(lin.packed.data_ptr(), kernels.KINDS[lin.type_name], lin.out_features, lin.in_features)
+    lib = kernels._load()
+    lib.pl_mat_check.argtypes = [ctypes.c_void_p]
+    lib.pl_mat_check.restype = ctypes.c_int
+    if lib.pl_mat_check(ctypes.addressof(mat)) != 0:
+        raise GenerationError(f"the C decode step cannot run a {getattr(lin, 'type_name', '?')} linear of "
+                              f"({lin.out_features}, {lin.in_features}) (parts of whole 16-row tiles only)")
+    return mat
+
+
+_FLOAT_TABLE_TYPES = {torch.float32: 100, torch.float16: 101, torch.bfloat16: 102}  # kernels.c EMB_F32/F16/BF16
+_TOKEN_X_GIVEN, _TOKEN_ARGMAX = 1, 2  # pl_decode_token's flags
+ROPE_BLOCK = 256
+"""Positions per cached cos/sin table block (`model.rotary_emb` over 256 positions at a time, per LongRoPE mode)."""
+
+
+def embedding_table(embed) -> tuple[torch.Tensor, int, int] | None:
+    """(table, kernels.c type code, 1 if in the kernels' tile layout else 0) for an embedding module that
+    pl_decode_token reads in C: a QuantizedEmbedding of a kernels type (its own GGUF rows, or the tile layout of
+    the tied lm_head it reads from) or an nn.Embedding in float32/float16/bfloat16. None otherwise."""
+    from pocketlm.quant.linear import QuantizedEmbedding
+    if isinstance(embed, QuantizedEmbedding):
+        if embed.type_name not in kernels.KINDS:
+            return None
+        source = embed.__dict__.get("source")
+        if source is not None:
+            return source[0].packed, kernels.KINDS[embed.type_name], 1
+        return embed.qweight.contiguous(), kernels.KINDS[embed.type_name], 0
+    if isinstance(embed, torch.nn.Embedding) and embed.weight.dtype in _FLOAT_TABLE_TYPES and \
+            embed.weight.device.type == "cpu":
+        return embed.weight.detach().contiguous(), _FLOAT_TABLE_TYPES[embed.weight.dtype], 0
+    return None
 
 
 class FastKVCache:
@@ -123,7 +200,7 @@ def eligible(model) -> bool:
         return False
     for layer in layers:
         for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-            if not (isinstance(lin, QuantizedLinear) and lin.backend == "kernel"):
+            if not on_kernels(lin):
                 return False
     return True
 
@@ -175,11 +252,48 @@ class FastDecoder:
             layers[i].attn_norm, layers[i].ffn_norm = a.data_ptr(), f.data_ptr()
             for field, lin in (("qkv", layer.self_attn.qkv_proj), ("o", layer.self_attn.o_proj),
                                ("gate_up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj)):
-                setattr(layers[i], field, _Mat(lin.packed.data_ptr(), kernels.KINDS[lin.type_name],
-                                               lin.out_features, lin.in_features))
+                setattr(layers[i], field, mat_of(lin, self._keep))
         self._layers = layers
         self._struct: _Model | None = None
         self._struct_cache: FastKVCache | None = None
+        self._init_head()
+
+    def _init_head(self) -> None:
+        """The per-token parts pl_decode_token runs in C: the embedding table (None: Python looks the row up),
+        the final RMSNorm weight (None: the model's norm is not an RMSNorm, the whole tail stays in Python) and
+        lm_head on the kernels (None: Python runs lm_head on the normed hidden state C returns)."""
+        from pocketlm.model import RMSNorm
+        from pocketlm.quant.linear import QuantizedLinear as QL
+        model = self.model
+        # True: pl_decode_token (embedding to logits in C); False: the older split (pl_decode_step in C, the
+        # embedding, final norm and lm_head in PyTorch), kept for comparison
+        self.full_step = True
+        self.python_embed_steps = 0  # tokens whose embedding row / lm_head ran in Python (pl_decode_token path)
+        self.python_head_steps = 0
+        norm = model.model.norm
+        self._norm = norm.weight.detach().float().contiguous() if type(norm) is RMSNorm else None
+        self._table = embedding_table(model.model.embed_tokens)
+        head = model.lm_head
+        self._lm_head = head if isinstance(head, QL) and head.backend == "kernel" and head.bias is None and \
+            head.in_features == self.config.hidden_size else None
+        self.vocab = head.out_features if isinstance(head, QL) else head.weight.shape[0]
+        self._rope: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        hidden = self.config.hidden_size
+        self._xbuf, self._hbuf = torch.empty(hidden), torch.empty(hidden)  # the residual stream, the normed h
+        padded = -(-self.vocab // kernels.TILE) * kernels.TILE
+        self._logits_full = torch.empty(padded)  # the kernels write 16 * tiles rows
+        self._logits = self._logits_full[:self.vocab]
+        table = self._table
+        lm = self._lm_head
+        self._head = _Head(embd=table[0].data_ptr() if table else None, embd_type=table[1] if table else -1,
+                           embd_tiles=table[2] if table else 0,
+                           vocab=min(self.config.vocab_size, model.model.embed_tokens.num_embeddings),
+                           norm=self._norm.data_ptr() if self._norm is not None else None,
+                           lm_head=_Mat(lm.packed.data_ptr(), kernels.KINDS[lm.type_name], lm.out_features,
+                                        lm.in_features) if lm is not None else _Mat(None, 0, 0, 0),
+                           x=self._xbuf.data_ptr(), h=self._hbuf.data_ptr(), logits=self._logits_full.data_ptr(),
+                           n_valid=self.vocab)
+        self._addr_head = ctypes.addressof(self._head)
 
     # ---- the protocol ------------------------------------------------------------------------------------------
     def rope_mode_for(self, seq_len: int) -> str:
@@ -200,7 +314,86 @@ class FastDecoder:
                  rope_mode: str | None = None) -> torch.Tensor:
         if not (isinstance(cache, FastKVCache) and tuple(input_ids.shape) == (1, 1)):
             return self.model(input_ids, cache, last_only=last_only, rope_mode=rope_mode)
-        return self._decode(int(input_ids[0, 0]), cache, rope_mode)
+        if not self.full_step or self._norm is None:
+            return self._decode(int(input_ids[0, 0]), cache, rope_mode)
+        logits = self.decode_logits(int(input_ids[0, 0]), cache, rope_mode)
+        dtype = self.model.model.norm.weight.dtype  # the PyTorch path's logits dtype
+        if dtype != torch.float32:
+            return logits.to(dtype).reshape(1, 1, -1)
+        # a copy through numpy: one memcpy on this thread (torch's clone of 32K+ values wakes its thread pool,
+        # which then waits on the kernels' spinning workers on a busy machine)
+        return torch.from_numpy(logits.numpy().copy()).reshape(1, 1, -1)
+
+    # ---- one whole token in C (pl_decode_token), for the decode loop -------------------------------------------
+    def decode_logits(self, token: int, cache: FastKVCache, rope_mode: str | None = None) -> torch.Tensor:
+        """Append `token` to `cache`; return its logits (vocab,) float32. The tensor is this decoder's buffer:
+        valid until the next decode call (copy it to keep it)."""
+        if not self.full_step or self._norm is None:
+            return self._decode(token, cache, rope_mode)[0, -1]
+        self._run_token(token, cache, rope_mode, 0)
+        if self._lm_head is None:
+            self.python_head_steps += 1
+            with torch.inference_mode():
+                h = self._hbuf.to(self.model.model.norm.weight.dtype).reshape(1, 1, -1)
+                return self.model.lm_head(h)[0, -1].float()
+        return self._logits
+
+    def decode_argmax(self, token: int, cache: FastKVCache, n_valid: int | None = None,
+                      rope_mode: str | None = None) -> int:
+        """Append `token` to `cache`; return the greedy next id: the first index of the largest logit among ids
+        [0, n_valid) (default: all), as torch.argmax over the logits with ids >= n_valid set to -inf."""
+        n_valid = self.vocab if n_valid is None else max(1, min(int(n_valid), self.vocab))
+        if not self.full_step or self._norm is None or self._lm_head is None:
+            logits = self.decode_logits(token, cache, rope_mode)
+            return int(torch.argmax(logits[:n_valid]))
+        self._bind(cache)
+        self._head.n_valid = n_valid
+        return self._run_token(token, cache, rope_mode, _TOKEN_ARGMAX)
+
+    def _rope_rows(self, mode: str, pos: int) -> tuple[int, int]:
+        """Addresses of the cos and sin rows (rotary_dim f32) of `pos`, from blocks of model.rotary_emb output."""
+        key = (mode, pos // ROPE_BLOCK)
+        block = self._rope.get(key)
+        if block is None:
+            start = key[1] * ROPE_BLOCK
+            with torch.inference_mode():
+                cos, sin = self.model.rotary_emb(torch.arange(start, start + ROPE_BLOCK), mode, torch.float32)
+            cos, sin = cos.contiguous(), sin.contiguous()  # (ROPE_BLOCK, rotary_dim)
+            assert cos.shape == (ROPE_BLOCK, self.config.rotary_dim), cos.shape
+            block = self._rope[key] = (cos, sin, cos.data_ptr(), sin.data_ptr())
+        off = (pos % ROPE_BLOCK) * self.config.rotary_dim * 4
+        return block[2] + off, block[3] + off
+
+    def _run_token(self, token: int, cache: FastKVCache, rope_mode: str | None, flags: int) -> int:
+        """pl_decode_token for `token` at position cache.length; returns its result (argmax or 0)."""
+        if not isinstance(cache, FastKVCache):
+            raise GenerationError(f"the C decode step needs a FastKVCache (make_cache(1, n)), not "
+                                  f"{type(cache).__name__}")
+        pos = cache.length
+        L = pos + 1
+        if L > cache.capacity:
+            raise GenerationError(f"{L} tokens do not fit the KV cache of capacity {cache.capacity}")
+        mode = self.model.rope_mode_for(L) if rope_mode is None else rope_mode
+        if pos > 0 and cache.rope_mode != mode:
+            raise StaleCacheError(f"the KV cache holds {pos} keys rotated with the {cache.rope_mode!r} LongRoPE "
+                                  f"factors but a {L}-token sequence needs {mode!r}: reset the cache and prefill")
+        if not 0 <= token < self.config.vocab_size:
+            raise GenerationError(f"token id {token} is outside the vocabulary [0, {self.config.vocab_size})")
+        self._bind(cache)
+        window = self.config.attention_window
+        lo = max(0, L - window) if window is not None else 0
+        cos, sin = self._rope_rows(mode, pos)
+        if self._table is None:  # an embedding type C does not read: the row comes from the model
+            self.python_embed_steps += 1
+            with torch.inference_mode():
+                self._xbuf.copy_(self.model.model.embed_tokens(torch.tensor([token])).reshape(-1))
+            flags |= _TOKEN_X_GIVEN
+        rc = self._lib.pl_decode_token(self._addr_m, self._addr_head, token, pos, lo, cos, sin, flags)
+        if rc < 0:
+            raise GenerationError(f"the C decode step refused token {token} at position {pos} "
+                                  f"(capacity {cache.capacity})")
+        cache.length, cache.rope_mode = L, mode
+        return rc
 
     # ---- one token in C ---------------------------------------------------------------------------------------
     def _bind(self, cache: FastKVCache) -> _Model:
@@ -230,6 +423,7 @@ class FastDecoder:
                    **{name: t.data_ptr() for name, t in scratch.items()})
         self._scratch = scratch
         self._struct, self._struct_cache = m, cache
+        self._addr_m = ctypes.addressof(m)
         return m
 
     @torch.inference_mode()

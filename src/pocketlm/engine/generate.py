@@ -165,16 +165,39 @@ def _decode_loop(model, sequence: list[int], params: SamplingParams, stops: froz
     model = cpu.accelerate(model)  # one C call per token when the linears run on the compiled kernels
     cache = model.make_cache(1, min(len(sequence) + params.max_tokens, n_ctx))
     generator = None if params.greedy else make_generator(params, _device(model))
+    # a FastDecoder runs a whole token in C (engine/cpu.py): greedy ids come back from C (argmax over the first
+    # vocab_limit ids) unless a repetition penalty or a grammar needs the logits; other sampling reads its logits
+    # with torch on one thread (on a busy 2-core machine a 2-thread torch op over 49K logits waits for its
+    # second thread behind the kernels' workers: measured 420 ms against 24 ms per sampled token at load 17)
+    fast = isinstance(model, cpu.FastDecoder) and isinstance(cache, cpu.FastKVCache)
+    greedy_in_c = fast and params.greedy and params.repetition_penalty == 1.0 and constraint is None
     logits = prefill(model, cache, sequence, chunk_size)
+    token = -1
     for step in range(budget):
-        token = _pick(logits, params, generator, sequence, vocab_limit, constraint)
+        if logits is not None:
+            if fast:  # one torch thread: the same ids (the ops are per row), no wait on a second thread
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    token = _pick(logits, params, generator, sequence, vocab_limit, constraint)
+                finally:
+                    torch.set_num_threads(threads)
+            else:
+                token = _pick(logits, params, generator, sequence, vocab_limit, constraint)
         if constraint is not None:
             constraint.advance(token)
         sequence.append(token)
         yield token
         if token in stops or step == budget - 1:
             return
-        logits = next_logits(model, cache, sequence, chunk_size)
+        mode = model.rope_mode_for(len(sequence)) if fast else None
+        if fast and cache.rope_mode == mode:  # no LongRoPE re-prefill due: one token in C
+            if greedy_in_c:
+                token, logits = model.decode_argmax(token, cache, vocab_limit, rope_mode=mode), None
+            else:
+                logits = model.decode_logits(token, cache, rope_mode=mode)  # the decoder's buffer, read by _pick
+        else:
+            logits = next_logits(model, cache, sequence, chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ MAX_KEY_BYTES = 65535
 MAX_TENSOR_NAME_BYTES = 64  # GGML_MAX_NAME
 MAX_DIMS = 4  # GGML_MAX_DIMS
 INT64_MAX = 2**63 - 1
+# Type specs for `GGUFFile.metadata_get`: any integer / any float scalar (converters differ in the width they write)
+UINT = ("uint32", "int32", "uint64", "int64")
+FLOAT = ("float32", "float64")
 
 
 class GGUFValueType(enum.IntEnum):

@@ -19,13 +19,24 @@ import torch
 
 from pocketlm.config import Phi3Config
 from pocketlm.errors import WeightFormatError
-from pocketlm.formats.gguf_model import index_spans
 from pocketlm.formats.safetensors_io import CheckpointReader, write_checkpoint
 from pocketlm.model import Phi3ForCausalLM
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # generation_config.json of the instruct checkpoints: stop on <|endoftext|>, <|assistant|>, <|end|>
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [32000, 32001, 32007], "pad_token_id": 32000}
+
+
+def index_spans(indices: set[int]) -> str:
+    """Layer indices for a message: {0, 1, 2, 5} -> "0-2, 5" (at most 4 spans; "none" when empty)."""
+    spans: list[list[int]] = []
+    for i in sorted(indices):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:4])
+    return (text + ", ...") if len(spans) > 4 else text or "none"
 
 
 def expected_shapes(config: Phi3Config) -> dict[str, tuple[int, ...]]:

@@ -44,7 +44,7 @@ QK_K = 256  # super-block size of the k-quants
 BLOCK = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
          "IQ4_NL": (32, 18),
          "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
-QUANTIZERS = ("Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K")
+QUANTIZERS = ("Q8_0", "Q4_0", "Q5_0", "Q5_1", "IQ4_NL", "Q4_K", "Q5_K", "Q6_K")
 IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 """ggml's kvalues_iq4nl (ggml-common.h): the weight code of each IQ4_NL nibble."""
 
@@ -87,6 +87,13 @@ def _to_int(x: np.ndarray, dtype: type) -> np.ndarray:
     """float -> integer, non-finite -> 0 (explicit; the reference's casts are undefined there)."""
     with np.errstate(invalid="ignore"):
         return np.where(np.isfinite(x), x, 0).astype(dtype)
+
+
+def _by_chunks(quantize_blocks, b: np.ndarray, chunk: int) -> np.ndarray:
+    """`quantize_blocks` over `chunk` blocks (rows of b) at a time, so a search's temporaries stay cache-sized;
+    the bytes of all blocks, flat."""
+    return np.concatenate([quantize_blocks(b[i:i + chunk]) for i in range(0, b.shape[0], chunk)] or
+                          [np.zeros(0, np.uint8)])
 
 
 def _inverse(d: np.ndarray) -> np.ndarray:
@@ -281,17 +288,28 @@ def quantize_q4_k(x: np.ndarray, chunk: int = 256) -> np.ndarray:
     quantizer without an importance matrix (`quantize_row_q4_K_ref`). Works `chunk` super-blocks at a time so the
     ~20 temporaries of the search stay cache-sized."""
     b = _blocks(x, QK_K, "Q4_K")
-    return np.concatenate([_quantize_q4_k_blocks(b[i:i + chunk]) for i in range(0, b.shape[0], chunk)] or
-                          [np.zeros(0, np.uint8)])
+    return _by_chunks(_quantize_q4_k_blocks, b, chunk)
 
 
 def _quantize_q4_k_blocks(b: np.ndarray) -> np.ndarray:
+    N = b.shape[0]
+    d16, dmin16, scales, L = _kx_codes(b, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+    L = L.reshape(N, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(N, 128)  # byte l of chunk c: weights 64c+l (low), 64c+32+l
+    return np.concatenate([d16, dmin16, scales, qs], axis=1).reshape(-1)
+
+
+def _kx_codes(b: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The part `quantize_row_q4_K_ref` and `quantize_row_q5_K_ref` share: per 32-value sub-block
+    `make_qkx2_quants(32, nmax, ..., rmin, rdelta, nstep)`, the 6-bit scales and mins of an f16 d and dmin, then
+    every code again from the rounded scales. b: (N, 256) -> d16 (N, 2), dmin16 (N, 2), packed scales (N, 12),
+    codes (N, 8, 32) in 0..nmax."""
     f32 = np.float32
     N = b.shape[0]
     sub = np.ascontiguousarray(b.reshape(N * 8, 32).T)  # (32, groups): one 32-value sub-block per column
     av_x = np.sqrt(_seqsum(sub * sub) / f32(32)).astype(f32)
     weights = (av_x + np.abs(sub)).astype(f32)
-    scales, mins, L0 = _make_qkx2_quants(sub, weights)
+    scales, mins, L0 = _make_qkx2_quants(sub, weights, nmax, rmin, rdelta, nstep)
     L0 = L0.T
     scales, mins = scales.reshape(N, 8), mins.reshape(N, 8)
     max_scale = np.maximum(scales.max(axis=1), f32(0))  # the C loop starts from 0 and keeps `>` updates
@@ -307,41 +325,129 @@ def _quantize_q4_k_blocks(b: np.ndarray) -> np.ndarray:
     d = (_half(d16) * ls.astype(f32)).astype(f32)  # (N, 8)
     dm = (_half(dmin16) * lm.astype(f32)).astype(f32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        L = np.clip(_nearest_int((b.reshape(N, 8, 32) + dm[:, :, None]) / d[:, :, None]), 0, 15)
+        L = np.clip(_nearest_int((b.reshape(N, 8, 32) + dm[:, :, None]) / d[:, :, None]), 0, nmax)
     # `if (!d) continue;` keeps the codes make_qkx2_quants chose for that sub-block
     L = np.where((d == 0)[:, :, None], L0.reshape(N, 8, 32), L).astype(np.uint8)
-    L = L.reshape(N, 4, 2, 32)
-    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(N, 128)  # byte l of chunk c: weights 64c+l (low), 64c+32+l
-    return np.concatenate([d16, dmin16, _pack_scales_k4(ls, lm), qs], axis=1).reshape(-1)
+    return d16, dmin16, _pack_scales_k4(ls, lm), L
+
+
+def _k4_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K blocks (N, bytes) -> each sub-block's d * scale and dmin * min, (N, 8, 1) float32."""
+    sc, mn = _unpack_scales_k4(b[:, 4:16])
+    d = (_half(b[:, 0:2]) * sc.astype(np.float32)).reshape(-1, 8, 1)
+    return d, (_half(b[:, 2:4]) * mn.astype(np.float32)).reshape(-1, 8, 1)
 
 
 def dequantize_q4_k(data: np.ndarray) -> np.ndarray:
     b = _raw_blocks(data, 144, "Q4_K")
     N = b.shape[0]
-    sc, mn = _unpack_scales_k4(b[:, 4:16])
-    d = (_half(b[:, 0:2]) * sc.astype(np.float32)).reshape(N, 8, 1)
-    dm = (_half(b[:, 2:4]) * mn.astype(np.float32)).reshape(N, 8, 1)
+    d, dm = _k4_scales(b)
     qs = b[:, 16:].reshape(N, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = (qs & np.uint8(0x0F)).reshape(N, 8, 32).astype(np.float32)
     return (d * q - dm).reshape(-1)
 
 
-# ----- Q5_K (dequantize only) ----------------------------------------------------------------------------------
+# ----- Q5_K ----------------------------------------------------------------------------------------------------
+
+def quantize_q5_k(x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """float32 values (count a multiple of 256) -> Q5_K bytes (n_blocks * 176,): llama.cpp's
+    `quantize_row_q5_K_ref` (what `llama-quantize` writes without an importance matrix): Q4_K's search with
+    `make_qkx2_quants(32, 31, ..., -0.5, 0.1, 15)`, the fifth bits in qh."""
+    b = _blocks(x, QK_K, "Q5_K")
+    return _by_chunks(_quantize_q5_k_blocks, b, chunk)
+
+
+def _quantize_q5_k_blocks(b: np.ndarray) -> np.ndarray:
+    N = b.shape[0]
+    d16, dmin16, scales, L = _kx_codes(b, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
+    # qh[l] bit j = fifth bit of weight 32j + l; qs as Q4_K's (byte l of chunk c: weights 64c+l, 64c+32+l)
+    qh = np.packbits((L >> np.uint8(4)).transpose(0, 2, 1), axis=2, bitorder="little").reshape(N, 32)
+    low = (L & np.uint8(0x0F)).reshape(N, 4, 2, 32)
+    qs = (low[:, :, 0] | (low[:, :, 1] << np.uint8(4))).reshape(N, 128)
+    return np.concatenate([d16, dmin16, scales, qh, qs], axis=1).reshape(-1)
+
 
 def dequantize_q5_k(data: np.ndarray) -> np.ndarray:
     """Q4_K plus a fifth bit: qh[l] bit j is the high bit of weight 32j + l (ggml dequantize_row_q5_K)."""
     b = _raw_blocks(data, 176, "Q5_K")
     N = b.shape[0]
-    sc, mn = _unpack_scales_k4(b[:, 4:16])
-    d = (_half(b[:, 0:2]) * sc.astype(np.float32)).reshape(N, 8, 1)
-    dm = (_half(b[:, 2:4]) * mn.astype(np.float32)).reshape(N, 8, 1)
+    d, dm = _k4_scales(b)
     hi = (b[:, 16:48].reshape(N, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & np.uint8(1)
     qs = b[:, 48:].reshape(N, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
     q = ((qs & np.uint8(0x0F)).reshape(N, 8, 32) | (hi << np.uint8(4))).astype(np.float32)
     return (d * q - dm).reshape(-1)
 
 
-# ----- Q6_K (dequantize only) ----------------------------------------------------------------------------------
+# ----- Q6_K ----------------------------------------------------------------------------------------------------
+
+GROUP_MAX_EPS = np.float32(1e-15)
+"""ggml-quants.c: a group whose largest |value| is below this is all zeros."""
+
+
+def _make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml-quants.c `make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL)` for many groups at once: x (n, G)
+    float32, one group per column. Returns (scale (G,), codes (n, G) in 0..2*nmax-1). Weights are x*x; sums
+    accumulate in order, in float32, as the C loops do."""
+    f32 = np.float32
+    G = x.shape[1]
+    mx = x[np.abs(x).argmax(axis=0), np.arange(G)]  # the first value of largest magnitude, with its sign
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    mx = np.where(zero, f32(1), mx).astype(f32)
+    w = (x * x).astype(f32)
+
+    def trial(iscale: np.ndarray):
+        lq = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1)
+        lf = lq.astype(f32)
+        return lq, _seqsum(w * x * lf), _seqsum(w * lf * lf)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L, sumlx, suml2 = trial((f32(-nmax) / mx).astype(f32))
+        scale = np.where(suml2 != 0, sumlx / suml2, f32(0)).astype(f32)
+        best = (scale * sumlx).astype(f32)
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            lq, sumlx, suml2 = trial((-(f32(nmax) + f32(0.1) * f32(step)) / mx).astype(f32))
+            better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+            L = np.where(better, lq, L)
+            scale = np.where(better, sumlx / suml2, scale).astype(f32)
+            best = np.where(better, scale * sumlx, best).astype(f32)
+    return np.where(zero, f32(0), scale), np.where(zero, 0, L + nmax)
+
+
+def quantize_q6_k(x: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """float32 values (count a multiple of 256) -> Q6_K bytes (n_blocks * 210,): llama.cpp's
+    `quantize_row_q6_K_ref` (what `llama-quantize` writes without an importance matrix): per 16 values
+    `make_qx_quants(16, 32, ...)`, int8 scales of an f16 d = max_scale / -128, codes again from the rounded
+    scales."""
+    b = _blocks(x, QK_K, "Q6_K")
+    return _by_chunks(_quantize_q6_k_blocks, b, chunk)
+
+
+def _quantize_q6_k_blocks(b: np.ndarray) -> np.ndarray:
+    f32 = np.float32
+    N = b.shape[0]
+    sub = np.ascontiguousarray(b.reshape(N * 16, 16).T)  # (16, groups): one 16-value group per column
+    scales, L0 = _make_qx_quants(sub, 32)
+    scales, L0 = scales.reshape(N, 16), L0.T.reshape(N, 16, 16)
+    max_scale = scales[np.arange(N), np.abs(scales).argmax(axis=1)]  # first of largest |scale|, signed
+    zero = np.abs(max_scale) < GROUP_MAX_EPS  # the whole block is written as zero bytes
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = (f32(-128) / np.where(zero, f32(1), max_scale)).astype(f32)
+        d16 = _f16((f32(1) / iscale).astype(f32).reshape(N, 1))
+        sc = np.minimum(127, _nearest_int(iscale[:, None] * scales)).astype(np.int8)  # (N, 16)
+        d = (_half(d16) * sc.astype(f32)).astype(f32)
+        L = np.clip(_nearest_int(b.reshape(N, 16, 16) / d[:, :, None]), -32, 31) + 32
+    L = np.where((d == 0)[:, :, None], L0, L).astype(np.uint8).reshape(N, 2, 4, 32)  # (half, quarter, l)
+    lo = L & np.uint8(0x0F)
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)), lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))],
+                        axis=2)  # (N, 2, 64)
+    hi = L >> np.uint8(4)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4)) | (hi[:, :, 3] << np.uint8(6))
+    out = np.concatenate([ql.reshape(N, 128), qh.reshape(N, 64), sc.view(np.uint8), d16], axis=1)
+    out[zero] = 0
+    return out.reshape(-1)
+
 
 def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
     b = _raw_blocks(data, 210, "Q6_K")
@@ -356,10 +462,92 @@ def dequantize_q6_k(data: np.ndarray) -> np.ndarray:
     return (dsc * q).reshape(-1)
 
 
+# ----- IQ4_NL --------------------------------------------------------------------------------------------------
+
+def _iq4nl_thresholds() -> np.ndarray:
+    """For each pair of neighbouring IQ4_NL values (lo, hi), the smallest float32 a in (lo, hi] for which ggml's
+    `best_index_int8` picks hi, i.e. fl(a - lo) >= fl(hi - a) (that test is monotone in a, so one threshold per
+    pair reproduces it exactly, float rounding included). Found by bisection over the float32 order."""
+    f32, i32 = np.float32, np.int32
+
+    def key(f: float) -> int:  # float32 -> an integer with the same order
+        i = int(np.array(f, f32).view(i32))
+        return i if i >= 0 else -(i & 0x7FFFFFFF)
+
+    def value(k: int) -> np.float32:
+        return np.array(k if k >= 0 else (-k) | -0x80000000, i32).view(f32)[()]
+
+    out = []
+    v = IQ4_NL_VALUES.astype(f32)
+    for lo, hi in zip(v[:-1], v[1:]):
+        a, b = key(lo) + 1, key(hi)  # the answer lies in [a, b]; at b (= hi) the test holds
+        while a < b:
+            m = (a + b) // 2
+            x = value(m)
+            if x - lo >= hi - x:
+                b = m
+            else:
+                a = m + 1
+        out.append(value(a))
+    return np.array(out, f32)
+
+
+_IQ4_NL_THRESHOLDS = _iq4nl_thresholds()
+
+
+def _best_index_iq4nl(a: np.ndarray) -> np.ndarray:
+    """ggml `best_index_int8(16, kvalues_iq4nl, a)`: the index of the nearest table value, with its exact float32
+    tie-breaking (`_iq4nl_thresholds`); NaN -> 15, as its binary search gives."""
+    idx = np.zeros(a.shape, np.uint8)
+    for t in _IQ4_NL_THRESHOLDS:
+        idx += a >= t
+    return np.where(np.isnan(a), np.uint8(15), idx)
+
+
+def quantize_iq4_nl(x: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """float32 values (count a multiple of 32) -> IQ4_NL bytes (n_blocks * 18,): llama.cpp's `quantize_iq4_nl`
+    without an importance matrix (what `llama-quantize` writes; `quantize_row_iq4_nl_impl` with ntry = 7):
+    weights x*x, d = max / 127 refined by least squares, then 15 more trial scales (itry - 127) / max; the codes
+    are the nearest table values of x / d."""
+    b = _blocks(x, QK, "IQ4_NL")
+    return _by_chunks(_quantize_iq4_nl_blocks, b, chunk)
+
+
+def _quantize_iq4_nl_blocks(b: np.ndarray) -> np.ndarray:
+    f32 = np.float32
+    N = b.shape[0]
+    xs = np.ascontiguousarray(b.T)  # (32, N): one block per column
+    vals = IQ4_NL_VALUES.astype(f32)
+    w = (xs * xs).astype(f32)
+    mx = xs[np.abs(xs).argmax(axis=0), np.arange(N)]
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    mx = np.where(zero, f32(1), mx).astype(f32)
+
+    def sums(inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        q = vals[_best_index_iq4nl((inv * xs).astype(f32))]
+        return _seqsum(w * q * xs), _seqsum(w * q * q)
+
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        d = (-mx / f32(IQ4_NL_VALUES[0])).astype(f32)
+        sumqx, sumq2 = sums((f32(1) / d).astype(f32))
+        d = (sumqx / sumq2).astype(f32)
+        best = (d * sumqx).astype(f32)
+        for itry in range(-7, 8):
+            sumqx, sumq2 = sums((f32(itry + int(IQ4_NL_VALUES[0])) / mx).astype(f32))
+            better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+            d = np.where(better, sumqx / sumq2, d).astype(f32)
+            best = np.where(better, d * sumqx, best).astype(f32)
+        d = np.where(zero, f32(0), d).astype(f32)
+        inv = np.where(d != 0, f32(1) / d, f32(0)).astype(f32)
+        L = _best_index_iq4nl((inv * xs).astype(f32)).T  # (N, 32)
+    qs = L[:, :16] | (L[:, 16:] << np.uint8(4))
+    return np.concatenate([_f16(d.reshape(N, 1)), qs], axis=1).reshape(-1)
+
+
 # ----- dispatch ------------------------------------------------------------------------------------------------
 
 _QUANTIZE = {"Q8_0": quantize_q8_0, "Q4_0": quantize_q4_0, "Q5_0": quantize_q5_0, "Q5_1": quantize_q5_1,
-             "Q4_K": quantize_q4_k}
+             "IQ4_NL": quantize_iq4_nl, "Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 _DEQUANTIZE = {"Q8_0": dequantize_q8_0, "Q4_0": dequantize_q4_0, "Q4_1": dequantize_q4_1, "Q5_0": dequantize_q5_0,
                "Q5_1": dequantize_q5_1, "Q4_K": dequantize_q4_k, "Q5_K": dequantize_q5_k, "Q6_K": dequantize_q6_k,
                "IQ4_NL": dequantize_iq4_nl}

@@ -1,6 +1,12 @@
-"""pocketlm quantize: write a model as GGUF (llama.cpp / Ollama) or quantized safetensors, Q8_0 / Q4_0 / Q4_K.
+"""pocketlm quantize: write a model as GGUF (llama.cpp / Ollama) or quantized safetensors.
 
-    pocketlm quantize MODEL OUT --scheme q4_0|q4_k|q8_0|f16|bf16|f32 [--keep-embeddings f16] [--format gguf]
+    pocketlm quantize MODEL OUT --scheme SCHEME [--keep-embeddings f16] [--format gguf]
+
+SCHEME: f32, f16, bf16, q8_0, q5_0, q5_1, q4_0, iq4_nl (every weight matrix that type), the K-quants q4_k, q5_k,
+q6_k, and q4_k_m, llama.cpp's Q4_K_M mix (Q4_K, with Q6_K for the output and for `down_proj` in the layers
+llama.cpp's `use_more_bits` picks, Q5_K for the fused `qkv_proj`: `quant.linear.q4_k_m_type`). Bytes are
+llama.cpp's own quantizers' without an importance matrix (`quant.codecs`). A tensor whose rows do not fit the
+type's block falls back per tensor (the output of `tensor_type`), as llama.cpp does.
 
 MODEL is anything `pocketlm.load` reads (checkpoint folder, .safetensors, preset) or a phi3/llama .gguf file
 (its weights are dequantized first, then quantized to the scheme: requantizing loses quality). The scheme and
@@ -14,14 +20,15 @@ import time
 from pathlib import Path
 
 from pocketlm.errors import PocketLMError
-from pocketlm.quant.linear import KEEP_TYPES, SCHEMES
+from pocketlm.quant.linear import KEEP_TYPES, SCHEMES, check_scheme
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `pocketlm quantize`."""
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder, .safetensors, .gguf or preset name")
     parser.add_argument("output", metavar="OUT", help="output .gguf file, or folder for --format safetensors")
-    parser.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="type of the weight matrices")
+    parser.add_argument("--scheme", required=True, metavar="SCHEME",
+                        help=f"type of the weight matrices: {', '.join(SCHEMES)} (q4_k_m: llama.cpp's Q4_K_M mix)")
     parser.add_argument("--keep-embeddings", choices=sorted(KEEP_TYPES), default=None,
                         help="type of the token embedding and lm_head (default: the scheme's)")
     parser.add_argument("--format", choices=("gguf", "safetensors"), default="gguf", help="output format")
@@ -33,7 +40,7 @@ def _load(spec: str):
 
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
-        from pocketlm.quant.gguf_import import load_gguf, load_gguf_tokenizer
+        from pocketlm.formats.gguf_model import load_gguf, load_gguf_tokenizer
         return load_gguf(path, dequantize=True), load_gguf_tokenizer(path)
     model = pocketlm.load(spec)
     tokenizer = None
@@ -48,6 +55,7 @@ def _load(spec: str):
 
 def run(args: argparse.Namespace) -> int:
     """Quantize MODEL to a GGUF file or a quantized safetensors folder (see the module docstring)."""
+    check_scheme(args.scheme)  # before any model is read
     out = Path(args.output)
     if out.exists() and not args.force and (out.is_file() or any(out.iterdir())):
         raise PocketLMError(f"{out} exists; pass --force to overwrite")

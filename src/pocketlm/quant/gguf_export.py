@@ -38,8 +38,8 @@ from pocketlm.quant.gguf_writer import GGUFWriter
 # SentencePiece token types (gguf `TokenType`)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # llama.cpp `LlamaFileType` for general.file_type
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14, "IQ4_NL": 25,
-              "BF16": 32}
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14, "Q4_K_M": 15,
+              "Q5_K": 16, "Q6_K": 18, "IQ4_NL": 25, "BF16": 32}
 CHECKPOINT_TO_GGUF = {v: k for k, v in TENSOR_NAMES.items()}
 
 
@@ -129,7 +129,8 @@ def _model_tensors(model, scheme: str | None, keep_embeddings: str | None) -> di
             out[name] = (module.type_name, (rows, cols), lambda m=module: m.qweight.cpu().numpy())
             return
         w = module.weight
-        t = ql.tensor_type(scheme or _float_scheme(w.dtype), name, tuple(w.shape), keep_embeddings)
+        t = ql.tensor_type(scheme or _float_scheme(w.dtype), name, tuple(w.shape), keep_embeddings,
+                           num_layers=model.config.num_hidden_layers, tied=tied)
         if t in ql.FLOAT_TYPES:
             out[name] = (t, tuple(w.shape), lambda w=w, t=t: _float_bytes(w, t))
         else:
@@ -175,7 +176,7 @@ def export_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str |
 
     Args:
         tokenizer: a `pocketlm.Tokenizer` (default: the bundled Phi-3 tokenizer).
-        scheme: `pocketlm quantize` scheme for float weights (f32/f16/bf16/q8_0/q4_0/q4_k); None keeps the
+        scheme: `pocketlm quantize` scheme for float weights (one of `quant.linear.SCHEMES`); None keeps the
             model's float dtype. Already-quantized layers are written with their own bytes and type.
         keep_embeddings: type of token_embd/output for float weights (f32/f16/bf16/q8_0).
         name: `general.name` (default: the config's name).
@@ -208,7 +209,7 @@ def export_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str |
     w.add_float32("phi3.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     w.add_uint32("phi3.rope.dimension_count", c.rotary_dim)
     w.add_float32("phi3.rope.freq_base", c.rope_theta)
-    w.add_uint32("general.file_type", FILE_TYPES.get(major, 1))
+    w.add_uint32("general.file_type", FILE_TYPES.get("Q4_K_M" if scheme == "q4_k_m" else major, 1))
     w.add_uint32("phi3.attention.sliding_window", c.sliding_window or 0)
     if c.rope_scaling is not None:
         w.add_float32("phi3.rope.scaling.attn_factor", c.rope_attention_factor)

@@ -34,8 +34,7 @@ import torch
 
 from pocketlm.config import Phi3Config, RopeScaling
 from pocketlm.errors import ConfigError, WeightFormatError
-from pocketlm.formats.gguf import GGML_TYPES, GGUFFile
-from pocketlm.formats.gguf_model import FLOAT, UINT
+from pocketlm.formats.gguf import FLOAT, GGML_TYPES, UINT, GGUFFile
 from pocketlm.quant import codecs
 from pocketlm.quant import linear as ql
 from pocketlm.quant.gguf_writer import GGUFWriter
@@ -62,7 +61,6 @@ EXPERTS = {"blk.{i}.ffn_gate_exps.weight": "w1", "blk.{i}.ffn_down_exps.weight":
 GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                   "output_norm.bias": "model.norm.bias", "output.weight": "lm_head.weight",
                   "output.bias": "lm_head.bias"}
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K": 14, "BF16": 32}
 
 
 def _check_llamacpp_layout(c: Phi3Config) -> None:
@@ -87,9 +85,9 @@ def export_phimoe_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme
                        name: str | None = None) -> dict[str, str]:
     """Write a float phi-3.5-MoE `Phi3ForCausalLM` as a llama.cpp `phimoe` GGUF file.
 
-    scheme: a `pocketlm quantize` scheme (f32/f16/bf16/q8_0/q4_0/q4_k) for the weight matrices and experts;
+    scheme: a `pocketlm quantize` scheme (`quant.linear.SCHEMES`) for the weight matrices and experts;
     None keeps the model's float dtype. Returns: GGUF tensor name -> ggml type written."""
-    from pocketlm.quant.gguf_export import write_tokenizer
+    from pocketlm.quant.gguf_export import FILE_TYPES, write_tokenizer
     from pocketlm.tokenizer import Tokenizer
 
     c = model.config
@@ -102,7 +100,7 @@ def export_phimoe_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme
     scheme = scheme or float_scheme
 
     def weight_type(ckpt: str, shape: tuple[int, ...]) -> str:
-        return ql.tensor_type(scheme, ckpt, shape)
+        return ql.tensor_type(scheme, ckpt, shape, num_layers=c.num_hidden_layers, tied=c.tie_word_embeddings)
 
     plan: dict[str, tuple[str, tuple, object]] = {}  # gguf name -> (type, shape, producer)
 
@@ -144,7 +142,7 @@ def export_phimoe_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme
     if c.rope_scaling is not None:
         m = c.rope_scaling.short_mscale
         w.add_float32(f"{ARCH}.rope.scaling.attn_factor", c.rope_attention_factor if m is None else m)
-    w.add_uint32("general.file_type", FILE_TYPES.get(major, 1))
+    w.add_uint32("general.file_type", FILE_TYPES.get("Q4_K_M" if scheme == "q4_k_m" else major, 1))
     w.add_uint32("general.quantization_version", 2)
     w.add_float32("pocketlm.router_jitter_noise", c.router_jitter_noise)
     if scheme != float_scheme:

@@ -57,7 +57,11 @@
  *   pl_quantize_act_k(x, T, K, qa, d, bs)               q8_K: qa int8 (T,K), d float (T,K/256), bs int16 (T,K/16)
  *   pl_gemm(kind, w, tiles, K, qa, da, sa_i, sa_f, T, y, ldy)   y float (T, ldy), columns [0, 16*tiles)
  *   pl_set_threads(n), pl_get_threads(), pl_isa()
+ *   pl_mat_check(mat) -> 0 / -1                         a decode-step matrix, e.g. one of KIND_PARTS (row blocks of
+ *                                                        different kinds, see "matrices made of row blocks" below)
  *   pl_read_bandwidth(buf, bytes, reps) -> checksum      for the roofline measurement
+ *   pl_decode_token(model, head, token, pos, lo, cos, sin, flags)   one decoded token, embedding to logits/argmax
+ *   pl_embed_row(table, type, tiles, cols, row, out)     one embedding row as pl_decode_token reads it
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -881,7 +885,8 @@ void pl_gemm(int kind, const uint8_t *w, int tiles, int K, const int8_t *qa, con
  * RMSNorm (fp32) -> qkv -> rotate-half RoPE on the first rotary_dim dims (cos/sin rows from the model's own
  * rotary table, so LongRoPE factors and magnitude are the model's) -> keys/values stored at `pos` -> attention
  * over the visible keys [lo, pos] (the sliding window) -> o_proj + residual -> RMSNorm -> gate_up ->
- * up * silu(gate) -> down + residual. Only the final norm and lm_head stay in Python.
+ * up * silu(gate) -> down + residual. pl_decode_token (below) wraps it with the embedding row, the final norm,
+ * lm_head and the greedy argmax, so a decoded token is one call.
  * KV cache layouts: f16 (kv_type 1; queries are rounded to f16 for the q.k products, as llama.cpp's f16
  * attention does) or int8 with one f32 scale per (layer, head, position) (kv_type 2: amax/127, half to even),
  * or ggml's Q8_0 / Q4_0 blocks of 32 values along head_dim kept as two arrays, codes and f16 scales
@@ -908,7 +913,58 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
+/* ---- matrices made of row blocks of different kinds (KIND_PARTS) ---------------------------------------------
+ *
+ * A fused projection whose row blocks a GGUF file stores in different types (llama.cpp's Q4_K_M of a model
+ * whose rows are not a multiple of 256: attn_q/attn_k Q5_0 but attn_v Q8_0; ffn_gate and ffn_up of different
+ * types) is a pl_mat of kind KIND_PARTS: `w` points at an array of pl_mat parts, each of a kernels kind with the
+ * outer mat's cols, ended by a part with rows 0 (w NULL); their rows stack in order (part i's rows follow part
+ * i-1's), summing to the outer rows. Each part quantizes the activations for its own kind (q8_0/q8_1 blocks of
+ * 32, or q8_K; redone only when the family changes) and writes its rows at its row offset. pl_gemm writes whole
+ * 16-row tiles, so every part but the last must have rows % 16 == 0 (its padding then lands on rows the next
+ * part writes afterwards, and the last part's ends where the outer mat's padding ends): pl_mat_check says
+ * whether a mat is such a one (the Python side calls it once when it builds the structs). The same integer
+ * arithmetic as each part's own pl_gemm, so the result equals the parts computed one by one. */
+#define KIND_PARTS 64
+#define MAX_PARTS 16
+
+/* 0 if `w` is a plain mat of a kernels kind or a well-formed KIND_PARTS mat (above), else -1 */
+int pl_mat_check(const pl_mat *w) {
+    if (w == NULL || w->w == NULL || w->rows <= 0 || w->cols <= 0) return -1;
+    if (w->kind != KIND_PARTS)
+        return (w->kind >= 0 && w->kind <= KIND_IQ4_NL && w->cols % (is_k(w->kind) ? QKK : QK) == 0) ? 0 : -1;
+    const pl_mat *p = (const pl_mat *)w->w;
+    int rows = 0, n = 0;
+    for (; p->rows > 0; p++, n++) {
+        if (n >= MAX_PARTS || p->kind == KIND_PARTS || p->cols != w->cols || pl_mat_check(p) != 0) return -1;
+        if (rows % TILE) return -1;  /* a part before this one was not whole tiles */
+        rows += p->rows;
+    }
+    return (n >= 1 && rows == w->rows) ? 0 : -1;
+}
+
+/* y (T, ldy) = x (T, w->cols) @ W.T for a KIND_PARTS mat, with the activation-code buffers qa/da/sa_i/sa_f */
+static void parts_product(const pl_mat *w, const float *x, int T, float *y, int ldy, int8_t *qa, float *da,
+                          int32_t *sa_i, float *sa_f) {
+    int off = 0, family = -1;
+    for (const pl_mat *p = (const pl_mat *)w->w; p->rows > 0; off += p->rows, p++) {
+        const int k = is_k(p->kind);
+        if (k != family) {
+            if (T == 1 && k) quantize_row_q8k(x, p->cols, qa, da, (int16_t *)sa_i);
+            else if (T == 1) quantize_row(x, p->cols, qa, da, sa_i, sa_f);
+            else if (k) pl_quantize_act_k(x, T, p->cols, qa, da, (int16_t *)sa_i);
+            else pl_quantize_act(x, T, p->cols, qa, da, sa_i, sa_f);
+            family = k;
+        }
+        pl_gemm(p->kind, p->w, (p->rows + TILE - 1) / TILE, p->cols, qa, da, sa_i, sa_f, T, y + off, ldy, 0);
+    }
+}
+
 static void matvec(const pl_model *m, const pl_mat *w, const float *x, float *y) {
+    if (w->kind == KIND_PARTS) {
+        parts_product(w, x, 1, y, (w->rows + TILE - 1) / TILE * TILE, m->qa, m->da, m->sa_i, m->sa_f);
+        return;
+    }
     if (is_k(w->kind)) quantize_row_q8k(x, w->cols, m->qa, m->da, (int16_t *)m->sa_i);  /* sa_i: cols/16 int16 */
     else quantize_row(x, w->cols, m->qa, m->da, m->sa_i, m->sa_f);
     const int tiles = (w->rows + TILE - 1) / TILE;
@@ -1190,6 +1246,240 @@ int pl_decode_step(const pl_model *m, float *x, int pos, int lo, const float *co
     return 0;
 }
 
+/* ---- one whole token in C: embedding row -> pl_decode_step -> final RMSNorm -> lm_head -> greedy pick ------
+ *
+ * pl_decode_token runs everything a single decoded token needs, so a small model (where the per-token work
+ * outside the layers is a large share) pays no Python per token:
+ *   x = row `token` of the embedding table, dequantized to f32 exactly as linear.py's dequantize_torch does
+ *       (the same float products: Q4_0 d*(q-8), Q4_1 d*q+m, Q8_0 q*d, Q5_0 d*(q-16), Q5_1 d*q+m, IQ4_NL
+ *       d*kvalues[q], Q4_K/Q5_K (d*sc)*q-(dmin*mn), Q6_K (d*sc)*(q-32); F32/F16/BF16 rows converted), read
+ *       from the kernels' tile layout (a tied lm_head's weight) or from GGUF rows (an untied table);
+ *       with PL_TOKEN_X_GIVEN the caller has put x in head->x already (a table type not read here);
+ *   pl_decode_step(m, x, pos, lo, cos, sin); h = RMSNorm(x) * norm (f32, as rmsnorm above);
+ *   logits = lm_head(h) on the kernels (q8 activations, as every kernels.py gemm), when lm_head.w is set;
+ *   with PL_TOKEN_ARGMAX: returns the first index of the largest logit in [0, n_valid) (a NaN counts as the
+ *   largest, as torch.argmax), else 0. A negative return is a refused input (-1 the step's checks, -2 token).
+ * The Python side (engine/cpu.py FastDecoder) keeps sampling at temperature > 0 (torch's generator) and any
+ * logit processor; the logits buffer is (16 * lm_head tiles) floats. */
+#define EMB_F32 100
+#define EMB_F16 101
+#define EMB_BF16 102
+#define PL_TOKEN_X_GIVEN 1
+#define PL_TOKEN_ARGMAX 2
+typedef struct {
+    const uint8_t *embd; int embd_type, embd_tiles, vocab;  /* embd_tiles 1: kernels' tile layout, 0: GGUF rows */
+    const float *norm;                                       /* final RMSNorm weight (hidden) */
+    pl_mat lm_head;                                          /* w NULL: the caller runs lm_head on h */
+    float *x, *h, *logits;                                   /* hidden, hidden, 16 * lm_head tiles */
+    int n_valid;                                             /* the argmax runs over [0, n_valid) */
+} pl_head;
+
+static float h2f(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return f16_to_f32(v); }
+
+/* the 32 codes of a 32-column block: low nibbles are columns 0..15, high nibbles 16..31 (GGUF order) */
+static void nib32(const uint8_t *qs, int *q) { for (int j = 0; j < 16; j++) { q[j] = qs[j] & 15; q[j + 16] = qs[j] >> 4; } }
+
+static void block32_values(int kind, const int *q, float d, float m, float *o) {
+    for (int j = 0; j < QK; j++) {
+        switch (kind) {
+            case KIND_Q4_0: o[j] = d * (float)(q[j] - 8); break;
+            case KIND_Q5_0: o[j] = d * (float)(q[j] - 16); break;
+            case KIND_Q8_0: o[j] = (float)q[j] * d; break;
+            case KIND_IQ4_NL: o[j] = d * (float)IQ4NL[q[j]]; break;
+            default: { const float t = d * (float)q[j]; o[j] = t + m; }  /* Q4_1, Q5_1: two roundings */
+        }
+    }
+}
+
+/* one super-block of Q4_K/Q5_K (codes q[256], 6-bit sc[8], mn[8]) or Q6_K (q[256] 0..63, int8 sc[16]) */
+static void superblock_values(int kind, const int *q, const int *sc, const int *mn, float d, float dmin, float *o) {
+    if (kind == KIND_Q6_K) {
+        for (int g = 0; g < 16; g++) {
+            const float dsc = d * (float)sc[g];
+            for (int k = 0; k < 16; k++) o[16 * g + k] = dsc * (float)(q[16 * g + k] - 32);
+        }
+        return;
+    }
+    for (int j = 0; j < 8; j++) {
+        const float ds = d * (float)sc[j], dm = dmin * (float)mn[j];
+        for (int k = 0; k < 32; k++) { const float t = ds * (float)q[32 * j + k]; o[32 * j + k] = t - dm; }
+    }
+}
+
+/* row `row` of a kernels' tile matrix with `cols` columns -> f32 (layouts in this file's header) */
+static void tile_row_values(int kind, const uint8_t *w, int cols, int row, float *out) {
+    const int t = row / TILE, r = row % TILE;
+    int q[QKK], sc[16], mn[8];
+    if (is_k(kind)) {
+        const int nsb = cols / QKK;
+        const size_t bsz = kblock_bytes(kind), o = k45_off(kind);
+        for (int sb = 0; sb < nsb; sb++) {
+            const uint8_t *bp = w + ((size_t)t * nsb + sb) * bsz;
+            for (int j = 0; j < 8; j++)
+                for (int c = 0; c < 4; c++)
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t byte = bp[j * 256 + (c * TILE + r) * 4 + i];
+                        q[32 * j + 4 * c + i] = byte & 15;
+                        q[32 * j + 16 + 4 * c + i] = byte >> 4;
+                        if (kind == KIND_Q5_K) {
+                            const uint8_t h = bp[K5_HB + j * 64 + r * 4 + i];
+                            q[32 * j + 4 * c + i] |= ((h >> c) & 1) << 4;
+                            q[32 * j + 16 + 4 * c + i] |= ((h >> (4 + c)) & 1) << 4;
+                        } else if (kind == KIND_Q6_K) {
+                            const uint8_t h0 = bp[K6_HB + j * 128 + r * 4 + i], h1 = bp[K6_HB + j * 128 + 64 + r * 4 + i];
+                            q[32 * j + 4 * c + i] |= ((h0 >> (2 * c)) & 3) << 4;
+                            q[32 * j + 16 + 4 * c + i] |= ((h1 >> (2 * c)) & 3) << 4;
+                        }
+                    }
+            if (kind == KIND_Q6_K) {
+                for (int g = 0; g < 16; g++) sc[g] = (int8_t)bp[K6_SC + g * TILE + r];
+                superblock_values(kind, q, sc, mn, h2f(bp + K6_D + 2 * r), 0.0f, out + (size_t)sb * QKK);
+            } else {
+                for (int j = 0; j < 8; j++) { sc[j] = bp[o + K4_SC + j * TILE + r]; mn[j] = bp[o + K4_MN + j * TILE + r]; }
+                superblock_values(kind, q, sc, mn, h2f(bp + o + K4_D + 2 * r), h2f(bp + o + K4_DMIN + 2 * r),
+                                  out + (size_t)sb * QKK);
+            }
+        }
+        return;
+    }
+    const int nb = cols / QK;
+    const size_t bs = block_bytes(kind), doff = d_off(kind);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *bp = w + ((size_t)t * nb + b) * bs;
+        if (kind == KIND_Q8_0) {
+            for (int c = 0; c < 8; c++)
+                for (int i = 0; i < 4; i++) q[4 * c + i] = (int)bp[(c * TILE + r) * 4 + i] - 128;
+        } else {
+            for (int c = 0; c < 4; c++)
+                for (int i = 0; i < 4; i++) {
+                    const uint8_t byte = bp[(c * TILE + r) * 4 + i];
+                    const int hb = is_q5(kind) ? bp[256 + r * 4 + i] : 0;
+                    q[4 * c + i] = (byte & 15) | (((hb >> c) & 1) << 4);
+                    q[16 + 4 * c + i] = (byte >> 4) | (((hb >> (4 + c)) & 1) << 4);
+                }
+        }
+        block32_values(kind, q, h2f(bp + doff + 2 * r), has_m(kind) ? h2f(bp + doff + 32 + 2 * r) : 0.0f,
+                       out + (size_t)b * QK);
+    }
+}
+
+/* bytes of one GGUF row of `cols` values */
+static size_t gguf_row_bytes(int type, int cols) {
+    switch (type) {
+        case EMB_F32: return (size_t)cols * 4;
+        case EMB_F16: case EMB_BF16: return (size_t)cols * 2;
+        case KIND_Q4_0: case KIND_IQ4_NL: return (size_t)cols / QK * 18;
+        case KIND_Q4_1: return (size_t)cols / QK * 20;
+        case KIND_Q8_0: return (size_t)cols / QK * 34;
+        case KIND_Q5_0: return (size_t)cols / QK * 22;
+        case KIND_Q5_1: return (size_t)cols / QK * 24;
+        case KIND_Q4_K: return (size_t)cols / QKK * 144;
+        case KIND_Q5_K: return (size_t)cols / QKK * 176;
+        case KIND_Q6_K: return (size_t)cols / QKK * 210;
+        default: return 0;
+    }
+}
+
+/* row `row` of a GGUF-layout table (rows of blocks as the file stores them, or F32/F16/BF16) -> f32 */
+static int gguf_row_values(int type, const uint8_t *w, int cols, int row, float *out) {
+    const size_t rb = gguf_row_bytes(type, cols);
+    if (rb == 0) return -1;
+    const uint8_t *p = w + (size_t)row * rb;
+    int q[QKK], sc[16], mn[8];
+    if (type == EMB_F32) { memcpy(out, p, (size_t)cols * 4); return 0; }
+    if (type == EMB_F16) { for (int i = 0; i < cols; i++) out[i] = h2f(p + 2 * i); return 0; }
+    if (type == EMB_BF16) {
+        for (int i = 0; i < cols; i++) { uint16_t v; memcpy(&v, p + 2 * i, 2); uint32_t u = (uint32_t)v << 16; memcpy(out + i, &u, 4); }
+        return 0;
+    }
+    if (is_k(type)) {
+        const size_t bsz = type == KIND_Q4_K ? 144 : (type == KIND_Q5_K ? 176 : 210);
+        for (int sb = 0; sb < cols / QKK; sb++) {
+            const uint8_t *b = p + (size_t)sb * bsz;
+            float *o = out + (size_t)sb * QKK;
+            if (type == KIND_Q6_K) {  /* ql[128] | qh[64] | int8 sc[16] | f16 d */
+                for (int n = 0; n < 2; n++)
+                    for (int l = 0; l < 64; l++) {
+                        q[128 * n + l] = b[64 * n + l] & 15;
+                        q[128 * n + 64 + l] = b[64 * n + l] >> 4;
+                    }
+                for (int n = 0; n < 2; n++)
+                    for (int s = 0; s < 4; s++)
+                        for (int l = 0; l < 32; l++) q[128 * n + 32 * s + l] |= ((b[128 + 32 * n + l] >> (2 * s)) & 3) << 4;
+                for (int g = 0; g < 16; g++) sc[g] = (int8_t)b[192 + g];
+                superblock_values(type, q, sc, mn, h2f(b + 208), 0.0f, o);
+                continue;
+            }
+            const uint8_t *s = b + 4;  /* f16 d | f16 dmin | 12 B scales | (Q5_K: qh[32]) | qs[128] */
+            for (int j = 0; j < 4; j++) {
+                sc[j] = s[j] & 63; mn[j] = s[4 + j] & 63;
+                sc[4 + j] = (s[8 + j] & 15) | ((s[j] >> 6) << 4);
+                mn[4 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 6) << 4);
+            }
+            const uint8_t *qs = b + bsz - 128;
+            for (int c = 0; c < 4; c++)
+                for (int l = 0; l < 32; l++) { q[64 * c + l] = qs[32 * c + l] & 15; q[64 * c + 32 + l] = qs[32 * c + l] >> 4; }
+            if (type == KIND_Q5_K)
+                for (int j = 0; j < 8; j++)
+                    for (int l = 0; l < 32; l++) q[32 * j + l] |= ((b[16 + l] >> j) & 1) << 4;
+            superblock_values(type, q, sc, mn, h2f(b), h2f(b + 2), o);
+        }
+        return 0;
+    }
+    const size_t bsz = gguf_row_bytes(type, QK);
+    for (int bi = 0; bi < cols / QK; bi++) {
+        const uint8_t *b = p + (size_t)bi * bsz;
+        float m = 0.0f;
+        if (type == KIND_Q8_0) {
+            for (int j = 0; j < QK; j++) q[j] = (int8_t)b[2 + j];
+        } else if (is_q5(type)) {
+            const int o = type == KIND_Q5_0 ? 2 : 4;
+            const uint32_t qh = (uint32_t)b[o] | (uint32_t)b[o + 1] << 8 | (uint32_t)b[o + 2] << 16 | (uint32_t)b[o + 3] << 24;
+            nib32(b + o + 4, q);
+            for (int j = 0; j < QK; j++) q[j] |= (int)((qh >> j) & 1) << 4;
+        } else {
+            nib32(b + (type == KIND_Q4_1 ? 4 : 2), q);
+        }
+        if (has_m(type)) m = h2f(b + 2);
+        block32_values(type, q, h2f(b), m, out + (size_t)bi * QK);
+    }
+    return 0;
+}
+
+/* row `row` of an embedding table as pl_decode_token reads it (for tests): 0, or -1 for a type it cannot read */
+int pl_embed_row(const uint8_t *w, int type, int tiles, int cols, int row, float *out) {
+    if (tiles) {
+        if (type < 0 || type > KIND_IQ4_NL || cols % (is_k(type) ? QKK : QK)) return -1;
+        tile_row_values(type, w, cols, row, out);
+        return 0;
+    }
+    if (type >= 0 && type <= KIND_IQ4_NL && cols % (is_k(type) ? QKK : QK)) return -1;
+    return gguf_row_values(type, w, cols, row, out);
+}
+
+int pl_decode_token(const pl_model *m, const pl_head *hd, int token, int pos, int lo, const float *cos,
+                    const float *sin, int flags) {
+    if (!(flags & PL_TOKEN_X_GIVEN)) {
+        if (token < 0 || token >= hd->vocab) return -2;
+        if (pl_embed_row(hd->embd, hd->embd_type, hd->embd_tiles, m->hidden, token, hd->x) != 0) return -1;
+    }
+    if (pl_decode_step(m, hd->x, pos, lo, cos, sin) != 0) return -1;
+    rmsnorm(hd->x, hd->norm, m->hidden, m->eps, hd->h);
+    if (hd->lm_head.w == NULL) return 0;
+    matvec(m, &hd->lm_head, hd->h, hd->logits);
+    if (!(flags & PL_TOKEN_ARGMAX)) return 0;
+    const float *l = hd->logits;
+    int best = 0;
+    float bv = l[0];
+    if (bv != bv) return 0;
+    for (int i = 1; i < hd->n_valid; i++) {
+        const float v = l[i];
+        if (v != v) return i;
+        if (v > bv) { bv = v; best = i; }
+    }
+    return best;
+}
+
 /* ---- memory bandwidth: read `bytes` `reps` times with all threads (the roofline's denominator) ----------- */
 
 typedef struct { const uint8_t *buf; size_t bytes, chunk; int64_t sums[1024]; } bw_job;
@@ -1224,4 +1514,203 @@ double pl_read_bandwidth(const uint8_t *buf, size_t bytes, int reps) {
         for (int c = 0; c < n; c++) total += (double)b.sums[c];
     }
     return total;
+}
+
+/* ---- batched decode: B sequences, one new token each, every layer in one call -------------------------------
+ *
+ * The arithmetic of pl_decode_step for each of B rows of a serving slot cache, with the weight matrices applied
+ * to all B rows at once: the B rows' activations are quantized as above and pl_gemm runs them as T = B tokens
+ * (each weight tile is read once per step for the whole batch, and each row's result is the same as alone:
+ * the tile loops keep one accumulation order per token, so a row's output does not depend on B or the thread
+ * count). Per row: its cache slot, the position its new key/value is stored at, the first visible key (the
+ * sliding window) and its own rotary row (cos/sin: the row's LongRoPE factor set and position). Attention runs
+ * as B * n_heads independent (row, head) jobs.
+ * KV layout (the serving SlotKVCache): codes (layers, slots, n_kv, capacity, head_dim [/2 for q4_0]) as
+ * kv_type 0 f32, 1 f16, 2 int8 (+ f32 scale per (layer, slot, head, position)), 3 q8_0 / 4 q4_0 (+ f16 scales
+ * (layers, slots, n_kv, capacity, head_dim/32)); the types and their rounding as pl_decode_step's. f16 rounds
+ * the queries to f16 (as pl_decode_step); f32 and the quantized types keep f32 queries.
+ * Then, as pl_decode_token's tail, optionally the final RMSNorm and lm_head for the B rows (pl_batch.norm,
+ * .lm_head), so a row's logits equal pl_decode_token's for the same cache type bit for bit.
+ * Only the pl_model fields that describe the network (sizes, eps, layers) are read; its cache and scratch
+ * pointers are not used. Returns 0, or -1 for an argument out of range (nothing is written then). */
+typedef struct {
+    int B, kv_type, slots, capacity, max_keys;  /* max_keys: >= pos - lo + 1 of every row (scores per job) */
+    const int32_t *slot, *pos, *lo;             /* (B,) */
+    void *k, *v, *k_scale, *v_scale;            /* the slot cache (layout above) */
+    const float *cos, *sin;                     /* (B, rotary_dim) */
+    /* scratch, row-major (B, width): xn hidden, qkv pad16((H + 2 KV) hd), att H hd, gu pad16(2 inter),
+     * hmid inter, y pad16(hidden); scores (B * H, max_keys); activation codes qa (B, widest) int8,
+     * da / sa_f (B, widest / 32) f32, sa_i (B, widest / 32) i32 (widest = max(hidden, inter, H hd)) */
+    float *xn, *qkv, *att, *gu, *hmid, *y, *scores;
+    int8_t *qa; float *da, *sa_f; int32_t *sa_i;
+    /* the tail, as pl_decode_token's: h = RMSNorm(x) * norm (B, hidden), then logits = lm_head(h)
+     * (B, pad16(lm_head rows)) on the kernels. norm NULL: stop after the layers; lm_head.w NULL: after h. */
+    const float *norm;
+    pl_mat lm_head;
+    float *h, *logits;
+} pl_batch;
+
+static int pad16(int n) { return (n + TILE - 1) / TILE * TILE; }
+
+static size_t kv_row_bytes(int kv_type, int hd) {
+    return kv_type == 0 ? (size_t)hd * 4 : kv_type == 1 ? (size_t)hd * 2 : kv_type == 4 ? (size_t)hd / 2 : (size_t)hd;
+}
+
+static float dot_f32(const float *k, const float *q, int n) {
+    int i = 0;
+    float s = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(k + i), _mm256_loadu_ps(q + i), acc);
+    float t[8]; _mm256_storeu_ps(t, acc);
+    s = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+#endif
+    for (; i < n; i++) s += k[i] * q[i];
+    return s;
+}
+
+static void axpy_f32(float *out, float p, const float *v, int n) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 pv = _mm256_set1_ps(p);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+#endif
+    for (; i < n; i++) out[i] += p * v[i];
+}
+
+/* head row `row` (an index over (layers, slots, n_kv, capacity)) of one store: store / dot / axpy */
+static void kvb_store(int kv_type, void *c, void *sc, size_t row, int hd, const float *x) {
+    uint8_t *dst = (uint8_t *)c + row * kv_row_bytes(kv_type, hd);
+    if (kv_type == 0) memcpy(dst, x, (size_t)hd * 4);
+    else if (kv_type == 1) for (int i = 0; i < hd; i++) ((uint16_t *)dst)[i] = f32_to_f16(x[i]);
+    else if (kv_type == 3) quant_row_q8_0(x, hd, (int8_t *)dst, (uint16_t *)sc + row * (hd / 32));
+    else if (kv_type == 4) quant_row_q4_0(x, hd, dst, (uint16_t *)sc + row * (hd / 32));
+    else {  /* int8: amax/127, half to even (store_kv) */
+        float a = 0.0f;
+        for (int i = 0; i < hd; i++) a = fmaxf(a, fabsf(x[i]));
+        const float s = a / 127.0f;
+        for (int i = 0; i < hd; i++) ((int8_t *)dst)[i] = (int8_t)(s > 0.0f ? nearbyintf(x[i] / s) : 0.0f);
+        ((float *)sc)[row] = s;
+    }
+}
+
+static float kvb_dot(int kv_type, const void *c, const void *sc, size_t row, int hd, const float *q) {
+    const uint8_t *src = (const uint8_t *)c + row * kv_row_bytes(kv_type, hd);
+    switch (kv_type) {
+    case 0: return dot_f32((const float *)src, q, hd);
+    case 1: return dot_f16((const uint16_t *)src, q, hd);
+    case 3: return dot_q8_0((const int8_t *)src, (const uint16_t *)sc + row * (hd / 32), q, hd);
+    case 4: return dot_q4_0(src, (const uint16_t *)sc + row * (hd / 32), q, hd);
+    default: return dot_i8((const int8_t *)src, q, hd) * ((const float *)sc)[row];
+    }
+}
+
+static void kvb_axpy(int kv_type, const void *c, const void *sc, size_t row, int hd, float p, float *out) {
+    const uint8_t *src = (const uint8_t *)c + row * kv_row_bytes(kv_type, hd);
+    switch (kv_type) {
+    case 0: axpy_f32(out, p, (const float *)src, hd); break;
+    case 1: axpy_f16(out, p, (const uint16_t *)src, hd); break;
+    case 3: axpy_q8_0(out, p, (const int8_t *)src, (const uint16_t *)sc + row * (hd / 32), hd); break;
+    case 4: axpy_q4_0(out, p, src, (const uint16_t *)sc + row * (hd / 32), hd); break;
+    default: axpy_i8(out, p * ((const float *)sc)[row], (const int8_t *)src, hd);
+    }
+}
+
+typedef struct { const pl_model *m; const pl_batch *b; int layer; } batch_attn_job;
+
+/* job j = (row j / H, head j % H): softmax(q.K / sqrt(hd)) V over the row's visible keys [lo, pos] */
+static void batch_attention(void *p, int j) {
+    const batch_attn_job *a = p;
+    const pl_model *m = a->m;
+    const pl_batch *b = a->b;
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, r = j / H, h = j % H;
+    const int lo = b->lo[r], n = b->pos[r] - lo + 1, g = h / (H / KV);
+    const size_t base = (((size_t)a->layer * b->slots + b->slot[r]) * KV + g) * b->capacity + lo;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd) + (size_t)h * hd;
+    float *sc = b->scores + (size_t)j * b->max_keys, *out = b->att + (size_t)r * H * hd + (size_t)h * hd;
+    float qr[512];
+    for (int i = 0; i < hd; i++) qr[i] = b->kv_type == 1 ? round_f16(q[i]) : q[i];
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        sc[t] = kvb_dot(b->kv_type, b->k, b->k_scale, base + t, hd, qr) * scale;
+        if (sc[t] > mx) mx = sc[t];
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < hd; i++) out[i] = 0.0f;
+    for (int t = 0; t < n; t++) kvb_axpy(b->kv_type, b->v, b->v_scale, base + t, hd, sc[t] * inv, out);
+}
+
+/* y (B, pad16(w->rows)) = x (B, w->cols) @ W.T for the B rows at once */
+static void batch_matmul(const pl_batch *b, const pl_mat *w, const float *x, float *y) {
+    if (w->kind == KIND_PARTS) {  /* row blocks of different kinds (see pl_mat_check) */
+        parts_product(w, x, b->B, y, pad16(w->rows), b->qa, b->da, b->sa_i, b->sa_f);
+        return;
+    }
+    if (is_k(w->kind)) pl_quantize_act_k(x, b->B, w->cols, b->qa, b->da, (int16_t *)b->sa_i);
+    else pl_quantize_act(x, b->B, w->cols, b->qa, b->da, b->sa_i, b->sa_f);
+    const int tiles = (w->rows + TILE - 1) / TILE;
+    pl_gemm(w->kind, w->w, tiles, w->cols, b->qa, b->da, b->sa_i, b->sa_f, b->B, y, tiles * TILE, 0);
+}
+
+int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden), updated in place */) {
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden, B = b->B;
+    if (B < 1 || hd > 512 || KV < 1 || H % KV || b->kv_type < 0 || b->kv_type > 4 ||
+        ((b->kv_type == 3 || b->kv_type == 4) && hd % 32))
+        return -1;
+    for (int r = 0; r < B; r++)
+        if (b->slot[r] < 0 || b->slot[r] >= b->slots || b->pos[r] < 0 || b->pos[r] >= b->capacity || b->lo[r] < 0 ||
+            b->lo[r] > b->pos[r] || b->pos[r] - b->lo[r] + 1 > b->max_keys)
+            return -1;
+    for (int l = 0; l < m->n_layers; l++) {  /* the scratch widths below assume the fused Phi-3 shapes */
+        const pl_layer *L = &m->layers[l];
+        if (L->qkv.rows != (H + 2 * KV) * hd || L->qkv.cols != D || L->o.rows != D || L->o.cols != H * hd ||
+            L->gate_up.rows != 2 * m->inter || L->gate_up.cols != D || L->down.rows != D || L->down.cols != m->inter)
+            return -1;
+    }
+    if (b->norm != NULL && b->lm_head.w != NULL && b->lm_head.cols != D) return -1;
+    const int ldq = pad16((H + 2 * KV) * hd), ldg = pad16(2 * m->inter), ldy = pad16(D), rd = m->rotary_dim;
+    long keys = 0;
+    for (int r = 0; r < B; r++) keys += b->pos[r] - b->lo[r] + 1;
+    for (int l = 0; l < m->n_layers; l++) {
+        const pl_layer *L = &m->layers[l];
+        for (int r = 0; r < B; r++) rmsnorm(x + (size_t)r * D, L->attn_norm, D, m->eps, b->xn + (size_t)r * D);
+        batch_matmul(b, &L->qkv, b->xn, b->qkv);
+        for (int r = 0; r < B; r++) {
+            float *q = b->qkv + (size_t)r * ldq, *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
+            rope(q, H, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
+            rope(k, KV, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
+            for (int g = 0; g < KV; g++) {
+                const size_t row = (((size_t)l * b->slots + b->slot[r]) * KV + g) * b->capacity + b->pos[r];
+                kvb_store(b->kv_type, b->k, b->k_scale, row, hd, k + (size_t)g * hd);
+                kvb_store(b->kv_type, b->v, b->v_scale, row, hd, v + (size_t)g * hd);
+            }
+        }
+        batch_attn_job aj = {m, b, l};
+        if (keys * H >= 64 * 4) parallel_run(batch_attention, &aj, B * H);
+        else for (int j = 0; j < B * H; j++) batch_attention(&aj, j);
+        batch_matmul(b, &L->o, b->att, b->y);
+        for (int r = 0; r < B; r++)
+            for (int i = 0; i < D; i++) x[(size_t)r * D + i] += b->y[(size_t)r * ldy + i];
+        for (int r = 0; r < B; r++) rmsnorm(x + (size_t)r * D, L->ffn_norm, D, m->eps, b->xn + (size_t)r * D);
+        batch_matmul(b, &L->gate_up, b->xn, b->gu);
+        for (int r = 0; r < B; r++) {
+            const float *gu = b->gu + (size_t)r * ldg;
+            float *hm = b->hmid + (size_t)r * m->inter;
+            for (int i = 0; i < m->inter; i++) {
+                const float gate = gu[i];
+                hm[i] = gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
+            }
+        }
+        batch_matmul(b, &L->down, b->hmid, b->y);
+        for (int r = 0; r < B; r++)
+            for (int i = 0; i < D; i++) x[(size_t)r * D + i] += b->y[(size_t)r * ldy + i];
+    }
+    if (b->norm == NULL) return 0;
+    for (int r = 0; r < B; r++) rmsnorm(x + (size_t)r * D, b->norm, D, m->eps, b->h + (size_t)r * D);
+    if (b->lm_head.w != NULL) batch_matmul(b, &b->lm_head, b->h, b->logits);
+    return 0;
 }

@@ -214,6 +214,11 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_read_bandwidth.argtypes = [p, ctypes.c_size_t, i]
     lib.pl_read_bandwidth.restype = ctypes.c_double
     lib.pl_decode_step.restype = i  # arguments: (pl_model*, float* x, int pos, int lo, float* cos, float* sin)
+    # (pl_model*, pl_head*, token, pos, lo, cos, sin, flags) -> argmax / 0 / < 0 refused; engine/cpu.py
+    lib.pl_decode_token.argtypes = [p, p, i, i, i, p, p, i]
+    lib.pl_decode_token.restype = i
+    lib.pl_embed_row.argtypes = [p, i, i, i, i, p]  # (table, type, tiles?, cols, row, float* out) -> 0 / -1
+    lib.pl_embed_row.restype = i
     built = ISA_NAMES[lib.pl_isa()]
     if wanted != "native" and built != wanted:
         raise KernelError(f"{ISA_ENV}={wanted} but the library built with {' '.join(flags(wanted))} runs the "

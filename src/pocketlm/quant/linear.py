@@ -39,8 +39,13 @@ from torch import nn
 from pocketlm.errors import PocketLMError, WeightFormatError
 from pocketlm.quant import codecs, kernels
 
-# `pocketlm quantize --scheme` -> ggml type of the 2-D weights (norms and rope factors always stay F32)
-SCHEMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k": "Q4_K"}
+# `pocketlm quantize --scheme` -> ggml type of the 2-D weights (norms and rope factors always stay F32); q4_k_m is
+# llama.cpp's Q4_K_M mix, Q4_K with some tensors in Q5_K / Q6_K (`tensor_type`)
+SCHEMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_0": "Q5_0", "q5_1": "Q5_1",
+           "q4_0": "Q4_0", "iq4_nl": "IQ4_NL", "q4_k": "Q4_K", "q5_k": "Q5_K", "q6_k": "Q6_K", "q4_k_m": "Q4_K"}
+# llama.cpp's type for a K-quant tensor whose rows are not a multiple of 256 (end of `llama_tensor_get_type`);
+# used by q5_k, q6_k and q4_k_m (q4_k keeps its own Q8_0 fallback)
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 KEEP_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 BACKENDS = ("auto", "reference", "int4", "kernel")
@@ -279,6 +284,53 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, type={self.type_name}, backend={self.backend}"
 
 
+class ConcatQuantizedLinear(nn.Module):
+    """A fused projection whose row blocks are stored in different GGUF types: `y = x @ [W_0; W_1; ...].T`, each
+    W_i a `QuantizedLinear` (`parts[i]`) holding its own bytes unchanged (no requantization).
+
+    llama.cpp's Q4_K_M / Q5_K_M of a model whose rows are not a multiple of 256 (SmolLM2-135M: hidden 576) fall
+    back per tensor (Q4_K -> Q5_0, Q6_K -> Q8_0), so a layer's attn_q/attn_k may be Q5_0 and its attn_v Q8_0,
+    and ffn_gate / ffn_up may differ: such groups become this module instead of one QuantizedLinear of the fused
+    `qkv_proj` / `gate_up_proj`. forward runs every part on its own path (the kernels, int4 or reference, as a
+    QuantizedLinear of that type would) and concatenates the outputs along the features. The C decode step
+    (engine/cpu.py) runs it as one pl_mat of kind KIND_PARTS when every part is on the kernels.
+
+    `backend` is "kernel" when every part runs on the kernels, else the first part's other backend ("reference"
+    or "int4"); the parts are submodules, so `linear_paths` counts each under its own type. `weight` is the whole
+    matrix dequantized to the compute dtype (what a float nn.Linear of the same values would hold: export and
+    quantized safetensors write it as a float matrix, as they did when such groups were loaded as float).
+    """
+
+    def __init__(self, parts: list[QuantizedLinear]):
+        super().__init__()
+        if not parts or len({p.in_features for p in parts}) != 1 or any(p.bias is not None for p in parts):
+            raise QuantError(f"concatenated parts need one column count and no bias; got "
+                             f"{[(p.out_features, p.in_features, p.bias is not None) for p in parts]}")
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.dtype = parts[0].dtype
+        self.type_names = tuple(p.type_name for p in parts)
+        self.type_name = "+".join(self.type_names)
+        paths = [p.backend for p in parts]
+        self.backend = "kernel" if all(b == "kernel" for b in paths) else next(b for b in paths if b != "kernel")
+        self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized().to(self.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """W as float32 (out_features, in_features): the parts' rows in order."""
+        return torch.cat([p.dequantized() for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)  # (..., out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, types={self.type_name}, backend={self.backend}"
+
+
 class QuantizedEmbedding(nn.Module):
     """Row lookup in a GGUF-quantized embedding table: only the looked-up rows are dequantized.
 
@@ -322,26 +374,63 @@ class QuantizedEmbedding(nn.Module):
 
 # ----- whole models --------------------------------------------------------------------------------------------
 
-def tensor_type(scheme: str, name: str, shape: tuple[int, ...], keep_embeddings: str | None = None) -> str:
+def tensor_type(scheme: str, name: str, shape: tuple[int, ...], keep_embeddings: str | None = None, *,
+                num_layers: int | None = None, tied: bool = False) -> str:
     """The ggml type a checkpoint tensor gets under a scheme (the one rule export and `quantize_model` share).
 
     1-D tensors (norms) stay F32. `keep_embeddings` (f32/f16/bf16/q8_0) sets the embedding and lm_head type.
-    A block type whose block does not divide the row length falls back to Q8_0, then F16 (llama.cpp also falls
-    back per tensor); the file records the real type of every tensor.
+    q4_k_m picks per tensor (`q4_k_m_type`; it needs `num_layers`, and `tied` when the embedding is also the
+    output). A block type whose block does not divide the row length falls back, as llama.cpp does per tensor:
+    Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0 under q5_k/q6_k/q4_k_m; the q4_k scheme and the other block types
+    -> Q8_0; then F16. The file records the real type of every tensor.
     """
-    if scheme not in SCHEMES:
-        raise QuantError(f"scheme {scheme!r} is not one of {sorted(SCHEMES)}")
+    check_scheme(scheme)
     if keep_embeddings is not None and keep_embeddings not in KEEP_TYPES:
         raise QuantError(f"--keep-embeddings {keep_embeddings!r} is not one of {sorted(KEEP_TYPES)}")
     if len(shape) < 2 or name.endswith("block_sparse_moe.gate.weight"):
         return "F32"  # norms, and the MoE router (llama.cpp keeps ffn_gate_inp F32: routing is near-tie sensitive)
-    t = SCHEMES[scheme]
+    t = SCHEMES[scheme] if scheme != "q4_k_m" else q4_k_m_type(name, num_layers, tied)
     if keep_embeddings is not None and name in ("model.embed_tokens.weight", "lm_head.weight"):
         t = KEEP_TYPES[keep_embeddings]
-    for candidate in (t, "Q8_0", "F16"):
+    fallback = K_FALLBACK.get(t, "Q8_0") if scheme in ("q5_k", "q6_k", "q4_k_m") else "Q8_0"
+    for candidate in (t, fallback, "F16"):
         if candidate in FLOAT_TYPES or shape[-1] % codecs.BLOCK[candidate][0] == 0:
             return candidate
     raise AssertionError("F16 always fits")
+
+
+def check_scheme(scheme: str) -> None:
+    """Raise QuantError naming the valid schemes when `scheme` is not one of SCHEMES."""
+    if scheme not in SCHEMES:
+        raise QuantError(f"scheme {scheme!r} is not one of {', '.join(SCHEMES)}")
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's `use_more_bits`: the first and the last eighth of the layers, and every third one between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def q4_k_m_type(name: str, num_layers: int | None, tied: bool) -> str:
+    """The type llama.cpp's Q4_K_M gives a checkpoint tensor (`llama_tensor_get_type` in src/llama-quant.cpp,
+    dense models and MoE with other than 8 experts, not Falcon, no importance matrix; before the row-length
+    fallback):
+    - the output (`lm_head`, or the embedding when tied): Q6_K;
+    - the fused attention `qkv_proj` (GGUF `attn_qkv`): Q5_K;
+    - `v_proj` (`attn_v`), `mlp.down_proj` and the MoE experts' `w2` (`ffn_down`, `ffn_down_exps`): Q6_K in the
+      layers where `use_more_bits(layer, num_layers)`, else Q4_K;
+    - every other weight matrix, the untied embedding included: Q4_K.
+    """
+    if name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight"):
+        return "Q6_K"
+    if name.endswith("self_attn.qkv_proj.weight"):
+        return "Q5_K"
+    parts = name.split(".")
+    if name.endswith(("self_attn.v_proj.weight", "mlp.down_proj.weight")) or \
+            (parts[3:5] == ["block_sparse_moe", "experts"] and parts[-2] == "w2"):
+        if num_layers is None or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
+            raise QuantError(f"q4_k_m: the type of {name!r} depends on its layer; pass num_layers")
+        return "Q6_K" if use_more_bits(int(parts[2]), num_layers) else "Q4_K"
+    return "Q4_K"
 
 
 QUANT_CHUNK = 1 << 22
@@ -373,10 +462,12 @@ def quantize_model(model: nn.Module, scheme: str, *, keep_embeddings: str | None
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and module.weight is not model.model.embed_tokens.weight:
-            t = tensor_type(scheme, name + ".weight", tuple(module.weight.shape), keep_embeddings)
+            t = tensor_type(scheme, name + ".weight", tuple(module.weight.shape), keep_embeddings,
+                            num_layers=model.config.num_hidden_layers, tied=tied)
             set_module(model, name, converted_linear(module.weight, t, dtype, backend, bias=module.bias))
     emb = model.model.embed_tokens.weight
-    t = tensor_type(scheme, "model.embed_tokens.weight", tuple(emb.shape), keep_embeddings)
+    t = tensor_type(scheme, "model.embed_tokens.weight", tuple(emb.shape), keep_embeddings,
+                    num_layers=model.config.num_hidden_layers, tied=tied)
     install_embedding(model, emb, t, dtype, backend, tied=tied)
     return model
 

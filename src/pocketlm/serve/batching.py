@@ -3,9 +3,13 @@
     submit() -> waiting queue -> free slot? -> prefix cache lookup -> prefill the rest, in 512-token chunks
     (several prompts batched, interleaved with decode steps) -> its keys/values copied into its slot -> every
     decoding row advances in ONE forward_batched call -> per-row sampling, stop tokens/strings, detokenization
-    -> events to the request's asyncio queue
+    -> events to the request's asyncio queue (delivered once per step: `_Outbox`)
 
 Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one model):
+- Models whose linears run on the CPU kernels decode in ONE C call per step instead (`pl_decode_batch`, see
+  engine/cpu_batch.py: every layer for every row, each row at its own position, window and LongRoPE factor
+  set), and their slot, prefill and prefix caches default to f16, the cache `generate`'s C decoder uses, so a
+  greedy reply equals `generate`'s bit for bit; `--kv-cache` still picks another type.
 - Slots: `SlotKVCache` holds (layers, slots, n_kv, capacity, head_dim) keys/values; each row is written at its
   own position (`update(layer, k, v)`) and the batch attends over its rows' first L positions with the mask of
   `model.attention_mask` (causal by position, sliding window), so stale keys a previous occupant left beyond a
@@ -67,11 +71,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pocketlm.engine.cpu_batch import BatchDecoder
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
 from pocketlm.engine.sampling import SamplingParams, make_generator, sample
 from pocketlm.errors import ConfigError
 from pocketlm.kvcache import dense, kv_store
+from pocketlm.model import KVCache
+from pocketlm.quant.kernels import release_free_memory
 from pocketlm.serve.errors import QueueFullError
 from pocketlm.serve.kvpool import DEFAULT_BLOCK_SIZE, PrefixCache
 from pocketlm.serve.grammar import JsonConstraint, constraint_for, token_table
@@ -79,6 +86,13 @@ from pocketlm.serve.schemas import GenRequest
 
 log = logging.getLogger("pocketlm.serve")
 CAPACITY_STEP = 256
+TRIM_INTERVAL_S = 1.0
+"""When the engine goes idle after serving (at most once per this many seconds), glibc's `malloc_trim(0)` gives
+the C heap's free pages back to the OS: request bodies, token tensors and logits are allocated by several
+threads (the event loop, the scheduler, torch's pool), each with its own malloc arena, and pages freed in an
+arena otherwise stay resident, so RSS crept up over thousands of requests with no live object behind it.
+bench/soak_serve.py --requests 3000 (tiny): idle RSS less the prefix cache grew 10.4% after warm-up without
+this, 2.0% with it (bench/results/soak_serve_3000_{before,after}_trim.json). Live memory is never touched."""
 DEFAULT_PREFIX_CACHE_TOKENS = 8192  # prompt positions the prefix cache keeps (LRU beyond that) by default...
 DEFAULT_PREFIX_CACHE_BYTES = 512 * 2**20  # ...or fewer, when their keys/values would take more memory than this
 
@@ -143,8 +157,10 @@ class SlotKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         assert k.shape[2] == 1, "the slot cache takes one new position per row (decode steps)"
-        self.k[layer, self.rows, :, self.pos] = k[:, :, 0]
-        self.v[layer, self.rows, :, self.pos] = v[:, :, 0]
+        store = k.to(self.k.dtype) if isinstance(self.k, torch.Tensor) else k  # index_put does not convert dtypes
+        self.k[layer, self.rows, :, self.pos] = store[:, :, 0]  # (an f16 cache of an f32 model)
+        store = v.to(self.v.dtype) if isinstance(self.v, torch.Tensor) else v
+        self.v[layer, self.rows, :, self.pos] = store[:, :, 0]
         if self.contiguous:
             n = len(self.rows)
             return dense(self.k[layer, :n, :, :self.L], k.dtype), dense(self.v[layer, :n, :, :self.L], v.dtype)
@@ -217,15 +233,52 @@ class _RowView:
     v: torch.Tensor
 
 
+class _Outbox:
+    """Events the scheduler thread emits during one step, delivered when the step ends with ONE
+    `call_soon_threadsafe` per event loop: each call writes to the loop's wake-up pipe, so 32 streams would
+    otherwise wake the loop (and take the GIL from the scheduler) 32 times a step. Order per request is kept.
+    Events emitted from another thread, or outside a step, go out at once."""
+
+    def __init__(self):
+        self.items: list | None = None  # (request, event) while a step runs
+        self.thread: threading.Thread | None = None
+
+    def open(self) -> None:
+        self.items, self.thread = [], threading.current_thread()
+
+    def add(self, req: "EngineRequest", event: dict) -> bool:
+        if self.items is None or threading.current_thread() is not self.thread:
+            return False
+        self.items.append((req, event))
+        return True
+
+    def flush(self) -> None:
+        items, self.items = self.items or [], None
+        by_loop: dict = {}
+        for req, event in items:
+            by_loop.setdefault(req.loop, []).append((req.queue, event))
+        for loop, events in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, events)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
+
+
+def _put_all(events: list) -> None:
+    for queue, event in events:
+        queue.put_nowait(event)
+
+
 class EngineRequest:
     """A submitted request: its sequences and the asyncio queue its events go to."""
 
     _ids = itertools.count()
 
-    def __init__(self, gen: GenRequest, loop, queue):
+    def __init__(self, gen: GenRequest, loop, queue, outbox: _Outbox | None = None):
         self.gen = gen
         self.loop = loop
         self.queue = queue
+        self.outbox = outbox
         self.number = next(self._ids)
         self.seqs: list[Sequence] = []
         self.cancelled = threading.Event()
@@ -235,6 +288,8 @@ class EngineRequest:
         self.unfinished = 0
 
     def emit(self, event: dict) -> None:
+        if self.outbox is not None and self.outbox.add(self, event):
+            return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -264,7 +319,13 @@ class Engine:
         self.vocab_limit = min(len(tokenizer), model.config.vocab_size)
         p = next(model.parameters())
         self.device = p.device
-        kv_type = getattr(model, "kv_cache_type", None)  # --kv-cache: make_cache's caches are of this type too
+        # decode steps in one C call per step when the linears run on the CPU kernels (engine/cpu_batch.py)
+        self.batch_decoder = BatchDecoder.for_model(model) if self.device.type == "cpu" else None
+        self.c_decode_steps = 0  # decode steps that went through it
+        kv_type = getattr(model, "kv_cache_type", None)  # --kv-cache: the slot, prefill and prefix caches' type
+        if kv_type is None and self.batch_decoder is not None:
+            kv_type = "f16"  # the C decoder's default, as generate's (engine/cpu.py) and llama.cpp's: same replies
+        self.kv_type = kv_type
         self.cache = SlotKVCache(model.config, max_slots, self.context_length, p.dtype, p.device, kv_type)
         self.prefix = None
         if prefix_cache:
@@ -286,6 +347,9 @@ class Engine:
         self._n_active = 0  # len(_active), readable from other threads under the lock
         self._cancel_flag = False
         self._stop = False
+        self._outbox = _Outbox()
+        self._worked = False  # steps ran since the last trim of the C heap (see TRIM_INTERVAL_S)
+        self._trimmed = 0.0
         self.aborts = 0
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="pocketlm-scheduler", daemon=True)
@@ -294,7 +358,7 @@ class Engine:
     # ---- called from the event loop -----------------------------------------------------------------------------
 
     def submit(self, gen: GenRequest, loop, queue) -> EngineRequest:
-        req = EngineRequest(gen, loop, queue)
+        req = EngineRequest(gen, loop, queue, self._outbox)
         for p_i, (prompt, params) in enumerate(zip(gen.prompts, gen.params)):
             for j in range(gen.n):
                 seed = None if params.seed is None else (params.seed + j) % 2**63
@@ -356,12 +420,20 @@ class Engine:
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
+            trim = False
             with self._cond:
                 if self._stop:
                     return
                 if not self._waiting and not self._active and not self._cancel_flag:
-                    self._cond.wait(0.5)
-                    continue
+                    if not self._worked or time.monotonic() - self._trimmed < TRIM_INTERVAL_S:
+                        self._cond.wait(0.5)
+                        continue
+                    trim, self._worked = True, False
+            if trim:  # idle after serving: the freed heap pages go back to the OS (outside the lock)
+                release_free_memory()
+                self._trimmed = time.monotonic()
+                continue
+            with self._cond:
                 self._reap_cancelled()
                 while self._waiting and self._free:
                     seq = self._waiting.popleft()
@@ -370,6 +442,7 @@ class Engine:
                 self._n_active = len(self._active)
             if not self._active:
                 continue
+            self._outbox.open()
             try:
                 with torch.inference_mode():
                     self._step()
@@ -377,7 +450,10 @@ class Engine:
                 log.exception("engine step failed")
                 for seq in list(self._active):
                     self._fail(seq.req, f"internal error during generation ({type(e).__name__})")
+            finally:
+                self._outbox.flush()  # the step's events, one wake-up per event loop
             self.steps += 1
+            self._worked = True
 
     def _reap_cancelled(self) -> None:
         """Under the lock: drop cancelled requests from the queue and the slots, one abort per request."""
@@ -444,7 +520,10 @@ class Engine:
             if seq.prefill_cache is None:
                 if self.prefix is not None and not score and self._block_in_flight(seq, mode, work):
                     continue  # this step computes the same next block for another prompt: take it next step
-                seq.prefill_cache = self.model.make_cache(1, len(seq.prompt))
+                seq.prefill_cache = (self.model.make_cache(1, len(seq.prompt))
+                                     if self.kv_type == getattr(self.model, "kv_cache_type", None) else
+                                     KVCache(self.model.config, 1, len(seq.prompt), self.cache.dtype, self.device,
+                                             self.kv_type))  # the kernels' f16 default (see __init__)
                 if self.prefix is not None and not score:  # echo scores need every position's logits
                     # at least the last prompt token is computed: its logits give the first sampled token
                     seq.prefill_pos = self.prefix.match(seq.prompt, mode, len(seq.prompt) - 1, seq.prefill_cache)
@@ -475,12 +554,21 @@ class Engine:
         rows = [s for s in self._active if s.length > 0 and not s.finished]
         if not rows:
             return
-        self.cache.begin([s.slot for s in rows], [s.length for s in rows])
-        ids = torch.tensor([[s.out[-1]] for s in rows], device=self.device)
-        positions = self.cache.pos[:, None]
-        k_pos = torch.arange(self.cache.L, device=self.device)[None, :].expand(len(rows), -1)
-        mask = self.model.attention_mask(positions, k_pos)
-        logits = self._mask_padding(self.model.forward_batched(ids, positions, mask, self.cache))[:, -1]
+        if self.batch_decoder is not None and self.batch_decoder.supports(self.cache):
+            # all rows through every layer in one C call (engine/cpu_batch.py); each row's own position,
+            # sliding window and LongRoPE factor set
+            self.cache.ensure(max(s.length for s in rows) + 1)
+            logits = self.batch_decoder.step([s.out[-1] for s in rows], [s.slot for s in rows],
+                                             [s.length for s in rows], self.cache)
+            self.c_decode_steps += 1
+        else:
+            self.cache.begin([s.slot for s in rows], [s.length for s in rows])
+            ids = torch.tensor([[s.out[-1]] for s in rows], device=self.device)
+            positions = self.cache.pos[:, None]
+            k_pos = torch.arange(self.cache.L, device=self.device)[None, :].expand(len(rows), -1)
+            mask = self.model.attention_mask(positions, k_pos)
+            logits = self.model.forward_batched(ids, positions, mask, self.cache)
+        logits = self._mask_padding(logits)[:, -1]  # (B, vocab)
         for i, seq in enumerate(rows):
             seq.length += 1
             self._guarded_accept(seq, logits[i])
