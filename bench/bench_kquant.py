@@ -15,7 +15,11 @@ llama.cpp, same weights, same run.
 3. pocketlm reference path: `load_gguf(backend="reference")` (dequantize + float matmul per call), the same
    prompt, `--ref-decode` tokens (it is slow).
 4. llama.cpp (llama-cpp-python, when installed and not --no-llama-cpp): the same prompt in one eval, then
-   `--decode` greedy tokens; wall clock including Python (llama-cpp-python), as for pocketlm.
+   `--decode` greedy tokens; wall clock including Python (llama-cpp-python), as for pocketlm. Greedy tokens are
+   read from llama.cpp's C logits buffer (`llm.scores` is not filled without logits_all).
+Every decoded token is timed alone: decode tokens/s = 1 / the median token time, and the table shows the share
+of the threads' time spent waiting for a core (other processes; see `sched_s`: a loaded 2-core machine slows a
+2-thread llama.cpp far more than pocketlm, so compare only low-wait runs, or run with --threads 1).
 Kernels and llama.cpp alternate `--repeats` times (median reported), each in its own process; on an AVX512 CPU
 the kernels also run with $POCKETLM_KERNEL_ISA=avx2 (the path of AVX2-only CPUs). Also reports the
 roofline: bytes read per decoded token / measured read bandwidth. Prints a table, writes JSON (default
@@ -48,6 +52,38 @@ def prompt_ids(n: int, vocab: int = 32000, seed: int = 0) -> list[int]:
     return [1] + [rng.randrange(3, vocab) for _ in range(n - 1)]
 
 
+def sched_s() -> tuple[float, float]:
+    """(CPU seconds, run-queue wait seconds) of this process's threads, summed (/proc/self/task/*/schedstat).
+    The wait is time runnable without a core: CPU contention from other processes. It explains this bench's
+    old llama.cpp figures (2.5-6.4 decode tokens/s): llama.cpp's threads spin at a barrier after every graph op,
+    so with another process on one of 2 cores a 2-thread llama.cpp waits out that process's time slice at every
+    op (about 230 ms per token against 8 ms idle, the wait equal to the token time), while it decoded the same
+    file at 73-85 tokens/s on 1 thread. pocketlm's threads claim work chunks dynamically and degrade in
+    proportion; compare only runs with low wait shares, or use --threads 1."""
+    import glob
+    cpu = wait = 0
+    for f in glob.glob("/proc/self/task/*/schedstat"):
+        try:
+            fields = open(f).read().split()
+            cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
+        except (OSError, IndexError, ValueError):  # a thread that exited meanwhile
+            pass
+    return cpu / 1e9, wait / 1e9
+
+
+def timed_decode(step, tok: int, count: int, threads: int) -> dict:
+    """`count` greedy tokens `step(tok) -> next tok`, each timed alone. decode_tok_s = 1 / the median token time
+    (one preempted token does not move it); decode_wait_share = run-queue wait / (wall x threads)."""
+    times, waits = [], []
+    for _ in range(count):
+        w, t = sched_s()[1], time.perf_counter()
+        tok = step(tok)
+        times.append(time.perf_counter() - t)
+        waits.append(sched_s()[1] - w)
+    return {"decode_s": sum(times), "decode_token_s": times, "decode_tok_s": 1.0 / statistics.median(times),
+            "decode_wait_share": sum(waits) / (sum(times) * threads)}
+
+
 # ----- workers (one process each) -----------------------------------------------------------------------------------
 
 def worker_pocketlm(a, backend: str) -> dict:
@@ -56,7 +92,7 @@ def worker_pocketlm(a, backend: str) -> dict:
     from pocketlm.engine import cpu
     from pocketlm.engine.generate import prefill
     from pocketlm.quant import kernels
-    from pocketlm.quant.gguf_import import load_gguf
+    from pocketlm.formats.gguf_model import load_gguf
     from pocketlm.quant.linear import QuantizedLinear
     kernels.set_threads(a.threads)
     torch.set_num_threads(a.threads)
@@ -79,13 +115,12 @@ def worker_pocketlm(a, backend: str) -> dict:
         t = time.perf_counter()
         logits = prefill(fast, cache, ids)
         out["prompt_s"] = time.perf_counter() - t
+        if not torch.isfinite(logits).all():
+            raise SystemExit("pocketlm's logits after the prompt are not all finite")
         tok = int(logits.argmax())
-        t = time.perf_counter()
-        for _ in range(n_decode):
-            tok = int(fast(torch.tensor([[tok]]), cache, last_only=True)[0, -1].argmax())
-        out["decode_s"] = time.perf_counter() - t
+        out.update(timed_decode(lambda tok: int(fast(torch.tensor([[tok]]), cache, last_only=True)[0, -1].argmax()),
+                                tok, n_decode, a.threads))
     out["prompt_tok_s"] = a.prompt / out["prompt_s"]
-    out["decode_tok_s"] = n_decode / out["decode_s"]
     return out
 
 
@@ -96,18 +131,24 @@ def worker_llamacpp(a) -> dict:
                           n_threads_batch=a.threads, verbose=False)
     out = {"engine": "llama.cpp", "version": llama_cpp.__version__}
     ids = prompt_ids(a.prompt)
+    vocab = llm.n_vocab()
+
+    def last_logits():  # llm.scores is not filled without logits_all (it stayed zeros: argmax 0 every token)
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))
+
     llm.reset()
     t = time.perf_counter()
     llm.eval(ids)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits()))
     out["prompt_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for _ in range(a.decode):
+    if not np.isfinite(last_logits()).all():
+        raise SystemExit("llama.cpp's logits after the prompt are not all finite")
+
+    def step(tok: int) -> int:
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    out["decode_s"] = time.perf_counter() - t  # wall clock with Python, as pocketlm's
+        return int(np.argmax(last_logits()))
+    out.update(timed_decode(step, tok, a.decode, a.threads))  # wall clock with Python, as pocketlm's
     out["prompt_tok_s"] = a.prompt / out["prompt_s"]
-    out["decode_tok_s"] = a.decode / out["decode_s"]
     llm.close()
     return out
 
@@ -168,12 +209,11 @@ def main() -> None:
     # the AVX2 path too where the native one is AVX512 (the AVX2-only CPUs users have)
     forced = ["avx2"] if kernels.isa() == "avx512-vnni" and "avx2" in kernels.supported_isas() else []
     runs: dict[str, list[dict]] = {"kernel": [], "llama.cpp": [], **{f"kernel-{i}": [] for i in forced}}
-    for _ in range(a.repeats):  # alternate, so that drifting load hits all
-        runs["kernel"].append(run_worker("kernel", a))
-        for i in forced:
-            runs[f"kernel-{i}"].append(run_worker("kernel", a, isa=i))
-        if have_llama:
-            runs["llama.cpp"].append(run_worker("llama.cpp", a))
+    for rep in range(a.repeats):  # alternate, the order too, so that drifting load hits all
+        order = ["kernel"] + [f"kernel-{i}" for i in forced] + (["llama.cpp"] if have_llama else [])
+        for key in (order if rep % 2 == 0 else order[::-1]):
+            isa = key.split("-", 1)[1] if key.startswith("kernel-") else None
+            runs[key].append(run_worker("kernel" if isa else key, a, isa=isa))
     ref = run_worker("reference", a)
     rows = {}
     named = [(f"pocketlm kernels ({kernels.isa()})", runs["kernel"])]
@@ -181,13 +221,14 @@ def main() -> None:
     for name, rs in (*named, ("llama.cpp", runs["llama.cpp"]), ("pocketlm reference", [ref])):
         if rs:
             rows[name] = {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs),
+                          "decode_wait_share": statistics.median(r["decode_wait_share"] for r in rs),
                           "prompt_tok_s": statistics.median(r["prompt_tok_s"] for r in rs), "runs": rs}
     roofline = bw * 1e9 / weight_bytes
     print(f"{a.mix.upper()}, {a.preset} width, {a.layers} layers, {weight_bytes / 1e6:.0f} MB read per token; "
           f"kernels isa: {kernels.isa()}; {a.threads} threads; {platform.processor() or platform.machine()}")
     print(f"read bandwidth {bw:.1f} GB/s -> roofline {roofline:.1f} tokens/s")
     print(f"{'engine':<30} {'decode tok/s':>13} {'prompt tok/s':>13} {'decode vs ref':>14} {'vs llama.cpp':>13} "
-          f"{'of roofline':>12}")
+          f"{'of roofline':>12} {'wait':>5}")
     base = rows.get("llama.cpp")
     for name, r in rows.items():
         r["decode_vs_reference"] = r["decode_tok_s"] / rows["pocketlm reference"]["decode_tok_s"]
@@ -196,7 +237,8 @@ def main() -> None:
         r["of_roofline"] = r["decode_tok_s"] / roofline
         vs = f"{r['decode_vs_llama_cpp']:.2f}x" if base else "-"
         print(f"{name:<30} {r['decode_tok_s']:>13.2f} {r['prompt_tok_s']:>13.1f} {r['decode_vs_reference']:>13.1f}x "
-              f"{vs:>13} {r['of_roofline']:>11.0%}")
+              f"{vs:>13} {r['of_roofline']:>11.0%} {r['decode_wait_share']:>5.0%}")
+    print("wait: share of the decode threads' time spent waiting for a core (other load; see sched_s)")
     result = {"preset": a.preset, "layers": a.layers, "mix": a.mix,
               "types": MIXES[a.mix] + (f" + {DOWN[a.mix]} for ffn_down and output" if a.mix in DOWN else ""),
               "isa": kernels.isa(), "threads": a.threads, "prompt": a.prompt, "decode": a.decode,

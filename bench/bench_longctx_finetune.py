@@ -10,7 +10,7 @@ batch and learning rate: "longrope" (factors from LongRoPE's evolutionary search
 /usr/share/common-licenses except GPL-3; test text: the GPL-3 (else README.md halves), never trained on.
 Reported per method, before ("start": factors only) and after fine-tuning: test perplexity at the target length by
 position bucket, perplexity on `original`-token windows (the short factors: short-context quality, against the
-untouched model), and passkey accuracy (pocketlm.eval.longctx, depth 50%) at original, 2x and the target length.
+untouched model), and passkey accuracy (pocketlm.eval.longctx, depth 50%) at original, 2x, 4x, ... and the target length.
 "none" is the control: plain RoPE (extrapolating past `original`), "start" the untouched model, fine-tuned with the
 same tokens at the original length (rows of `original` tokens, scale x as many per step): how much of the gain is
 adaptation to the text rather than to the length. Writes JSON and a PNG.
@@ -28,19 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-LICENSES = Path("/usr/share/common-licenses")
-
-
-@torch.inference_mode()
-def nll_by_position(model, windows) -> torch.Tensor:
-    """Mean NLL at each position 1..T-1 over the windows (the model's own rope mode for the length)."""
-    rows = []
-    for w in windows:
-        x = torch.tensor([w])
-        rows.append(torch.nn.functional.cross_entropy(model(x)[0, :-1].float(), x[0, 1:], reduction="none"))
-    return torch.stack(rows).mean(0)
+from longctx_windows import ROOT, nll_by_position, test_and_train_text, windows  # bench/: shared with bench_longrope
 
 
 def passkey(model, tok, lengths, samples) -> dict[str, float]:
@@ -76,18 +64,10 @@ def main() -> None:
     path = default_model_path()
     tok = pocketlm.Tokenizer.from_pretrained(path)
     T, O = int(a.original * a.scale), a.original
-    gpl = LICENSES / "GPL-3"
-    if gpl.exists():
-        test_ids = tok.encode(gpl.read_text(encoding="utf-8"))
-        train_text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(LICENSES.iterdir())
-                                 if p.is_file() and p.name not in ("GPL-3", "GPL"))
-    else:
-        text = (ROOT / "README.md").read_text(encoding="utf-8")
-        test_ids, train_text = tok.encode(text[: len(text) // 3]), text[len(text) // 3:]
-    train_ids = tok.encode(train_text)
-    test_long = [test_ids[i * T:(i + 1) * T] for i in range(min(a.test_windows, len(test_ids) // T))]
-    test_short = [test_ids[i * O:(i + 1) * O] for i in range(min(a.test_windows * int(a.scale), len(test_ids) // O))]
-    lengths = sorted({O, min(2 * O, T), T})
+    test_text, train_text = test_and_train_text()
+    test_ids, train_ids = tok.encode(test_text), tok.encode(train_text)
+    test_long, test_short = windows(test_ids, T, a.test_windows), windows(test_ids, O, a.test_windows * int(a.scale))
+    lengths = sorted({min(O << k, T) for k in range(int(math.log2(max(T // O, 1))) + 2)})  # O, 2O, 4O, ... T
     work = Path(tempfile.mkdtemp(prefix="bench-longctx-"))
     write_shards(work / "text", [train_ids], dtype="uint16")
 

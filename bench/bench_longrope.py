@@ -4,8 +4,8 @@
                                    [--out bench/results/bench_longrope.json]
 
 Model: the embedded default model (pocketlm's `nano`, pretrained on 256-token rows; its config allows 1024
-positions), float32. Text: the GPL-3 text Debian ships (else README.md), cut into windows of `--target` tokens:
-the first two are the search's held-out set, the rest the test set. Schemes, all with LongRoPE's magnitude
+positions), float32. Text: the GPL-3 text Debian ships (else README.md's first third: longctx_windows.py), cut
+into windows of `--target` tokens: the first two are the search's held-out set, the rest the test set. Schemes, all with LongRoPE's magnitude
 sqrt(1 + ln s / ln original) except "none": plain RoPE (no scaling: positions past 256 are extrapolated), PI,
 NTK-aware, YaRN-style by-parts, and the factors `pocketlm.longrope_search.search` finds (its initial population
 holds PI/NTK/YaRN, so on the search set it is never worse). Reported: test-set perplexity overall and by position
@@ -23,24 +23,16 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-GPL = Path("/usr/share/common-licenses/GPL-3")
+from longctx_windows import ROOT, nll_by_position, test_and_train_text, windows  # bench/: shared with the fine-tune
 
 
-@torch.inference_mode()
-def nll_by_position(model, windows, config) -> torch.Tensor:
-    """Mean NLL at each position 1..T-1 over the windows, under `config`'s rotary setting."""
+def nll_under(model, test: list[list[int]], config) -> torch.Tensor:
+    """Mean NLL at each position 1..T-1 over the test windows, under `config`'s rotary setting."""
     from pocketlm.model import RotaryEmbedding
     saved = model.config, model.rotary_emb
     try:
         model.config, model.rotary_emb = config, RotaryEmbedding(config)
-        rows = []
-        for w in windows:
-            x = torch.tensor([w])
-            logits = model(x)[0, :-1].float()
-            rows.append(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none"))
-        return torch.stack(rows).mean(0)
+        return nll_by_position(model, test)
     finally:
         model.config, model.rotary_emb = saved
 
@@ -61,13 +53,12 @@ def main() -> None:
     path = default_model_path()
     model = pocketlm.load(str(path), dtype="float32").eval()
     tok = pocketlm.Tokenizer.from_pretrained(path)
-    text = (GPL if GPL.exists() else ROOT / "README.md").read_text(encoding="utf-8")
-    ids = tok.encode(text)
+    ids = tok.encode(test_and_train_text()[0])
     T = a.target
-    windows = [ids[i * T:(i + 1) * T] for i in range(len(ids) // T)]
-    if len(windows) < 3:
+    cut = windows(ids, T)
+    if len(cut) < 3:
         raise SystemExit(f"the text holds {len(ids)} tokens: fewer than 3 windows of {T}")
-    held_out, test = windows[:2], windows[2:]
+    held_out, test = cut[:2], cut[2:]
     base = model.config.replace(max_position_embeddings=a.original)  # the model as trained: 256 positions
     model.config = base
     t0 = time.perf_counter()
@@ -83,7 +74,7 @@ def main() -> None:
                "searched": extended_config(base, res.long_factor, T, a.original)}
     rows, curves = {}, {}
     for name, cfg in schemes.items():
-        nll = nll_by_position(model, test, cfg)  # (T-1,)
+        nll = nll_under(model, test, cfg)  # (T-1,)
         buckets = {f"{i}-{min(i + a.bucket, T) - 1}": math.exp(nll[max(i - 1, 0):i + a.bucket - 1].mean().item())
                    for i in range(0, T, a.bucket)}
         rows[name] = {"perplexity": math.exp(nll.mean().item()),

@@ -15,10 +15,13 @@ cache (the first request to be prefilled fills it); round 2 sends 16 new user me
 prompt. Reported: TTFT p50/p99 per round with and without the cache, their ratio (target: p50 with <= 1/3 of
 without), and the server's prefix cache hit rate from /metrics.
 
-    python bench/bench_serve.py [--model tiny|default|PATH] [--max-tokens 64] [--levels 1,4,8,16,32]
-                                [--threads 1] [--shared-clients 16] [--out FILE.json]
+    python bench/bench_serve.py [--model tiny|default|PATH] [--quantize q8_0] [--max-tokens 64]
+                                [--levels 1,4,8,16,32] [--threads 1] [--shared-clients 16] [--out FILE.json]
 
-`--model default` serves the embedded default model (`pocketlm serve` with MODEL omitted).
+`--model default` serves the embedded default model (`pocketlm serve` with MODEL omitted). `--quantize SCHEME`
+passes `--quantize` to the server (and the in-process baseline): a float model then runs on the CPU kernels,
+whose decode steps are one C call per step for the whole batch (engine/cpu_batch.py). The JSON records the
+1-minute load average before and after the run (the machine may be shared).
 
 The server runs in its own process (so the client's Python does not share its GIL); prints a table and writes
 JSON. On the shared 2-core development machine the numbers move with other load: compare within one run.
@@ -184,7 +187,7 @@ def shared_prompt_scenario(model_args: list[str], common: list[str], clients: in
     return out
 
 
-def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4) -> dict:
+def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4, quantize: str | None = None) -> dict:
     import torch
 
     import pocketlm
@@ -194,9 +197,9 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
     torch.set_num_threads(threads)
     if model_name == "default":  # as `pocketlm serve` loads it: float32
         from pocketlm.api import default_model_path
-        model = pocketlm.load(str(default_model_path()), dtype="float32")
+        model = pocketlm.load(str(default_model_path()), dtype="float32", quantize=quantize)
     else:
-        model = pocketlm.load(model_name)
+        model = pocketlm.load(model_name, quantize=quantize)
     tok = Tokenizer.default()
     tokens, t0 = 0, time.perf_counter()
     for i in range(n):
@@ -210,6 +213,7 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--quantize", default=None, help="passed to `pocketlm serve --quantize` (e.g. q8_0)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,8,16,32")
     ap.add_argument("--threads", type=int, default=1)
@@ -220,7 +224,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON output (default: <tmp>/pocketlm-bench/serve-<device>.json)")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
-    model_args = [] if args.model == "default" else [args.model]
+    model_args = ([] if args.model == "default" else [args.model]) + (["--quantize", args.quantize] if args.quantize
+                                                                       else [])
+    load_before = os.getloadavg()[0]
     common = ["--threads", str(args.threads), "--device", args.device]
     server = Server([*model_args, *common, "--max-slots", str(max(levels)),
                      "--context-length", str(min(1024, 64 + args.max_tokens * 2))])
@@ -231,9 +237,13 @@ def main(argv=None) -> int:
         rows = [asyncio.run(run_level(url, c, args.max_tokens)) for c in levels]
     shared = (shared_prompt_scenario(model_args, common, args.shared_clients, args.shared_max_tokens)
               if args.shared_clients > 0 else None)
-    base = generate_baseline(args.model, args.max_tokens, args.threads) if args.device == "cpu" else None
-    print(f"\npocketlm serve, model {args.model}, {args.max_tokens} tokens per request, greedy, "
-          f"torch threads {args.threads}, {platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    base = (generate_baseline(args.model, args.max_tokens, args.threads, quantize=args.quantize)
+            if args.device == "cpu" else None)
+    load_after = os.getloadavg()[0]
+    print(f"\npocketlm serve, model {args.model}{' --quantize ' + args.quantize if args.quantize else ''}, "
+          f"{args.max_tokens} tokens per request, greedy, torch threads {args.threads}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load average (1 min) "
+          f"{load_before:.1f} before / {load_after:.1f} after")
     print(f"{'concurrent':>10} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} {'one-at-a-time tok/s':>20} "
           f"{'speedup':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12}")
     for r in rows:
@@ -256,7 +266,8 @@ def main(argv=None) -> int:
         if m:
             print(f"prefix cache: hit rate {m.get('hit_rate', 0):.3f} ({m.get('hit_tokens_total', 0):.0f} hit, "
                   f"{m.get('miss_tokens_total', 0):.0f} computed prompt tokens)")
-    result = {"model": args.model, "max_tokens": args.max_tokens, "threads": args.threads, "device": args.device,
+    result = {"model": args.model, "quantize": args.quantize, "load_average_1min": [load_before, load_after],
+              "max_tokens": args.max_tokens, "threads": args.threads, "device": args.device,
               "levels": rows, "generate_baseline": base, "shared_system_prompt": shared,
               "command": " ".join(cmd[1:])}
     out = args.out or os.path.join(tempfile.gettempdir(), "pocketlm-bench", f"serve-{args.device.split(':')[0]}.json")

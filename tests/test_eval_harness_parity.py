@@ -11,15 +11,12 @@ per-choice log-likelihoods within 1e-4, and the same acc/acc_norm per item and o
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from eval_helpers import DATA, boolq_yaml, run_lm_eval  # the shared lm-eval harness: tests/eval_helpers.py
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
@@ -30,7 +27,6 @@ from pocketlm.eval.runner import evaluate  # noqa: E402
 from pocketlm.eval.tasks import get_task  # noqa: E402
 from pocketlm.formats.hf import save_checkpoint  # noqa: E402
 
-DATA = Path(__file__).parent / "data" / "eval"
 LM_TASKS = Path(lm_eval.__file__).parent / "tasks"
 SHOTS = {"hellaswag": 5, "winogrande": 5, "arc_challenge": 10, "boolq": 2, "mmlu": 5}
 
@@ -71,22 +67,6 @@ def _write_tasks(folder: Path) -> list[Path]:
           - metric: acc
           - metric: acc_norm
         """)
-    boolq_yaml = textwrap.dedent(f"""\
-        task: pl_boolq
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            train: {DATA / 'boolq/train.jsonl'}
-            validation: {DATA / 'boolq/dev.jsonl'}
-        output_type: multiple_choice
-        training_split: train
-        validation_split: validation
-        doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-        doc_to_choice: ["no", "yes"]
-        doc_to_target: "{{{{ 1 if answer else 0 }}}}"
-        metric_list:
-          - metric: acc
-        """)
     mmlu = DATA / "mmlu/data"
     mmlu_yaml = textwrap.dedent(f"""\
         task: pl_mmlu
@@ -111,34 +91,12 @@ def _write_tasks(folder: Path) -> list[Path]:
         """)
     paths = {"hellaswag": hs.replace("task: hellaswag", "task: pl_hellaswag"),
              "winogrande": wg.replace("task: winogrande", "task: pl_winogrande"),
-             "arc_challenge": arc_yaml, "boolq": boolq_yaml, "mmlu": mmlu_yaml}
+             "arc_challenge": arc_yaml, "boolq": boolq_yaml("pl_boolq"), "mmlu": mmlu_yaml}
     out = []
     for name, text in paths.items():
         (folder / f"{name}.yaml").write_text(text)
         out.append(folder / f"{name}.yaml")
     return out
-
-
-RUNNER = """
-import json, sys
-import lm_eval
-from lm_eval.tasks import TaskManager
-model_dir, out, *specs = sys.argv[1:]
-results = {}
-for spec in specs:
-    path, shots = spec.rsplit("=", 1)
-    r = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=[path],
-                                num_fewshot=int(shots), task_manager=TaskManager(), log_samples=True,
-                                batch_size=4, device="cpu", random_seed=0, numpy_random_seed=0,
-                                torch_random_seed=0, fewshot_random_seed=1234)
-    (name,) = r["results"]
-    samples = sorted(r["samples"][name], key=lambda s: s["doc_id"])
-    results[name] = {"results": r["results"][name],
-                     "samples": [{"doc_id": s["doc_id"], "args": [a for a in s["arguments"]],
-                                  "lls": [x[0][0] for x in s["resps"]], "acc": s.get("acc"),
-                                  "acc_norm": s.get("acc_norm")} for s in samples]}
-json.dump(results, open(out, "w"))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +106,7 @@ def harness_run(tmp_path_factory):
     tok = pocketlm.Tokenizer.default()
     save_checkpoint(model, tmp / "model", tokenizer=tok)
     yamls = _write_tasks(tmp / "tasks")
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(tmp / "hf_home"), TOKENIZERS_PARALLELISM="false", HF_DATASETS_DISABLE_PROGRESS_BARS="1")
-    specs = [f"{p}={SHOTS[p.stem]}" for p in yamls]
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp / "model"), str(tmp / "lm.json"), *specs],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    theirs = json.loads((tmp / "lm.json").read_text())
+    theirs = run_lm_eval(tmp / "model", {f"pl_{p.stem}": (p, SHOTS[p.stem], "") for p in yamls}, tmp)
     ours_model = pocketlm.load(tmp / "model")
     backend = PocketLMBackend(ours_model, pocketlm.Tokenizer.from_pretrained(tmp / "model"))
     astronomy = tmp / "mmlu_astronomy"  # the subject lm-eval's YAML reads

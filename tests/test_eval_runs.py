@@ -5,14 +5,10 @@ without a train split."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
+from eval_helpers import DATA, boolq_yaml, run_lm_eval  # the shared lm-eval harness: tests/eval_helpers.py
 
 import pocketlm
 from pocketlm.cli import main
@@ -21,8 +17,6 @@ from pocketlm.eval.data import EvalDataError
 from pocketlm.eval.runner import FewShotError, evaluate, prepare
 from pocketlm.eval.tasks import get_task, resolve_tasks
 from pocketlm.formats.hf import save_checkpoint
-
-DATA = Path(__file__).parent / "data" / "eval"
 
 
 @pytest.fixture(scope="module")
@@ -68,49 +62,14 @@ def test_add_bos_true_is_what_transformers_5_encodes(phi3_like):
     assert hf[0] == tok.bos_id
 
 
-LM_RUNNER = """
-import json, sys
-import lm_eval
-from lm_eval.tasks import TaskManager
-model_dir, yaml_path, out = sys.argv[1:]
-res = {}
-for name, extra in (("default", ""), ("nobos", ",add_bos_token=False")):
-    r = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype=float32{extra}",
-                                tasks=[yaml_path], num_fewshot=2, task_manager=TaskManager(), log_samples=True,
-                                batch_size=4, device="cpu", fewshot_random_seed=1234)
-    (task,) = r["samples"]
-    res[name] = [[x[0][0] for x in s["resps"]] for s in sorted(r["samples"][task], key=lambda s: s["doc_id"])]
-json.dump(res, open(out, "w"))
-"""
-
-
 @pytest.mark.slow  # ~30 s: lm-eval and transformers load in a subprocess
 def test_add_bos_reproduces_lm_eval_either_way(phi3_like, tmp_path):
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")
     yaml_path = tmp_path / "pl_boolq_bos.yaml"
-    yaml_path.write_text(textwrap.dedent(f"""\
-        task: pl_boolq_bos
-        dataset_path: json
-        dataset_kwargs:
-          data_files:
-            train: {DATA / 'boolq/train.jsonl'}
-            validation: {DATA / 'boolq/dev.jsonl'}
-        output_type: multiple_choice
-        training_split: train
-        validation_split: validation
-        doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-        doc_to_choice: ["no", "yes"]
-        doc_to_target: "{{{{ 1 if answer else 0 }}}}"
-        metric_list:
-          - metric: acc
-        """))
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, "-c", LM_RUNNER, str(phi3_like), str(yaml_path), str(tmp_path / "o.json")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = json.loads((tmp_path / "o.json").read_text())
+    yaml_path.write_text(boolq_yaml("pl_boolq_bos"))
+    theirs = run_lm_eval(phi3_like, {"default": (yaml_path, 2, ""), "nobos": (yaml_path, 2, ",add_bos_token=False")},
+                         tmp_path)
     from pocketlm.eval.backends import PocketLMBackend
     model, tok = pocketlm.load(phi3_like), pocketlm.Tokenizer.from_pretrained(phi3_like)
     ours = {}
@@ -121,10 +80,11 @@ def test_add_bos_reproduces_lm_eval_either_way(phi3_like, tmp_path):
         ours[mode] = [r["loglikelihoods"] for r in run["samples"]["boolq"]]
     import transformers
     lm_default = "true" if int(transformers.__version__.split(".")[0]) >= 5 else "auto"
-    for a, b in zip(ours[lm_default], theirs["default"]):
-        assert a == pytest.approx(b, abs=1e-4)
-    for a, b in zip(ours["auto"], theirs["nobos"]):
-        assert a == pytest.approx(b, abs=1e-4)
+    for label, mode in (("default", lm_default), ("nobos", "auto")):
+        lls = [s["lls"] for s in theirs[label]["samples"]]
+        assert len(lls) == len(ours[mode]) > 0
+        for a, b in zip(ours[mode], lls):
+            assert a == pytest.approx(b, abs=1e-4)
     assert abs(ours["true"][0][0] - ours["auto"][0][0]) > 1e-3  # BOS really changes the scores
 
 
