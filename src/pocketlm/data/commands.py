@@ -4,6 +4,8 @@
     pocketlm data corpus --out DIR [--sources a,b]                   build the Debian-docs corpus (after apt)
     pocketlm data synth --out FILE.jsonl --count N [--seed S]        procedural synthetic lessons
     pocketlm data teacher --out FILE.jsonl --base-url URL --model M --topics FILE [--audiences ..] [--styles ..]
+    pocketlm data teacher --kind lessons|chats|prefs --count N --out FILE.jsonl --base-url URL --model M
+                          [--concurrency N] [--domains a,b]        topic-tree lessons / SFT chats / DPO pairs
     pocketlm data train-edu --annotations FILE.jsonl --out DIR       train the edu head; prints held-out F1
     pocketlm data score --head DIR FILE.jsonl                        print edu scores of documents
 """
@@ -56,13 +58,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--api-key", default=None)
-    p.add_argument("--topics", required=True, help="file with one topic per line")
+    p.add_argument("--topics", default=None, help="file with one topic per line (required without --kind)")
     p.add_argument("--extracts", default=None, help="JSONL documents used as inspiration (web extracts)")
     p.add_argument("--audiences", default="high school students,college students")
     p.add_argument("--styles", default="textbook,tutorial")
     p.add_argument("--count", type=int, default=None, help="seeded draws instead of the full product")
     p.add_argument("--rpm", type=float, default=60.0, help="requests per minute")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["lessons", "chats", "prefs"], default=None,
+                   help="topic-tree data with checks (pocketlm.data.teacher_chat): textbook lessons, SFT chats or "
+                        "DPO preference pairs; needs --count")
+    p.add_argument("--concurrency", type=positive_int, default=1, help="--kind: parallel requests (the server "
+                   "batches them)")
+    p.add_argument("--tree", default=None, help="--kind: topic tree JSON (default: the shipped one)")
+    p.add_argument("--domains", default=None, help="--kind: comma list of topic-tree domains (default: all; "
+                   "'harmful,benign' gives safety data only)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="--kind: per answer (default 160, Python 2x; lessons 400)")
+    p.add_argument("--temperature", type=float, default=None, help="--kind: sampling temperature (default 0.3; "
+                   "lessons 0.7)")
+    p.add_argument("--multi-turn", type=float, default=0.3, help="--kind: share of chats with a follow-up turn")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--corpus-dir", default=None, help="--kind: folder with wordnet.jsonl for definitions")
+    p.add_argument("--decontam-tasks", default=None,
+                   help="--kind: also decontaminate against these eval tasks (simple-qa always)")
+    p.add_argument("--eval-data", default=None, help="--kind: eval data folder for --decontam-tasks")
+    p.add_argument("--decontam-items", default=None, help="--kind: JSONL of {text} evaluation items to avoid")
+    p.add_argument("--no-verify-code", action="store_true", help="--kind: do not run Python answers in the sandbox")
     p = sub.add_parser("train-edu", help="train the educational-value head on annotated JSONL")
     p.add_argument("--annotations", default=None, help="JSONL {text, score}; default: the shipped seed set")
     p.add_argument("--out", required=True)
@@ -117,10 +139,16 @@ def run(args: argparse.Namespace) -> int:
         write_part(args.out, docs)
         print(json.dumps(stats))
         return 0
+    if cmd == "teacher" and args.kind:
+        from pocketlm.data.teacher_chat import run_cli
+
+        return run_cli(args)
     if cmd == "teacher":
         from pocketlm.data.readers import read_documents
         from pocketlm.data.teacher import Teacher, items_from
 
+        if not args.topics:
+            raise DataPipelineError("data teacher: give --topics FILE, or --kind lessons|chats|prefs")
         try:
             topics = [t.strip() for t in Path(args.topics).read_text().splitlines() if t.strip()]
         except OSError as e:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -80,10 +81,11 @@ class Teacher:
         self.limiter = RateLimiter(requests_per_minute, sleep=sleep)
         self.rng, self.sleep = random.Random(seed), sleep
         self.stats = {"requests": 0, "retries": 0, "done": 0, "skipped": 0, "failed": 0}
+        self.lock = threading.Lock()  # limiter, jitter rng and stats: `chat` may be called from several threads
 
-    def _post(self, prompt: str) -> dict:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "temperature": self.temperature, "max_tokens": self.max_tokens}).encode()
+    def _post(self, messages: list[dict], max_tokens: int | None = None) -> dict:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": max_tokens or self.max_tokens}).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -93,21 +95,29 @@ class Teacher:
 
     def complete(self, prompt: str) -> tuple[str, dict]:
         """The completion text and usage, with retries; raises TeacherError when it gives up."""
+        text, usage, _ = self.chat([{"role": "user", "content": prompt}])
+        return text, usage
+
+    def chat(self, messages: list[dict], max_tokens: int | None = None) -> tuple[str, dict, str | None]:
+        """(text, usage, finish_reason) of one chat completion of `messages`, with retries (thread-safe);
+        `max_tokens` overrides the client's for this request."""
         last = ""
         for attempt in range(self.max_retries + 1):
-            self.limiter.wait()
-            self.stats["requests"] += 1
+            with self.lock:
+                self.limiter.wait()
+                self.stats["requests"] += 1
             retry_after = None
             try:
-                data = self._post(prompt)
+                data = self._post(messages, max_tokens)
                 try:
                     text = data["choices"][0]["message"]["content"]
-                except (KeyError, IndexError, TypeError):
+                    finish = data["choices"][0].get("finish_reason")
+                except (KeyError, IndexError, TypeError, AttributeError):
                     raise TeacherError(f"{self.url}: response has no choices[0].message.content: "
                                        f"{json.dumps(data)[:200]}") from None
                 if not isinstance(text, str) or not text.strip():
                     raise TeacherError(f"{self.url}: empty completion")
-                return text, data.get("usage") or {}
+                return text, data.get("usage") or {}, finish
             except urllib.error.HTTPError as e:
                 last = f"HTTP {e.code}"
                 if e.code not in RETRY_STATUS and e.code < 500:
@@ -117,9 +127,10 @@ class Teacher:
             except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as e:
                 last = f"{type(e).__name__}: {e}"
             if attempt < self.max_retries:
-                self.stats["retries"] += 1
-                delay = retry_after if retry_after is not None else \
-                    self.backoff_s * (2 ** attempt) * (0.5 + self.rng.random())
+                with self.lock:
+                    self.stats["retries"] += 1
+                    delay = retry_after if retry_after is not None else \
+                        self.backoff_s * (2 ** attempt) * (0.5 + self.rng.random())
                 self.sleep(delay)
         raise TeacherError(f"{self.url}: gave up after {self.max_retries + 1} attempts (last: {last})")
 
