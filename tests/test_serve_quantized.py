@@ -11,7 +11,7 @@ openai = pytest.importorskip("openai")
 
 def test_quantized_gguf_model_is_served(tmp_path):
     from pocketlm.quant.gguf_export import export_gguf
-    from pocketlm.quant.gguf_import import load_gguf_tokenizer
+    from pocketlm.formats.gguf_model import load_gguf_tokenizer
     from pocketlm.quant.linear import QuantizedLinear
     from pocketlm.serve.app import BackgroundServer, ServerConfig, create_app
 
