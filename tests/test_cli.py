@@ -95,10 +95,10 @@ def test_chat_multi_turn():
     (["run", "tiny", "hi", "--top-p", "0"], "top_p"),
     (["run", "tiny", "hi", "--max-tokens", "0"], "max_tokens"),
     (["info", "Phi-3-mini-4k"], "neither an existing path nor a preset"),
-    (["convert", "tiny", "/tmp/x", "--max-shard-size", "lots"], "not a size"),
+    (["convert", "tiny", "{tmp}/out", "--max-shard-size", "lots"], "not a size"),
 ])
-def test_bad_input_is_one_clear_line(args, message):
-    r = run_cli(*args)
+def test_bad_input_is_one_clear_line(args, message, tmp_path):
+    r = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])  # a fresh folder: never an existing one
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
