@@ -61,23 +61,14 @@ PRESET = "phi-3-mini-128k"
 CHUNK = 512  # engine.generate.DEFAULT_PREFILL_CHUNK_SIZE, checked in worker_pocketlm
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when this file is loaded by path
+from bench_kquant import sched_s  # noqa: E402  one /proc schedstat reader for both benches
+
+
 def prompt_ids(n: int, vocab: int = 32000, seed: int = 0) -> list[int]:
     import random
     r = random.Random(seed)
     return [1] + [r.randrange(100, vocab) for _ in range(n - 1)]
-
-
-def sched_s() -> tuple[float, float]:
-    """(CPU seconds, run-queue wait seconds) of this process's threads, summed; see `runqueue_wait_s`."""
-    import glob
-    cpu = wait = 0
-    for f in glob.glob("/proc/self/task/*/schedstat"):
-        try:
-            fields = open(f).read().split()
-            cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
-        except (OSError, IndexError, ValueError):  # a thread that exited meanwhile
-            pass
-    return cpu / 1e9, wait / 1e9
 
 
 def decode_phase(step, tok: int, count: int) -> tuple[int, dict]:
