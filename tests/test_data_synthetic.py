@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 from fractions import Fraction
 
 import pytest
+from data_helpers import fake_server, send_json
 
 from pocketlm.data import synthetic
 from pocketlm.data.dedup import DedupConfig, Deduplicator
@@ -81,14 +81,8 @@ class _Fake(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b'{"error": {"message": "busy"}}')
             return
         topic = body["messages"][0]["content"].split(" about ")[1].split(".")[0]
-        out = {"choices": [{"message": {"role": "assistant", "content": f"A section about {topic}."}}],
-               "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
-        data = json.dumps(out).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, {"choices": [{"message": {"role": "assistant", "content": f"A section about {topic}."}}],
+                         "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
 
     def log_message(self, *a):
         pass
@@ -96,13 +90,9 @@ class _Fake(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
     _Fake.script, _Fake.seen = [], []
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with fake_server(_Fake) as url:
+        yield url
 
 
 def test_teacher_retries_rate_limit_and_resume(server, tmp_path):

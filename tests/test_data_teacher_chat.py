@@ -14,6 +14,7 @@ import time
 from fractions import Fraction
 
 import pytest
+from data_helpers import fake_server, send_json
 
 from pocketlm.chat import parse_messages
 from pocketlm.data import commands
@@ -50,14 +51,9 @@ class _Fake(http.server.BaseHTTPRequestHandler):
         ans = ans if isinstance(ans, dict) else {"text": ans, "finish": "stop"}
         out = {"choices": [{"message": {"role": "assistant", "content": ans["text"]}, "finish_reason": ans["finish"]}],
                "usage": {"prompt_tokens": 3, "completion_tokens": COMPLETION_TOKENS}}
-        data = json.dumps(out).encode()
         with _Fake.lock:
             _Fake.inflight -= 1
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, out)
 
     def log_message(self, *a):
         pass
@@ -65,13 +61,9 @@ class _Fake(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
     _Fake.answers, _Fake.seen, _Fake.inflight, _Fake.max_inflight, _Fake.hold_until = {}, [], 0, 0, 0
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with fake_server(_Fake) as url:
+        yield url
 
 
 def _item(domain, question, check, *, kind="chats", followup=None, system=None, topic="t"):

@@ -22,17 +22,14 @@ import numpy as np
 import pytest
 import torch
 
-import pocketlm
+import gguf_helpers
 from pocketlm.config import preset
 from pocketlm.engine import cpu
 from pocketlm.errors import GenerationError
 from pocketlm.formats import hf
-from pocketlm.formats.gguf import GGUFValueType
 from pocketlm.formats.gguf_model import load_gguf
-from pocketlm.quant import codecs, kernels
+from pocketlm.quant import kernels
 from pocketlm.quant import linear as ql
-from pocketlm.quant.gguf_export import tokenizer_metadata
-from pocketlm.quant.gguf_writer import GGUFWriter
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
 
@@ -42,52 +39,26 @@ LAYER_TYPES = [(("Q5_0", "Q5_0", "Q8_0"), ("Q4_K", "Q6_K"), "Q4_K", "Q6_K"),
 IDS = [1, 450, 4996, 17354, 1701, 432, 29885, 975, 278, 17366, 11203, 29889]
 
 
+def _types(name: str, arr: np.ndarray) -> str:
+    """The type of each tensor of the mixed file: LAYER_TYPES per layer, Q8_0 embedding and output, F32 vectors."""
+    if arr.ndim == 1:
+        return "F32"
+    if not name.startswith("blk."):
+        return "Q8_0"
+    layer, part = int(name.split(".")[1]), name.split(".")[2]
+    qkv_t, gu_t, o_t, down_t = LAYER_TYPES[layer]
+    return {"attn_q": qkv_t[0], "attn_k": qkv_t[1], "attn_v": qkv_t[2], "ffn_gate": gu_t[0], "ffn_up": gu_t[1],
+            "attn_output": o_t, "ffn_down": down_t}[part]
+
+
 def _write(path) -> None:
     """A llama-arch GGUF (split q/k/v and gate/up, as llama.cpp's converter lays them out) of a random tiny-gqa
     model, each tensor quantized to its LAYER_TYPES type (q/k rows are random, so llama.cpp's row permutation
     needs no emulation: pocketlm undoes it on the bytes and both engines then compute the same model)."""
     c = preset("tiny-gqa")
+    assert c.num_hidden_layers == len(LAYER_TYPES) and not c.tie_word_embeddings
     model = hf.init_weights(hf.empty_model(c, torch.float32), seed=3)
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w = GGUFWriter(path)
-    w.add_string("general.architecture", "llama")
-    for k, v in (("context_length", 128), ("embedding_length", c.hidden_size),
-                 ("feed_forward_length", c.intermediate_size), ("block_count", c.num_hidden_layers),
-                 ("attention.head_count", c.num_attention_heads), ("attention.head_count_kv", c.num_key_value_heads),
-                 ("rope.dimension_count", c.head_dim)):
-        w.add_uint32(f"llama.{k}", v)
-    w.add_float32("llama.rope.freq_base", c.rope_theta)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
-    meta = tokenizer_metadata(pocketlm.Tokenizer.default(), c.vocab_size)
-    w.add_string("tokenizer.ggml.model", "llama")
-    w.add_array("tokenizer.ggml.tokens", meta["tokens"], GGUFValueType.STRING)
-    w.add_array("tokenizer.ggml.scores", meta["scores"], GGUFValueType.FLOAT32)
-    w.add_array("tokenizer.ggml.token_type", meta["types"], GGUFValueType.INT32)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 32000)
-    tensors = {}
-
-    def put(name, arr, t="F32"):
-        w.add_tensor_info(name, arr.shape, t)
-        tensors[name] = arr.astype(np.float32) if t == "F32" else codecs.quantize(arr, t)
-
-    put("token_embd.weight", sd["model.embed_tokens.weight"], "Q8_0")
-    hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-    for i, (qkv_t, gu_t, o_t, down_t) in enumerate(LAYER_TYPES):
-        p = f"model.layers.{i}."
-        q, k, v = np.split(sd[p + "self_attn.qkv_proj.weight"], [nh * hd, nh * hd + nkv * hd])
-        gate, up = np.split(sd[p + "mlp.gate_up_proj.weight"], 2)
-        put(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        for x, arr, t in zip("qkv", (q, k, v), qkv_t):
-            put(f"blk.{i}.attn_{x}.weight", arr, t)
-        put(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"], o_t)
-        put(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        put(f"blk.{i}.ffn_gate.weight", gate, gu_t[0])
-        put(f"blk.{i}.ffn_up.weight", up, gu_t[1])
-        put(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"], down_t)
-    put("output_norm.weight", sd["model.norm.weight"])
-    put("output.weight", sd["lm_head.weight"], "Q8_0")
-    w.write(tensors)
+    gguf_helpers.write_llama_gguf(model, path, _types, context_length=128, permute=False)
 
 
 @pytest.fixture(scope="module")
