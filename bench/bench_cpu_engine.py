@@ -20,7 +20,9 @@ Real-model mode (the files people download; default --out bench/results/bench_cp
    with `llama_get_logits_ith`: `llm.scores` stays zeros without logits_all), then one `eval([token])` + argmax
    per decoded token; its n_threads is read back from the context and checked, and `llama_perf_context` gives
    its C-only time (its token counts are checked against the work done). One warm-up per process for both.
-   Roofline per file: best measured read bandwidth / bytes read per token. The table also shows the ISA the
+   Roofline per file: best measured read bandwidth / bytes read per token (a conservative bound: this shared VM's
+   bandwidth samples swing, e.g. 24-57 GB/s within minutes). "% local bw" relates each run to the bandwidth
+   measured just before and just after it (their mean), median over the runs. The table also shows the ISA the
    kernels ran (`POCKETLM_KERNEL_ISA=avx2` forces the AVX2 path), whether pocketlm ran the C decode step, and
    where the two engines' greedy tokens first differ.
 
@@ -310,6 +312,7 @@ def main_real(a) -> None:
             json.dump(ids, f)
         a.ids_file = f.name
         runs: dict[str, list[dict]] = {"pocketlm": [], "llama.cpp": []}
+        order: list[dict] = []  # every run in time order, for the bandwidth measured around it
         try:
             for i in range(a.repeats):  # A B A B ...: drifting load hits both
                 for kind in (["llamacpp-real"] if not a.skip_llama else []) + ["pocketlm-real"]:
@@ -317,19 +320,29 @@ def main_real(a) -> None:
                     samples.append({"threads": a.threads, "gb_s": v})
                     bw = max(bw, v)
                     r = run_worker(kind, a)
+                    r["bw_before_gb_s"] = v
                     runs[r["engine"]].append(r)
+                    order.append(r)
                     print(f"  {name} run {i + 1} {r['engine']}: prompt {a.prompt / r['prompt_s']:.1f} tok/s, decode "
                           f"{a.decode / r['decode_s']:.2f} tok/s", flush=True)
+            v = best_bandwidth(a.threads)
+            samples.append({"threads": a.threads, "gb_s": v})
+            bw = max(bw, v)
         finally:
             os.unlink(a.ids_file)
-        per_token = bytes_per_token(a.gguf, a.prompt + a.decode // 2, config)
+        for r, nxt in zip(order, order[1:] + [{"bw_before_gb_s": v}]):
+            r["bw_local_gb_s"] = (r["bw_before_gb_s"] + nxt["bw_before_gb_s"]) / 2
+        per_token = bytes_per_token(a.gguf, a.prompt + a.decode // 2, config)  # bytes read per decoded token
         row = {"file": name, "path": a.gguf, "types": tensor_types(a.gguf), "bytes_per_token": per_token,
                "prompt": a.prompt, "decode": a.decode, "runs": runs}
         for eng, rs in runs.items():
             if not rs:
                 continue
             e = row[eng] = {"prompt_tok_s": a.prompt / statistics.median(r["prompt_s"] for r in rs),
-                            "decode_tok_s": a.decode / statistics.median(r["decode_s"] for r in rs)}
+                            "decode_tok_s": a.decode / statistics.median(r["decode_s"] for r in rs),
+                            # each run against the bandwidth measured just before and just after it
+                            "of_local_bandwidth": statistics.median(
+                                per_token * a.decode / r["decode_s"] / (r["bw_local_gb_s"] * 1e9) for r in rs)}
             if eng == "llama.cpp":
                 e["c_prompt_tok_s"] = a.prompt / statistics.median(r["c_prompt_s"] for r in rs)
                 e["c_decode_tok_s"] = a.decode / statistics.median(r["c_decode_s"] for r in rs)
@@ -356,9 +369,10 @@ def main_real(a) -> None:
           f"alternating runs; read bandwidth {bw:.1f} GB/s (best of {len(samples)}); load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; {platform.processor() or platform.machine()}")
     print(f"{'file':<12} {'MB/tok':>7} {'roofline':>8} | {'decode tok/s':>21} {'ratio':>6} | {'prompt tok/s':>21} "
-          f"{'ratio':>6} | {'% roofline':>11} | {'llama C':>7} {'isa':>11} {'C step':>6} {'diverge':>7}")
+          f"{'ratio':>6} | {'% roofline':>11} | {'% local bw':>11} | {'llama C':>7} {'isa':>11} {'C step':>6} "
+          f"{'diverge':>7}")
     print(f"{'':<12} {'':>7} {'tok/s':>8} | {'pocketlm':>10} {'llama.cpp':>10} {'':>6} | {'pocketlm':>10} "
-          f"{'llama.cpp':>10} {'':>6} | {'ours':>5} {'llama':>5} | {'decode':>7}")
+          f"{'llama.cpp':>10} {'':>6} | {'ours':>5} {'llama':>5} | {'ours':>5} {'llama':>5} | {'decode':>7}")
     for row in results:
         p, q = row["pocketlm"], row.get("llama.cpp")
         print(f"{row['file']:<12} {row['bytes_per_token'] / 1e6:>7.1f} {row['roofline_tok_s']:>8.1f} | "
@@ -366,6 +380,7 @@ def main_real(a) -> None:
               f"{row.get('decode_vs_llama_cpp') or float('nan'):>5.2f}x | {p['prompt_tok_s']:>10.1f} "
               f"{q['prompt_tok_s'] if q else float('nan'):>10.1f} {row.get('prompt_vs_llama_cpp') or float('nan'):>5.2f}x"
               f" | {100 * p['of_roofline']:>4.0f}% {100 * q['of_roofline'] if q else float('nan'):>4.0f}% | "
+              f"{100 * p['of_local_bandwidth']:>4.0f}% {100 * q['of_local_bandwidth'] if q else float('nan'):>4.0f}% | "
               f"{q['c_decode_tok_s'] if q else float('nan'):>7.2f} {p['isa']:>11} {'yes' if p['c_decode_step'] else 'NO':>6}"
               f" {str(row.get('first_divergence')):>7}")
     for row in results:

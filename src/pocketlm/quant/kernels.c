@@ -57,6 +57,7 @@
  *   pl_quantize_act_k(x, T, K, qa, d, bs)               q8_K: qa int8 (T,K), d float (T,K/256), bs int16 (T,K/16)
  *   pl_gemm(kind, w, tiles, K, qa, da, sa_i, sa_f, T, y, ldy)   y float (T, ldy), columns [0, 16*tiles)
  *   pl_set_threads(n), pl_get_threads(), pl_isa()
+ *   pl_set_prefetch(bytes), pl_get_prefetch()          the K-quant kernels' software prefetch distance (0: off)
  *   pl_mat_check(mat) -> 0 / -1                         a decode-step matrix, e.g. one of KIND_PARTS (row blocks of
  *                                                        different kinds, see "matrices made of row blocks" below)
  *   pl_read_bandwidth(buf, bytes, reps) -> checksum      for the roofline measurement
@@ -445,6 +446,28 @@ static void tile_scalar(int kind, const uint8_t *tp, int nb, const int8_t *qa, c
     }
 }
 
+/* Software prefetch of the weight stream: decode (T <= 4) reads each weight byte once, and the hardware
+ * prefetcher alone leaves the K-quant kernels' loads waiting on memory (a super-block tile is 2-3 regions read
+ * in steps: Q6_K at T = 1 streamed at half the read bandwidth without it; bench/bench_matvec.py). Each of the 8
+ * sub-block steps of a super-block asks for 1/8 of the block g_prefetch bytes ahead (a run of tiles is
+ * contiguous, so this runs on into the next super-block and tile; past the end it is only a hint, never a
+ * load). The 32-column kinds keep the hardware prefetcher alone (measured: software prefetch did not help them).
+ * pl_set_prefetch(0) turns it off (for that comparison); the results never depend on it. */
+#ifndef PL_PF_DIST
+#define PL_PF_DIST 4096
+#endif
+static int g_prefetch = PL_PF_DIST;
+
+void pl_set_prefetch(int bytes) { g_prefetch = bytes < 0 ? 0 : bytes; }
+int pl_get_prefetch(void) { return g_prefetch; }
+
+static inline __attribute__((always_inline)) void prefetch_part(const uint8_t *bp, size_t bsz, int j) {
+    const int dist = g_prefetch;
+    if (dist <= 0) return;
+    const size_t lines = (bsz + 63) / 64, l0 = lines * j / 8, l1 = lines * (j + 1) / 8;
+    for (size_t l = l0; l < l1; l++) __builtin_prefetch(bp + dist + 64 * l, 0, 3);
+}
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
 /* ---- AVX512-VNNI: TN tokens at once share one unpacked weight block ------------------------------------ */
 
@@ -539,6 +562,7 @@ tile_k_avx512_tn(int kind, const uint8_t *tp, int nsb, const int8_t *qa, const f
         for (int u = 0; u < TN; u++) sumi[u] = _mm512_setzero_si512();
         for (int j = 0; j < 8; j++) {
             __m512i w[8], sc0, sc1;
+            if (TN <= 4) prefetch_part(bp, bsz, j);
             for (int c = 0; c < 4; c++) {
                 const __m512i v = _mm512_loadu_si512((const void *)(bp + 256 * j + 64 * c));
                 w[c] = _mm512_and_si512(v, low);
@@ -746,6 +770,7 @@ static void tile_k_fast(int kind, const uint8_t *tp, int nsb, const int8_t *qa, 
                 for (int j = 0; j < 8; j++) {
                     int32_t a4[8];
                     memcpy(a4, a + 32 * j, 32);
+                    if (T <= 4 && h == 0) prefetch_part(bp, bsz, j);
                     const uint8_t *nb = bp + 256 * j + 32 * h;
                     if (kind != KIND_Q6_K) {
                         /* Q5_K codes reach 31: 4 maddubs per int16 accumulator (<= 4*2*31*127), two of them */

@@ -211,6 +211,8 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_set_threads.argtypes = [i]
     lib.pl_get_threads.restype = i
     lib.pl_isa.restype = i
+    lib.pl_set_prefetch.argtypes = [i]
+    lib.pl_get_prefetch.restype = i
     lib.pl_read_bandwidth.argtypes = [p, ctypes.c_size_t, i]
     lib.pl_read_bandwidth.restype = ctypes.c_double
     lib.pl_decode_step.restype = i  # arguments: (pl_model*, float* x, int pos, int lo, float* cos, float* sin)
@@ -270,6 +272,20 @@ def set_threads(n: int) -> None:
 def get_threads() -> int:
     lib = _load()
     return 1 if lib is None else lib.pl_get_threads()
+
+
+def set_prefetch(nbytes: int) -> None:
+    """The K-quant kernels' software prefetch distance in bytes (decode reads; 0 turns it off). Speed only: the
+    results never depend on it."""
+    lib = _load()
+    if lib is not None:
+        lib.pl_set_prefetch(int(nbytes))
+
+
+def get_prefetch() -> int:
+    """The K-quant kernels' current software prefetch distance in bytes (0: off, or no kernels)."""
+    lib = _load()
+    return 0 if lib is None else lib.pl_get_prefetch()
 
 
 def release_free_memory() -> None:
