@@ -16,8 +16,9 @@
      With n_ctx > 4096 llama.cpp rotates every position with the long LongRoPE factors (its rule: the context
      size, not the sequence length, picks the set).
    - pocketlm: `pocketlm.load` (kernels) + `engine.cpu.accelerate` (f16 KV cache of N + decode positions): the
-     prompt in 512-token chunks exactly as `engine.generate.prefill` runs them (matrix products on the kernels,
-     attention by PyTorch's blocked SDPA kernel against the cache), with the LongRoPE factor set of the final
+     prompt in 512-token chunks exactly as `engine.generate.prefill` runs them (each chunk one C call through
+     every layer, `FastDecoder.prefill_chunk` / kernels.c pl_prefill: matrix products on the kernels, blocked
+     flash attention against the cache), with the LongRoPE factor set of the final
      length N + decode (the long set at every length above 4096 - decode, as llama.cpp), then `--decode` greedy
      tokens through the C decode step. Every decoded token is timed alone; decode tokens/s (both sides) is 1 / the
      median time of the tokens after the first (buffer binding, llama.cpp's graph rebuild for batch 1), so one
@@ -36,8 +37,10 @@
    cache length and factor set), and the last prompt position's logits of the two engines are compared (cosine
    and top-1: the same model computed twice; random weights make attention nearly uniform, so this is a sanity
    check of the weights and the pipeline, not a proof of the rotary factors).
-3. `--profile` splits pocketlm's prefill time into the kernel matrix products, SDPA attention, the KV-cache
-   store/read (f16 -> f32), and the rest (RoPE, norms, Python).
+3. `--profile` splits pocketlm's prefill time into the kernel matrix products (activation quantization
+   included), attention, the element-wise rows (norms, RoPE + KV-cache store, SiLU, residuals: pl_prefill's own
+   timers) and the rest (embedding, final norm and lm_head of the last row, Python); on the PyTorch prompt path
+   (`c_prefill` off) into matrix products, SDPA attention, KV-cache store/read and the rest.
 Prints the instruction set, the load average, a table with the ratios pocketlm / llama.cpp, and writes JSON
 (default bench/results/bench_long_context.json; `--quick`, 1 layer at 1024 and 2048 tokens, writes to $TMPDIR).
 On a shared machine other load moves every number: compare within one run.
@@ -177,7 +180,12 @@ def worker_pocketlm(a) -> dict:
         np.save(a.logits_out, last.numpy())
         if a.profile:
             out["profile_s"] = dict(timers.s)
-            out["profile_s"]["other"] = out["prompt_s"] - sum(timers.s.values())
+            if fast.c_prefill:  # the chunks ran in C (pl_prefill): its own split of the time
+                import ctypes
+                parts = (ctypes.c_double * 3)()
+                kernels._load().pl_prefill_profile(parts, 1)
+                out["profile_s"].update(matmul=parts[0], attention=parts[1], elementwise=parts[2])
+            out["profile_s"]["other"] = out["prompt_s"] - sum(out["profile_s"].values())
         tok = int(last.argmax())
 
         def step(tok: int) -> int:

@@ -234,6 +234,7 @@ def _serve_equals_alone(model, tok, kv, batch, ctx=256, max_tokens=6, prompts=No
         gens = [_gen(model, tok, p, max_tokens, ctx) for p in prompts]
         out = _run(engine, gens[:1]) + _run(engine, gens[1:]) if batch > 1 else [_run(engine, [g])[0] for g in gens]
         assert engine.c_decode_steps >= max_tokens - 1
+        assert engine.c_prefill_chunks > 0  # prompt chunks prefill in C, as in generate
         s = engine.stats()
         assert s["active"] == 0 and s["prefix_hit_tokens"] > 0
     finally:

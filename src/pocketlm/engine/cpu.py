@@ -14,8 +14,13 @@ asking. A `FastDecoder` speaks the model protocol the loop uses (`__call__(ids, 
   position) (`kv_dtype="int8"`, half the memory: 0.4 GB instead of 0.8 GB per 2k tokens of phi-3-mini), or
   ggml's Q8_0 / Q4_0 blocks of 32 values with f16 scales (`"q8_0"`, `"q4_0"`: 0.53 and 0.28 of f16; see
   pocketlm.kvcache).
-- A prompt (T > 1) runs through the PyTorch model (matrix products on the kernels, chunked by the loop); the
-  cache's `update` stores what the model computes, so both paths share one cache.
+- A prompt chunk (T > 1, chunked by the loop) is one C call too, `pl_prefill` (`prefill_chunk`): every layer for
+  the T tokens (RMSNorm, qkv, RoPE with each position's cos/sin row, the keys/values stored in the cache's type,
+  flash attention over the cache with the causal mask and sliding window, o_proj, SiLU MLP, residuals), then the
+  model's final norm and lm_head in PyTorch on the rows asked for. Every row is computed alone (its result does
+  not depend on the chunking or the thread count). It also fills a batch-1 `model.KVCache` of f32/f16/int8/q8_0/
+  q4_0 (`cache_view`: the serving engine's prefill caches). `c_prefill = False` (or norms that are not RMSNorms)
+  selects the PyTorch model for prompts, whose cache `update` stores what it computes, so both share one cache.
 - A single token at batch 1 is one C call, `pl_decode_token` (quant/kernels.c), which runs everything:
   the embedding row (dequantized in C from the table's own bytes: the tied lm_head's tile layout or the
   untied table's GGUF rows of any kernels type, or float32/float16/bfloat16 rows; the same float products as
@@ -68,6 +73,13 @@ class _Model(ctypes.Structure):
                 ("v", ctypes.c_void_p), ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p)] + \
                [(n, ctypes.c_void_p) for n in ("xn", "qkv", "att", "gu", "hmid", "y", "scores", "qa", "da", "sa_f",
                                                "sa_i")]
+
+
+class _Chunk(ctypes.Structure):
+    """kernels.c's pl_chunk: a prompt chunk's positions, rotary rows and scratch for pl_prefill."""
+    _fields_ = [("T", ctypes.c_int), ("start", ctypes.c_int), ("window", ctypes.c_int), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p)] + \
+               [(n, ctypes.c_void_p) for n in ("xn", "qkv", "att", "gu", "hmid", "y", "qa", "da", "sa_f", "sa_i")]
 
 
 class _Head(ctypes.Structure):
@@ -257,6 +269,16 @@ class FastDecoder:
         self._struct: _Model | None = None
         self._struct_cache: FastKVCache | None = None
         self._init_head()
+        self._init_prefill()
+
+    def _init_prefill(self) -> None:
+        """Whether prompt chunks run in C (pl_prefill): every layer's norms are RMSNorms (the C arithmetic);
+        `c_prefill = False` keeps the PyTorch path (kept for comparison)."""
+        from pocketlm.model import RMSNorm
+        self.c_prefill = all(type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
+                             for layer in self.model.model.layers)
+        self._chunk_rows = 0  # rows the prefill scratch holds
+        self._chunk_scratch: dict[str, torch.Tensor] = {}
 
     def _init_head(self) -> None:
         """The per-token parts pl_decode_token runs in C: the embedding table (None: Python looks the row up),
@@ -312,6 +334,9 @@ class FastDecoder:
 
     def __call__(self, input_ids: torch.Tensor, cache=None, *, last_only: bool = False,
                  rope_mode: str | None = None) -> torch.Tensor:
+        if input_ids.dim() == 2 and input_ids.shape[0] == 1 and input_ids.shape[1] > 1 and self.c_prefill and \
+                cache_view(cache) is not None:
+            return self.prefill_chunk(input_ids, cache, last_only=last_only, rope_mode=rope_mode)
         if not (isinstance(cache, FastKVCache) and tuple(input_ids.shape) == (1, 1)):
             return self.model(input_ids, cache, last_only=last_only, rope_mode=rope_mode)
         if not self.full_step or self._norm is None:
@@ -395,11 +420,70 @@ class FastDecoder:
         cache.length, cache.rope_mode = L, mode
         return rc
 
+    # ---- a prompt chunk in C (pl_prefill) ---------------------------------------------------------------------
+    def _prefill_scratch(self, T: int) -> dict[str, torch.Tensor]:
+        """pl_prefill's scratch for chunks of up to T rows (kept and reused: a chunk's buffers, tens of MB for
+        phi-3-mini at 512 rows, are not paged in again for every chunk)."""
+        if T <= self._chunk_rows:
+            return self._chunk_scratch
+        c = self.config
+        H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+
+        def pad(n: int) -> int:
+            return -(-n // kernels.TILE) * kernels.TILE
+
+        widest = max(c.hidden_size, c.intermediate_size, H * hd)
+        self._chunk_scratch = {
+            "xn": torch.empty(T, c.hidden_size), "qkv": torch.empty(T, pad((H + 2 * KV) * hd)),
+            "att": torch.empty(T, H * hd), "gu": torch.empty(T, pad(2 * c.intermediate_size)),
+            "hmid": torch.empty(T, c.intermediate_size), "y": torch.empty(T, pad(max(c.hidden_size, H * hd))),
+            "qa": torch.empty(T, widest, dtype=torch.int8), "da": torch.empty(T, widest // 32),
+            "sa_f": torch.empty(T, widest // 32), "sa_i": torch.empty(T, widest // 32, dtype=torch.int32)}
+        self._chunk_rows = T
+        return self._chunk_scratch
+
+    @torch.inference_mode()
+    def prefill_chunk(self, input_ids: torch.Tensor, cache, *, last_only: bool = False,
+                      rope_mode: str | None = None) -> torch.Tensor:
+        """Run T prompt tokens (1, T) after the cached ones through every layer in one C call (pl_prefill: the
+        keys/values stored in `cache`, a FastKVCache or a batch-1 model.KVCache of a type C stores, see
+        `cache_view`; another cache goes through the model), then the model's final norm and lm_head on the last
+        row (`last_only`) or all rows; returns logits (1, T or 1, vocab) as the PyTorch path does. The checks
+        (context, capacity, LongRoPE factor set of the cached keys) are model.py's `sequence_span`."""
+        from pocketlm.model import sequence_span
+        model, c = self.model, self.config
+        if cache_view(cache) is None or not self.c_prefill:
+            return model(input_ids, cache, last_only=last_only, rope_mode=rope_mode)
+        T = input_ids.shape[1]
+        start, L, mode = sequence_span(model, T, cache, rope_mode)
+        bad = input_ids[(input_ids < 0) | (input_ids >= c.vocab_size)]
+        if bad.numel():
+            raise GenerationError(f"token ids {bad[:5].tolist()} are outside the vocabulary [0, {c.vocab_size})")
+        x = model.model.embed_tokens(input_ids[0]).float().contiguous()  # (T, hidden), a new tensor
+        cos, sin = model.rotary_emb(torch.arange(start, L), mode, torch.float32)  # (T, rotary_dim)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        m = self._bind(cache)
+        buf = self._prefill_scratch(T)
+        chunk = _Chunk(T=T, start=start, window=c.attention_window or 0, cos=cos.data_ptr(), sin=sin.data_ptr(),
+                       **{name: t.data_ptr() for name, t in buf.items()})
+        self._lib.pl_prefill.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        self._lib.pl_prefill.restype = ctypes.c_int
+        rc = self._lib.pl_prefill(ctypes.addressof(m), ctypes.addressof(chunk), x.data_ptr())
+        if rc != 0:
+            raise GenerationError(f"the C prefill refused {T} tokens at position {start} (capacity "
+                                  f"{cache.capacity}, code {rc})")
+        cache.length, cache.rope_mode = L, mode
+        h = x[-1:] if last_only else x  # (1 or T, hidden)
+        dtype = model.model.norm.weight.dtype
+        return model.lm_head(model.model.norm(h.to(dtype)[None]))  # (1, 1 or T, vocab)
+
     # ---- one token in C ---------------------------------------------------------------------------------------
-    def _bind(self, cache: FastKVCache) -> _Model:
-        """The C view of the model + this cache, with scratch buffers (rebuilt when the cache changes)."""
+    def _bind(self, cache) -> _Model:
+        """The C view of the model + this cache (a FastKVCache, or for pl_prefill any cache `cache_view`
+        accepts), with scratch buffers (rebuilt when the cache changes)."""
         if self._struct is not None and self._struct_cache is cache:
             return self._struct
+        code, k, v, k_scale, v_scale = cache_view(cache)
         c = self.config
         H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
@@ -415,11 +499,10 @@ class FastDecoder:
             "sa_f": torch.empty(widest // 32), "sa_i": torch.empty(widest // 32, dtype=torch.int32)}
         m = _Model(n_layers=c.num_hidden_layers, hidden=c.hidden_size, n_heads=H, n_kv=KV, head_dim=hd,
                    inter=c.intermediate_size, rotary_dim=c.rotary_dim, capacity=cache.capacity,
-                   kv_type=_KV_TYPE_CODES[cache.kv_dtype], eps=c.rms_norm_eps,
-                   layers=ctypes.cast(self._layers, ctypes.POINTER(_Layer)), k=_codes(cache.k).data_ptr(),
-                   v=_codes(cache.v).data_ptr(),
-                   k_scale=cache.k_scale.data_ptr() if cache.k_scale is not None else None,
-                   v_scale=cache.v_scale.data_ptr() if cache.v_scale is not None else None,
+                   kv_type=code, eps=c.rms_norm_eps,
+                   layers=ctypes.cast(self._layers, ctypes.POINTER(_Layer)), k=k.data_ptr(), v=v.data_ptr(),
+                   k_scale=k_scale.data_ptr() if k_scale is not None else None,
+                   v_scale=v_scale.data_ptr() if v_scale is not None else None,
                    **{name: t.data_ptr() for name, t in scratch.items()})
         self._scratch = scratch
         self._struct, self._struct_cache = m, cache
@@ -453,6 +536,29 @@ class FastDecoder:
         dtype = model.model.norm.weight.dtype
         h = model.model.norm(x.to(dtype).reshape(1, 1, -1))
         return model.lm_head(h)  # (1, 1, vocab)
+
+
+def cache_view(cache):
+    """(kernels.c kv_type code, keys, values, key scales, value scales) of a cache whose memory has pl_model's
+    layout (layers, n_kv, capacity, head_dim [/2 for q4_0]): a FastKVCache, or a model.KVCache of batch 1 in
+    f32, f16, int8, q8_0 or q4_0 (what the serving engine prefills into). None for any other cache."""
+    if isinstance(cache, FastKVCache):
+        return _KV_TYPE_CODES[cache.kv_dtype], _codes(cache.k), _codes(cache.v), cache.k_scale, cache.v_scale
+    from pocketlm.model import KVCache
+    if not isinstance(cache, KVCache) or isinstance(cache.k, torch.Tensor) and cache.k.device.type != "cpu":
+        return None
+    k, v = cache.k, cache.v
+    if isinstance(k, QuantizedKV):
+        if k.codes.shape[1] != 1 or not (k.codes.is_contiguous() and v.codes.is_contiguous() and
+                                         k.scales.is_contiguous() and v.scales.is_contiguous()) or \
+                k.codes.device.type != "cpu":
+            return None
+        code = {"int8": 2, "q8_0": 3, "q4_0": 4}[k.kv_type]
+        return code, k.codes, v.codes, k.scales, v.scales
+    code = {torch.float32: 0, torch.float16: 1}.get(k.dtype)
+    if code is None or k.shape[1] != 1 or not (k.is_contiguous() and v.is_contiguous()):
+        return None
+    return code, k, v, None, None
 
 
 def _codes(store) -> torch.Tensor:

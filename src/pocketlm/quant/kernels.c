@@ -67,6 +67,7 @@
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 #if defined(__x86_64__) || defined(__i386__)
@@ -81,6 +82,7 @@
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <time.h>
 
 #define QK 32
 #define TILE 16
@@ -477,12 +479,24 @@ static inline __m512i hi1_512(__m512i h, int k) {
     return _mm512_and_si512(v, _mm512_set1_epi8(0x10));
 }
 
+/* 4 activation bytes broadcast to every 32-bit lane, loaded straight from memory (vpbroadcastd m32) */
+static inline __attribute__((always_inline)) __m512i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* the k of "- k * sum a" of a 32-column kind's integer dot product (IQ4_NL: its +128 table offset) */
+static int kind_corr(int kind) { return kind == KIND_IQ4_NL ? 128 : corr_k(kind); }
+#define TILE_CORR_CODES 1  /* tile_fast takes -k * sum a per (token, block) in place of sum a */
+
 static inline __attribute__((always_inline)) void
 tile_avx512_tn(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
                const float *sa_f, int K, const int TN, float *y, int ldy) {
     const size_t bs = block_bytes(kind);
     const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512 acc[8];
+    __m512 acc[16];
+#pragma GCC unroll 16
     for (int u = 0; u < TN; u++) acc[u] = _mm512_setzero_ps();
     for (int b = 0; b < nb; b++) {
         const uint8_t *bp = tp + b * bs;
@@ -508,34 +522,53 @@ tile_avx512_tn(int kind, const uint8_t *tp, int nb, const int8_t *qa, const floa
         }
         dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + d_off(kind))));
         if (has_m(kind)) mw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(bp + d_off(kind) + 32)));
+#pragma GCC unroll 16
         for (int u = 0; u < TN; u++) {
             const int8_t *a = qa + (size_t)u * K + b * QK;
             const size_t ab = (size_t)u * nb + b;
-            const int corr = kind == KIND_IQ4_NL ? -128 : -corr_k(kind);
-            __m512i s = _mm512_set1_epi32(corr * sa_i[ab]);
-            int32_t a4[8];
-            memcpy(a4, a, 32);
-            for (int c = 0; c < 8; c++) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(a4[c]));
+            /* sa_i here: the integer correction -k * sum a itself (gemm_chunk's corr_codes), one broadcast load */
+            __m512i s = kind_corr(kind) ? _mm512_set1_epi32(sa_i[ab]) : _mm512_setzero_si512();
+            /* two dependency chains of 4 (integer sums: the same s in any order; ~5% faster than one of 8) */
+            __m512i s1 = _mm512_setzero_si512();
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                s = _mm512_dpbusd_epi32(s, w[c], bcast4(a + 4 * c));
+                s1 = _mm512_dpbusd_epi32(s1, w[c + 4], bcast4(a + 4 * c + 16));
+            }
+            s = _mm512_add_epi32(s, s1);
             const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(da[ab]));
             acc[u] = _mm512_fmadd_ps(dw, f, acc[u]);
             if (has_m(kind)) acc[u] = _mm512_fmadd_ps(mw, _mm512_set1_ps(sa_f[ab]), acc[u]);
         }
     }
+#pragma GCC unroll 16
     for (int u = 0; u < TN; u++) _mm512_storeu_ps(y + (size_t)u * ldy, acc[u]);
+}
+
+/* one 32-column kind (a constant after inlining, so every kind gets its own unrolled loops): 16 tokens share
+ * each unpacked weight block (16 accumulators + 8 weight registers of the 32), then 8, 4, 1 for the rest */
+static inline __attribute__((always_inline)) void
+tile_fast_kind(const int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
+               const float *sa_f, int K, int T, float *y, int ldy) {
+    int t = 0;
+#define TN_CALL(n) tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb, \
+                                  sa_f + (size_t)t * nb, K, n, y + (size_t)t * ldy, ldy)
+    for (; t + 16 <= T; t += 16) TN_CALL(16);
+    for (; t + 8 <= T; t += 8) TN_CALL(8);
+    for (; t + 4 <= T; t += 4) TN_CALL(4);
+    for (; t < T; t++) TN_CALL(1);
+#undef TN_CALL
 }
 
 static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
                       const float *sa_f, int K, int T, float *y, int ldy) {
-    int t = 0;
-    for (; t + 8 <= T; t += 8)
-        tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
-                       sa_f + (size_t)t * nb, K, 8, y + (size_t)t * ldy, ldy);
-    for (; t + 4 <= T; t += 4)
-        tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
-                       sa_f + (size_t)t * nb, K, 4, y + (size_t)t * ldy, ldy);
-    for (; t < T; t++)
-        tile_avx512_tn(kind, tp, nb, qa + (size_t)t * K, da + (size_t)t * nb, sa_i + (size_t)t * nb,
-                       sa_f + (size_t)t * nb, K, 1, y + (size_t)t * ldy, ldy);
+    switch (kind) {
+#define TILE_KIND(k) case k: tile_fast_kind(k, tp, nb, qa, da, sa_i, sa_f, K, T, y, ldy); break;
+        TILE_KIND(KIND_Q4_0) TILE_KIND(KIND_Q4_1) TILE_KIND(KIND_Q8_0) TILE_KIND(KIND_Q5_0) TILE_KIND(KIND_Q5_1)
+        TILE_KIND(KIND_IQ4_NL)
+#undef TILE_KIND
+        default: break;
+    }
 }
 
 /* Q6_K's 2 high bits of register c (0..3) of a sub-block, moved to bits 4-5 of each byte */
@@ -866,6 +899,13 @@ static void gemm_k_chunk(const gemm_job *g, int chunk) {
     }
 }
 
+#define GEMM_GROUP_BYTES 196608  /* activation code bytes per token group of a prompt chunk */
+
+#ifdef TILE_CORR_CODES
+static _Thread_local int32_t *corr_buf = NULL;  /* gemm_chunk's -k * sum a codes of one token group */
+static _Thread_local size_t corr_cap = 0;
+#endif
+
 static void gemm_chunk(void *p, int chunk) {
     const gemm_job *g = p;
     if (is_k(g->kind)) { gemm_k_chunk(g, chunk); return; }
@@ -873,16 +913,39 @@ static void gemm_chunk(void *p, int chunk) {
     const size_t tile_bytes = (size_t)nb * block_bytes(g->kind);
     const int i0 = chunk * g->tiles_per_chunk;
     const int i1 = i0 + g->tiles_per_chunk < g->tiles ? i0 + g->tiles_per_chunk : g->tiles;
-    for (int i = i0; i < i1; i++) {
-        const uint8_t *tp = g->w + (size_t)i * tile_bytes;
-        /* Prompt chunks: tokens in groups of 64 inside a tile so the tile (<= a few 10 KB) stays in L1/L2. */
-        for (int t0 = 0; t0 < g->T; t0 += 64) {
-            const int tn = g->T - t0 < 64 ? g->T - t0 : 64;
-            const size_t ao = (size_t)t0 * nb;
+    /* Prompt chunks: the tokens in groups of ~192 KB of activation codes (64 tokens at K = 3072), the run of
+     * tiles streamed past each group; a tile (<= a few 10 KB) stays in L1/L2 while the group's tokens use it. */
+    int corr_failed = 0;
+    int tg = (int)(GEMM_GROUP_BYTES / (size_t)g->K) / 16 * 16;
+    tg = tg < 16 ? 16 : tg;
+    for (int t0 = 0; t0 < g->T; t0 += tg) {
+        const int tn = g->T - t0 < tg ? g->T - t0 : tg;
+        const size_t ao = (size_t)t0 * nb;
+        const int32_t *sums = g->sa_i + ao;
+        (void)sums; (void)corr_failed;  /* used by the vector paths only */
+#ifdef TILE_CORR_CODES
+        if (!g->force_scalar && kind_corr(g->kind)) {  /* -k * sum a for the group's (token, block)s, once */
+            const size_t n = (size_t)tn * nb;
+            if (corr_cap < n) {
+                free(corr_buf);
+                corr_buf = malloc(n * sizeof(int32_t));
+                corr_cap = corr_buf ? n : 0;
+            }
+            if (corr_buf != NULL) {
+                const int32_t k = -kind_corr(g->kind);
+                for (size_t j = 0; j < n; j++) corr_buf[j] = k * sums[j];
+                sums = corr_buf;
+            } else {  /* out of memory: the plain-C path, which needs no buffer */
+                corr_failed = 1;
+            }
+        }
+#endif
+        for (int i = i0; i < i1; i++) {
+            const uint8_t *tp = g->w + (size_t)i * tile_bytes;
             float *yo = g->y + (size_t)t0 * g->ldy + (size_t)i * TILE;
 #ifdef HAVE_FAST
-            if (!g->force_scalar)
-                tile_fast(g->kind, tp, nb, g->qa + (size_t)t0 * g->K, g->da + ao, g->sa_i + ao, g->sa_f + ao, g->K,
+            if (!g->force_scalar && !corr_failed)
+                tile_fast(g->kind, tp, nb, g->qa + (size_t)t0 * g->K, g->da + ao, sums, g->sa_f + ao, g->K,
                           tn, yo, g->ldy);
             else
 #endif
@@ -1737,5 +1800,388 @@ int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden
     if (b->norm == NULL) return 0;
     for (int r = 0; r < B; r++) rmsnorm(x + (size_t)r * D, b->norm, D, m->eps, b->h + (size_t)r * D);
     if (b->lm_head.w != NULL) batch_matmul(b, &b->lm_head, b->h, b->logits);
+    return 0;
+}
+
+/* ---- a prompt chunk of one sequence in C: T tokens through every layer, attention flash-style -------------
+ *
+ * pl_prefill runs T consecutive tokens (positions start .. start+T-1) of one sequence through all layers of
+ * `m`, storing their keys and values in m's cache (the pl_decode_step layout and types: 1 f16, 2 int8,
+ * 3 q8_0, 4 q4_0, stored exactly as store_kv, and 0 f32 for a float32 core cache) and updating the residual stream x (T, hidden) in place. It is
+ * the arithmetic of model.py's forward over a chunk with a cache (what engine/generate.py's prefill runs):
+ * per layer RMSNorm (f32, as rmsnorm above) -> qkv on the kernels (every row's activations quantized as
+ * pl_gemm's callers do, so a row's products do not depend on T) -> rotate-half RoPE with each position's own
+ * cos/sin row -> keys/values of all T rows stored -> causal attention over the cached keys [lo, pos] of each
+ * row (lo: the sliding window) -> o_proj + residual -> RMSNorm -> gate_up -> up * silu(gate) -> down +
+ * residual. The caller applies the final norm and lm_head to the rows it needs.
+ *
+ * Attention is blocked (flash attention: an online softmax over blocks of FA_BK keys, no T x L score matrix),
+ * vectorized across 16 queries of one head: queries are transposed and pre-scaled by 1/sqrt(head_dim), each
+ * block of keys/values is read from the cache once per group of queries and converted to f32 (f16 exactly;
+ * int8/q8_0/q4_0 dequantized as pocketlm.kvcache.dequantize: code * scale), scores, maxima, exponentials,
+ * sums and the weighted values are f32. Keys outside a query's [lo, pos] get probability exactly 0 and blocks
+ * start at multiples of FA_BK, so a query's result does not depend on T, the chunking or the threads. The
+ * vector code uses GCC vector extensions (16 floats: one zmm, two ymm or four xmm) with FMA contraction, so the
+ * AVX-512, AVX2 and plain x86-64 builds differ only in float rounding. */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+#define FA_BK 64
+#if defined(__AVX512F__)
+#define FA_NQ 4   /* query vectors (16 queries each) per group: 4 x 4 accumulators in the 32 zmm registers */
+#else
+#define FA_NQ 2
+#endif
+#define FA_QG (FA_NQ * 16)
+#define FAST_MATH __attribute__((optimize("fp-contract=fast")))
+#define V16 static inline __attribute__((always_inline, optimize("fp-contract=fast")))
+#pragma GCC diagnostic ignored "-Wpsabi"  /* static helpers only: the vector ABI never crosses the library */
+
+V16 v16f v16_splat(float a) { return (v16f){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+V16 v16f v16_load(const float *p) { v16f v; memcpy(&v, p, 64); return v; }
+#define v16_store(p, v) do { const v16f v_ = (v); memcpy((p), &v_, 64); } while (0)
+#if defined(__AVX512F__)  /* keep a loaded vector in a register: GCC would fold its load into every FMA using it */
+#define V16_REG(x) __asm__("" : "+v"(x))
+#else
+#define V16_REG(x) ((void)0)
+#endif
+#define V16_MAX(a, b) ({ const v16f a_ = (a), b_ = (b); const v16i gt_ = a_ > b_; \
+                        (v16f)((gt_ & (v16i)a_) | (~gt_ & (v16i)b_)); })
+
+/* e^x per lane (Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp): exactly 1 at 0 and
+ * exactly 0 below -87.3 (e^-inf = 0) */
+V16 v16f v16_exp(const v16f *px) {  /* by pointer: a 64-byte vector argument draws GCC's ABI note off AVX-512 */
+    v16f x = *px;
+    const v16i tiny = x < v16_splat(-87.3f);
+    const v16i big = x > v16_splat(88.0f);
+    x = (v16f)((~big & (v16i)x) | (big & (v16i)v16_splat(88.0f)));
+    x = (v16f)((~tiny & (v16i)x) | (tiny & (v16i)v16_splat(0.0f)));
+    const v16f magic = v16_splat(12582912.0f);  /* 1.5 * 2^23: adding it rounds to an integer (half to even) */
+    const v16f n = (x * v16_splat(1.44269504088896341f) + magic) - magic;
+    const v16f r = (x - n * v16_splat(0.693359375f)) - n * v16_splat(-2.12194440e-4f);
+    v16f p = v16_splat(1.9875691500e-4f);
+    p = p * r + v16_splat(1.3981999507e-3f);
+    p = p * r + v16_splat(8.3334519073e-3f);
+    p = p * r + v16_splat(4.1665795894e-2f);
+    p = p * r + v16_splat(1.6666665459e-1f);
+    p = p * r + v16_splat(5.0000001201e-1f);
+    const v16f y = p * (r * r) + r + v16_splat(1.0f);
+    const v16i e = __builtin_convertvector(n, v16i) << 23;
+    return (v16f)(((v16i)y + e) & ~tiny);
+}
+
+/* rows [j0, j0 + n) of head row block `base` (an index over (layers, n_kv, capacity)) as f32 (n, hd) */
+static void kv_rows_f32(int kv_type, const void *c, const void *sc, size_t base, int hd, int n, float *out) {
+    for (int j = 0; j < n; j++) {
+        const size_t row = base + (size_t)j;
+        const uint8_t *src = (const uint8_t *)c + row * kv_row_bytes(kv_type, hd);
+        float *o = out + (size_t)j * hd;
+        if (kv_type == 0) { memcpy(o, src, (size_t)hd * 4); continue; }
+        if (kv_type == 1) {
+            int i = 0;
+#if defined(__F16C__)
+            for (; i + 8 <= hd; i += 8)
+                _mm256_storeu_ps(o + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + 2 * i))));
+#endif
+            for (; i < hd; i++) { uint16_t h; memcpy(&h, src + 2 * i, 2); o[i] = f16_to_f32(h); }
+        } else if (kv_type == 2) {
+            const float s = ((const float *)sc)[row];
+            for (int i = 0; i < hd; i++) o[i] = (float)((const int8_t *)src)[i] * s;
+        } else {
+            const uint16_t *d = (const uint16_t *)sc + row * (hd / 32);
+            for (int b = 0; b < hd / 32; b++) {
+                const float s = f16_to_f32(d[b]);
+                if (kv_type == 3) {
+                    for (int i = 0; i < 32; i++) o[32 * b + i] = (float)((const int8_t *)src)[32 * b + i] * s;
+                } else {
+                    for (int i = 0; i < 16; i++) {
+                        const uint8_t byte = src[16 * b + i];
+                        o[32 * b + i] = (float)((int)(byte & 15) - 8) * s;
+                        o[32 * b + 16 + i] = (float)((int)(byte >> 4) - 8) * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+typedef struct {
+    const pl_model *m;
+    int layer, T, start, window, ldq, groups;
+    const float *qkv;  /* (T, ldq): q of head h at column h * hd */
+    float *att;        /* (T, H * hd) */
+    _Atomic int failed;  /* a thread could not allocate its scratch */
+} fa_job;
+
+static _Thread_local float *fa_buf = NULL;
+static _Thread_local size_t fa_cap = 0;
+
+/* job = (head, group of FA_QG queries): softmax(q K^T / sqrt(hd)) V over each query's visible keys */
+static FAST_MATH void flash_group(void *p, int job) {
+    fa_job *a = p;
+    const pl_model *m = a->m;
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, T = a->T;
+    const int h = job / a->groups, i0 = (job % a->groups) * FA_QG, g = h / (H / KV);
+    const size_t need = (size_t)FA_NQ * hd * 16 * 2 + (size_t)FA_NQ * FA_BK * 16 + (size_t)FA_BK * hd * 2;
+    if (fa_cap < need) {
+        free(fa_buf);
+        fa_buf = aligned_alloc(64, (need * 4 + 63) / 64 * 64);
+        fa_cap = fa_buf ? need : 0;
+        if (!fa_buf) { atomic_store(&a->failed, 1); return; }
+    }
+    float *QT = fa_buf, *OT = QT + (size_t)FA_NQ * hd * 16, *S = OT + (size_t)FA_NQ * hd * 16;
+    float *Kf = S + (size_t)FA_NQ * FA_BK * 16, *Vf = Kf + (size_t)FA_BK * hd;
+    const float scale = 1.0f / sqrtf((float)hd);
+    int qp[FA_QG], lo[FA_QG];
+    for (int u = 0; u < FA_QG; u++) {
+        const int i = i0 + u < T ? i0 + u : T - 1;  /* lanes past the chunk repeat its last row (not written) */
+        qp[u] = a->start + i;
+        lo[u] = a->window > 0 && qp[u] - a->window + 1 > 0 ? qp[u] - a->window + 1 : 0;
+        const float *q = a->qkv + (size_t)i * a->ldq + (size_t)h * hd;
+        for (int d = 0; d < hd; d++) QT[((size_t)(u / 16) * hd + d) * 16 + u % 16] = q[d] * scale;
+    }
+    v16f mx[FA_NQ], l[FA_NQ], qpv[FA_NQ], lov[FA_NQ];
+    for (int v = 0; v < FA_NQ; v++) {
+        mx[v] = v16_splat(-3.4028235e38f); l[v] = v16_splat(0.0f);
+        for (int u = 0; u < 16; u++) { qpv[v][u] = (float)qp[16 * v + u]; lov[v][u] = (float)lo[16 * v + u]; }
+    }
+    memset(OT, 0, (size_t)FA_NQ * hd * 16 * 4);
+    const int kend = qp[FA_QG - 1] + 1, qmin = qp[0];
+    int lomax = 0;
+    for (int u = 0; u < FA_QG; u++) lomax = lo[u] > lomax ? lo[u] : lomax;
+    const size_t base = ((size_t)a->layer * KV + g) * m->capacity;
+    for (int kb = lo[0] / FA_BK * FA_BK; kb < kend; kb += FA_BK) {
+        const int nk = kend - kb < FA_BK ? kend - kb : FA_BK;
+        kv_rows_f32(m->kv_type, m->k, m->k_scale, base + kb, hd, nk, Kf);
+        kv_rows_f32(m->kv_type, m->v, m->v_scale, base + kb, hd, nk, Vf);
+        /* scores S[v][j] = q . k_j for the FA_NQ query vectors, 4 keys at a time */
+        int j = 0;
+        for (; j + 4 <= nk; j += 4) {
+            v16f acc[FA_NQ][4];
+            for (int v = 0; v < FA_NQ; v++) for (int jj = 0; jj < 4; jj++) acc[v][jj] = v16_splat(0.0f);
+            const float *k0 = Kf + (size_t)j * hd;
+            for (int d = 0; d < hd; d++) {
+                const float c0 = k0[d], c1 = k0[hd + d], c2 = k0[2 * hd + d], c3 = k0[3 * hd + d];
+                for (int v = 0; v < FA_NQ; v++) {
+                    v16f q = v16_load(QT + ((size_t)v * hd + d) * 16);
+                    V16_REG(q);
+                    acc[v][0] += q * c0; acc[v][1] += q * c1; acc[v][2] += q * c2; acc[v][3] += q * c3;
+                }
+            }
+            for (int v = 0; v < FA_NQ; v++)
+                for (int jj = 0; jj < 4; jj++) v16_store(S + ((size_t)v * FA_BK + j + jj) * 16, acc[v][jj]);
+        }
+        for (; j < nk; j++) {
+            v16f acc[FA_NQ];
+            for (int v = 0; v < FA_NQ; v++) acc[v] = v16_splat(0.0f);
+            const float *k0 = Kf + (size_t)j * hd;
+            for (int d = 0; d < hd; d++)
+                for (int v = 0; v < FA_NQ; v++) acc[v] += v16_load(QT + ((size_t)v * hd + d) * 16) * k0[d];
+            for (int v = 0; v < FA_NQ; v++) v16_store(S + ((size_t)v * FA_BK + j) * 16, acc[v]);
+        }
+        /* mask (causal and window), online softmax: P = e^(S - new max), O *= e^(old max - new max) */
+        const int masked = kb + nk - 1 > qmin || kb < lomax;
+        for (int v = 0; v < FA_NQ; v++) {
+            float *Sv = S + (size_t)v * FA_BK * 16;
+            v16f nm = mx[v];
+            for (int jj = 0; jj < nk; jj++) {
+                v16f s = v16_load(Sv + (size_t)jj * 16);
+                if (masked) {
+                    const v16f kp = v16_splat((float)(kb + jj));
+                    const v16i vis = (kp <= qpv[v]) & (kp >= lov[v]);
+                    s = (v16f)((vis & (v16i)s) | (~vis & (v16i)v16_splat(-INFINITY)));
+                    v16_store(Sv + (size_t)jj * 16, s);
+                }
+                nm = V16_MAX(nm, s);
+            }
+            const v16f dm = mx[v] - nm, alpha = v16_exp(&dm);
+            v16f sum = v16_splat(0.0f);
+            for (int jj = 0; jj < nk; jj++) {
+                const v16f sm = v16_load(Sv + (size_t)jj * 16) - nm, e = v16_exp(&sm);
+                v16_store(Sv + (size_t)jj * 16, e);
+                sum += e;
+            }
+            l[v] = l[v] * alpha + sum;
+            mx[v] = nm;
+            float *Ov = OT + (size_t)v * hd * 16;
+            for (int d = 0; d < hd; d++) v16_store(Ov + (size_t)d * 16, v16_load(Ov + (size_t)d * 16) * alpha);
+        }
+        /* O[v][d] += sum_j P[v][j] * V[j][d], 4 dims at a time */
+        int d = 0;
+        for (; d + 4 <= hd; d += 4) {
+            v16f acc[FA_NQ][4];
+            for (int v = 0; v < FA_NQ; v++)
+                for (int dd = 0; dd < 4; dd++) acc[v][dd] = v16_load(OT + ((size_t)v * hd + d + dd) * 16);
+            for (int jj = 0; jj < nk; jj++) {
+                const float *vr = Vf + (size_t)jj * hd + d;
+                const float c0 = vr[0], c1 = vr[1], c2 = vr[2], c3 = vr[3];
+                for (int v = 0; v < FA_NQ; v++) {
+                    v16f pj = v16_load(S + ((size_t)v * FA_BK + jj) * 16);
+                    V16_REG(pj);
+                    acc[v][0] += pj * c0; acc[v][1] += pj * c1; acc[v][2] += pj * c2; acc[v][3] += pj * c3;
+                }
+            }
+            for (int v = 0; v < FA_NQ; v++)
+                for (int dd = 0; dd < 4; dd++) v16_store(OT + ((size_t)v * hd + d + dd) * 16, acc[v][dd]);
+        }
+        for (; d < hd; d++)
+            for (int v = 0; v < FA_NQ; v++) {
+                v16f acc = v16_load(OT + ((size_t)v * hd + d) * 16);
+                for (int jj = 0; jj < nk; jj++)
+                    acc += v16_load(S + ((size_t)v * FA_BK + jj) * 16) * Vf[(size_t)jj * hd + d];
+                v16_store(OT + ((size_t)v * hd + d) * 16, acc);
+            }
+    }
+    for (int u = 0; u < FA_QG && i0 + u < T; u++) {
+        const int v = u / 16;
+        const float inv = 1.0f / l[v][u % 16];
+        float *out = a->att + (size_t)(i0 + u) * H * hd + (size_t)h * hd;
+        for (int d = 0; d < hd; d++) out[d] = OT[((size_t)v * hd + d) * 16 + u % 16] * inv;
+    }
+}
+
+/* pl_prefill's attention alone (for tests): queries q (T, ldq) (head h at column h * hd) of positions start ..
+ * start+T-1 against layer `layer` of m's cache, which must hold their keys/values already -> att (T, H * hd).
+ * 0, -1 for an argument out of range, -2 out of memory. */
+int pl_attention(const pl_model *m, int layer, int T, int start, int window, const float *q, int ldq, float *att) {
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim;
+    if (T < 1 || hd > 512 || KV < 1 || H % KV || m->kv_type < 0 || m->kv_type > 4 || layer < 0 ||
+        layer >= m->n_layers || ((m->kv_type == 3 || m->kv_type == 4) && hd % 32) || start < 0 ||
+        start + T > m->capacity || window < 0 || ldq < H * hd)
+        return -1;
+    const int groups = (T + FA_QG - 1) / FA_QG;
+    fa_job fj = {m, layer, T, start, window, ldq, groups, q, att, 0};
+    parallel_run(flash_group, &fj, H * groups);
+    return atomic_load(&fj.failed) ? -2 : 0;
+}
+
+/* y (T, pad16(w->rows)) = x (T, w->cols) @ W.T */
+static void rows_matmul(const pl_mat *w, const float *x, int T, float *y, int8_t *qa, float *da, int32_t *sa_i,
+                        float *sa_f) {
+    if (w->kind == KIND_PARTS) { parts_product(w, x, T, y, pad16(w->rows), qa, da, sa_i, sa_f); return; }
+    if (is_k(w->kind)) pl_quantize_act_k(x, T, w->cols, qa, da, (int16_t *)sa_i);
+    else pl_quantize_act(x, T, w->cols, qa, da, sa_i, sa_f);
+    const int tiles = (w->rows + TILE - 1) / TILE;
+    pl_gemm(w->kind, w->w, tiles, w->cols, qa, da, sa_i, sa_f, T, y, tiles * TILE, 0);
+}
+
+typedef struct {
+    const pl_model *m;
+    int layer, start, ldq, ldg, ldy, op;
+    const float *w, *cos, *sin;
+    float *x, *xn, *qkv, *gu, *hmid, *y;
+} row_job;
+
+enum { ROW_NORM = 0, ROW_ROPE_STORE = 1, ROW_SILU = 2, ROW_RESIDUAL = 3 };
+
+/* the element-wise work of one row t of a prompt chunk */
+static FAST_MATH void prefill_row(void *p, int t) {
+    const row_job *r = p;
+    const pl_model *m = r->m;
+    const int D = m->hidden, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, rd = m->rotary_dim;
+    if (r->op == ROW_NORM) {
+        rmsnorm(r->x + (size_t)t * D, r->w, D, m->eps, r->xn + (size_t)t * D);
+    } else if (r->op == ROW_ROPE_STORE) {
+        float *q = r->qkv + (size_t)t * r->ldq, *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
+        const float *c = r->cos + (size_t)t * rd, *s = r->sin + (size_t)t * rd;
+        rope(q, H, hd, rd, c, s);
+        rope(k, KV, hd, rd, c, s);
+        for (int g = 0; g < KV; g++) {
+            const size_t row = ((size_t)r->layer * KV + g) * m->capacity + (size_t)(r->start + t);
+            kvb_store(m->kv_type, m->k, m->k_scale, row, hd, k + (size_t)g * hd);
+            kvb_store(m->kv_type, m->v, m->v_scale, row, hd, v + (size_t)g * hd);
+        }
+    } else if (r->op == ROW_SILU) {
+        const float *gu = r->gu + (size_t)t * r->ldg;
+        float *hm = r->hmid + (size_t)t * m->inter;
+        int i = 0;
+        for (; i + 16 <= m->inter; i += 16) {
+            const v16f gate = v16_load(gu + i), ng = -gate;
+            v16_store(hm + i, v16_load(gu + m->inter + i) * (gate / (v16_splat(1.0f) + v16_exp(&ng))));
+        }
+        for (; i < m->inter; i++) {
+            const float gate = gu[i];
+            hm[i] = gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
+        }
+    } else {
+        float *x = r->x + (size_t)t * D;
+        const float *y = r->y + (size_t)t * r->ldy;
+        for (int i = 0; i < D; i++) x[i] += y[i];
+    }
+}
+
+typedef struct {
+    int T, start, window;      /* window 0: every earlier key is visible; else keys with pos - key < window */
+    const float *cos, *sin;    /* (T, rotary_dim): each position's rotary row */
+    /* scratch, row-major (T, width): xn hidden, qkv pad16((H + 2 KV) hd), att H hd, gu pad16(2 inter),
+     * hmid inter, y pad16(max(hidden, H hd)); activation codes qa (T, widest) int8, da / sa_f (T, widest / 32)
+     * f32, sa_i (T, widest / 32) i32 (widest = max(hidden, inter, H hd)) */
+    float *xn, *qkv, *att, *gu, *hmid, *y;
+    int8_t *qa; float *da, *sa_f; int32_t *sa_i;
+} pl_chunk;
+
+/* seconds pl_prefill spent in its parts since the last reset: [0] matrix products (activation quantization
+ * included), [1] attention, [2] the element-wise rows (norms, RoPE + cache store, SiLU, residuals) */
+static double g_prefill_s[3];
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+void pl_prefill_profile(double *out, int reset) {
+    for (int i = 0; i < 3; i++) { out[i] = g_prefill_s[i]; if (reset) g_prefill_s[i] = 0.0; }
+}
+
+int pl_prefill(const pl_model *m, const pl_chunk *c, float *x /* (T, hidden), updated in place */) {
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden, T = c->T;
+    if (T < 1 || hd > 512 || KV < 1 || H % KV || m->kv_type < 0 || m->kv_type > 4 ||
+        ((m->kv_type == 3 || m->kv_type == 4) && hd % 32) || c->start < 0 || c->start + T > m->capacity ||
+        c->window < 0)
+        return -1;
+    for (int l = 0; l < m->n_layers; l++) {  /* the scratch widths below assume the fused Phi-3 shapes */
+        const pl_layer *L = &m->layers[l];
+        if (L->qkv.rows != (H + 2 * KV) * hd || L->qkv.cols != D || L->o.rows != D || L->o.cols != H * hd ||
+            L->gate_up.rows != 2 * m->inter || L->gate_up.cols != D || L->down.rows != D || L->down.cols != m->inter)
+            return -1;
+    }
+    const int ldq = pad16((H + 2 * KV) * hd), ldg = pad16(2 * m->inter), ldy = pad16(D);
+    const int groups = (T + FA_QG - 1) / FA_QG;
+    for (int l = 0; l < m->n_layers; l++) {
+        const pl_layer *L = &m->layers[l];
+        row_job r = {m, l, c->start, ldq, ldg, ldy, ROW_NORM, L->attn_norm, c->cos, c->sin, x, c->xn, c->qkv,
+                     c->gu, c->hmid, c->y};
+        double t0 = now_s(), t1;
+#define LAP(i) (t1 = now_s(), g_prefill_s[i] += t1 - t0, t0 = t1)
+        parallel_run(prefill_row, &r, T);
+        LAP(2);
+        rows_matmul(&L->qkv, c->xn, T, c->qkv, c->qa, c->da, c->sa_i, c->sa_f);
+        LAP(0);
+        r.op = ROW_ROPE_STORE;
+        parallel_run(prefill_row, &r, T);
+        LAP(2);
+        fa_job fj = {m, l, T, c->start, c->window, ldq, groups, c->qkv, c->att, 0};
+        parallel_run(flash_group, &fj, H * groups);
+        if (atomic_load(&fj.failed)) return -2;
+        LAP(1);
+        rows_matmul(&L->o, c->att, T, c->y, c->qa, c->da, c->sa_i, c->sa_f);
+        LAP(0);
+        r.op = ROW_RESIDUAL;
+        parallel_run(prefill_row, &r, T);
+        r.op = ROW_NORM; r.w = L->ffn_norm;
+        parallel_run(prefill_row, &r, T);
+        LAP(2);
+        rows_matmul(&L->gate_up, c->xn, T, c->gu, c->qa, c->da, c->sa_i, c->sa_f);
+        LAP(0);
+        r.op = ROW_SILU;
+        parallel_run(prefill_row, &r, T);
+        LAP(2);
+        rows_matmul(&L->down, c->hmid, T, c->y, c->qa, c->da, c->sa_i, c->sa_f);
+        LAP(0);
+        r.op = ROW_RESIDUAL;
+        parallel_run(prefill_row, &r, T);
+        LAP(2);
+#undef LAP
+    }
     return 0;
 }

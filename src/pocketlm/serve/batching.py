@@ -29,7 +29,9 @@ Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one 
   does not fit what is left gets 429 with Retry-After at once (never a truncated reply later).
 - Exactness: a prompt prefilled alone uses the core `model(...)` forward and KVCache exactly as
   `pocketlm.engine.generate.prefill` does (same 512-token chunk boundaries), so its first token equals the
-  single-request path bit for bit. A prefix-cache hit resumes at a block boundary on the same chunk grid (see
+  single-request path bit for bit. A kernels model prefills every prompt alone in C (engine/cpu.py
+  `FastDecoder.prefill_chunk`, as `generate` does; its rows do not depend on the chunking or on other prompts),
+  never through the batched forward. A prefix-cache hit resumes at a block boundary on the same chunk grid (see
   kvpool.py), and prompts prefilled together go through one batched forward: both change GEMM shapes, like the
   batched decode that every row then uses (`forward_batched`). On CPU fp32 the batched decode
   gave identical greedy ids to `generate` in every test we ran (tests/test_serve_load.py checks 32 streams);
@@ -71,11 +73,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pocketlm.engine import cpu
 from pocketlm.engine.cpu_batch import BatchDecoder
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
 from pocketlm.engine.sampling import SamplingParams, make_generator, sample
-from pocketlm.errors import ConfigError
+from pocketlm.errors import ConfigError, GenerationError
 from pocketlm.kvcache import dense, kv_store
 from pocketlm.model import KVCache
 from pocketlm.quant.kernels import release_free_memory
@@ -322,6 +325,16 @@ class Engine:
         # decode steps in one C call per step when the linears run on the CPU kernels (engine/cpu_batch.py)
         self.batch_decoder = BatchDecoder.for_model(model) if self.device.type == "cpu" else None
         self.c_decode_steps = 0  # decode steps that went through it
+        # prompt chunks in one C call each (engine/cpu.py FastDecoder.prefill_chunk, pl_prefill): the prefill
+        # `generate` runs, so a prompt's keys/values and first token are the same as there; its own decoder (own
+        # scratch) so that a generate call elsewhere in the process shares nothing with the scheduler thread
+        self.fast = None
+        if self.batch_decoder is not None and cpu.eligible(model):
+            try:
+                self.fast = cpu.FastDecoder(model)
+            except (GenerationError, ConfigError):
+                self.fast = None
+        self.c_prefill_chunks = 0  # prompt chunks that went through it
         kv_type = getattr(model, "kv_cache_type", None)  # --kv-cache: the slot, prefill and prefix caches' type
         if kv_type is None and self.batch_decoder is not None:
             kv_type = "f16"  # the C decoder's default, as generate's (engine/cpu.py) and llama.cpp's: same replies
@@ -592,7 +605,7 @@ class Engine:
         so that every row's last real token is the last position (`last_only`)."""
         batched: dict[str, list[_Chunk]] = {}
         for item in work:
-            if item.score:
+            if item.score or self._c_prefill(item):  # C prefills each prompt alone, as generate does
                 yield item, self._prefill_alone(item)
             else:
                 batched.setdefault(item.mode, []).append(item)
@@ -618,9 +631,19 @@ class Engine:
             for i, w in enumerate(items):
                 yield w, logits[i]
 
+    def _c_prefill(self, item: "_Chunk") -> bool:
+        """Whether this chunk runs in C (pl_prefill): a kernels model and a prefill cache C stores into, more
+        than one token (one token is the decode step's arithmetic in `generate` too: the core forward here)."""
+        return self.fast is not None and item.end - item.start > 1 and \
+            cpu.cache_view(item.seq.prefill_cache) is not None
+
     def _prefill_alone(self, item: "_Chunk") -> torch.Tensor:
         seq = item.seq
         tokens = torch.tensor([seq.prompt[item.start:item.end]], device=self.device)
+        if self._c_prefill(item):
+            self.c_prefill_chunks += 1
+            return self._mask_padding(self.fast.prefill_chunk(tokens, seq.prefill_cache, last_only=not item.score,
+                                                              rope_mode=item.mode))[0]
         return self._mask_padding(self.model(tokens, seq.prefill_cache, last_only=not item.score,
                                              rope_mode=item.mode))[0]
 
