@@ -8,7 +8,10 @@ once per step, RoPE with the row's own rotary row, the new key/value stored at t
 attention over the row's visible keys, SwiGLU), with no Python per layer, then the final RMSNorm and lm_head
 (one (B, vocab) product on the kernels), as `engine.cpu.FastDecoder`'s `pl_decode_token` does for one
 sequence (a final norm that is not an RMSNorm, or an lm_head off the kernels, runs in PyTorch). The embedding
-rows (one lookup for the batch) stay in Python.
+rows come from `pl_embed_row` (as pl_decode_token) when that gives the module's own float32 values, else from
+the module; the cos/sin rows from a per-mode table of `model.rotary_emb` (FastDecoder's 256-position blocks);
+the per-row work between the matrix products (norms, RoPE + cache stores, SwiGLU, residuals) is split over
+the kernel threads by rows. `argmax_rows` gives the greedy picks of a batch in C.
 
 Per row: its slot, its position (its current length), the first key it sees (`attention_window`, the sliding
 window rule of `model.attention_mask`) and its LongRoPE factor set (`model.rope_mode_for(position + 1)`, the
@@ -93,8 +96,23 @@ class BatchDecoder:
                                  head.backend == "kernel" and head.bias is None and
                                  head.in_features == c.hidden_size) else None
         self._scratch: dict[str, torch.Tensor] = {}
+        self._ptrs: dict[str, int] = {}  # the scratch tensors' addresses (the pl_batch fields)
         self._rows = 0  # rows and keys per (row, head) the scratch holds
         self._keys = 0
+        # per-step inputs kept between steps (the engine calls step() once per decode step): the pl_batch struct,
+        # the cos/sin rows of every position (blocks of cpu.ROPE_BLOCK positions, as FastDecoder's), the
+        # embedding rows read in C (pl_embed_row, as pl_decode_token) when that gives the model's own values
+        self._batch = _Batch()
+        self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # mode -> (positions, rotary_dim) cos, sin
+        self._lm = (cpu._Mat(self._lm_head.packed.data_ptr(), kernels.KINDS[self._lm_head.type_name],
+                             self._lm_head.out_features, self._lm_head.in_features)
+                    if self._lm_head is not None else cpu._Mat(None, 0, 0, 0))
+        self._embed = _c_embedding(model.model.embed_tokens)
+        if self._embed is not None:
+            self._lib.pl_embed_row.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                               ctypes.c_int, ctypes.c_void_p]
+            self._lib.pl_embed_row.restype = ctypes.c_int
+        self._static_modes = c.rope_scaling is None or c.longrope_policy != "dynamic"
 
     @classmethod
     def for_model(cls, model) -> "BatchDecoder | None":
@@ -125,10 +143,26 @@ class BatchDecoder:
             "hmid": torch.empty(B, c.intermediate_size), "y": torch.empty(B, pad(c.hidden_size)),
             "scores": torch.empty(B * H, keys), "qa": torch.empty(B, widest, dtype=torch.int8),
             "da": torch.empty(B, widest // 32), "sa_f": torch.empty(B, widest // 32),
-            "sa_i": torch.empty(B, widest // 32, dtype=torch.int32), "h": torch.empty(B, c.hidden_size)}
+            "sa_i": torch.empty(B, widest // 32, dtype=torch.int32), "h": torch.empty(B, c.hidden_size),
+            "x": torch.empty(B, c.hidden_size)}  # x: the embedding rows when read in C (the residual stream)
         if self._lm_head is not None:
             self._scratch["logits"] = torch.empty(B, pad(self._lm_head.out_features))
+        self._ptrs = {n: t.data_ptr() for n, t in self._scratch.items()}
         self._rows, self._keys = B, keys
+
+    def _rope_rows(self, mode: str, positions: torch.Tensor, top: int, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, rotary_dim) cos and sin rows of `positions` (long, (B,)) for LongRoPE factor set `mode`, gathered
+        from a table of `model.rotary_emb` over blocks of cpu.ROPE_BLOCK positions (FastDecoder's values)."""
+        table = self._rope.get(mode)
+        if table is None or table[0].shape[0] <= top:
+            n = (top // cpu.ROPE_BLOCK + 1) * cpu.ROPE_BLOCK
+            have = 0 if table is None else table[0].shape[0]
+            blocks = [] if table is None else [table]
+            for start in range(have, n, cpu.ROPE_BLOCK):  # block by block, the shapes FastDecoder evaluates
+                blocks.append(self.model.rotary_emb(torch.arange(start, start + cpu.ROPE_BLOCK), mode, torch.float32))
+            table = self._rope[mode] = (torch.cat([b[0] for b in blocks]).contiguous(),
+                                        torch.cat([b[1] for b in blocks]).contiguous())
+        return table[0].index_select(0, positions), table[1].index_select(0, positions)
 
     @torch.inference_mode()
     def step(self, ids: list[int], slots: list[int], positions: list[int], cache,
@@ -153,36 +187,51 @@ class BatchDecoder:
         if any(not 0 <= p < capacity for p in positions) or any(not 0 <= s < n_slots for s in slots):
             raise GenerationError(f"positions {positions} / slots {slots} are outside the cache's {capacity} "
                                   f"positions / {n_slots} slots")
-        if modes is None:
-            modes = [model.rope_mode_for(p + 1) for p in positions]
         window = c.attention_window
-        lo = [max(0, p + 1 - window) if window is not None else 0 for p in positions]
-        keys = max(p - a + 1 for p, a in zip(positions, lo))
+        lo = [max(0, p + 1 - window) for p in positions] if window is not None else [0] * B
+        keys = max(positions) + 1 if window is None else max(p - a + 1 for p, a in zip(positions, lo))
         self._ensure_scratch(B, keys)
         pos_t = torch.tensor(positions)
-        cos = torch.empty(B, c.rotary_dim)
-        sin = torch.empty(B, c.rotary_dim)
-        for mode in set(modes):  # (B, rotary_dim): each row's own factor set and position
-            idx = torch.tensor([i for i, m in enumerate(modes) if m == mode])
-            cos[idx], sin[idx] = model.rotary_emb(pos_t[idx], mode, torch.float32)
-        slot_t = torch.tensor(slots, dtype=torch.int32)
-        pos_i = pos_t.to(torch.int32)
-        lo_t = torch.tensor(lo, dtype=torch.int32)
+        if modes is None and self._static_modes:  # one factor set for every position: the model's rule
+            modes = model.rope_mode_for(1)
+        elif modes is None:
+            modes = [model.rope_mode_for(p + 1) for p in positions]
+        if isinstance(modes, str) or len(set(modes)) == 1:
+            cos, sin = self._rope_rows(modes if isinstance(modes, str) else modes[0], pos_t, max(positions), B)
+        else:
+            cos, sin = torch.empty(B, c.rotary_dim), torch.empty(B, c.rotary_dim)
+            for mode in set(modes):  # (B, rotary_dim): each row's own factor set and position
+                idx = torch.tensor([i for i, m in enumerate(modes) if m == mode])
+                cos[idx], sin[idx] = self._rope_rows(mode, pos_t[idx], max(positions), len(idx))
+        ints = ctypes.c_int * B
+        slot_a, pos_a, lo_a = ints(*slots), ints(*positions), ints(*lo)
         k, v = cache.k, cache.v
         quantized = isinstance(k, QuantizedKV)
-        x = model.model.embed_tokens(torch.tensor(ids)).float().contiguous()  # (B, hidden)
-        s = self._scratch
+        if self._embed is not None:  # the rows in C, straight into the scratch (B, hidden)
+            x = self._scratch["x"][:B]
+            table, typ, tiles = self._embed
+            addr, row = self._ptrs["x"], 4 * c.hidden_size
+            for i, t in enumerate(ids):
+                if self._lib.pl_embed_row(table, typ, tiles, c.hidden_size, t, addr + i * row) != 0:
+                    raise GenerationError(f"pl_embed_row refused token {t}")
+        else:
+            x = model.model.embed_tokens(torch.tensor(ids)).float().contiguous()  # (B, hidden)
         lm = self._lm_head
-        batch = _Batch(B=B, kv_type=code, slots=n_slots, capacity=capacity, max_keys=self._keys,
-                       slot=slot_t.data_ptr(), pos=pos_i.data_ptr(), lo=lo_t.data_ptr(),
-                       k=(k.codes if quantized else k).data_ptr(), v=(v.codes if quantized else v).data_ptr(),
-                       k_scale=k.scales.data_ptr() if quantized else None,
-                       v_scale=v.scales.data_ptr() if quantized else None,
-                       cos=cos.data_ptr(), sin=sin.data_ptr(), **{n: t.data_ptr() for n, t in s.items()},
-                       norm=self._norm.data_ptr() if self._norm is not None else None,
-                       lm_head=cpu._Mat(lm.packed.data_ptr(), kernels.KINDS[lm.type_name], lm.out_features,
-                                        lm.in_features) if lm is not None else cpu._Mat(None, 0, 0, 0))
+        batch = self._batch
+        batch.B, batch.kv_type, batch.slots, batch.capacity, batch.max_keys = B, code, n_slots, capacity, self._keys
+        batch.slot, batch.pos, batch.lo = ctypes.addressof(slot_a), ctypes.addressof(pos_a), ctypes.addressof(lo_a)
+        batch.k = (k.codes if quantized else k).data_ptr()
+        batch.v = (v.codes if quantized else v).data_ptr()
+        batch.k_scale = k.scales.data_ptr() if quantized else None
+        batch.v_scale = v.scales.data_ptr() if quantized else None
+        batch.cos, batch.sin = cos.data_ptr(), sin.data_ptr()
+        for n, a in self._ptrs.items():
+            if n != "x":
+                setattr(batch, n, a)
+        batch.norm = self._norm.data_ptr() if self._norm is not None else None
+        batch.lm_head = self._lm
         rc = self._lib.pl_decode_batch(ctypes.byref(self._net), ctypes.byref(batch), x.data_ptr())
+        del slot_a, pos_a, lo_a  # (alive through the call)
         if rc != 0:
             raise GenerationError(f"the batched C decode step refused rows at positions {positions} (slots {slots}, "
                                   f"capacity {capacity})")
@@ -190,9 +239,35 @@ class BatchDecoder:
         if self._norm is None:  # not an RMSNorm: the tail in PyTorch
             return model.lm_head(model.model.norm(x.to(dtype)[:, None]))  # (B, 1, vocab)
         if lm is None:  # lm_head not on the kernels: PyTorch's, on the h C normed
-            return model.lm_head(s["h"][:B, None].to(dtype))
-        logits = s["logits"][:B, None, :lm.out_features]  # (B, 1, vocab): this decoder's buffer
+            return model.lm_head(self._scratch["h"][:B, None].to(dtype))
+        logits = self._scratch["logits"][:B, None, :lm.out_features]  # (B, 1, vocab): this decoder's buffer
         return logits if dtype == torch.float32 else logits.to(dtype)
 
 
-__all__ = ["BatchDecoder", "kv_type_code"]
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """torch.argmax(logits, dim=-1).tolist() for float32 logits (B, V) on the CPU (rows may be strided, e.g. the
+    decoder's padded buffer), in C (`pl_argmax_rows`: the first largest value, a NaN counting as the largest)."""
+    lib = kernels._load()
+    if lib is None or logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.dim() != 2 or \
+            logits.stride(1) != 1:
+        return logits.argmax(dim=-1).tolist()
+    B, V = logits.shape
+    out = (ctypes.c_int32 * B)()
+    lib.pl_argmax_rows(ctypes.c_void_p(logits.data_ptr()), B, V, ctypes.c_long(logits.stride(0)), out)
+    return list(out)
+
+
+def _c_embedding(embed) -> tuple[int, int, int] | None:
+    """(table address, kernels.c type, tiles flag) when pl_embed_row gives exactly the rows the module returns as
+    float32: an nn.Embedding of a float type, or a QuantizedEmbedding of a kernels type whose dtype is float32
+    (one of another dtype rounds its rows to it); None otherwise (the rows then come from the module)."""
+    from pocketlm.quant.linear import QuantizedEmbedding
+    if isinstance(embed, QuantizedEmbedding) and embed.dtype != torch.float32:
+        return None
+    table = cpu.embedding_table(embed)
+    if table is None:
+        return None
+    return table[0].data_ptr(), table[1], table[2]
+
+
+__all__ = ["BatchDecoder", "argmax_rows", "kv_type_code"]

@@ -28,8 +28,16 @@ class IncrementalDecoder:
         skip_special: drop the tokenizer's `special_ids` (like `decode(ids, skip_special=True)`).
     """
 
-    def __init__(self, tokenizer, *, skip_special: bool = False):
+    MEMO_WINDOW = 4  # windows of at most this many ids are memoized (`memo`)
+    MEMO_SIZE = 8192  # entries a memo holds before it is cleared (~1 MB; random text refills it, bounded)
+
+    def __init__(self, tokenizer, *, skip_special: bool = False, memo: dict | None = None):
         self.tokenizer = tokenizer
+        # memo: a dict shared by decoders of the same tokenizer (and skip rule), tuple(ids) -> text, for the short
+        # windows `_advance` decodes (usually the last shown id, then it plus the new one): a pure function of
+        # the ids, so a hit returns exactly what `tokenizer.decode` would (a server decodes the same pieces and
+        # bigrams over and over)
+        self.memo = memo
         # special ids are dropped here rather than by `decode`, so a window never starts at a skipped token
         # (the decoder would then strip the leading space of the text after it)
         self.skipped = frozenset(tokenizer.special_ids) if skip_special else frozenset()
@@ -38,7 +46,16 @@ class IncrementalDecoder:
         self.read_offset = 0  # ids[read_offset:] are not shown yet
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        memo = self.memo
+        if memo is None or len(ids) > self.MEMO_WINDOW:
+            return self.tokenizer.decode(ids)
+        key = tuple(ids)
+        text = memo.get(key)
+        if text is None:
+            if len(memo) >= self.MEMO_SIZE:
+                memo.clear()
+            text = memo[key] = self.tokenizer.decode(ids)
+        return text
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes ("" while an unfinished UTF-8 sequence is pending)."""

@@ -63,6 +63,7 @@
  *   pl_read_bandwidth(buf, bytes, reps) -> checksum      for the roofline measurement
  *   pl_decode_token(model, head, token, pos, lo, cos, sin, flags)   one decoded token, embedding to logits/argmax
  *   pl_embed_row(table, type, tiles, cols, row, out)     one embedding row as pl_decode_token reads it
+ *   pl_argmax_rows(x, B, V, ld, out)                     torch.argmax of each of B rows (greedy picks of a batch)
  */
 #define _GNU_SOURCE
 #include <stdint.h>
@@ -90,6 +91,10 @@
 enum { KIND_Q4_0 = 0, KIND_Q4_1 = 1, KIND_Q8_0 = 2, KIND_Q4_K = 3, KIND_Q6_K = 4, KIND_Q5_K = 5, KIND_Q5_0 = 6,
        KIND_Q5_1 = 7, KIND_IQ4_NL = 8 };
 static const int8_t IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+/* an unaligned, aliasing int32 load: `_mm512_set1_epi32(a4[c])` through it compiles to one vpbroadcastd from
+ * memory (a load-port op); a memcpy to an int32 array made GCC load 64-bit pairs and shift/move/broadcast
+ * them on the vector ALUs, next to the vpdpbusd they feed (the batched decode GEMM ran at ~40% of peak) */
+typedef int32_t __attribute__((may_alias, aligned(1))) pl_i32u;
 static int is_q5(int kind) { return kind == KIND_Q5_0 || kind == KIND_Q5_1; }
 static int has_m(int kind) { return kind == KIND_Q4_1 || kind == KIND_Q5_1; }
 /* 32-column kinds: byte offset of d in a tile block (m follows it), and the integer correction k of "- k*sum a" */
@@ -620,8 +625,7 @@ tile_k_avx512_tn(int kind, const uint8_t *tp, int nsb, const int8_t *qa, const f
             }
             for (int u = 0; u < TN; u++) {
                 const int8_t *a = qa + (size_t)u * K + sb * QKK + 32 * j;
-                int32_t a4[8];
-                memcpy(a4, a, 32);
+                const pl_i32u *a4 = (const pl_i32u *)a;
                 if (kind != KIND_Q6_K) {
                     __m512i s = _mm512_setzero_si512();
                     for (int c = 0; c < 8; c++) s = _mm512_dpbusd_epi32(s, w[c], _mm512_set1_epi32(a4[c]));
@@ -704,8 +708,7 @@ static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, con
             const uint8_t *bp = tp + b * bs;
             const int8_t *a = qa + (size_t)t * K + b * QK;
             const size_t ab = (size_t)t * nb + b;
-            int32_t a4[8];
-            memcpy(a4, a, 32);
+            const pl_i32u *a4 = (const pl_i32u *)a;  /* one vpbroadcastd from memory per dword */
             __m256i s0, s1;
             if (kind == KIND_Q8_0) {
                 /* u8 codes up to 255 * 127 * 2 overflow s16: split each code as (hi nibble * 16 + lo nibble) */
@@ -801,8 +804,7 @@ static void tile_k_fast(int kind, const uint8_t *tp, int nsb, const int8_t *qa, 
             for (int h = 0; h < 2; h++) {  /* rows 8h .. 8h+7: bytes 32h .. 32h+31 of every 64-byte group */
                 __m256i sumi = _mm256_setzero_si256(), ms = _mm256_setzero_si256();
                 for (int j = 0; j < 8; j++) {
-                    int32_t a4[8];
-                    memcpy(a4, a + 32 * j, 32);
+                    const pl_i32u *a4 = (const pl_i32u *)(a + 32 * j);
                     if (T <= 4 && h == 0) prefetch_part(bp, bsz, j);
                     const uint8_t *nb = bp + 256 * j + 32 * h;
                     if (kind != KIND_Q6_K) {
@@ -871,6 +873,18 @@ static void tile_k_fast(int kind, const uint8_t *tp, int nsb, const int8_t *qa, 
 
 /* ---- the matrix product: tiles split across threads, each thread a contiguous run of weight memory -------- */
 
+/* Ask for the next tile's weights (into L2) while this one is computed: a tile is a few KB read block by block,
+ * and with many tokens per tile (batched decode, prefill) the computation between its cache lines is long
+ * enough that the hardware prefetcher falls behind a model larger than the L3 (SmolLM2's 30 MB lm_head ran at
+ * ~60% of its in-cache rate; two tiles ahead measured best). */
+static inline void prefetch_tile(const uint8_t *p, size_t bytes) {
+#if defined(__x86_64__) || defined(__i386__)
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(p + o), _MM_HINT_T1);
+#else
+    (void)p; (void)bytes;
+#endif
+}
+
 typedef struct {
     int kind, tiles, K, T, ldy, force_scalar, tiles_per_chunk;
     const uint8_t *w; const int8_t *qa; const float *da; const int32_t *sa_i; const float *sa_f; float *y;
@@ -884,6 +898,7 @@ static void gemm_k_chunk(const gemm_job *g, int chunk) {
     const int i1 = i0 + g->tiles_per_chunk < g->tiles ? i0 + g->tiles_per_chunk : g->tiles;
     for (int i = i0; i < i1; i++) {
         const uint8_t *tp = g->w + (size_t)i * tile_bytes;
+        if (g->T >= 4 && i + 2 < g->tiles) prefetch_tile(tp + 2 * tile_bytes, tile_bytes);
         for (int t0 = 0; t0 < g->T; t0 += 64) {
             const int tn = g->T - t0 < 64 ? g->T - t0 : 64;
             const size_t ao = (size_t)t0 * nsb;
@@ -942,6 +957,7 @@ static void gemm_chunk(void *p, int chunk) {
 #endif
         for (int i = i0; i < i1; i++) {
             const uint8_t *tp = g->w + (size_t)i * tile_bytes;
+            if (g->T >= 4 && i + 2 < g->tiles) prefetch_tile(tp + 2 * tile_bytes, tile_bytes);
             float *yo = g->y + (size_t)t0 * g->ldy + (size_t)i * TILE;
 #ifdef HAVE_FAST
             if (!g->force_scalar && !corr_failed)
@@ -1705,6 +1721,52 @@ static void kvb_axpy(int kv_type, const void *c, const void *sc, size_t row, int
     }
 }
 
+#if defined(__F16C__) && defined(__FMA__)
+/* The f16 cache's attention for one (row, head) over n consecutive key/value rows (hd % 32 == 0), with the
+ * arithmetic of dot_f16 / axpy_f16 key by key (the same fmadds in the same order, the same horizontal sum), so
+ * the result is bit-identical to the kvb_dot / kvb_axpy loop: four keys' dot chains run interleaved, and the
+ * output is accumulated in registers 32 dims at a time instead of loaded and stored once per key. */
+static float hsum8_f16dot(__m256 acc) {  /* dot_f16's reduction order */
+    float t[8]; _mm256_storeu_ps(t, acc);
+    return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+}
+
+static void dots_f16(const uint16_t *k, const float *q, int n, int hd, float scale, float *sc) {
+    int t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const uint16_t *k0 = k + (size_t)t * hd;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int i = 0; i < hd; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k0 + i))), qv, a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k0 + hd + i))), qv, a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k0 + 2 * hd + i))), qv, a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k0 + 3 * hd + i))), qv, a3);
+        }
+        sc[t] = hsum8_f16dot(a0) * scale; sc[t + 1] = hsum8_f16dot(a1) * scale;
+        sc[t + 2] = hsum8_f16dot(a2) * scale; sc[t + 3] = hsum8_f16dot(a3) * scale;
+    }
+    for (; t < n; t++) sc[t] = dot_f16(k + (size_t)t * hd, q, hd) * scale;
+}
+
+static void axpys_f16(const uint16_t *v, const float *sc, float inv, int n, int hd, float *out) {
+    for (int c = 0; c < hd; c += 32) {
+        __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        const uint16_t *vc = v + c;
+        for (int t = 0; t < n; t++, vc += hd) {
+            const __m256 pv = _mm256_set1_ps(sc[t] * inv);
+            o0 = _mm256_fmadd_ps(pv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)vc)), o0);
+            o1 = _mm256_fmadd_ps(pv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 8))), o1);
+            o2 = _mm256_fmadd_ps(pv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 16))), o2);
+            o3 = _mm256_fmadd_ps(pv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 24))), o3);
+        }
+        _mm256_storeu_ps(out + c, o0); _mm256_storeu_ps(out + c + 8, o1);
+        _mm256_storeu_ps(out + c + 16, o2); _mm256_storeu_ps(out + c + 24, o3);
+    }
+}
+#define HAVE_F16_ROWS 1
+#endif
+
 typedef struct { const pl_model *m; const pl_batch *b; int layer; } batch_attn_job;
 
 /* job j = (row j / H, head j % H): softmax(q.K / sqrt(hd)) V over the row's visible keys [lo, pos] */
@@ -1719,15 +1781,29 @@ static void batch_attention(void *p, int j) {
     const float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd) + (size_t)h * hd;
     float *sc = b->scores + (size_t)j * b->max_keys, *out = b->att + (size_t)r * H * hd + (size_t)h * hd;
     float qr[512];
+#ifdef HAVE_F16_ROWS
+    const int f16_rows = b->kv_type == 1 && hd % 32 == 0;
+    if (b->kv_type == 1) {  /* round_f16, 8 at a time (the same round-to-nearest-even conversion) */
+        int i = 0;
+        for (; i + 8 <= hd; i += 8)
+            _mm256_storeu_ps(qr + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(q + i), _MM_FROUND_TO_NEAREST_INT)));
+        for (; i < hd; i++) qr[i] = round_f16(q[i]);
+    } else
+#endif
     for (int i = 0; i < hd; i++) qr[i] = b->kv_type == 1 ? round_f16(q[i]) : q[i];
     float mx = -INFINITY;
-    for (int t = 0; t < n; t++) {
-        sc[t] = kvb_dot(b->kv_type, b->k, b->k_scale, base + t, hd, qr) * scale;
-        if (sc[t] > mx) mx = sc[t];
-    }
+#ifdef HAVE_F16_ROWS
+    if (f16_rows) dots_f16((const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc);
+    else
+#endif
+    for (int t = 0; t < n; t++) sc[t] = kvb_dot(b->kv_type, b->k, b->k_scale, base + t, hd, qr) * scale;
+    for (int t = 0; t < n; t++) if (sc[t] > mx) mx = sc[t];
     float sum = 0.0f;
     for (int t = 0; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
     const float inv = 1.0f / sum;
+#ifdef HAVE_F16_ROWS
+    if (f16_rows) { axpys_f16((const uint16_t *)b->v + base * hd, sc, inv, n, hd, out); return; }
+#endif
     for (int i = 0; i < hd; i++) out[i] = 0.0f;
     for (int t = 0; t < n; t++) kvb_axpy(b->kv_type, b->v, b->v_scale, base + t, hd, sc[t] * inv, out);
 }
@@ -1742,6 +1818,120 @@ static void batch_matmul(const pl_batch *b, const pl_mat *w, const float *x, flo
     else pl_quantize_act(x, b->B, w->cols, b->qa, b->da, b->sa_i, b->sa_f);
     const int tiles = (w->rows + TILE - 1) / TILE;
     pl_gemm(w->kind, w->w, tiles, w->cols, b->qa, b->da, b->sa_i, b->sa_f, b->B, y, tiles * TILE, 0);
+}
+
+/* ---- greedy picks for a batch: argmax of each row ----------------------------------------------------------
+ * out[r] = the first index of the largest value of row r (x + r * ld, V values), as torch.argmax: a NaN counts
+ * as the largest (the first NaN wins), ties go to the lowest index, -0.0 == 0.0. Rows are split over the
+ * threads; every ISA path gives the same index (the comparisons are exact). */
+typedef struct { const float *x; int V; long ld; int32_t *out; } argmax_job;
+
+static int32_t argmax_row(const float *x, int V) {
+    int i = 0;
+    float mx = -INFINITY;
+    int nan = 0;
+#if defined(__AVX512F__)
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (; i + 16 <= V; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) != 0;
+        m = _mm512_max_ps(m, v);
+    }
+    mx = _mm512_reduce_max_ps(m);
+#elif defined(__AVX2__)
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (; i + 8 <= V; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        nan |= _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)) != 0;
+        m = _mm256_max_ps(m, v);
+    }
+    float t[8]; _mm256_storeu_ps(t, m);
+    for (int j = 0; j < 8; j++) mx = t[j] > mx ? t[j] : mx;
+#endif
+    for (; i < V; i++) {
+        if (x[i] != x[i]) nan = 1;
+        else if (x[i] > mx) mx = x[i];
+    }
+    if (nan) {
+        for (i = 0; i < V; i++) if (x[i] != x[i]) return i;
+    }
+    i = 0;
+#if defined(__AVX512F__)
+    const __m512 mv = _mm512_set1_ps(mx);
+    for (; i + 16 <= V; i += 16) {
+        const __mmask16 k = _mm512_cmp_ps_mask(_mm512_loadu_ps(x + i), mv, _CMP_EQ_OQ);
+        if (k) return i + __builtin_ctz(k);
+    }
+#elif defined(__AVX2__)
+    const __m256 mv = _mm256_set1_ps(mx);
+    for (; i + 8 <= V; i += 8) {
+        const int k = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), mv, _CMP_EQ_OQ));
+        if (k) return i + __builtin_ctz(k);
+    }
+#endif
+    for (; i < V; i++) if (x[i] == mx) return i;
+    return 0;  /* unreachable: mx is one of the values */
+}
+
+static void argmax_chunk(void *p, int r) {
+    const argmax_job *a = p;
+    a->out[r] = argmax_row(a->x + (size_t)r * a->ld, a->V);
+}
+
+void pl_argmax_rows(const float *x, int B, int V, long ld, int32_t *out) {
+    if (B <= 0 || V <= 0) return;
+    argmax_job a = {x, V, ld, out};
+    if ((long)B * V >= 65536) parallel_run(argmax_chunk, &a, B);
+    else for (int r = 0; r < B; r++) argmax_chunk(&a, r);
+}
+
+/* The per-row work between the matrix products, one job per row (rows split over the threads; a row's own
+ * arithmetic is what the serial loop did, so the result does not depend on the split). */
+enum { ROW_NORM, ROW_ROPE_STORE, ROW_RESIDUAL_NORM, ROW_SILU, ROW_RESIDUAL };
+typedef struct { const pl_model *m; const pl_batch *b; float *x; int layer, op; const float *w; float *out; } row_job;
+
+static void row_work(void *p, int r) {
+    const row_job *j = p;
+    const pl_model *m = j->m;
+    const pl_batch *b = j->b;
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden, rd = m->rotary_dim;
+    float *xr = j->x + (size_t)r * D;
+    switch (j->op) {
+    case ROW_RESIDUAL_NORM:  /* x += y (o or down); then the next norm */
+    case ROW_RESIDUAL: {
+        const float *y = b->y + (size_t)r * pad16(D);
+        for (int i = 0; i < D; i++) xr[i] += y[i];
+        if (j->op == ROW_RESIDUAL) break;
+    }   /* fall through */
+    case ROW_NORM:
+        rmsnorm(xr, j->w, D, m->eps, j->out + (size_t)r * D);
+        break;
+    case ROW_ROPE_STORE: {
+        float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd), *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
+        rope(q, H, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
+        rope(k, KV, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
+        for (int g = 0; g < KV; g++) {
+            const size_t row = (((size_t)j->layer * b->slots + b->slot[r]) * KV + g) * b->capacity + b->pos[r];
+            kvb_store(b->kv_type, b->k, b->k_scale, row, hd, k + (size_t)g * hd);
+            kvb_store(b->kv_type, b->v, b->v_scale, row, hd, v + (size_t)g * hd);
+        }
+        break;
+    }
+    case ROW_SILU: {
+        const float *gu = b->gu + (size_t)r * pad16(2 * m->inter);
+        float *hm = b->hmid + (size_t)r * m->inter;
+        for (int i = 0; i < m->inter; i++) {
+            const float gate = gu[i];
+            hm[i] = gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
+        }
+        break;
+    }
+    }
+}
+
+static void rows_run(const pl_model *m, const pl_batch *b, float *x, int layer, int op, const float *w, float *out) {
+    row_job j = {m, b, x, layer, op, w, out};
+    parallel_run(row_work, &j, b->B);  /* B == 1: inline */
 }
 
 int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden), updated in place */) {
@@ -1760,45 +1950,26 @@ int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden
             return -1;
     }
     if (b->norm != NULL && b->lm_head.w != NULL && b->lm_head.cols != D) return -1;
-    const int ldq = pad16((H + 2 * KV) * hd), ldg = pad16(2 * m->inter), ldy = pad16(D), rd = m->rotary_dim;
     long keys = 0;
     for (int r = 0; r < B; r++) keys += b->pos[r] - b->lo[r] + 1;
+    rows_run(m, b, x, 0, ROW_NORM, m->layers[0].attn_norm, b->xn);
     for (int l = 0; l < m->n_layers; l++) {
         const pl_layer *L = &m->layers[l];
-        for (int r = 0; r < B; r++) rmsnorm(x + (size_t)r * D, L->attn_norm, D, m->eps, b->xn + (size_t)r * D);
         batch_matmul(b, &L->qkv, b->xn, b->qkv);
-        for (int r = 0; r < B; r++) {
-            float *q = b->qkv + (size_t)r * ldq, *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
-            rope(q, H, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
-            rope(k, KV, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
-            for (int g = 0; g < KV; g++) {
-                const size_t row = (((size_t)l * b->slots + b->slot[r]) * KV + g) * b->capacity + b->pos[r];
-                kvb_store(b->kv_type, b->k, b->k_scale, row, hd, k + (size_t)g * hd);
-                kvb_store(b->kv_type, b->v, b->v_scale, row, hd, v + (size_t)g * hd);
-            }
-        }
+        rows_run(m, b, x, l, ROW_ROPE_STORE, NULL, NULL);
         batch_attn_job aj = {m, b, l};
         if (keys * H >= 64 * 4) parallel_run(batch_attention, &aj, B * H);
         else for (int j = 0; j < B * H; j++) batch_attention(&aj, j);
         batch_matmul(b, &L->o, b->att, b->y);
-        for (int r = 0; r < B; r++)
-            for (int i = 0; i < D; i++) x[(size_t)r * D + i] += b->y[(size_t)r * ldy + i];
-        for (int r = 0; r < B; r++) rmsnorm(x + (size_t)r * D, L->ffn_norm, D, m->eps, b->xn + (size_t)r * D);
+        rows_run(m, b, x, l, ROW_RESIDUAL_NORM, L->ffn_norm, b->xn);
         batch_matmul(b, &L->gate_up, b->xn, b->gu);
-        for (int r = 0; r < B; r++) {
-            const float *gu = b->gu + (size_t)r * ldg;
-            float *hm = b->hmid + (size_t)r * m->inter;
-            for (int i = 0; i < m->inter; i++) {
-                const float gate = gu[i];
-                hm[i] = gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
-            }
-        }
+        rows_run(m, b, x, l, ROW_SILU, NULL, NULL);
         batch_matmul(b, &L->down, b->hmid, b->y);
-        for (int r = 0; r < B; r++)
-            for (int i = 0; i < D; i++) x[(size_t)r * D + i] += b->y[(size_t)r * ldy + i];
+        if (l + 1 < m->n_layers) rows_run(m, b, x, l, ROW_RESIDUAL_NORM, m->layers[l + 1].attn_norm, b->xn);
+        else rows_run(m, b, x, l, ROW_RESIDUAL, NULL, NULL);
     }
     if (b->norm == NULL) return 0;
-    for (int r = 0; r < B; r++) rmsnorm(x + (size_t)r * D, b->norm, D, m->eps, b->h + (size_t)r * D);
+    rows_run(m, b, x, 0, ROW_NORM, b->norm, b->h);
     if (b->lm_head.w != NULL) batch_matmul(b, &b->lm_head, b->h, b->logits);
     return 0;
 }
@@ -2069,18 +2240,18 @@ typedef struct {
     int layer, start, ldq, ldg, ldy, op;
     const float *w, *cos, *sin;
     float *x, *xn, *qkv, *gu, *hmid, *y;
-} row_job;
+} prefill_job;
 
-enum { ROW_NORM = 0, ROW_ROPE_STORE = 1, ROW_SILU = 2, ROW_RESIDUAL = 3 };
+enum { PF_NORM = 0, PF_ROPE_STORE = 1, PF_SILU = 2, PF_RESIDUAL = 3 };
 
 /* the element-wise work of one row t of a prompt chunk */
 static FAST_MATH void prefill_row(void *p, int t) {
-    const row_job *r = p;
+    const prefill_job *r = p;
     const pl_model *m = r->m;
     const int D = m->hidden, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, rd = m->rotary_dim;
-    if (r->op == ROW_NORM) {
+    if (r->op == PF_NORM) {
         rmsnorm(r->x + (size_t)t * D, r->w, D, m->eps, r->xn + (size_t)t * D);
-    } else if (r->op == ROW_ROPE_STORE) {
+    } else if (r->op == PF_ROPE_STORE) {
         float *q = r->qkv + (size_t)t * r->ldq, *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
         const float *c = r->cos + (size_t)t * rd, *s = r->sin + (size_t)t * rd;
         rope(q, H, hd, rd, c, s);
@@ -2090,7 +2261,7 @@ static FAST_MATH void prefill_row(void *p, int t) {
             kvb_store(m->kv_type, m->k, m->k_scale, row, hd, k + (size_t)g * hd);
             kvb_store(m->kv_type, m->v, m->v_scale, row, hd, v + (size_t)g * hd);
         }
-    } else if (r->op == ROW_SILU) {
+    } else if (r->op == PF_SILU) {
         const float *gu = r->gu + (size_t)t * r->ldg;
         float *hm = r->hmid + (size_t)t * m->inter;
         int i = 0;
@@ -2149,7 +2320,7 @@ int pl_prefill(const pl_model *m, const pl_chunk *c, float *x /* (T, hidden), up
     const int groups = (T + FA_QG - 1) / FA_QG;
     for (int l = 0; l < m->n_layers; l++) {
         const pl_layer *L = &m->layers[l];
-        row_job r = {m, l, c->start, ldq, ldg, ldy, ROW_NORM, L->attn_norm, c->cos, c->sin, x, c->xn, c->qkv,
+        prefill_job r = {m, l, c->start, ldq, ldg, ldy, PF_NORM, L->attn_norm, c->cos, c->sin, x, c->xn, c->qkv,
                      c->gu, c->hmid, c->y};
         double t0 = now_s(), t1;
 #define LAP(i) (t1 = now_s(), g_prefill_s[i] += t1 - t0, t0 = t1)
@@ -2157,7 +2328,7 @@ int pl_prefill(const pl_model *m, const pl_chunk *c, float *x /* (T, hidden), up
         LAP(2);
         rows_matmul(&L->qkv, c->xn, T, c->qkv, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
-        r.op = ROW_ROPE_STORE;
+        r.op = PF_ROPE_STORE;
         parallel_run(prefill_row, &r, T);
         LAP(2);
         fa_job fj = {m, l, T, c->start, c->window, ldq, groups, c->qkv, c->att, 0};
@@ -2166,19 +2337,19 @@ int pl_prefill(const pl_model *m, const pl_chunk *c, float *x /* (T, hidden), up
         LAP(1);
         rows_matmul(&L->o, c->att, T, c->y, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
-        r.op = ROW_RESIDUAL;
+        r.op = PF_RESIDUAL;
         parallel_run(prefill_row, &r, T);
-        r.op = ROW_NORM; r.w = L->ffn_norm;
+        r.op = PF_NORM; r.w = L->ffn_norm;
         parallel_run(prefill_row, &r, T);
         LAP(2);
         rows_matmul(&L->gate_up, c->xn, T, c->gu, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
-        r.op = ROW_SILU;
+        r.op = PF_SILU;
         parallel_run(prefill_row, &r, T);
         LAP(2);
         rows_matmul(&L->down, c->hmid, T, c->y, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
-        r.op = ROW_RESIDUAL;
+        r.op = PF_RESIDUAL;
         parallel_run(prefill_row, &r, T);
         LAP(2);
 #undef LAP

@@ -221,6 +221,8 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_decode_token.restype = i
     lib.pl_embed_row.argtypes = [p, i, i, i, i, p]  # (table, type, tiles?, cols, row, float* out) -> 0 / -1
     lib.pl_embed_row.restype = i
+    lib.pl_argmax_rows.argtypes = [p, i, i, ctypes.c_long, p]  # (x, B, V, ld, int32 out) -> void
+    lib.pl_argmax_rows.restype = None
     built = ISA_NAMES[lib.pl_isa()]
     if wanted != "native" and built != wanted:
         raise KernelError(f"{ISA_ENV}={wanted} but the library built with {' '.join(flags(wanted))} runs the "

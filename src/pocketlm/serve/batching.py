@@ -47,7 +47,10 @@ Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one 
   error event) and the loop goes on; it never takes the server down.
 
 Sampling per row uses `pocketlm.engine.sampling.sample` with a per-sequence generator (seed + choice index),
-after optional logit_bias, OpenAI presence/frequency penalties and the JSON constraint mask (grammar.py).
+after optional logit_bias, OpenAI presence/frequency penalties and the JSON constraint mask (grammar.py). On a
+decode step the whole batch's logit_bias goes in with one indexed add and the plain greedy rows (no penalty or
+constraint) take one argmax over the batch (`_accept_rows`; in C on the kernels), the same picks as per row
+(tests/test_serve_step_batched.py); detokenization memoizes the short id windows it decodes (engine/detok.py).
 Logprobs are those of the model's distribution after logit_bias and penalties (before temperature, top_p and
 the JSON mask), restricted to the tokenizer's real ids.
 
@@ -74,7 +77,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pocketlm.engine import cpu
-from pocketlm.engine.cpu_batch import BatchDecoder
+from pocketlm.engine.cpu_batch import BatchDecoder, argmax_rows
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
 from pocketlm.engine.sampling import SamplingParams, make_generator, sample
@@ -192,6 +195,7 @@ class Sequence:
     prefill_pos: int = 0
     finished: bool = False
     reserved: int = 0  # KV pool positions held for this sequence (prompt + max_tokens) until it ends
+    plain: bool = False  # greedy with no penalty or constraint: its decode-step pick is the batch's argmax
     prompt_scores: list = field(default_factory=list)  # echo: (logprob, [(id, logprob), ...]) per prompt token 1..
 
 
@@ -353,6 +357,7 @@ class Engine:
             if self.prefix.max_blocks == 0:
                 self.prefix = None  # too small to hold one block: off
         self.table = token_table(tokenizer)
+        self._detok_memo: dict = {}  # short id windows -> text, shared by the requests' IncrementalDecoders
         self._cond = threading.Condition()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._free = list(range(max_slots))[::-1]
@@ -382,7 +387,10 @@ class Engine:
                 req.seqs.append(Sequence(
                     req=req, index=p_i * gen.n + j, prompt_index=p_i, prompt=list(prompt), params=sp,
                     generator=None if sp.greedy else make_generator(sp, self.device), constraint=constraint,
-                    detok=IncrementalDecoder(self.tokenizer, skip_special=True), filter=StopStringFilter(sp.stop)))
+                    detok=IncrementalDecoder(self.tokenizer, skip_special=True, memo=self._detok_memo),
+                    filter=StopStringFilter(sp.stop),
+                    plain=(sp.greedy and sp.repetition_penalty == 1.0 and constraint is None and
+                           not gen.presence_penalty and not gen.frequency_penalty)))
         req.unfinished = len(req.seqs)
         with self._cond:
             if self._stop:
@@ -582,9 +590,34 @@ class Engine:
             mask = self.model.attention_mask(positions, k_pos)
             logits = self.model.forward_batched(ids, positions, mask, self.cache)
         logits = self._mask_padding(logits)[:, -1]  # (B, vocab)
+        self._accept_rows(rows, logits)
+
+    def _accept_rows(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """The decode step's picks: every row's logit_bias in one indexed add (float32 logits, in place: the same
+        sums as `_choose`'s on a copy), the plain greedy rows' ids in one argmax over the batch (in C on the
+        kernels: `argmax_rows`), then each row's sampling (the others) and bookkeeping (`_accept`).
+        logits: (B, vocab), padding masked; row i is rows[i]'s."""
+        biased = logits.dtype == torch.float32
+        if biased:
+            r_idx, t_idx, vals = [], [], []
+            V = logits.shape[-1]
+            for i, seq in enumerate(rows):
+                for tid, bias in seq.req.gen.logit_bias.items():
+                    if tid < V:
+                        r_idx.append(i)
+                        t_idx.append(tid)
+                        vals.append(bias)
+            if r_idx:  # (row, id) pairs are distinct: one read-add-write per pair
+                logits[r_idx, t_idx] += torch.tensor(vals, dtype=torch.float32, device=logits.device)
+        plain = [i for i, seq in enumerate(rows) if seq.plain and not seq.finished]
+        picks: dict[int, int] = {}
+        if plain:
+            sub = logits if len(plain) == len(rows) else logits[plain]
+            picks = dict(zip(plain, argmax_rows(sub) if self.batch_decoder is not None
+                             else sub.argmax(dim=-1).tolist()))
         for i, seq in enumerate(rows):
             seq.length += 1
-            self._guarded_accept(seq, logits[i])
+            self._guarded_accept(seq, logits[i], picks.get(i), biased)
 
     def _block_in_flight(self, seq: Sequence, mode: str, work: list["_Chunk"]) -> bool:
         """Whether a chunk already planned this step computes the block `seq` would prefill first (the same
@@ -710,24 +743,27 @@ class Engine:
             logits[..., self.vocab_limit:] = -math.inf
         return logits
 
-    def _guarded_accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _guarded_accept(self, seq: Sequence, logits: torch.Tensor, token: int | None = None,
+                        biased: bool = False) -> None:
         try:
-            self._accept(seq, logits)
+            self._accept(seq, logits, token, biased)
         except Exception as e:
             log.exception("sampling failed")
             self._fail(seq.req, f"internal error while sampling ({type(e).__name__})")
 
     # ---- one row's token -----------------------------------------------------------------------------------------
 
-    def _choose(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
-        """Pick the next id; return it with the row's processed logits (ids past the tokenizer at -inf)."""
+    def _choose(self, seq: Sequence, logits: torch.Tensor, biased: bool = False) -> tuple[int, torch.Tensor]:
+        """Pick the next id; return it with the row's processed logits (ids past the tokenizer at -inf).
+        biased: the row's logit_bias is already added (in place, float32: `_accept_rows`)."""
         gen = seq.req.gen
         lg = logits  # ids past the tokenizer are already -inf (`_mask_padding`)
-        if gen.logit_bias or gen.presence_penalty or gen.frequency_penalty:
+        bias = gen.logit_bias if not biased else {}
+        if bias or gen.presence_penalty or gen.frequency_penalty:
             lg = lg.float().clone()
-            for tid, bias in gen.logit_bias.items():
+            for tid, b in bias.items():
                 if tid < lg.shape[0]:
-                    lg[tid] += bias
+                    lg[tid] += b
             if seq.counts and (gen.presence_penalty or gen.frequency_penalty):
                 ids = torch.tensor(list(seq.counts), device=lg.device)
                 cnt = torch.tensor(list(seq.counts.values()), dtype=lg.dtype, device=lg.device)
@@ -745,11 +781,15 @@ class Engine:
         masked[allowed] = lg.float()[allowed]
         return sample(masked, seq.params, seq.generator, seen_ids=seen), lg
 
-    def _accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+    def _accept(self, seq: Sequence, logits: torch.Tensor, token: int | None = None, biased: bool = False) -> None:
+        """Take the row's next id (`token` when the batch already picked it: `_accept_rows`) and emit it."""
         if seq.finished:
             return
         req = seq.req
-        token, lg = self._choose(seq, logits)
+        if token is None:
+            token, lg = self._choose(seq, logits, biased) if biased else self._choose(seq, logits)
+        else:
+            lg = logits
         seq.out.append(token)
         seq.counts[token] += 1
         if seq.constraint is not None:
