@@ -127,6 +127,25 @@ ROPE_BLOCK = 256
 """Positions per cached cos/sin table block (`model.rotary_emb` over 256 positions at a time, per LongRoPE mode)."""
 
 
+def pad_tiles(n: int) -> int:
+    """n rounded up to whole 16-row kernel tiles (the width a kernels matrix product writes)."""
+    return -(-n // kernels.TILE) * kernels.TILE
+
+
+def layer_scratch(config, *rows: int) -> dict[str, torch.Tensor]:
+    """The buffers every C step (one token, a batch of rows, a prompt chunk) uses for a decoder layer's work on
+    `rows` rows (none: one token): the normed input, the fused qkv and gate_up outputs (whole tiles), the attention
+    and SwiGLU outputs, and the activation codes of the widest input. Callers add their own y, scores, ..."""
+    c = config
+    H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    widest = max(c.hidden_size, c.intermediate_size, H * hd)
+    return {"xn": torch.empty(*rows, c.hidden_size), "qkv": torch.empty(*rows, pad_tiles((H + 2 * KV) * hd)),
+            "att": torch.empty(*rows, H * hd), "gu": torch.empty(*rows, pad_tiles(2 * c.intermediate_size)),
+            "hmid": torch.empty(*rows, c.intermediate_size), "qa": torch.empty(*rows, widest, dtype=torch.int8),
+            "da": torch.empty(*rows, widest // 32), "sa_f": torch.empty(*rows, widest // 32),
+            "sa_i": torch.empty(*rows, widest // 32, dtype=torch.int32)}
+
+
 def embedding_table(embed) -> tuple[torch.Tensor, int, int] | None:
     """(table, kernels.c type code, 1 if in the kernels' tile layout else 0) for an embedding module that
     pl_decode_token reads in C: a QuantizedEmbedding of a kernels type (its own GGUF rows, or the tile layout of
@@ -427,18 +446,8 @@ class FastDecoder:
         if T <= self._chunk_rows:
             return self._chunk_scratch
         c = self.config
-        H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-
-        def pad(n: int) -> int:
-            return -(-n // kernels.TILE) * kernels.TILE
-
-        widest = max(c.hidden_size, c.intermediate_size, H * hd)
-        self._chunk_scratch = {
-            "xn": torch.empty(T, c.hidden_size), "qkv": torch.empty(T, pad((H + 2 * KV) * hd)),
-            "att": torch.empty(T, H * hd), "gu": torch.empty(T, pad(2 * c.intermediate_size)),
-            "hmid": torch.empty(T, c.intermediate_size), "y": torch.empty(T, pad(max(c.hidden_size, H * hd))),
-            "qa": torch.empty(T, widest, dtype=torch.int8), "da": torch.empty(T, widest // 32),
-            "sa_f": torch.empty(T, widest // 32), "sa_i": torch.empty(T, widest // 32, dtype=torch.int32)}
+        self._chunk_scratch = layer_scratch(c, T)
+        self._chunk_scratch["y"] = torch.empty(T, pad_tiles(max(c.hidden_size, c.num_attention_heads * c.head_dim)))
         self._chunk_rows = T
         return self._chunk_scratch
 
@@ -487,16 +496,9 @@ class FastDecoder:
         c = self.config
         H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
 
-        def pad(n: int) -> int:
-            return -(-n // kernels.TILE) * kernels.TILE
-
-        widest = max(c.hidden_size, c.intermediate_size, H * hd)
-        scratch = {
-            "xn": torch.empty(c.hidden_size), "qkv": torch.empty(pad((H + 2 * KV) * hd)), "att": torch.empty(H * hd),
-            "gu": torch.empty(pad(2 * c.intermediate_size)), "hmid": torch.empty(c.intermediate_size),
-            "y": torch.empty(pad(max(c.hidden_size, H * hd))), "scores": torch.empty(H * cache.capacity),
-            "qa": torch.empty(widest, dtype=torch.int8), "da": torch.empty(widest // 32),
-            "sa_f": torch.empty(widest // 32), "sa_i": torch.empty(widest // 32, dtype=torch.int32)}
+        scratch = layer_scratch(c)
+        scratch["y"] = torch.empty(pad_tiles(max(c.hidden_size, H * hd)))
+        scratch["scores"] = torch.empty(H * cache.capacity)
         m = _Model(n_layers=c.num_hidden_layers, hidden=c.hidden_size, n_heads=H, n_kv=KV, head_dim=hd,
                    inter=c.intermediate_size, rotary_dim=c.rotary_dim, capacity=cache.capacity,
                    kv_type=code, eps=c.rms_norm_eps,

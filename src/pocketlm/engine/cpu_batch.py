@@ -131,22 +131,13 @@ class BatchDecoder:
             return
         B, keys = max(B, self._rows), max(-(-keys // 256) * 256, self._keys)
         c = self.config
-        H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-
-        def pad(n: int) -> int:
-            return -(-n // kernels.TILE) * kernels.TILE
-
-        widest = max(c.hidden_size, c.intermediate_size, H * hd)
-        self._scratch = {
-            "xn": torch.empty(B, c.hidden_size), "qkv": torch.empty(B, pad((H + 2 * KV) * hd)),
-            "att": torch.empty(B, H * hd), "gu": torch.empty(B, pad(2 * c.intermediate_size)),
-            "hmid": torch.empty(B, c.intermediate_size), "y": torch.empty(B, pad(c.hidden_size)),
-            "scores": torch.empty(B * H, keys), "qa": torch.empty(B, widest, dtype=torch.int8),
-            "da": torch.empty(B, widest // 32), "sa_f": torch.empty(B, widest // 32),
-            "sa_i": torch.empty(B, widest // 32, dtype=torch.int32), "h": torch.empty(B, c.hidden_size),
-            "x": torch.empty(B, c.hidden_size)}  # x: the embedding rows when read in C (the residual stream)
+        self._scratch = cpu.layer_scratch(c, B)
+        self._scratch.update({
+            "y": torch.empty(B, cpu.pad_tiles(c.hidden_size)), "scores": torch.empty(B * c.num_attention_heads, keys),
+            "h": torch.empty(B, c.hidden_size),
+            "x": torch.empty(B, c.hidden_size)})  # x: the embedding rows when read in C (the residual stream)
         if self._lm_head is not None:
-            self._scratch["logits"] = torch.empty(B, pad(self._lm_head.out_features))
+            self._scratch["logits"] = torch.empty(B, cpu.pad_tiles(self._lm_head.out_features))
         self._ptrs = {n: t.data_ptr() for n, t in self._scratch.items()}
         self._rows, self._keys = B, keys
 
