@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import json
 import random
-import threading
 from pathlib import Path
 
 TOPICS = ["rivers", "volcanoes", "fractions", "photosynthesis", "the printing press", "binary search",
@@ -77,26 +74,3 @@ def write_corpus(folder: Path, n_good: int = 40) -> dict:
                                  "earth at night?"}) + "\n")
     return cats
 
-
-# ----- a fake OpenAI-compatible teacher server (test_data_synthetic.py, test_data_teacher_chat.py) -----------------
-
-def send_json(handler, obj: dict, status: int = 200) -> None:
-    """Answer a BaseHTTPRequestHandler request with `obj` as JSON."""
-    data = json.dumps(obj).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", "application/json")
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
-
-
-@contextlib.contextmanager
-def fake_server(handler_cls):
-    """A threading HTTP server on 127.0.0.1 running `handler_cls`; yields its OpenAI base URL (.../v1)."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    finally:
-        srv.shutdown()
-        srv.server_close()

@@ -7,7 +7,7 @@ import json
 from fractions import Fraction
 
 import pytest
-from data_helpers import fake_server, send_json
+from http_helpers import fake_server, send_json
 
 from pocketlm.data import synthetic
 from pocketlm.data.dedup import DedupConfig, Deduplicator

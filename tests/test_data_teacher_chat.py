@@ -14,7 +14,7 @@ import time
 from fractions import Fraction
 
 import pytest
-from data_helpers import fake_server, send_json
+from http_helpers import fake_server, send_json
 
 from pocketlm.chat import parse_messages
 from pocketlm.data import commands

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
+from http_helpers import fake_server, send_json
 
 import pocketlm
 from pocketlm.eval.backends import EvalBackendError, OpenAIBackend, PocketLMBackend
@@ -78,23 +78,14 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             self.send_response(404)
             self.end_headers()
             return
-        data = json.dumps(out).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, out)
 
 
 @pytest.fixture
 def server(backend):
     _FakeOpenAI.backend, _FakeOpenAI.seen = backend, []
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_port}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with fake_server(_FakeOpenAI) as url:
+        yield url
 
 
 def test_openai_loglikelihood_matches_the_local_model(server, backend):
