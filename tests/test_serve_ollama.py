@@ -289,7 +289,7 @@ def test_engine_failure_is_an_ollama_error(setup, monkeypatch):
     engine = app.state.engine
     _wait_idle(engine)
 
-    def broken(seq, logits):
+    def broken(seq, logits, biased=False):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(engine, "_choose", broken)

@@ -475,8 +475,6 @@ class FastDecoder:
         buf = self._prefill_scratch(T)
         chunk = _Chunk(T=T, start=start, window=c.attention_window or 0, cos=cos.data_ptr(), sin=sin.data_ptr(),
                        **{name: t.data_ptr() for name, t in buf.items()})
-        self._lib.pl_prefill.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        self._lib.pl_prefill.restype = ctypes.c_int
         rc = self._lib.pl_prefill(ctypes.addressof(m), ctypes.addressof(chunk), x.data_ptr())
         if rc != 0:
             raise GenerationError(f"the C prefill refused {T} tokens at position {start} (capacity "

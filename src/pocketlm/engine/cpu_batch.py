@@ -108,10 +108,6 @@ class BatchDecoder:
                              self._lm_head.out_features, self._lm_head.in_features)
                     if self._lm_head is not None else cpu._Mat(None, 0, 0, 0))
         self._embed = _c_embedding(model.model.embed_tokens)
-        if self._embed is not None:
-            self._lib.pl_embed_row.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                               ctypes.c_int, ctypes.c_void_p]
-            self._lib.pl_embed_row.restype = ctypes.c_int
         self._static_modes = c.rope_scaling is None or c.longrope_policy != "dynamic"
 
     @classmethod

@@ -223,6 +223,8 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_embed_row.restype = i
     lib.pl_argmax_rows.argtypes = [p, i, i, ctypes.c_long, p]  # (x, B, V, ld, int32 out) -> void
     lib.pl_argmax_rows.restype = None
+    lib.pl_prefill.argtypes = [p, p, p]  # (pl_model*, pl_chunk*, float* x (T, hidden)) -> 0 / < 0 refused
+    lib.pl_prefill.restype = i
     built = ISA_NAMES[lib.pl_isa()]
     if wanted != "native" and built != wanted:
         raise KernelError(f"{ISA_ENV}={wanted} but the library built with {' '.join(flags(wanted))} runs the "

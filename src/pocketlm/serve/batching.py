@@ -787,7 +787,7 @@ class Engine:
             return
         req = seq.req
         if token is None:
-            token, lg = self._choose(seq, logits, biased) if biased else self._choose(seq, logits)
+            token, lg = self._choose(seq, logits, biased)
         else:
             lg = logits
         seq.out.append(token)
