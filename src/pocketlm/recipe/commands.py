@@ -1,6 +1,7 @@
 """Run a named recipe end to end: data -> pretraining phase 1 -> phase 2 -> SFT -> DPO -> quantize -> eval -> report.
 
   pocketlm recipe nano [--out recipe-runs/nano] [--corpus data/corpus]          the CPU recipe (< 30 minutes)
+  pocketlm recipe small-cpu --teacher-data DIR --max-minutes 60                 the default model's recipe
   pocketlm recipe micro --until chat-data --pack-data recipe-data/micro.tar.gz  prepare the GPU recipe's data
   pocketlm recipe micro --data-archive recipe-data/micro.tar.gz --max-minutes 9 the GPU part; repeat until done
   pocketlm recipe nano --export-model DIR                                       write the final model + card
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run folder (default recipe-runs/NAME)")
     parser.add_argument("--corpus", default=os.environ.get("POCKETLM_CORPUS", "data/corpus"),
                         help="corpus folder from scripts/build-corpus.sh (default $POCKETLM_CORPUS or data/corpus)")
+    parser.add_argument("--teacher-data", default=os.environ.get("POCKETLM_TEACHER_DATA"), metavar="DIR",
+                        help="folder of `pocketlm data teacher` outputs (chats.jsonl; optionally knowledge.jsonl, "
+                             "prefs.jsonl, lessons.jsonl), for recipes trained on teacher data (small-cpu)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the recipe's")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop cleanly at a checkpoint before this many minutes (exit code 3; rerun resumes)")
@@ -46,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-model", default=None, metavar="DIR",
                         help="after the run, write the final model (bf16 safetensors, tokenizer, GGUF) and "
                              "MODEL_CARD.md to DIR")
+    parser.add_argument("--compare", default=None, metavar="FILE",
+                        help="with --export-model: simple-qa results of other models for the card "
+                             "(bench/bench_simple_qa.py's JSON)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -69,6 +76,7 @@ def run(args) -> int:
         if restored["restored"]:
             print(f"restored the data steps from {args.data_archive}", file=sys.stderr)
     ctx = Context(recipe=recipe, out=out, corpus=corpus if corpus and corpus.is_dir() else None,
+                  teacher=Path(args.teacher_data) if args.teacher_data else None,
                   device=args.device or recipe.device, deadline=budget_seconds(args.max_minutes),
                   progress=not args.no_progress, rebuild=args.rebuild)
     until = args.until
@@ -87,7 +95,15 @@ def run(args) -> int:
         if until is not None:
             raise ConfigError("--export-model needs the whole recipe (no --until)")
         from pocketlm.recipe.export import export_model
-        files = export_model(out, Path(args.export_model))
+        compare = None
+        if args.compare:
+            import json
+            try:
+                compare = json.loads(Path(args.compare).read_text())
+                compare["models"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"--compare {args.compare}: not a bench_simple_qa.py results file ({e})") from None
+        files = export_model(out, Path(args.export_model), compare=compare)
         print(f"wrote {args.export_model}: " + ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)"
                                                          for p in files), file=sys.stderr)
     if until is None:

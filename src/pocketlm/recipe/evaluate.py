@@ -41,9 +41,23 @@ def sample_chats(model, tokenizer, prompts, *, max_tokens: int) -> list[dict]:
     return out
 
 
+def simple_qa_scores(model, tokenizer) -> tuple[dict[str, float], list[dict]]:
+    """simple-qa (`pocketlm.eval.simple_qa`, greedy chat) as `pocketlm eval MODEL --tasks simple-qa` scores it:
+    ({"qa_acc", "qa_refusal", "qa_over_refusal", "qa_degenerate"}, the per-item rows)."""
+    from pocketlm.eval import simple_qa
+    from pocketlm.eval.backends import PocketLMBackend
+    from pocketlm.eval.runner import evaluate
+    out = evaluate(PocketLMBackend(model, tokenizer), [simple_qa.TASK], progress=False)
+    metrics = out["results"][simple_qa.NAME]["metrics"]
+    rows = [{"id": r["id"], "category": r["category"], "reply": r["generation"], "scores": r["scores"]}
+            for r in out["samples"][simple_qa.NAME]]
+    return {f"qa_{k}": metrics[k]["mean"] for k in ("acc", "refusal", "over_refusal", "degenerate")}, rows
+
+
 def evaluate_models(models: dict[str, Path], recipe, *, chat_models=(), tokenizer_dir: Path, data_dir: Path,
-                    say: Callable[[str], None] = print) -> dict:
-    """{"models": {name: {"heldout": {...}, "samples": [...], "seconds"}}, "table": [{"model", metrics...}]}"""
+                    say: Callable[[str], None] = print, simple_qa=()) -> dict:
+    """{"models": {name: {"heldout": {...}, "samples": [...], "seconds"}}, "table": [{"model", metrics...}]};
+    the models named in `simple_qa` are also scored on simple-qa (columns qa_*, rows under "simple_qa")."""
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     tok = Tokenizer.from_pretrained(tokenizer_dir)
@@ -55,10 +69,12 @@ def evaluate_models(models: dict[str, Path], recipe, *, chat_models=(), tokenize
             scores, full = heldout_scores(model, tok, data_dir, limit=recipe.eval_limit)
             samples = (sample_chats(model, tok, recipe.sample_prompts, max_tokens=recipe.sample_max_tokens)
                        if name in chat_models else [])
-        row = {"model": name, **{k: round(float(v), 4) for k, v in scores.items()}}
+            qa, qa_rows = simple_qa_scores(model, tok) if name in simple_qa else ({}, [])
+        row = {"model": name, **{k: round(float(v), 4) for k, v in {**scores, **qa}.items()}}
         if samples:
             row["chats_stopped"] = f"{sum(s['finish_reason'] == 'stop' for s in samples)}/{len(samples)}"
         results[name] = {"path": str(path), "heldout": full, "samples": samples,
+                         **({"simple_qa": qa_rows} if qa_rows else {}),
                          "seconds": round(time.perf_counter() - t0, 2)}
         table.append(row)
         say(f"    eval {name}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "model"))

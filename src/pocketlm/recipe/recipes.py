@@ -16,6 +16,14 @@ Recipes:
   the limit), sized for well under 20 minutes of H100 time in 10-minute leases (`--max-minutes`, resumed from its
   own checkpoints; `--pack-data` / `--data-archive` carry the data). NOT yet run on a GPU: its step times are
   estimates.
+- `small-cpu`: the default model's recipe since issue 17: nano's width with 8 layers (15.0M parameters), bf16
+  autocast on the CPU, trained on the corpus plus the teacher's data (`pocketlm data teacher`: SmolLM2-135M-Instruct
+  behind `pocketlm serve` writes chats, knowledge chats and preference pairs; `--teacher-data DIR`), about 70
+  minutes of training on an idle 2-core CPU, then simple-qa besides the held-out tasks. The size follows the
+  budget: measured on the idle machine (2 threads, seq 256, micro-batch 8), 8 layers train at ~1,900 tokens/s
+  with bf16 autocast (4 layers ~2,150, fp32 ~1,000), so the run sees ~7.4M tokens; compute-optimal scaling
+  (C = 6ND, N ~ sqrt(C/120)) puts the non-embedding body at a few million parameters, and the 32,064-row head
+  costs more per token than the 8 layers. 40 MB of shipped weights (bf16 + Q4_0 GGUF) cap it near 15M.
 - `nano-smoke`: a 1-layer, 64-wide model with the real vocabulary and a few steps of each stage: the test recipe
   (seconds per step), on the first 60 documents of two files `scripts/build-corpus.sh` writes (debian-handbook,
   fortunes).
@@ -25,6 +33,7 @@ Sampling weights of the pretraining sources: a source's share of the rows of a p
 everywhere samples the data in proportion to its size. Deviations from Phi-3: the scale (millions of tokens, not
 trillions), no teacher-written synthetic data (procedural lessons and template conversations instead), and the
 same tokenizer vocabulary (32,064 rows) even for these small models, so that the chat format is the official one.
+`small-cpu` does use teacher-written data (a 135M model as the teacher, where Phi-3 used GPT-4-class models).
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ class Recipe:
     """torch CPU threads for training (None: torch's default)."""
     # ---- data -------------------------------------------------------------------------------------------------
     corpus_sources: tuple[tuple[str, str], ...] = ()
-    """(name, kind) of the corpus files `<corpus>/<name>.jsonl` the data pipeline reads; kind web or code."""
+    """(name, kind) of the corpus files `<corpus>/<name>.jsonl` the data pipeline reads; kind web, code, or
+    reference (a curated glossary: web text without the prose quality filters)."""
     corpus_docs: int | None = None
     """Read only the first this many documents of each corpus file (None: all of them)."""
     synthetic_docs: int = 0
@@ -95,10 +105,23 @@ class Recipe:
     dpo_beta: float = 0.1
     seed: int = 0
     compile: bool = False
+    cpu_bf16: bool = False
+    """bf16 autocast on the CPU (`TrainConfig.cpu_bf16`): faster matmuls where the CPU has bf16 instructions."""
+    # ---- teacher data (`pocketlm data teacher`) -----------------------------------------------------------------
+    teacher_data: bool = False
+    """The recipe needs `--teacher-data DIR` (chats.jsonl, and optionally knowledge.jsonl, prefs.jsonl,
+    lessons.jsonl as `pocketlm data teacher` writes them): its chats join the SFT set and phase 2's chat text, its
+    pairs the DPO set, its lessons phase 2 as a "teacher" source."""
+    teacher_sft_repeat: int = 1
+    """How many times each teacher chat is listed in the SFT set (beside the template conversations)."""
+    teacher_text_repeat: int = 1
+    """How many times each teacher chat and lesson is written into phase 2's "teacher" token source."""
     # ---- after training ---------------------------------------------------------------------------------------
     quant_scheme: str = "q4_0"
     eval_limit: int | None = None
     """Items per held-out task (None: all)."""
+    simple_qa: bool = False
+    """Also score the final model and its GGUF on simple-qa (`pocketlm.eval.simple_qa`, 118 chat questions)."""
     sample_prompts: tuple[str, ...] = (
         "Hello, who are you?",
         "What is 7 times 8?",
@@ -115,6 +138,8 @@ class Recipe:
             if s.steps <= 0 or s.batch_size % s.micro_batch_size:
                 raise ConfigError(f"recipe {self.name}: {stage} needs positive steps and batch_size a multiple of "
                                   f"micro_batch_size, got {s}")
+        if self.teacher_sft_repeat < 1 or self.teacher_text_repeat < 0:
+            raise ConfigError(f"recipe {self.name}: teacher_sft_repeat must be >= 1 and teacher_text_repeat >= 0")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"recipe {self.name}: device {self.device!r} is not cpu or cuda")
 
@@ -181,6 +206,35 @@ def micro() -> Recipe:
         compile=False, eval_limit=None, budget_minutes=20.0)
 
 
+# small-cpu reads the sources with knowledge in them (WordNet's glosses, the Python and SQLite manuals, the
+# handbook) and leaves out the kernel and PostgreSQL manuals and the Rust books: at ~6M tokens in all, every token
+# spent on them is one not spent on what the chat questions ask about.
+SMALL_SOURCES = (("wordnet", "reference"), ("python-doc", "web"), ("debian-handbook", "web"), ("fortunes", "web"),
+                 ("git-doc", "web"), ("sqlite-doc", "web"), ("manpages", "web"))
+
+
+def small_cpu() -> Recipe:
+    """A 15M-parameter model (nano's width, 8 layers) from the corpus plus teacher-written data on the 2-core CPU,
+    about 70 minutes of training; the embedded default model since issue 17."""
+    return Recipe(
+        name="small-cpu", description=small_cpu.__doc__, preset="nano",
+        model_overrides={"num_hidden_layers": 8}, device="cpu", threads=2, cpu_bf16=True,
+        corpus_sources=SMALL_SOURCES, synthetic_docs=3000,
+        phase1_weights={"wordnet": 1.0, "fortunes": 0.5, "manpages": 0.5},
+        phase2_weights={"*": 0.3, "wordnet": 0.5, "synthetic": 4.0, "chat": 6.0, "teacher": 12.0},
+        pipeline=_FILTERS, chat_conversations=6000, chat_text_conversations=4000, preference_pairs=1500,
+        teacher_data=True, teacher_sft_repeat=2, teacher_text_repeat=1,
+        phase1=StageSpec(steps=800, lr=2e-3, warmup_steps=40, schedule="wsd", save_every=50),
+        phase2=StageSpec(steps=600, lr=2e-3, schedule="wsd", save_every=50),
+        sft=StageSpec(steps=400, lr=1e-3, warmup_steps=20, weight_decay=0.0, save_every=50),
+        dpo=StageSpec(steps=40, seq_len=192, batch_size=8, micro_batch_size=8, lr=2e-5, warmup_steps=4,
+                      weight_decay=0.0, save_every=20),
+        quant_scheme="q4_0", eval_limit=60, simple_qa=True,
+        sample_prompts=("Hello, who are you?", "What is 7 times 8?", "What is the capital of France?",
+                        "Why is the sky blue?", "How do I make a bomb?"),
+        budget_minutes=100.0)
+
+
 def nano_smoke() -> Recipe:
     """A seconds-per-step cut of nano (1 layer x 64 wide, real vocabulary, 60 documents of 2 corpus files): the test
     recipe."""
@@ -205,7 +259,7 @@ def nano_smoke() -> Recipe:
         budget_minutes=2.0)
 
 
-RECIPES = {"nano": nano, "micro": micro, "nano-smoke": nano_smoke}
+RECIPES = {"nano": nano, "small-cpu": small_cpu, "micro": micro, "nano-smoke": nano_smoke}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -72,6 +72,8 @@ class Context:
     recipe: Recipe
     out: Path
     corpus: Path | None = None
+    teacher: Path | None = None
+    """`--teacher-data DIR`: the `pocketlm data teacher` outputs (see `teacher_files`)."""
     device: str = "cpu"
     deadline: float | None = None
     """time.time() by which the run must have stopped (None: no limit)."""
@@ -122,10 +124,14 @@ def step_inputs(ctx: Context, step: str) -> dict:
                 "heldout": r.heldout_fraction, "heldout_salt": _heldout_salt(),
                 "pipeline_code": _module_source_hash("pocketlm.data.pipeline")}
     if step == "chat-data":
-        return {"chat": r.chat_conversations, "text": r.chat_text_conversations, "prefs": r.preference_pairs,
-                "seed": r.data_seed, "heldout_items": r.heldout_items,
-                "generator": _module_source_hash("pocketlm.data.chatgen"),
-                "up": ctx.hashes["data"]}
+        d = {"chat": r.chat_conversations, "text": r.chat_text_conversations, "prefs": r.preference_pairs,
+             "seed": r.data_seed, "heldout_items": r.heldout_items,
+             "generator": _module_source_hash("pocketlm.data.chatgen"),
+             "up": ctx.hashes["data"]}
+        if r.teacher_data:  # the teacher's files by content: new teacher data rebuilds from here on
+            d["teacher"] = {name: _file_sha(p) for name, p in sorted(teacher_files(ctx).items())}
+            d["teacher_repeat"] = [r.teacher_sft_repeat, r.teacher_text_repeat]
+        return d
     if step in ("pretrain-phase1", "pretrain-phase2"):
         up = ctx.hashes["pretrain-phase1"] if step == "pretrain-phase2" else [ctx.hashes["data"],
                                                                                ctx.hashes["chat-data"]]
@@ -139,7 +145,7 @@ def step_inputs(ctx: Context, step: str) -> dict:
     if step == "quantize":
         return {"scheme": r.quant_scheme, "up": ctx.hashes["dpo"]}
     if step == "eval":
-        return {"limit": r.eval_limit, "prompts": r.sample_prompts, "max_tokens": r.sample_max_tokens,
+        return {"limit": r.eval_limit, "simple_qa": r.simple_qa, "prompts": r.sample_prompts, "max_tokens": r.sample_max_tokens,
                 "heldout": _module_source_hash("pocketlm.eval.heldout"), "up": ctx.hashes["quantize"]}
     if step == "report":
         return {"code": _module_source_hash("pocketlm.recipe.report"), "up": ctx.hashes["eval"]}
@@ -159,7 +165,7 @@ def _train_common(ctx: Context, spec, *, task: str, model: str, sources: dict, p
                        optim=OptimConfig(lr=spec.lr, weight_decay=spec.weight_decay), schedule=schedule,
                        seed=r.seed, compile=r.compile and ctx.device == "cuda", save_every=spec.save_every,
                        keep_checkpoints=2, tensorboard=False, plot=True, num_threads=r.threads,
-                       dpo_beta=r.dpo_beta)
+                       dpo_beta=r.dpo_beta, cpu_bf16=r.cpu_bf16)
 
 
 def pretrain_sources(ctx: Context) -> tuple[dict[str, str], dict[str, float], dict[str, float]]:
@@ -181,11 +187,12 @@ def pretrain_sources(ctx: Context) -> tuple[dict[str, str], dict[str, float], di
             name = f"{prefix}.{src}"
             sources[name] = str(ctx.path("data", "tokens", info["path"]))
             weights[name] = info["tokens"] * factor
-    chat_index = ctx.path("chat", "tokens", "index.json")
-    if chat_index.is_file() and r.phase2_weights.get("chat", 0) > 0:
-        tokens = json.loads(chat_index.read_text())["num_tokens"]
-        sources["p2.chat"] = str(ctx.path("chat", "tokens"))
-        w2["p2.chat"] = tokens * float(r.phase2_weights["chat"])
+    for src, folder in (("chat", "tokens"), ("teacher", "teacher_tokens")):  # phase-2-only token sources
+        index = ctx.path("chat", folder, "index.json")
+        if index.is_file() and r.phase2_weights.get(src, 0) > 0:
+            tokens = json.loads(index.read_text())["num_tokens"]
+            sources[f"p2.{src}"] = str(ctx.path("chat", folder))
+            w2[f"p2.{src}"] = tokens * float(r.phase2_weights[src])
     for phase, w in (("phase1", w1), ("phase2", w2)):
         if not w:
             raise RecipeError(f"{phase}: no data source has enough tokens for rows of {seq + 1}; see "
@@ -277,7 +284,10 @@ def run_data(ctx: Context) -> dict:
     names = [n for n, _ in r.corpus_sources]
     sizes = corpus_fingerprint(ctx.corpus, names)
     held = write_training_copy(ctx.corpus, names, ctx.path("data", "input"), r.heldout_fraction, r.corpus_docs)
-    sources = [{"name": n, "kind": k, "path": str(ctx.path("data", "input", f"{n}.jsonl"))}
+    # kind "reference": a curated glossary (WordNet's "lemma (pos): gloss" lines) read as web text but without the
+    # prose filters, which drop nearly all of it (measured: 12.6 MB of glosses -> 132k tokens kept)
+    sources = [{"name": n, "kind": "web" if k == "reference" else k,
+                "path": str(ctx.path("data", "input", f"{n}.jsonl")), **({"filters": {}} if k == "reference" else {})}
                for n, k in r.corpus_sources]
     if r.synthetic_docs:
         sources.append({"name": "synthetic", "kind": "synthetic", "count": r.synthetic_docs, "seed": r.data_seed})
@@ -299,6 +309,68 @@ def run_data(ctx: Context) -> dict:
             "tokens": {ph: sum(v["tokens"] for v in m.values()) for ph, m in mix.items()}}
 
 
+TEACHER_FILES = {"chats": "chats.jsonl", "knowledge": "knowledge.jsonl", "prefs": "prefs.jsonl",
+                 "lessons": "lessons.jsonl"}
+
+
+def _file_sha(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def teacher_files(ctx: Context) -> dict[str, Path]:
+    """{kind: path} of the teacher files in `--teacher-data DIR` (`TEACHER_FILES`; chats.jsonl is required)."""
+    r = ctx.recipe
+    if ctx.teacher is None:
+        raise RecipeError(f"recipe {r.name} trains on teacher data: pass --teacher-data DIR, a folder with "
+                          "chats.jsonl (and optionally knowledge.jsonl, prefs.jsonl, lessons.jsonl) from "
+                          "`pocketlm data teacher --kind chats|prefs|lessons`")
+    if not Path(ctx.teacher).is_dir():
+        raise RecipeError(f"--teacher-data {ctx.teacher}: not a folder")
+    found = {k: Path(ctx.teacher) / f for k, f in TEACHER_FILES.items() if (Path(ctx.teacher) / f).is_file()}
+    if "chats" not in found:
+        raise RecipeError(f"--teacher-data {ctx.teacher}: no chats.jsonl (write it with `pocketlm data teacher "
+                          "--kind chats --out DIR/chats.jsonl ...`)")
+    return found
+
+
+def _read_teacher(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    """The records of a teacher JSONL file that have `keys`; a malformed line names the file and line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not line.endswith("\n"):
+                    break  # a torn last line of a run that is still writing: the resumable writer redoes it
+                raise RecipeError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or any(k not in rec for k in keys):
+                raise RecipeError(f"{path}:{n}: expected an object with {', '.join(keys)}")
+            out.append(rec)
+    return out
+
+
+def load_teacher(ctx: Context) -> dict[str, list[dict]]:
+    """{"chats": SFT conversations (chats + knowledge), "prefs": DPO pairs, "lessons": documents}; the SFT and
+    DPO records without the teacher's `meta`/`id` fields (the trainer's formats)."""
+    files = teacher_files(ctx)
+    chats = []
+    for kind in ("chats", "knowledge"):
+        if kind in files:
+            chats += [{"messages": c["messages"]} for c in _read_teacher(files[kind], ("messages",))]
+    prefs = ([{k: p[k] for k in ("prompt", "chosen", "rejected")}
+              for p in _read_teacher(files["prefs"], ("prompt", "chosen", "rejected"))] if "prefs" in files else [])
+    lessons = _read_teacher(files["lessons"], ("text",)) if "lessons" in files else []
+    return {"chats": chats, "prefs": prefs, "lessons": lessons}
+
+
 def run_chat_data(ctx: Context) -> dict:
     """SFT conversations, DPO pairs and the chat-formatted phase-2 text, from `pocketlm.data.chatgen`."""
     try:
@@ -314,6 +386,14 @@ def run_chat_data(ctx: Context) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     sft = generate_chat(r.chat_conversations, r.data_seed, corpus_dir=corpus)
     prefs = generate_prefs(r.preference_pairs, r.data_seed + 2, corpus_dir=corpus)
+    teacher = load_teacher(ctx) if r.teacher_data else {"chats": [], "prefs": [], "lessons": []}
+    if r.teacher_data:
+        import random
+        rng = random.Random(r.data_seed + 3)
+        sft = sft + teacher["chats"] * r.teacher_sft_repeat
+        prefs = prefs + teacher["prefs"]
+        rng.shuffle(sft)
+        rng.shuffle(prefs)
     for name, records in (("sft.jsonl", sft), ("prefs.jsonl", prefs)):
         atomic_write_text(folder / name, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in records))
     tok = Tokenizer.default()
@@ -328,8 +408,27 @@ def run_chat_data(ctx: Context) -> dict:
                 ids = render(c["messages"], tok, add_generation_prompt=False)  # ends <|end|><|endoftext|>
                 text_tokens += len(ids)
                 w.add(ids)
-    manifest = build_heldout(ctx, exclude=[m["content"] for c in sft for m in c["messages"] if m["role"] == "user"])
-    return {"sft_conversations": len(sft), "preference_pairs": len(prefs),
+    teacher_tokens = 0
+    if r.teacher_data and r.teacher_text_repeat:
+        shards = folder / "teacher_tokens"
+        if shards.exists():
+            shutil.rmtree(shards)
+        with ShardWriter(shards, dtype="uint16", shard_tokens=1 << 24, eos_id=None) as w:
+            for _ in range(r.teacher_text_repeat):
+                for c in teacher["chats"]:
+                    ids = render(c["messages"], tok, add_generation_prompt=False)
+                    teacher_tokens += len(ids)
+                    w.add(ids)
+                for d in teacher["lessons"]:
+                    ids = tok.encode(d["text"], add_bos=False) + [tok.eos_id]
+                    teacher_tokens += len(ids)
+                    w.add(ids)
+    manifest = build_heldout(ctx, exclude=[m["content"] for c in sft for m in c["messages"] if m["role"] == "user"]
+                             + [d["text"] for d in teacher["lessons"]])
+    extra = ({"teacher": {"chats": len(teacher["chats"]), "prefs": len(teacher["prefs"]),
+                          "lessons": len(teacher["lessons"]), "sft_repeat": r.teacher_sft_repeat,
+                          "text_tokens": teacher_tokens}} if r.teacher_data else {})
+    return {"sft_conversations": len(sft), "preference_pairs": len(prefs), **extra,
             "chat_text_conversations": r.chat_text_conversations, "chat_text_tokens": text_tokens,
             "heldout": {k: manifest[k] for k in ("heldout_documents", "arith", "cloze", "ppl")}}
 
@@ -480,7 +579,8 @@ def run_eval(ctx: Context) -> dict:
     models = {"pretrain": ctx.path("pretrain", "model"), "dpo": ctx.path("dpo", "model"),
               f"dpo-{ctx.recipe.quant_scheme}": quant_path(ctx)}
     results = evaluate_models(models, ctx.recipe, chat_models=("dpo", f"dpo-{ctx.recipe.quant_scheme}"),
-                              tokenizer_dir=ctx.path("dpo", "model"), data_dir=ctx.path("heldout"), say=ctx.say)
+                              tokenizer_dir=ctx.path("dpo", "model"), data_dir=ctx.path("heldout"), say=ctx.say,
+                              simple_qa=("dpo", f"dpo-{ctx.recipe.quant_scheme}") if ctx.recipe.simple_qa else ())
     folder = ctx.path("eval")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "results.json", json.dumps(results, indent=1) + "\n")
@@ -594,7 +694,7 @@ def note_partial(ctx: Context, step: str, seconds: float) -> None:
 
 # ---- carrying the data to a GPU machine --------------------------------------------------------------------------
 
-_PACK = ("data/tokens", "data/report", "chat", "heldout", "steps/data.json", "steps/chat-data.json")
+_PACK = ("data/tokens", "data/report", "chat", "heldout", "steps/data.json", "steps/chat-data.json")  # chat/: teacher too
 
 
 def pack_data(out: Path, archive: Path) -> dict:
