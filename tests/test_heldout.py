@@ -163,17 +163,100 @@ def test_bits_per_byte_exact(tok, small_model):
     assert r["bits_per_byte"] == pytest.approx(float(nll) / math.log(2) / len(texts[0].encode()), rel=1e-5)
 
 
-def test_data_quality_bench_smoke(tmp_path):
-    """bench/data_quality.py end to end on a generated corpus (a few steps of a 1-layer model)."""
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "data_quality.py"), "smoke", "--work",
-                        str(tmp_path / "dq")], capture_output=True, text=True, timeout=300)
+def _bench(*argv: str) -> subprocess.CompletedProcess:
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "data_quality.py"), *argv], capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    res = json.loads((tmp_path / "dq" / "results" / "data_quality.json").read_text())
-    assert set(res["summary"]) == {"unfiltered", "data-optimal"}
+    return p
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def _shard_text(folder: Path, tok) -> str:
+    """A token shard folder decoded back to text, normalised as `heldout.normalise` (documents joined by ' | ')."""
+    from pocketlm.data.shards import ShardSet
+    ss = ShardSet(folder)
+    ids = ss.read(0, ss.num_tokens).tolist()
+    docs, cur = [], []
+    for i in ids:
+        if i == tok.eos_id:
+            docs.append(tok.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    return " | ".join(heldout.normalise(d) for d in docs + [tok.decode(cur)])
+
+
+def test_data_quality_bench_smoke(tmp_path, tok):
+    """bench/data_quality.py end to end on a generated corpus and a fake teacher folder (a few steps of a 1-layer
+    model): three arms, the teacher arm's shards hold the teacher text and no held-out item, resumable."""
+    work = tmp_path / "dq"
+    _bench("smoke", "--work", str(work))
+    res = json.loads((work / "results" / "data_quality.json").read_text())
+    assert set(res["summary"]) == {"unfiltered", "data-optimal", "data-optimal+teacher"}
     assert all(len(s["seeds"]) == 2 for s in res["summary"].values())
-    md = (tmp_path / "dq" / "results" / "data_quality.md").read_text()
+    assert set(res["differences"]) == {"data-optimal - unfiltered", "data-optimal+teacher - unfiltered",
+                                       "data-optimal+teacher - data-optimal"}
+    for s in res["summary"].values():
+        for key in ("heldout-arith", "heldout-cloze"):
+            a = s[key]["above_chance"]
+            assert a["clearly_above"] == (a["margin"] > 2 * a["stderr"]) and a["stderr"] > 0
+    comp = res["setup"]["composition"]
+    assert "synthetic" not in comp["data-optimal+teacher"] and "teacher" not in comp["data-optimal"]
+    assert comp["data-optimal+teacher"]["teacher"] == pytest.approx(comp["data-optimal"]["synthetic"])
+    assert comp["data-optimal"]["synthetic"] > 0
+    assert comp["data-optimal+teacher"]["alpha"] == pytest.approx(comp["data-optimal"]["alpha"])
+    md = (work / "results" / "data_quality.md").read_text()
     assert "| unfiltered |" in md and "python bench/data_quality.py report" in md and "- Cloze MC" in md
+    assert "| data-optimal+teacher | 2 |" in md and "| data-optimal+teacher − data-optimal |" in md
+    assert "clearly above?" in md and "--arms data-optimal+teacher --no-init &" in md and "--teacher-data" in md
+
+    # the teacher arm's shards: teacher text in, held-out items and the planted held-out document out
+    prepared = json.loads((work / "data" / "prepared.json").read_text())
+    c = prepared["arm_c"]
+    assert c["replaces"] == ["phase2/synthetic"] and c["heldout_excludes_teacher"]
+    assert c["heldout_leaks_dropped"] == {"heldout-web-or-cloze": 1}          # lesson "leak-0"
+    assert c["documents_per_file"] == {"chats.jsonl": 41, "knowledge.jsonl": 4, "lessons.jsonl": 1}  # torn line out
+    text = _shard_text(Path(c["path"]), tok)
+    teacher = work / "teacher"
+    lines = (teacher / "chats.jsonl").read_text().split("\n")
+    assert len(lines) == 42 and not lines[-1].endswith("}")                    # the last line is torn
+    chats = {r["id"]: r for r in map(json.loads, lines[:-1])}
+    q0 = chats["teacher-chat/arith-0"]["messages"][0]["content"]
+    assert heldout.normalise(f"Question: {q0}\n\nAnswer: I work it out step by step.") in text
+    assert heldout.normalise(chats["teacher-chat/007"]["messages"][2]["content"]) in text
+    assert "you are a helpful teacher" not in text                             # no system prompt
+    assert "the capital of france is paris" in text and "lesson: fractions." in text
+    leak = next(r for r in _jsonl(teacher / "lessons.jsonl") if r["id"] == "teacher-lesson/leak-0")
+    assert heldout.normalise(leak["text"])[20:200] not in text
+    arith = _jsonl(work / "heldout" / "heldout-arith" / "test.jsonl")
+    assert len(arith) == 12 and all(q0 not in it["context"] for it in arith)   # the held-out build dropped it
+    for it in arith:
+        core = it["expression"] if it["kind"] == "expression" else it["context"][len("Question: "):-len("\nAnswer:")]
+        assert heldout.normalise(core) not in text
+    for it in _jsonl(work / "heldout" / "heldout-cloze" / "test.jsonl"):
+        assert heldout.normalise(it["context"][-40:] + it["choices"][it["gold"]]) not in text
+    for d in _jsonl(work / "heldout" / "heldout-ppl" / "web.jsonl"):
+        assert heldout.normalise(d["text"])[:120] not in text
+
     # resumable: a second run trains nothing
-    p2 = subprocess.run([sys.executable, str(ROOT / "bench" / "data_quality.py"), "run", "--work",
-                         str(tmp_path / "dq"), "--seeds", "0,1"], capture_output=True, text=True, timeout=300)
-    assert p2.returncode == 0 and p2.stdout.count("done already") == 4, p2.stdout[-2000:] + p2.stderr[-2000:]
+    p2 = _bench("run", "--work", str(work), "--seeds", "0,1")
+    assert p2.stdout.count("done already") == 6, p2.stdout[-2000:] + p2.stderr[-2000:]
+
+    # prepare without --teacher-data skips the third arm; adding it later keeps the held-out sets and drops the
+    # teacher chat that asks a held-out question instead
+    small = ["--corpus", str(work / "corpus"), "--pipeline", str(work / "pipeline"), "--n-arith", "12", "--n-cloze",
+             "12", "--n-synth", "6", "--web-bytes", "4000", "--raw-tokens", "30000", "--seq-len", "32"]
+    work2 = tmp_path / "dq2"
+    p3 = _bench("prepare", "--work", str(work2), *small)
+    assert "no --teacher-data" in p3.stdout and "arm_c" not in json.loads((work2 / "data/prepared.json").read_text())
+    arith2 = (work2 / "heldout" / "heldout-arith" / "test.jsonl").read_text()
+    assert q0 in arith2
+    _bench("prepare", "--work", str(work2), "--teacher-data", str(teacher), *small)
+    c2 = json.loads((work2 / "data" / "prepared.json").read_text())["arm_c"]
+    assert not c2["heldout_excludes_teacher"]
+    assert (work2 / "heldout" / "heldout-arith" / "test.jsonl").read_text() == arith2
+    assert c2["heldout_leaks_dropped"] == {"heldout-arith": 1, "heldout-web-or-cloze": 1}
+    assert heldout.normalise(q0) not in _shard_text(Path(c2["path"]), tok)
