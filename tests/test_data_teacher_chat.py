@@ -481,3 +481,17 @@ def test_truncated_entity_answers_are_cut_to_the_last_sentence(server, tmp_path)
     assert [r["messages"][-1]["content"] for r in out] == [long.rsplit(".", 1)[0] + "."]
     assert [r["reason"] for r in rej] == ["truncated"]      # other domains keep the paragraph rule
     assert trim_to_sentence("One two three.", 15) is None
+
+
+def test_a_capital_inside_the_country_name_does_not_count():
+    caps = tree_capitals(load_tree(KNOWLEDGE))
+    gb = {"kind": "entity", "subject": "Guinea-Bissau", "capital": ["Bissau"]}
+    assert check_entity("Guinea-Bissau is a small country in West Africa, known for its food.", gb, caps) == \
+        "verify:fact:missing_answer"
+    assert check_entity("Guinea-Bissau is in West Africa, and its capital is Bissau.", gb, caps) is None
+    kuwait = {"kind": "entity", "subject": "Kuwait", "capital": ["Kuwait City"]}
+    assert check_entity("Kuwait is a small country, and its capital is Kuwait City.", kuwait, caps) is None
+    sg = {"kind": "entity", "subject": "Singapore", "capital": ["Singapore", "city-state"]}
+    assert check_entity("Singapore is an island in Southeast Asia, known for its port.", sg, caps) == \
+        "verify:fact:missing_answer"
+    assert check_entity("Singapore is a city-state in Southeast Asia, known for its port.", sg, caps) is None

@@ -527,7 +527,10 @@ def check_entity(answer: str, check: dict, capitals: tuple[str, ...] = ()) -> st
             if wrong and re.search("capital", sentence, re.I) and not right.search(sentence) \
                     and wrong.search(sentence):
                 return "verify:fact:wrong_capital"
-        if not right.search(answer):
+        # "Bissau" inside "Guinea-Bissau", "Singapore" in "Singapore": the country's name does not name its capital
+        subject = re.sub(r"^the ", "", check["subject"], flags=re.I)
+        names = [m.span() for m in re.finditer(re.escape(subject), answer, re.I)]
+        if not any(not any(a <= m.start() and m.end() <= b for a, b in names) for m in right.finditer(answer)):
             return "verify:fact:missing_answer"
     for rx in check.get("check", []):
         if not re.search(rf"(?<!\w)(?:{rx})", answer, re.I):
