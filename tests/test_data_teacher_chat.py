@@ -23,7 +23,7 @@ from pocketlm.data.records import DataPipelineError
 from pocketlm.data.teacher import Teacher
 from pocketlm.data.teacher_chat import (ChatItem, EvalGuard, TeacherChatRun, build_items, check_answer, check_entity,
                                         final_number, load_tree, make_rejected, on_topic, question_key,
-                                        tree_capitals, trim_to_sentence, trim_truncated,
+                                        clean_prefix, tree_capitals, trim_to_sentence, trim_truncated,
                                         wrong_equation)
 from pocketlm.eval.simple_qa import is_refusal
 
@@ -495,3 +495,19 @@ def test_a_capital_inside_the_country_name_does_not_count():
     assert check_entity("Singapore is an island in Southeast Asia, known for its port.", sg, caps) == \
         "verify:fact:missing_answer"
     assert check_entity("Singapore is a city-state in Southeast Asia, known for its port.", sg, caps) is None
+
+
+def test_a_looping_entity_answer_keeps_its_clean_sentences(server, tmp_path):
+    check = {"kind": "entity", "subject": "Poland", "capital": ["Warsaw"]}
+    clean = ("Poland is a country in Central Europe, and its capital is Warsaw. It is known for its old towns and "
+             "for the Baltic coast.")
+    loop = clean + " The towns are old and the towns are small and the towns are old."
+    no_capital = ("Poland is a country in Central Europe with many old towns and forests. It is known for the old "
+                  "towns. It is known for the old towns. It is known for the old towns. Its capital is Warsaw.")
+    _Fake.answers = {"Tell me about Poland.": loop, "Write about Poland.": no_capital}
+    rep, out, rej = _run(server, tmp_path, [_item("countries", "Tell me about Poland.", check),
+                                            _item("countries", "Write about Poland.", check)])
+    assert [r["messages"][-1]["content"] for r in out] == [clean]
+    assert [r["reason"] for r in rej] == ["degenerate"]     # its clean part lacks the capital
+    assert clean_prefix("It is red. It is red. It is red.", 8) is None
+    assert clean_prefix("It is red. It is red. It is red.", 3) == "It is red. It is red."

@@ -53,7 +53,8 @@ written with the answer to `<out>.rejected.jsonl`):
    that names another country's capital and not the right one -> verify:fact:wrong_capital; the right capital
    (any listed alternative) missing -> verify:fact:missing_answer; a `check` regex missing ->
    verify:fact:missing_keyword; the subject not mentioned -> off_topic. Cut entity answers go back to their last
-   whole sentence (they are one paragraph). Where the sandbox is unavailable, code is not run
+   whole sentence (they are one paragraph), and a degenerate one to its sentences before the loop, kept when
+   those pass every check. Where the sandbox is unavailable, code is not run
    and the report says so (`python_verification`);
    off_topic: an unverifiable answer (prose, Python concepts, follow-ups) must mention the question's subject
    (`on_topic`: a content word of the question, by its first 4 letters), which catches answers that drift to
@@ -625,6 +626,20 @@ def trim_to_sentence(text: str, min_words: int) -> str | None:
     return head if len(head.split()) >= min_words else None
 
 
+def clean_prefix(text: str, min_words: int) -> str | None:
+    """The longest run of whole sentences from the start that does not loop (`is_degenerate`): the teacher
+    often writes clean sentences and then starts repeating itself. None when under `min_words` words."""
+    if "```" in text:
+        return None
+    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text + " ")]):
+        head = text[:end].strip()
+        if len(head.split()) < min_words:
+            return None
+        if not is_degenerate(head):
+            return head
+    return None
+
+
 # ---------------------------------------------------------------- preference pairs
 
 _NEEDLESS_DEFAULT = ["I'm sorry, but I can't help with that."]
@@ -775,6 +790,11 @@ class TeacherChatRun:
                         answer = cut
                         o.trimmed += 1
                     reason = check_answer(answer, check, item.domain, self.python, self.capitals)
+                    if reason == "degenerate" and check["kind"] == "entity":
+                        cut = clean_prefix(answer, MIN_TRIMMED_WORDS)
+                        if cut is not None and check_answer(cut, check, item.domain, None, self.capitals) is None:
+                            answer, reason = cut, None
+                            o.trimmed += 1
                     if reason is None and check["kind"] in ("none", "python") and not check.get("require_code") \
                             and not on_topic(item.extra.get("question", item.turns[0]), answer):
                         reason = "off_topic"
