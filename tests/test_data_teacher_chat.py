@@ -12,17 +12,19 @@ import random
 import threading
 import time
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from http_helpers import fake_server, send_json
 
 from pocketlm.chat import parse_messages
-from pocketlm.data import commands
+from pocketlm.data import commands, teacher_chat
 from pocketlm.data.records import DataPipelineError
 from pocketlm.data.teacher import Teacher
-from pocketlm.data.teacher_chat import (ChatItem, EvalGuard, TeacherChatRun, build_items, check_answer, final_number,
-                                        load_tree, make_rejected, on_topic, question_key,
-                                        trim_truncated, wrong_equation)
+from pocketlm.data.teacher_chat import (ChatItem, EvalGuard, TeacherChatRun, build_items, check_answer, check_entity,
+                                        final_number, load_tree, make_rejected, on_topic, question_key,
+                                        clean_prefix, tree_capitals, trim_to_sentence, trim_truncated,
+                                        wrong_equation)
 from pocketlm.eval.simple_qa import is_refusal
 
 DEFAULT_ANSWER = "This is a clear answer to the question, and it explains the idea with a simple example."
@@ -392,3 +394,120 @@ def test_python_answers_get_more_tokens(server, tmp_path):
     _run(server, tmp_path, items, concurrency=1)
     by_q = {x["messages"][-1]["content"]: x["max_tokens"] for x in _Fake.seen}
     assert by_q == {"What is a tuple in Python?": 2048, "Why is the sky blue?": 1024}
+
+
+KNOWLEDGE = Path(teacher_chat.__file__).parent / "assets" / "teacher_knowledge.json"
+
+
+def test_knowledge_tree_loads_and_covers_every_country():
+    tree = load_tree(KNOWLEDGE)
+    countries = tree["domains"]["countries"]["entities"]
+    assert len(countries) >= 190 and len({c["name"] for c in countries}) == len(countries)
+    assert all(c["capital"] and c["continent"] for c in countries)
+    by_name = {c["name"]: c["capital"] for c in countries}
+    assert by_name["Burkina Faso"] == ["Ouagadougou"] and "Canberra" in by_name["Australia"]
+    for d in ("space", "animals", "plants", "body", "materials", "earth", "jobs", "words"):
+        assert len(tree["domains"][d]["entities"]) >= 30, d
+    assert len(tree["domains"]["animals"]["entities"]) >= 100
+    caps = tree_capitals(tree)
+    assert "Paris" in caps and "Canberra" in caps and "Djibouti" not in caps and "Bissau" not in caps
+    items = build_items("chats", 400, seed=0, tree=tree)
+    assert {x.domain for x in items} == set(tree["domains"])
+    assert all(x.checks[0]["kind"] == "entity" and "{" not in x.turns[0] for x in items)
+    assert all(x.checks[0].get("capital") for x in items if x.domain == "countries")
+    lessons = build_items("lessons", 20, seed=0, tree=tree)
+    assert all(x.checks[0]["kind"] == "lesson" and x.checks[0]["entity"]["subject"] for x in lessons)
+    # the shipped tree is untouched: no entity checks in its items
+    assert not any(x.checks[0]["kind"] == "entity" for x in build_items("chats", 200, seed=0))
+
+
+def test_knowledge_tree_rejects_bad_entities(tmp_path):
+    tree = json.loads(KNOWLEDGE.read_text())
+    tree["domains"]["space"]["entities"].append({"name": "Vega", "check": ["(unclosed"]})
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(tree))
+    with pytest.raises(DataPipelineError, match="bad check regex"):
+        load_tree(bad)
+    tree["domains"]["space"]["entities"][-1] = {"name": "Vega", "capital": []}
+    bad.write_text(json.dumps(tree))
+    with pytest.raises(DataPipelineError, match="'capital' must be a non-empty list"):
+        load_tree(bad)
+
+
+def test_entity_answers_are_verified(server, tmp_path):
+    tree = load_tree(KNOWLEDGE)
+    caps = tree_capitals(tree)
+    country = {"kind": "entity", "subject": "Burkina Faso", "capital": ["Ouagadougou"]}
+    right = ("Burkina Faso is a country in West Africa, and its capital is Ouagadougou. The people speak French, "
+             "and most of them work on farms.")
+    assert check_entity(right, country, caps) is None
+    assert check_entity("Burkina Faso is in West Africa. Its capital city is Bamako, a busy town. It is hot.",
+                        country, caps) == "verify:fact:wrong_capital"
+    # the right capital named elsewhere does not excuse a wrong one in the capital sentence
+    assert check_entity("Ouagadougou is a big city in Burkina Faso. The capital is Accra.", country, caps) == \
+        "verify:fact:wrong_capital"
+    assert check_entity("Burkina Faso is a country in West Africa with a hot climate and many farms.", country,
+                        caps) == "verify:fact:missing_answer"
+    # another capital in a sentence that is not about the capital is fine; listed alternatives are accepted
+    assert check_entity("Burkina Faso borders Mali, whose largest city is Bamako. Ouagadougou is its capital.",
+                        country, caps) is None
+    bolivia = {"kind": "entity", "subject": "Bolivia", "capital": ["Sucre", "La Paz"]}
+    assert check_entity("Bolivia is in South America. Its seat of government and capital is La Paz.", bolivia,
+                        caps) is None
+    jupiter = {"kind": "entity", "subject": "Jupiter", "check": ["largest|biggest"]}
+    assert check_entity("Jupiter is the largest planet and a gas giant.", jupiter) is None
+    assert check_entity("Jupiter is a gas giant with many moons.", jupiter) == "verify:fact:missing_keyword"
+    assert check_entity("Saturn is the largest ringed planet.", jupiter) == "off_topic"
+    # in a run, against the fake server, with the tree's own checks
+    ok = _item("countries", "Tell me about Burkina Faso.", country)
+    wrong = _item("countries", "Write a short entry about Burkina Faso.", country)
+    _Fake.answers = {"Tell me about Burkina Faso.": right,
+                     "Write a short entry about Burkina Faso.": "Burkina Faso is a country in West Africa. "
+                     "The capital of Burkina Faso is Niamey. Many people there are farmers."}
+    rep, out, rej = _run(server, tmp_path, [ok, wrong], tree=tree)
+    assert [r["messages"][-1]["content"] for r in out] == [right]
+    assert [r["reason"] for r in rej] == ["verify:fact:wrong_capital"]
+    assert rep["rejected_by_reason"] == {"verify:fact:wrong_capital": 1}
+
+
+def test_truncated_entity_answers_are_cut_to_the_last_sentence(server, tmp_path):
+    check = {"kind": "entity", "subject": "the giraffe", "check": ["neck|tall"]}
+    long = ("The giraffe is the tallest animal in the world, and it lives on the grasslands of Africa. It has a very "
+            "long neck that helps it reach the leaves of tall trees. Giraffes eat leaves and they sleep for")
+    prose = _item("howto", "How do I tie a tie?", {"kind": "none"})
+    _Fake.answers = {"Tell me about the giraffe.": {"text": long, "finish": "length"},
+                     "How do I tie a tie?": {"text": long, "finish": "length"}}
+    rep, out, rej = _run(server, tmp_path, [_item("animals", "Tell me about the giraffe.", check), prose])
+    assert [r["messages"][-1]["content"] for r in out] == [long.rsplit(".", 1)[0] + "."]
+    assert [r["reason"] for r in rej] == ["truncated"]      # other domains keep the paragraph rule
+    assert trim_to_sentence("One two three.", 15) is None
+
+
+def test_a_capital_inside_the_country_name_does_not_count():
+    caps = tree_capitals(load_tree(KNOWLEDGE))
+    gb = {"kind": "entity", "subject": "Guinea-Bissau", "capital": ["Bissau"]}
+    assert check_entity("Guinea-Bissau is a small country in West Africa, known for its food.", gb, caps) == \
+        "verify:fact:missing_answer"
+    assert check_entity("Guinea-Bissau is in West Africa, and its capital is Bissau.", gb, caps) is None
+    kuwait = {"kind": "entity", "subject": "Kuwait", "capital": ["Kuwait City"]}
+    assert check_entity("Kuwait is a small country, and its capital is Kuwait City.", kuwait, caps) is None
+    sg = {"kind": "entity", "subject": "Singapore", "capital": ["Singapore", "city-state"]}
+    assert check_entity("Singapore is an island in Southeast Asia, known for its port.", sg, caps) == \
+        "verify:fact:missing_answer"
+    assert check_entity("Singapore is a city-state in Southeast Asia, known for its port.", sg, caps) is None
+
+
+def test_a_looping_entity_answer_keeps_its_clean_sentences(server, tmp_path):
+    check = {"kind": "entity", "subject": "Poland", "capital": ["Warsaw"]}
+    clean = ("Poland is a country in Central Europe, and its capital is Warsaw. It is known for its old towns and "
+             "for the Baltic coast.")
+    loop = clean + " The towns are old and the towns are small and the towns are old."
+    no_capital = ("Poland is a country in Central Europe with many old towns and forests. It is known for the old "
+                  "towns. It is known for the old towns. It is known for the old towns. Its capital is Warsaw.")
+    _Fake.answers = {"Tell me about Poland.": loop, "Write about Poland.": no_capital}
+    rep, out, rej = _run(server, tmp_path, [_item("countries", "Tell me about Poland.", check),
+                                            _item("countries", "Write about Poland.", check)])
+    assert [r["messages"][-1]["content"] for r in out] == [clean]
+    assert [r["reason"] for r in rej] == ["degenerate"]     # its clean part lacks the capital
+    assert clean_prefix("It is red. It is red. It is red.", 8) is None
+    assert clean_prefix("It is red. It is red. It is red.", 3) == "It is red. It is red."

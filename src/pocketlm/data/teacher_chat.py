@@ -6,7 +6,11 @@ requests together) and keeps only what survives the checks below. The teacher is
 GPT-3.5/GPT-4 (Phi-1 "Textbooks are all you need", Phi-1.5, Phi-3 report sections 2-3): diversity comes from a
 seeded topic tree crossed with audiences and styles, written as data (`assets/teacher_topics.json`): domains
 (everyday science, arithmetic and word problems, English usage and definitions, geography basics, simple Python,
-how-to, and the safety domains) -> topics -> questions or question generators.
+how-to, and the safety domains) -> topics -> questions or question generators. A second tree,
+`assets/teacher_knowledge.json` (`--tree`), is general knowledge as entity domains: `entities` (every UN member
+state with its capitals, planets, animals, plants, organs, materials, oceans/mountains/rivers, jobs, common words)
+crossed with `prompts` that ask for a 3-5 sentence encyclopedia entry; an entity's `capital` and `check` regexes
+verify its answers (`check_entity`), and `--kind lessons` uses the entities as lesson topics with the same check.
 
 Kinds and formats (one JSON object per line, resumable):
 - chats: {"id": "teacher-chat/<hash>", "messages": [system?, user, assistant, (user, assistant)], "meta": {...}}:
@@ -45,7 +49,12 @@ written with the answer to `<out>.rejected.jsonl`):
    "a op b = c" must be right: "23 + 48 = 108 + 48 = 680. The answer is 71." is dropped); geography facts (the
    capital / continent must be named); definitions must name the word; Python by running the answer's code
    blocks in `pocketlm.eval.sandbox` (bubblewrap) with the task's check (`assert square(5) == 25`) or expected
-   output, plus any `# Output: X` comment the answer makes. Where the sandbox is unavailable, code is not run
+   output, plus any `# Output: X` comment the answer makes. Entity answers (knowledge tree): a sentence about the capital
+   that names another country's capital and not the right one -> verify:fact:wrong_capital; the right capital
+   (any listed alternative) missing -> verify:fact:missing_answer; a `check` regex missing ->
+   verify:fact:missing_keyword; the subject not mentioned -> off_topic. Cut entity answers go back to their last
+   whole sentence (they are one paragraph), and a degenerate one to its sentences before the loop, kept when
+   those pass every check. Where the sandbox is unavailable, code is not run
    and the report says so (`python_verification`);
    off_topic: an unverifiable answer (prose, Python concepts, follow-ups) must mention the question's subject
    (`on_topic`: a content word of the question, by its first 4 letters), which catches answers that drift to
@@ -72,6 +81,7 @@ import json
 import os
 import random
 import re
+import string
 import sys
 import threading
 import time
@@ -131,7 +141,63 @@ def load_tree(path: str | os.PathLike | None = None) -> dict:
     for name, d in tree["domains"].items():
         if not isinstance(d, dict) or not isinstance(d.get("weight"), (int, float)) or d["weight"] < 0:
             raise DataPipelineError(f"topic tree {path}: domain {name!r} needs a 'weight' >= 0")
+        if "entities" in d:
+            _check_entities(path, name, d)
     return tree
+
+
+def _check_entities(path, name: str, d: dict) -> None:
+    """An entity domain: `entities` [{name, capital?: [..], check?: [regex..], subject?, other fields}] crossed
+    with `prompts` (templates over {name} and the entity's other fields)."""
+    where = f"topic tree {path}: domain {name!r}"
+    if not isinstance(d["entities"], list) or not d["entities"]:
+        raise DataPipelineError(f"{where}: 'entities' must be a non-empty list")
+    if not isinstance(d.get("prompts"), list) or not d["prompts"]:
+        raise DataPipelineError(f"{where}: an entity domain needs a non-empty 'prompts' list")
+    for e in d["entities"]:
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"]:
+            raise DataPipelineError(f"{where}: every entity needs a 'name', got {e!r}")
+        if "capital" in e and (not isinstance(e["capital"], list) or not e["capital"]):
+            raise DataPipelineError(f"{where}: entity {e['name']!r}: 'capital' must be a non-empty list")
+        for rx in e.get("check", []):
+            try:
+                re.compile(rx)
+            except re.error as err:
+                raise DataPipelineError(f"{where}: entity {e['name']!r}: bad check regex {rx!r} ({err})") from None
+        if not _entity_prompts(d, e):
+            raise DataPipelineError(f"{where}: entity {e['name']!r}: no prompt uses only fields it has")
+
+
+def _entity_fields(e: dict) -> dict:
+    return {**e, "capital": e["capital"][0]} if "capital" in e else e
+
+
+def _entity_prompts(d: dict, e: dict) -> list[str]:
+    """The domain's prompt templates whose {fields} the entity has."""
+    fields = _entity_fields(e)
+    return [p for p in d["prompts"] if all(f in fields for _, f, _, _ in string.Formatter().parse(p) if f)]
+
+
+def entity_check(e: dict) -> dict:
+    """The check for an answer about entity `e` (see `check_entity`)."""
+    check = {"kind": "entity", "subject": e.get("subject", e["name"])}
+    for k in ("capital", "check"):
+        if e.get(k):
+            check[k] = list(e[k])
+    return check
+
+
+def tree_capitals(tree: dict) -> tuple[str, ...]:
+    """Every capital of the tree's entities that can be told apart from a country's name (Djibouti, Singapore,
+    Bissau in Guinea-Bissau are not) and from common words (`ambiguous_capitals`: Victoria, Washington)."""
+    names, caps, ambiguous = [], set(), set()
+    for d in tree["domains"].values():
+        ambiguous.update(d.get("ambiguous_capitals", []))
+        for e in d.get("entities", []):
+            if "capital" in e:
+                names.append(e["name"].lower())
+                caps.update(e["capital"])
+    return tuple(sorted(c for c in caps if c not in ambiguous and not any(c.lower() in n for n in names)))
 
 
 def _domains(tree: dict, domains: list[str] | None) -> list[str]:
@@ -228,6 +294,10 @@ def _question(rng: random.Random, tree: dict, domain: str, ctx: dict) -> tuple[s
             if k in task:
                 check[k] = task[k]
         return "code task", "general", sty or "plain", _hint(task["q"], sty), check, task["q"]
+    if "entities" in d and (not d.get("topics") or r < d.get("entity_share", 1.0)):
+        e = rng.choice(d["entities"])
+        q = rng.choice(_entity_prompts(d, e)).format(**_entity_fields(e))
+        return e["name"], aud_name, sty_name, q, entity_check(e), q
     topic = rng.choice(sorted(d["topics"]))
     q = rng.choice(d["topics"][topic])
     return topic, aud_name, sty_name, _hint(q, aud, sty), \
@@ -247,7 +317,8 @@ def _followup(rng: random.Random, tree: dict, domain: str, ctx: dict) -> tuple[s
 
 def _lesson_item(rng: random.Random, tree: dict, domain: str) -> ChatItem:
     d = tree["domains"][domain]
-    topics = list(d.get("topics", {})) + list(d.get("lesson_topics", []))
+    entities = {e["name"]: e for e in d.get("entities", [])}
+    topics = list(d.get("topics", {})) + list(d.get("lesson_topics", [])) + list(entities)
     if not topics:
         raise DataPipelineError(f"topic tree: domain {domain!r} has no topics or lesson_topics for lessons")
     topic = rng.choice(topics)
@@ -256,7 +327,8 @@ def _lesson_item(rng: random.Random, tree: dict, domain: str) -> ChatItem:
     aud_l = aud.get("lesson", "college students") if isinstance(aud, dict) else "college students"
     sty_l = sty.get("lesson", "textbook") if isinstance(sty, dict) else "textbook"
     prompt = TeacherItem(topic, aud_l, sty_l).prompt()
-    return ChatItem("lessons", domain, topic, aud_l, sty_l, [prompt], [{"kind": "lesson"}])
+    check = {"kind": "lesson", "entity": entity_check(entities[topic])} if topic in entities else {"kind": "lesson"}
+    return ChatItem("lessons", domain, topic, aud_l, sty_l, [prompt], [check])
 
 
 def build_items(kind: str, n: int, seed: int = 0, *, tree: dict | None = None, domains: list[str] | None = None,
@@ -273,7 +345,7 @@ def build_items(kind: str, n: int, seed: int = 0, *, tree: dict | None = None, d
     tree = tree or load_tree()
     names = _domains(tree, domains)
     if kind == "lessons" and not domains:   # the safety domains have no lesson topics
-        names = [d for d in names if tree["domains"][d].get("topics") or tree["domains"][d].get("lesson_topics")]
+        names = [d for d in names if any(tree["domains"][d].get(k) for k in ("topics", "lesson_topics", "entities"))]
     weights = [tree["domains"][d]["weight"] for d in names]
     ctx = {"glossary": chatgen.glossary(corpus_dir)}
     items, seen = [], set()
@@ -435,8 +507,44 @@ _REPETITION = GopherRepetition()
 _LESSON_FILTERS = (GopherRepetition(), GopherQuality(), FineWebQuality())
 
 
-def check_answer(answer: str, check: dict, domain: str, python: PythonVerifier | None) -> str | None:
-    """None to keep a teacher answer, else the rejection reason (see the module docstring for the order)."""
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def _names(alternatives) -> re.Pattern:
+    return re.compile("|".join(rf"(?<!\w){re.escape(a)}(?!\w)" for a in alternatives))
+
+
+def check_entity(answer: str, check: dict, capitals: tuple[str, ...] = ()) -> str | None:
+    """None when an answer about an entity passes its check, else the reason: a sentence about a capital that
+    names another country's capital (of `capitals`) and not the right one -> verify:fact:wrong_capital; the right
+    capital missing -> verify:fact:missing_answer; a `check` regex not found -> verify:fact:missing_keyword; the
+    subject not mentioned -> off_topic."""
+    if check.get("capital"):
+        own = check["capital"]
+        right = re.compile(_names(own).pattern, re.I)
+        others = [c for c in capitals if not any(c.lower() in a.lower() or a.lower() in c.lower() for a in own)]
+        wrong = _names(others) if others else None
+        for sentence in _SENTENCE.split(answer):
+            if wrong and re.search("capital", sentence, re.I) and not right.search(sentence) \
+                    and wrong.search(sentence):
+                return "verify:fact:wrong_capital"
+        # "Bissau" inside "Guinea-Bissau", "Singapore" in "Singapore": the country's name does not name its capital
+        subject = re.sub(r"^the ", "", check["subject"], flags=re.I)
+        names = [m.span() for m in re.finditer(re.escape(subject), answer, re.I)]
+        if not any(not any(a <= m.start() and m.end() <= b for a, b in names) for m in right.finditer(answer)):
+            return "verify:fact:missing_answer"
+    for rx in check.get("check", []):
+        if not re.search(rf"(?<!\w)(?:{rx})", answer, re.I):
+            return "verify:fact:missing_keyword"
+    if not on_topic(check["subject"], answer):
+        return "off_topic"
+    return None
+
+
+def check_answer(answer: str, check: dict, domain: str, python: PythonVerifier | None,
+                 capitals: tuple[str, ...] = ()) -> str | None:
+    """None to keep a teacher answer, else the rejection reason (see the module docstring for the order);
+    `capitals` are the ones an entity answer must not give as the capital (`tree_capitals`)."""
     if not answer.strip():
         return "empty"
     kind = check.get("kind")
@@ -447,7 +555,7 @@ def check_answer(answer: str, check: dict, domain: str, python: PythonVerifier |
             reason = f.reject_reason(answer)
             if reason:
                 return f"filter:{f.name}:{reason}"
-        return None
+        return check_entity(answer, check["entity"], capitals) if check.get("entity") else None
     # code repeats identifiers legitimately (three calls of is_leap_year); it is verified by running it instead
     if is_degenerate(_CODE_BLOCK.sub(" ", answer) if kind == "python" else answer):
         return "degenerate"
@@ -457,7 +565,7 @@ def check_answer(answer: str, check: dict, domain: str, python: PythonVerifier |
         reason = _REPETITION.reject_reason(answer)
         if reason:
             return f"filter:{_REPETITION.name}:{reason}"
-    if domain in PROSE_DOMAINS and kind != "python":
+    if (domain in PROSE_DOMAINS or kind == "entity") and kind != "python":
         reason = _PROSE_QUALITY.reject_reason(answer)
         if reason:
             return f"filter:{_PROSE_QUALITY.name}:{reason}"
@@ -473,6 +581,8 @@ def check_answer(answer: str, check: dict, domain: str, python: PythonVerifier |
     elif kind == "fact":
         if not any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", answer, re.I) for a in check["any"]):
             return "verify:fact:missing_answer"
+    elif kind == "entity":
+        return check_entity(answer, check, capitals)
     elif kind == "python" and python is not None:
         return python(answer, check)
     return None
@@ -503,6 +613,31 @@ def trim_truncated(text: str, min_words: int) -> str | None:
 
 
 _WHOLE_END = (".", "!", "?", "```", '"', "'", ")", "”")
+_SENTENCE_END = re.compile(r"[.!?][\"'”)]?(?=\s)")
+
+
+def trim_to_sentence(text: str, min_words: int) -> str | None:
+    """A prose answer cut at max_tokens, back to its last whole sentence (entity answers are one paragraph);
+    None when fewer than `min_words` words would remain or the text has code."""
+    if "```" in text:
+        return None
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    head = text[:ends[-1]].strip() if ends else ""
+    return head if len(head.split()) >= min_words else None
+
+
+def clean_prefix(text: str, min_words: int) -> str | None:
+    """The longest run of whole sentences from the start that does not loop (`is_degenerate`): the teacher
+    often writes clean sentences and then starts repeating itself. None when under `min_words` words."""
+    if "```" in text:
+        return None
+    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text + " ")]):
+        head = text[:end].strip()
+        if len(head.split()) < min_words:
+            return None
+        if not is_degenerate(head):
+            return head
+    return None
 
 
 # ---------------------------------------------------------------- preference pairs
@@ -601,6 +736,7 @@ class TeacherChatRun:
             raise DataPipelineError(f"concurrency must be an integer >= 1, got {concurrency!r}")
         self.teacher, self.kind, self.out = teacher, kind, Path(out)
         self.tree = tree or load_tree()
+        self.capitals = tree_capitals(self.tree)
         self.concurrency, self.seed, self.progress_s = concurrency, seed, progress_s
         self.guard = guard if guard is not None else EvalGuard()
         self.python = PythonVerifier(verify_code)
@@ -645,13 +781,20 @@ class TeacherChatRun:
                     answer, finish = self._ask(messages, o, longer)
                     if finish == "length":
                         cut = trim_truncated(answer, MIN_TRIMMED_WORDS)
+                        if cut is None and check["kind"] == "entity":
+                            cut = trim_to_sentence(answer, MIN_TRIMMED_WORDS)
                         if cut is None:
                             o.reason = "truncated"
                             o.messages = messages + [{"role": "assistant", "content": answer}]
                             return o
                         answer = cut
                         o.trimmed += 1
-                    reason = check_answer(answer, check, item.domain, self.python)
+                    reason = check_answer(answer, check, item.domain, self.python, self.capitals)
+                    if reason == "degenerate" and check["kind"] == "entity":
+                        cut = clean_prefix(answer, MIN_TRIMMED_WORDS)
+                        if cut is not None and check_answer(cut, check, item.domain, None, self.capitals) is None:
+                            answer, reason = cut, None
+                            o.trimmed += 1
                     if reason is None and check["kind"] in ("none", "python") and not check.get("require_code") \
                             and not on_topic(item.extra.get("question", item.turns[0]), answer):
                         reason = "off_topic"
@@ -690,7 +833,7 @@ class TeacherChatRun:
                 o.reason = "truncated"
                 return o
             text = cut
-        reason = check_answer(text, {"kind": "lesson"}, item.domain, None)
+        reason = check_answer(text, item.checks[0], item.domain, None, self.capitals)
         if reason is None:
             hit = self.guard.text(text)
             reason = f"decontam:{hit}" if hit else None
