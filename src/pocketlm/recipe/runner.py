@@ -74,6 +74,8 @@ class Context:
     corpus: Path | None = None
     teacher: Path | None = None
     """`--teacher-data DIR`: the `pocketlm data teacher` outputs (see `teacher_files`)."""
+    baseline: Path | None = None
+    """`--baseline MODEL`: a model the eval step scores beside the run's (e.g. the default model it replaces)."""
     device: str = "cpu"
     deadline: float | None = None
     """time.time() by which the run must have stopped (None: no limit)."""
@@ -145,7 +147,7 @@ def step_inputs(ctx: Context, step: str) -> dict:
     if step == "quantize":
         return {"scheme": r.quant_scheme, "up": ctx.hashes["dpo"]}
     if step == "eval":
-        return {"limit": r.eval_limit, "simple_qa": r.simple_qa, "prompts": r.sample_prompts, "max_tokens": r.sample_max_tokens,
+        return {"limit": r.eval_limit, "simple_qa": r.simple_qa, "baseline": _baseline_id(ctx), "prompts": r.sample_prompts, "max_tokens": r.sample_max_tokens,
                 "heldout": _module_source_hash("pocketlm.eval.heldout"), "up": ctx.hashes["quantize"]}
     if step == "report":
         return {"code": _module_source_hash("pocketlm.recipe.report"), "up": ctx.hashes["eval"]}
@@ -572,15 +574,30 @@ def run_quantize(ctx: Context) -> dict:
     return {"file": out.name, "bytes": out.stat().st_size}
 
 
+def _baseline_id(ctx: Context):
+    """What identifies `--baseline` for the eval step's hash: its file names and sizes (None without one)."""
+    if ctx.baseline is None:
+        return None
+    p = Path(ctx.baseline)
+    if not p.exists():
+        raise RecipeError(f"--baseline {p}: no such model folder or file")
+    files = sorted(p.iterdir()) if p.is_dir() else [p]
+    return {f.name: f.stat().st_size for f in files if f.is_file()}
+
+
 def run_eval(ctx: Context) -> dict:
     from pocketlm.recipe.evaluate import evaluate_models
     # the SFT model is left out: on these budgets DPO moves the held-out numbers very little, and each model
     # costs minutes on the shared CPU; its sample chats are in the DPO row's neighbourhood (see the report)
-    models = {"pretrain": ctx.path("pretrain", "model"), "dpo": ctx.path("dpo", "model"),
-              f"dpo-{ctx.recipe.quant_scheme}": quant_path(ctx)}
-    results = evaluate_models(models, ctx.recipe, chat_models=("dpo", f"dpo-{ctx.recipe.quant_scheme}"),
+    q = f"dpo-{ctx.recipe.quant_scheme}"
+    models = {"pretrain": ctx.path("pretrain", "model"), "dpo": ctx.path("dpo", "model"), q: quant_path(ctx)}
+    chat = ("dpo", q)
+    if ctx.baseline is not None:  # scored on this run's held-out sets and simple-qa, like the run's own models
+        models["baseline"] = Path(ctx.baseline)
+        chat += ("baseline",)
+    results = evaluate_models(models, ctx.recipe, chat_models=chat,
                               tokenizer_dir=ctx.path("dpo", "model"), data_dir=ctx.path("heldout"), say=ctx.say,
-                              simple_qa=("dpo", f"dpo-{ctx.recipe.quant_scheme}") if ctx.recipe.simple_qa else ())
+                              simple_qa=chat if ctx.recipe.simple_qa else ())
     folder = ctx.path("eval")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "results.json", json.dumps(results, indent=1) + "\n")
