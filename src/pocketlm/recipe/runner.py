@@ -147,7 +147,8 @@ def step_inputs(ctx: Context, step: str) -> dict:
     if step == "quantize":
         return {"scheme": r.quant_scheme, "up": ctx.hashes["dpo"]}
     if step == "eval":
-        return {"limit": r.eval_limit, "simple_qa": r.simple_qa, "baseline": _baseline_id(ctx), "prompts": r.sample_prompts, "max_tokens": r.sample_max_tokens,
+        return {"limit": r.eval_limit, "simple_qa": r.simple_qa, "baseline": _baseline_id(ctx),
+                "prompts": r.sample_prompts, "max_tokens": r.sample_max_tokens,
                 "heldout": _module_source_hash("pocketlm.eval.heldout"), "up": ctx.hashes["quantize"]}
     if step == "report":
         return {"code": _module_source_hash("pocketlm.recipe.report"), "up": ctx.hashes["eval"]}
