@@ -99,7 +99,7 @@ def model_card(out: Path, recipe: dict, quant_file: str, *, command: str | None 
         "## How it was made", "",
         "```",
         command or f"pocketlm recipe {name} --corpus data/corpus "
-                   + ("--teacher-data teacher " if recipe.get("teacher_data") else "")
+                   + ("--teacher-data recipe-data/teacher-smollm2 " if recipe.get("teacher_data") else "")
                    + f"--out recipe-runs/{name} --export-model src/pocketlm/assets/default-model",
         "```", "",
         f"Recipe `{name}` (src/pocketlm/recipe/recipes.py), on device `{recipe['device']}`, seed {recipe['seed']}:",
