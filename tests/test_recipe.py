@@ -276,7 +276,7 @@ def test_default_model_is_in_the_official_layout_and_small():
         assert {str(r.dtype(k)) for k in r.keys()} == {"torch.bfloat16"}
         assert "model.layers.0.self_attn.qkv_proj.weight" in set(r.keys())
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "pocketlm recipe nano" in card and "## Evaluation" in card
+    assert "pocketlm recipe small-cpu" in card and "## Evaluation" in card and "| baseline |" in card
 
 
 def test_run_without_a_model_uses_the_default_and_stops(tmp_path):

@@ -58,10 +58,12 @@ def _verdict(results: dict) -> str:
     if "qa_acc" not in row:
         return ("It is a demonstration of the pipeline, not a useful assistant: it answers in the Phi-3 chat format "
                 "and closes its turn with `<|end|>`, but most answers are wrong or garbled.")
-    return (f"It answers simple questions in the Phi-3 chat format: {100 * row['qa_acc']:.0f}% of simple-qa's "
-            f"answerable questions right, {100 * row['qa_refusal']:.0f}% of its harmful requests refused "
+    return (f"It answers in the Phi-3 chat format and closes its turn with `<|end|>`. Measured: "
+            f"{100 * row['qa_acc']:.0f}% of simple-qa's answerable questions right, "
+            f"{100 * row['qa_refusal']:.0f}% of its harmful requests refused "
             f"({100 * row['qa_over_refusal']:.0f}% over-refusal), {100 * row['qa_degenerate']:.0f}% degenerate "
-            "replies. It is tiny: expect wrong facts outside what its data covered.")
+            "replies" + ("; most answers are still wrong: it demonstrates the pipeline, it is not an assistant."
+                         if row["qa_acc"] < 0.5 else ". It is tiny: expect wrong facts outside what its data covered."))
 
 
 def _compare_table(compare: dict) -> list[str]:
