@@ -45,7 +45,7 @@ from typing import Callable, TextIO
 
 import pocketlm
 from pocketlm.errors import PocketLMError
-from pocketlm.fsutil import atomic_write_bytes, atomic_write_text
+from pocketlm.fsutil import atomic_write_bytes, atomic_write_text, sha256_file
 from pocketlm.recipe.recipes import Recipe, fingerprint
 
 STEPS = ("data", "chat-data", "pretrain-phase1", "pretrain-phase2", "sft", "dpo", "quantize", "eval", "report")
@@ -131,7 +131,7 @@ def step_inputs(ctx: Context, step: str) -> dict:
              "generator": _module_source_hash("pocketlm.data.chatgen"),
              "up": ctx.hashes["data"]}
         if r.teacher_data:  # the teacher's files by content: new teacher data rebuilds from here on
-            d["teacher"] = {name: _file_sha(p) for name, p in sorted(teacher_files(ctx).items())}
+            d["teacher"] = {name: sha256_file(p)[:16] for name, p in sorted(teacher_files(ctx).items())}
             d["teacher_repeat"] = [r.teacher_sft_repeat, r.teacher_text_repeat]
         return d
     if step in ("pretrain-phase1", "pretrain-phase2"):
@@ -314,15 +314,6 @@ def run_data(ctx: Context) -> dict:
 
 TEACHER_FILES = {"chats": "chats.jsonl", "knowledge": "knowledge.jsonl", "prefs": "prefs.jsonl",
                  "lessons": "lessons.jsonl"}
-
-
-def _file_sha(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def teacher_files(ctx: Context) -> dict[str, Path]:
