@@ -38,20 +38,13 @@ from pocketlm.quant.linear import quantize_model
 from pocketlm.serve.batching import Engine, SlotKVCache, fix_longrope_policy
 from pocketlm.serve.schemas import Limits, parse_request
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
+pytestmark = [pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 # C step vs the PyTorch forward (random tiny models: logits of magnitude ~1.6). f32, int8 and q4_0 caches come
 # out bit-equal here; with f16 (the C step rounds queries to f16, as llama.cpp) and q8_0 (block-wise dot
 # products) a last-bit difference can flip an int8 activation code downstream: max 0.016, mean 0.003 measured.
 ATOL, MEAN_TOL = 0.03, 5e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the reference paths are tiny: torch's pool would only spin
-    yield
-    torch.set_num_threads(threads)
 
 
 STEPS, STARTS = 14, (0, 3, 6, 1)  # row r decodes from step STARTS[r]: rows join the batch at different steps

@@ -24,13 +24,7 @@ from pocketlm.serve.app import BackgroundServer, ServerConfig, create_app
 from pocketlm.serve.batching import Engine, SlotKVCache
 from pocketlm.serve.schemas import Limits, parse_request
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_slot_cache_rows_at_their_own_positions():

@@ -33,13 +33,7 @@ from pocketlm.serve.commands import add_arguments
 from pocketlm.serve.kvpool import PrefixCache
 from pocketlm.serve.schemas import Limits, parse_request
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,8 @@ from pocketlm.quant.linear import quantize_model
 from pocketlm.serve.batching import Engine
 from pocketlm.serve.schemas import Limits, parse_request
 
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.skipif(not kernels.available(), reason="CPU kernels unavailable"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ---- argmax_rows -------------------------------------------------------------------------------------------------
