@@ -510,8 +510,9 @@ _LESSON_FILTERS = (GopherRepetition(), GopherQuality(), FineWebQuality())
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-def _names(alternatives) -> re.Pattern:
-    return re.compile("|".join(rf"(?<!\w){re.escape(a)}(?!\w)" for a in alternatives))
+def _names(alternatives, flags: int = 0) -> re.Pattern:
+    """Any of `alternatives` as a whole word (not inside a longer word)."""
+    return re.compile("|".join(rf"(?<!\w){re.escape(a)}(?!\w)" for a in alternatives), flags)
 
 
 def check_entity(answer: str, check: dict, capitals: tuple[str, ...] = ()) -> str | None:
@@ -521,7 +522,7 @@ def check_entity(answer: str, check: dict, capitals: tuple[str, ...] = ()) -> st
     subject not mentioned -> off_topic."""
     if check.get("capital"):
         own = check["capital"]
-        right = re.compile(_names(own).pattern, re.I)
+        right = _names(own, re.I)
         others = [c for c in capitals if not any(c.lower() in a.lower() or a.lower() in c.lower() for a in own)]
         wrong = _names(others) if others else None
         for sentence in _SENTENCE.split(answer):
@@ -579,7 +580,7 @@ def check_answer(answer: str, check: dict, domain: str, python: PythonVerifier |
         if wrong_equation(answer):
             return "verify:arith:wrong_step"
     elif kind == "fact":
-        if not any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", answer, re.I) for a in check["any"]):
+        if not check["any"] or not _names(check["any"], re.I).search(answer):
             return "verify:fact:missing_answer"
     elif kind == "entity":
         return check_entity(answer, check, capitals)
@@ -616,23 +617,25 @@ _WHOLE_END = (".", "!", "?", "```", '"', "'", ")", "”")
 _SENTENCE_END = re.compile(r"[.!?][\"'”)]?(?=\s)")
 
 
+def _sentence_heads(text: str):
+    """The whole-sentence prefixes of a prose text, longest first (none when the text has code)."""
+    if "```" in text:
+        return
+    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text)]):
+        yield text[:end].strip()
+
+
 def trim_to_sentence(text: str, min_words: int) -> str | None:
     """A prose answer cut at max_tokens, back to its last whole sentence (entity answers are one paragraph);
     None when fewer than `min_words` words would remain or the text has code."""
-    if "```" in text:
-        return None
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    head = text[:ends[-1]].strip() if ends else ""
+    head = next(_sentence_heads(text), "")
     return head if len(head.split()) >= min_words else None
 
 
 def clean_prefix(text: str, min_words: int) -> str | None:
     """The longest run of whole sentences from the start that does not loop (`is_degenerate`): the teacher
     often writes clean sentences and then starts repeating itself. None when under `min_words` words."""
-    if "```" in text:
-        return None
-    for end in reversed([m.end() for m in _SENTENCE_END.finditer(text + " ")]):
-        head = text[:end].strip()
+    for head in _sentence_heads(text + " "):
         if len(head.split()) < min_words:
             return None
         if not is_degenerate(head):
@@ -683,7 +686,7 @@ def make_rejected(item: ChatItem, chosen: str, tree: dict, rng: random.Random) -
             bad = chosen
             for a in check["any"]:
                 bad = re.sub(rf"(?<!\w){re.escape(a)}(?!\w)", wrong, bad, flags=re.I)
-            if bad != chosen and not any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", bad, re.I) for a in check["any"]):
+            if bad != chosen and not _names(check["any"], re.I).search(bad):
                 return bad, "wrong_fact"
     r = rng.random()
     if r < 0.4:   # an answer to another question: a tech fact, or (for Python questions) a word's meaning
