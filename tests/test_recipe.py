@@ -356,3 +356,17 @@ def test_baseline_is_scored_on_the_same_sets(smoke, tmp_path):
     with pytest.raises(runner.RecipeError, match="--baseline"):
         run_recipe(Context(recipe=smoke["recipe"], out=out, corpus=smoke["corpus"], baseline=tmp_path / "none",
                            progress=False, rebuild=True))
+
+
+def test_bad_compare_file_is_refused_before_the_run(tmp_path, capsys):
+    """--compare: a file that is not bench_simple_qa.py's JSON is a clear error before any step runs."""
+    from pocketlm.cli import main
+    out = tmp_path / "out"
+    for text in ("not json", '{"runs": {}}', '{"models": {"x": {"model": "m"}}}'):
+        bad = tmp_path / "cmp.json"
+        bad.write_text(text)
+        assert main(["recipe", "nano-smoke", "--out", str(out), "--compare", str(bad), "--no-progress"]) == 2
+        assert "not a bench_simple_qa.py results file" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["recipe", "nano-smoke", "--out", str(out), "--compare", str(tmp_path / "none.json")]) == 2
+    assert "--compare" in capsys.readouterr().err

@@ -52,8 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "MODEL_CARD.md to DIR")
     parser.add_argument("--baseline", default=None, metavar="MODEL",
                         help="a model with the same tokenizer that the eval step scores beside the run's on the "
-                             "same held-out sets (and "
-                             "simple-qa): e.g. the default model the run is meant to replace")
+                             "same held-out sets (and simple-qa): e.g. the default model the run is meant to replace")
     parser.add_argument("--compare", default=None, metavar="FILE",
                         help="with --export-model: simple-qa results of other models for the card "
                              "(bench/bench_simple_qa.py's JSON)")
@@ -73,6 +72,7 @@ def run(args) -> int:
     recipe = get_recipe(args.name)
     if args.pack_data:
         _check_writable_file(args.pack_data, "--pack-data")  # before minutes of work, not after
+    compare = _read_compare(args.compare) if args.compare else None  # the same: a bad file fails before the run
     out = Path(args.out or os.path.join("recipe-runs", recipe.name))
     corpus = Path(args.corpus) if args.corpus else None
     if args.data_archive:
@@ -100,20 +100,26 @@ def run(args) -> int:
         if until is not None:
             raise ConfigError("--export-model needs the whole recipe (no --until)")
         from pocketlm.recipe.export import export_model
-        compare = None
-        if args.compare:
-            import json
-            try:
-                compare = json.loads(Path(args.compare).read_text())
-                compare["models"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ConfigError(f"--compare {args.compare}: not a bench_simple_qa.py results file ({e})") from None
         files = export_model(out, Path(args.export_model), compare=compare)
         print(f"wrote {args.export_model}: " + ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)"
                                                          for p in files), file=sys.stderr)
     if until is None:
         print(f"report: {out / 'report' / 'report.md'} and report.html", file=sys.stderr)
     return 0
+
+
+def _read_compare(path: str) -> dict:
+    """`--compare FILE`: bench/bench_simple_qa.py's JSON ({"models": {label: {"model", "metrics"}}}), checked."""
+    import json
+    try:
+        data = json.loads(Path(path).read_text())
+        models = data["models"]
+        if not isinstance(models, dict) or not all(isinstance(m, dict) and isinstance(m.get("model"), str)
+                                                   and isinstance(m.get("metrics"), dict) for m in models.values()):
+            raise TypeError("every entry of 'models' needs a 'model' string and a 'metrics' object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--compare {path}: not a bench_simple_qa.py results file ({e})") from None
+    return data
 
 
 def _check_writable_file(path: str, flag: str) -> None:
