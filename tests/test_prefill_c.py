@@ -169,6 +169,74 @@ def test_flash_attention_matches_float64_attention(kv, H, KV, hd, window):
                             att.data_ptr()) == -1  # past the capacity: refused
 
 
+def _caches_equal(a, b, n: int) -> bool:
+    stores = [(a.k, b.k), (a.v, b.v)]
+    if isinstance(a.k, QuantizedKV):
+        stores = [(a.k.codes, b.k.codes), (a.v.codes, b.v.codes), (a.k.scales, b.k.scales), (a.v.scales, b.v.scales)]
+    elif a.k_scale is not None:
+        stores += [(a.k_scale, b.k_scale), (a.v_scale, b.v_scale)]
+    return all(torch.equal(x[:, :, :n], y[:, :, :n]) for x, y in stores)
+
+
+@pytest.mark.parametrize("name,type_name,changes,kv,modes", [
+    ("tiny-gqa", "Q4_0", {"sliding_window": 9}, "f16", [None] * 4),
+    ("tiny-longrope", "Q8_0", {}, "q8_0", ["short", "long", "short", "long"]),  # rows of both factor sets
+    ("tiny-gqa", "Q4_K", {}, "q4_0", [None] * 4),
+    ("tiny", "Q4_0", {}, "int8", [None] * 4),
+])
+def test_several_prompts_in_one_call_equal_each_alone(name, type_name, changes, kv, modes):
+    # pl_prefill_segs (the serving engine's batched prefill): the chunks of 4 sequences, of different lengths,
+    # some after an earlier chunk in their cache, in one call give each sequence exactly (torch.equal) the logits
+    # and keys/values of its chunk alone; with 1 and 2 threads
+    model = model_for(name, type_name, **changes)
+    fast = cpu.accelerate(model, kv)
+    lens, before = (5, 37, 2, 70), (0, 11, 4, 0)  # chunk lengths; tokens already cached
+    ids = [ids_for(b + n, seed=10 + i) for i, (b, n) in enumerate(zip(before, lens))]
+
+    def caches():
+        out = []
+        for i, b in enumerate(before):
+            cache = fast.make_cache(1, 100)
+            if b:
+                with torch.inference_mode():
+                    fast.prefill_chunk(ids[i][:, :b], cache, rope_mode=modes[i])
+            out.append(cache)
+        return out
+
+    alone_caches = caches()
+    alone = [fast.prefill_chunk(ids[i][:, before[i]:], alone_caches[i], last_only=True, rope_mode=modes[i])
+             for i in range(4)]
+    old = kernels.get_threads()
+    try:
+        for threads in (2, 1):
+            kernels.set_threads(threads)
+            together_caches = caches()
+            got = fast.prefill_chunks([(ids[i][:, before[i]:], together_caches[i], modes[i]) for i in range(4)])
+            for i in range(4):
+                assert got[i].shape == alone[i].shape == (1, 1, model.config.vocab_size)
+                assert torch.equal(got[i], alone[i]), (threads, i)
+                assert together_caches[i].length == alone_caches[i].length == before[i] + lens[i]
+                assert together_caches[i].rope_mode == alone_caches[i].rope_mode
+                assert _caches_equal(together_caches[i], alone_caches[i], before[i] + lens[i]), (threads, i)
+    finally:
+        kernels.set_threads(old)
+
+
+def test_several_prompts_bad_item_refused_before_any_cache_is_written():
+    model = model_for("tiny-gqa")
+    fast = cpu.accelerate(model, "f16")
+    good, full = fast.make_cache(1, 20), fast.make_cache(1, 8)
+    good.k.zero_()  # (uninitialized memory may hold NaNs, which torch.equal never matches)
+    snapshot = good.k.clone()
+    with pytest.raises(GenerationError, match="capacity"):
+        fast.prefill_chunks([(ids_for(6), good, None), (ids_for(9), full, None)])
+    with pytest.raises(GenerationError, match="vocabulary"):
+        fast.prefill_chunks([(ids_for(6), good, None), (torch.tensor([[1, 2, 40000]]), full, None)])
+    assert good.length == full.length == 0 and torch.equal(good.k, snapshot)
+    with pytest.raises(GenerationError, match="cannot store"):
+        fast.prefill_chunks([(ids_for(6), good, None), (ids_for(3), object(), None)])
+
+
 def test_generation_prefills_in_c_and_bad_input_is_refused():
     model = model_for("tiny-longrope")
     tok = pocketlm.Tokenizer.default()

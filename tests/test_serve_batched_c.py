@@ -8,7 +8,7 @@
   cache type, LongRoPE with rows of both factor sets in one batch.
 - 1 and 2 kernel threads give identical logits; the same checks pass under POCKETLM_KERNEL_ISA=avx2 and =scalar.
 - Through the serving engine: greedy outputs equal `generate` alone at batch 1, 7 and 32 (shared prefix, prefix
-  hits) with the decode steps on the C path, for quantized caches, GQA, LongRoPE and the sliding window.
+  hits) with the decode steps on the C path and the prompts that arrive together prefilled in shared C calls, for quantized caches, GQA, LongRoPE and the sliding window.
 - The idle engine gives freed heap pages back once after serving (batching.TRIM_INTERVAL_S).
 """
 
@@ -228,6 +228,8 @@ def _serve_equals_alone(model, tok, kv, batch, ctx=256, max_tokens=6, prompts=No
         out = _run(engine, gens[:1]) + _run(engine, gens[1:]) if batch > 1 else [_run(engine, [g])[0] for g in gens]
         assert engine.c_decode_steps >= max_tokens - 1
         assert engine.c_prefill_chunks > 0  # prompt chunks prefill in C, as in generate
+        if batch > 2:  # prompts arriving together share C prefill calls (pl_prefill_segs)
+            assert engine.c_prefill_calls < engine.c_prefill_chunks, (engine.c_prefill_calls, engine.c_prefill_chunks)
         s = engine.stats()
         assert s["active"] == 0 and s["prefix_hit_tokens"] > 0
     finally:

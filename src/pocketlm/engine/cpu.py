@@ -82,6 +82,12 @@ class _Chunk(ctypes.Structure):
                [(n, ctypes.c_void_p) for n in ("xn", "qkv", "att", "gu", "hmid", "y", "qa", "da", "sa_f", "sa_i")]
 
 
+class _Seg(ctypes.Structure):
+    """kernels.c's pl_seg: one sequence's chunk in pl_prefill_segs (its cache view, positions, rotary rows)."""
+    _fields_ = [("m", ctypes.c_void_p), ("T", ctypes.c_int), ("start", ctypes.c_int), ("window", ctypes.c_int),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p)]
+
+
 class _Head(ctypes.Structure):
     """kernels.c's pl_head: the embedding table, the final norm, lm_head and the buffers of pl_decode_token."""
     _fields_ = [("embd", ctypes.c_void_p), ("embd_type", ctypes.c_int), ("embd_tiles", ctypes.c_int),
@@ -459,30 +465,75 @@ class FastDecoder:
         `cache_view`; another cache goes through the model), then the model's final norm and lm_head on the last
         row (`last_only`) or all rows; returns logits (1, T or 1, vocab) as the PyTorch path does. The checks
         (context, capacity, LongRoPE factor set of the cached keys) are model.py's `sequence_span`."""
+        if cache_view(cache) is None or not self.c_prefill:
+            return self.model(input_ids, cache, last_only=last_only, rope_mode=rope_mode)
+        return self.prefill_chunks([(input_ids, cache, rope_mode)], last_only=last_only)[0]
+
+    @torch.inference_mode()
+    def prefill_chunks(self, items: list[tuple[torch.Tensor, object, str | None]], *,
+                       last_only: bool = True) -> list[torch.Tensor]:
+        """Prompt chunks of several sequences in one C call (pl_prefill_segs): item i is (input_ids (1, T_i), its
+        batch-1 cache, its LongRoPE mode or None), every cache one that `cache_view` accepts. The rows of all
+        chunks share each matrix product; RoPE, the cache stores and attention are per sequence, and each row's
+        arithmetic is the one-chunk call's, so a sequence's keys, values and logits do not depend on the others.
+        Returns each item's logits, (1, 1 or T_i, vocab), as `prefill_chunk` would one at a time. The checks of
+        every item come first: a refused item raises before any cache is written."""
         from pocketlm.model import sequence_span
         model, c = self.model, self.config
-        if cache_view(cache) is None or not self.c_prefill:
-            return model(input_ids, cache, last_only=last_only, rope_mode=rope_mode)
-        T = input_ids.shape[1]
-        start, L, mode = sequence_span(model, T, cache, rope_mode)
-        bad = input_ids[(input_ids < 0) | (input_ids >= c.vocab_size)]
-        if bad.numel():
-            raise GenerationError(f"token ids {bad[:5].tolist()} are outside the vocabulary [0, {c.vocab_size})")
-        x = model.model.embed_tokens(input_ids[0]).float().contiguous()  # (T, hidden), a new tensor
-        cos, sin = model.rotary_emb(torch.arange(start, L), mode, torch.float32)  # (T, rotary_dim)
-        cos, sin = cos.contiguous(), sin.contiguous()
-        m = self._bind(cache)
-        buf = self._prefill_scratch(T)
-        chunk = _Chunk(T=T, start=start, window=c.attention_window or 0, cos=cos.data_ptr(), sin=sin.data_ptr(),
-                       **{name: t.data_ptr() for name, t in buf.items()})
-        rc = self._lib.pl_prefill(ctypes.addressof(m), ctypes.addressof(chunk), x.data_ptr())
+        if not self.c_prefill:
+            raise GenerationError("this model's prompt chunks do not run in C (a norm other than RMSNorm)")
+        spans, views, xs, rot = [], [], [], []
+        for input_ids, cache, rope_mode in items:
+            view = cache_view(cache)
+            if view is None:
+                raise GenerationError(f"the C prefill cannot store into a {type(cache).__name__}")
+            T = input_ids.shape[1]
+            start, L, mode = sequence_span(model, T, cache, rope_mode)
+            bad = input_ids[(input_ids < 0) | (input_ids >= c.vocab_size)]
+            if bad.numel():
+                raise GenerationError(f"token ids {bad[:5].tolist()} are outside the vocabulary [0, {c.vocab_size})")
+            cos, sin = model.rotary_emb(torch.arange(start, L), mode, torch.float32)  # (T, rotary_dim)
+            spans.append((T, start, L, mode))
+            views.append(self._view(cache, view))
+            rot += [cos.contiguous(), sin.contiguous()]
+            xs.append(input_ids[0])
+        x = model.model.embed_tokens(torch.cat(xs)).float().contiguous()  # (sum T, hidden), a new tensor
+        n = len(items)
+        segs = (_Seg * n)()
+        for i, (T, start, _, _) in enumerate(spans):
+            segs[i] = _Seg(m=ctypes.addressof(views[i]), T=T, start=start, window=c.attention_window or 0,
+                           cos=rot[2 * i].data_ptr(), sin=rot[2 * i + 1].data_ptr())
+        rows = x.shape[0]
+        buf = self._prefill_scratch(rows)
+        chunk = _Chunk(T=rows, start=0, window=0, **{name: t.data_ptr() for name, t in buf.items()})
+        rc = self._lib.pl_prefill_segs(segs, n, ctypes.addressof(chunk), x.data_ptr())
         if rc != 0:
-            raise GenerationError(f"the C prefill refused {T} tokens at position {start} (capacity "
-                                  f"{cache.capacity}, code {rc})")
-        cache.length, cache.rope_mode = L, mode
-        h = x[-1:] if last_only else x  # (1 or T, hidden)
+            raise GenerationError(f"the C prefill refused {n} chunk(s) of {[s[0] for s in spans]} tokens at "
+                                  f"positions {[s[1] for s in spans]} (code {rc})")
+        ends = []
+        for (_, cache, _), (T, _, L, mode) in zip(items, spans):
+            cache.length, cache.rope_mode = L, mode
+            ends.append(T)
         dtype = model.model.norm.weight.dtype
-        return model.lm_head(model.model.norm(h.to(dtype)[None]))  # (1, 1 or T, vocab)
+        bounds = torch.tensor(ends).cumsum(0).tolist()
+        if not last_only:
+            return [model.lm_head(model.model.norm(x[b - T:b].to(dtype)[None])) for b, T in zip(bounds, ends)]
+        h = x[[b - 1 for b in bounds]]  # (n, hidden): each chunk's last row
+        if n > 1 and not on_kernels(model.lm_head):  # a float head: one product per row, as one chunk alone
+            return [model.lm_head(model.model.norm(h[i:i + 1].to(dtype)[None])) for i in range(n)]
+        logits = model.lm_head(model.model.norm(h.to(dtype)[None]))[0]  # (n, vocab): rows on the kernels
+        return [logits[i:i + 1][None] for i in range(n)]
+
+    def _view(self, cache, view) -> _Model:
+        """The C view of the weights + one cache, without decode scratch (pl_prefill_segs uses its chunk's)."""
+        code, k, v, k_scale, v_scale = view
+        c = self.config
+        return _Model(n_layers=c.num_hidden_layers, hidden=c.hidden_size, n_heads=c.num_attention_heads,
+                      n_kv=c.num_key_value_heads, head_dim=c.head_dim, inter=c.intermediate_size,
+                      rotary_dim=c.rotary_dim, capacity=cache.capacity, kv_type=code, eps=c.rms_norm_eps,
+                      layers=ctypes.cast(self._layers, ctypes.POINTER(_Layer)), k=k.data_ptr(), v=v.data_ptr(),
+                      k_scale=k_scale.data_ptr() if k_scale is not None else None,
+                      v_scale=v_scale.data_ptr() if v_scale is not None else None)
 
     # ---- one token in C ---------------------------------------------------------------------------------------
     def _bind(self, cache) -> _Model:

@@ -66,6 +66,7 @@
  *   pl_argmax_rows(x, B, V, ld, out)                     torch.argmax of each of B rows (greedy picks of a batch)
  */
 #define _GNU_SOURCE
+#include <limits.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -2237,30 +2238,20 @@ static void rows_matmul(const pl_mat *w, const float *x, int T, float *y, int8_t
 
 typedef struct {
     const pl_model *m;
-    int layer, start, ldq, ldg, ldy, op;
-    const float *w, *cos, *sin;
+    int layer, ldq, ldg, ldy, op;
+    const float *w;
     float *x, *xn, *qkv, *gu, *hmid, *y;
 } prefill_job;
 
-enum { PF_NORM = 0, PF_ROPE_STORE = 1, PF_SILU = 2, PF_RESIDUAL = 3 };
+enum { PF_NORM = 0, PF_SILU = 2, PF_RESIDUAL = 3 };
 
 /* the element-wise work of one row t of a prompt chunk */
 static FAST_MATH void prefill_row(void *p, int t) {
     const prefill_job *r = p;
     const pl_model *m = r->m;
-    const int D = m->hidden, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, rd = m->rotary_dim;
+    const int D = m->hidden;
     if (r->op == PF_NORM) {
         rmsnorm(r->x + (size_t)t * D, r->w, D, m->eps, r->xn + (size_t)t * D);
-    } else if (r->op == PF_ROPE_STORE) {
-        float *q = r->qkv + (size_t)t * r->ldq, *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
-        const float *c = r->cos + (size_t)t * rd, *s = r->sin + (size_t)t * rd;
-        rope(q, H, hd, rd, c, s);
-        rope(k, KV, hd, rd, c, s);
-        for (int g = 0; g < KV; g++) {
-            const size_t row = ((size_t)r->layer * KV + g) * m->capacity + (size_t)(r->start + t);
-            kvb_store(m->kv_type, m->k, m->k_scale, row, hd, k + (size_t)g * hd);
-            kvb_store(m->kv_type, m->v, m->v_scale, row, hd, v + (size_t)g * hd);
-        }
     } else if (r->op == PF_SILU) {
         const float *gu = r->gu + (size_t)t * r->ldg;
         float *hm = r->hmid + (size_t)t * m->inter;
@@ -2304,36 +2295,110 @@ void pl_prefill_profile(double *out, int reset) {
     for (int i = 0; i < 3; i++) { out[i] = g_prefill_s[i]; if (reset) g_prefill_s[i] = 0.0; }
 }
 
-int pl_prefill(const pl_model *m, const pl_chunk *c, float *x /* (T, hidden), updated in place */) {
-    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden, T = c->T;
-    if (T < 1 || hd > 512 || KV < 1 || H % KV || m->kv_type < 0 || m->kv_type > 4 ||
-        ((m->kv_type == 3 || m->kv_type == 4) && hd % 32) || c->start < 0 || c->start + T > m->capacity ||
-        c->window < 0)
-        return -1;
+/* One prompt chunk of each of n sequences in one pass (the serving engine's batched prefill): segment s is
+ * segs[s].T consecutive tokens of its own sequence, at positions start.., with its own cache (segs[s].m: the
+ * shared weights bound to that sequence's keys/values) and rotary rows. The rows of all segments are stacked in
+ * x (sum of T, hidden) and c's scratch, so every matrix product runs once over all of them; RoPE, the cache
+ * stores and attention use each row's own segment. Each row's arithmetic is the one-segment call's (activation
+ * codes per row, attention per query), so a prompt's keys, values and outputs do not depend on what it was
+ * batched with. c->T, start, window, cos and sin are not read. */
+typedef struct { const pl_model *m; int T, start, window; const float *cos, *sin; } pl_seg;
+
+static int seg_of(const int *off, int n, int t) {  /* the segment holding row t: off[s] <= t < off[s + 1] */
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (off[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+typedef struct { const pl_seg *segs; const int *off; int n, layer, ldq; float *qkv; } seg_rope_job;
+
+/* row t: rotate its q and k (its own position's cos/sin row) and store its keys/values in its segment's cache */
+static FAST_MATH void seg_rope_store(void *p, int t) {
+    const seg_rope_job *r = p;
+    const int s = seg_of(r->off, r->n, t), lt = t - r->off[s];
+    const pl_seg *g = &r->segs[s];
+    const pl_model *m = g->m;
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, rd = m->rotary_dim;
+    float *q = r->qkv + (size_t)t * r->ldq, *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
+    const float *cs = g->cos + (size_t)lt * rd, *sn = g->sin + (size_t)lt * rd;
+    rope(q, H, hd, rd, cs, sn);
+    rope(k, KV, hd, rd, cs, sn);
+    for (int h = 0; h < KV; h++) {
+        const size_t row = ((size_t)r->layer * KV + h) * m->capacity + (size_t)(g->start + lt);
+        kvb_store(m->kv_type, m->k, m->k_scale, row, hd, k + (size_t)h * hd);
+        kvb_store(m->kv_type, m->v, m->v_scale, row, hd, v + (size_t)h * hd);
+    }
+}
+
+typedef struct { fa_job *jobs; const int *joff; int n; } seg_fa_job;
+
+static void seg_flash(void *p, int job) {  /* job: (segment, head, query group), segments' jobs stacked */
+    const seg_fa_job *a = p;
+    const int s = seg_of(a->joff, a->n, job);
+    flash_group(&a->jobs[s], job - a->joff[s]);
+}
+
+int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (sum T, hidden), in place */) {
+    if (n < 1) return -1;
+    const pl_model *m = segs[0].m;
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden;
+    if (hd > 512 || KV < 1 || H % KV) return -1;
     for (int l = 0; l < m->n_layers; l++) {  /* the scratch widths below assume the fused Phi-3 shapes */
         const pl_layer *L = &m->layers[l];
         if (L->qkv.rows != (H + 2 * KV) * hd || L->qkv.cols != D || L->o.rows != D || L->o.cols != H * hd ||
             L->gate_up.rows != 2 * m->inter || L->gate_up.cols != D || L->down.rows != D || L->down.cols != m->inter)
             return -1;
     }
+    long rows = 0;
+    for (int s = 0; s < n; s++) {  /* every segment: the same weights and shapes, its own valid cache span */
+        const pl_model *ms = segs[s].m;
+        if (ms->layers != m->layers || ms->n_layers != m->n_layers || ms->hidden != D || ms->n_heads != H ||
+            ms->n_kv != KV || ms->head_dim != hd || ms->inter != m->inter || ms->rotary_dim != m->rotary_dim ||
+            ms->kv_type < 0 || ms->kv_type > 4 || ((ms->kv_type == 3 || ms->kv_type == 4) && hd % 32) ||
+            segs[s].T < 1 || segs[s].start < 0 || segs[s].start + segs[s].T > ms->capacity || segs[s].window < 0 ||
+            segs[s].cos == NULL || segs[s].sin == NULL)
+            return -1;
+        rows += segs[s].T;
+    }
+    if (rows > INT_MAX / 2) return -1;
+    const int T = (int)rows;
+    int *off = malloc(sizeof(int) * (size_t)(2 * n + 2));
+    fa_job *fjs = calloc((size_t)n, sizeof(fa_job));
+    if (off == NULL || fjs == NULL) { free(off); free(fjs); return -2; }
+    int *joff = off + n + 1;
+    off[0] = joff[0] = 0;
+    for (int s = 0; s < n; s++) {
+        off[s + 1] = off[s] + segs[s].T;
+        joff[s + 1] = joff[s] + H * ((segs[s].T + FA_QG - 1) / FA_QG);
+    }
     const int ldq = pad16((H + 2 * KV) * hd), ldg = pad16(2 * m->inter), ldy = pad16(D);
-    const int groups = (T + FA_QG - 1) / FA_QG;
-    for (int l = 0; l < m->n_layers; l++) {
+    int rc = 0;
+    for (int l = 0; l < m->n_layers && rc == 0; l++) {
         const pl_layer *L = &m->layers[l];
-        prefill_job r = {m, l, c->start, ldq, ldg, ldy, PF_NORM, L->attn_norm, c->cos, c->sin, x, c->xn, c->qkv,
-                     c->gu, c->hmid, c->y};
+        prefill_job r = {m, l, ldq, ldg, ldy, PF_NORM, L->attn_norm, x, c->xn, c->qkv, c->gu, c->hmid, c->y};
         double t0 = now_s(), t1;
 #define LAP(i) (t1 = now_s(), g_prefill_s[i] += t1 - t0, t0 = t1)
         parallel_run(prefill_row, &r, T);
         LAP(2);
         rows_matmul(&L->qkv, c->xn, T, c->qkv, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
-        r.op = PF_ROPE_STORE;
-        parallel_run(prefill_row, &r, T);
+        seg_rope_job sr = {segs, off, n, l, ldq, c->qkv};
+        parallel_run(seg_rope_store, &sr, T);
         LAP(2);
-        fa_job fj = {m, l, T, c->start, c->window, ldq, groups, c->qkv, c->att, 0};
-        parallel_run(flash_group, &fj, H * groups);
-        if (atomic_load(&fj.failed)) return -2;
+        for (int s = 0; s < n; s++) {
+            fa_job *f = &fjs[s];
+            f->m = segs[s].m; f->layer = l; f->T = segs[s].T; f->start = segs[s].start; f->window = segs[s].window;
+            f->ldq = ldq; f->groups = (segs[s].T + FA_QG - 1) / FA_QG;
+            f->qkv = c->qkv + (size_t)off[s] * ldq; f->att = c->att + (size_t)off[s] * H * hd;
+            atomic_store(&f->failed, 0);
+        }
+        seg_fa_job sf = {fjs, joff, n};
+        parallel_run(seg_flash, &sf, joff[n]);
+        for (int s = 0; s < n; s++) if (atomic_load(&fjs[s].failed)) rc = -2;
+        if (rc) break;
         LAP(1);
         rows_matmul(&L->o, c->att, T, c->y, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
@@ -2354,5 +2419,13 @@ int pl_prefill(const pl_model *m, const pl_chunk *c, float *x /* (T, hidden), up
         LAP(2);
 #undef LAP
     }
-    return 0;
+    free(off);
+    free(fjs);
+    return rc;
+}
+
+/* one chunk of one sequence: the cache is m's; T, start, window and the rotary rows are c's */
+int pl_prefill(const pl_model *m, const pl_chunk *c, float *x /* (T, hidden), updated in place */) {
+    const pl_seg seg = {m, c->T, c->start, c->window, c->cos, c->sin};
+    return pl_prefill_segs(&seg, 1, c, x);
 }

@@ -225,6 +225,8 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_argmax_rows.restype = None
     lib.pl_prefill.argtypes = [p, p, p]  # (pl_model*, pl_chunk*, float* x (T, hidden)) -> 0 / < 0 refused
     lib.pl_prefill.restype = i
+    lib.pl_prefill_segs.argtypes = [p, i, p, p]  # (pl_seg*, n, pl_chunk* scratch, float* x (sum T, hidden)) -> 0 / < 0
+    lib.pl_prefill_segs.restype = i
     built = ISA_NAMES[lib.pl_isa()]
     if wanted != "native" and built != wanted:
         raise KernelError(f"{ISA_ENV}={wanted} but the library built with {' '.join(flags(wanted))} runs the "

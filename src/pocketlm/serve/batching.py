@@ -339,6 +339,7 @@ class Engine:
             except (GenerationError, ConfigError):
                 self.fast = None
         self.c_prefill_chunks = 0  # prompt chunks that went through it
+        self.c_prefill_calls = 0  # C prefill calls (one per step when several prompts' chunks share it)
         kv_type = getattr(model, "kv_cache_type", None)  # --kv-cache: the slot, prefill and prefix caches' type
         if kv_type is None and self.batch_decoder is not None:
             kv_type = "f16"  # the C decoder's default, as generate's (engine/cpu.py) and llama.cpp's: same replies
@@ -637,8 +638,21 @@ class Engine:
         `generate.prefill` does; the others of one LongRoPE mode go through one `forward_batched` call, left-padded
         so that every row's last real token is the last position (`last_only`)."""
         batched: dict[str, list[_Chunk]] = {}
+        in_c = [item for item in work if not item.score and self._c_prefill(item)]
+        if len(in_c) > 1:  # every C chunk in one call: the matrix products shared, attention per prompt
+            self.c_prefill_chunks += len(in_c)
+            self.c_prefill_calls += 1
+            out = self.fast.prefill_chunks([(torch.tensor([w.seq.prompt[w.start:w.end]], device=self.device),
+                                             w.seq.prefill_cache, w.mode) for w in in_c])
+            for w, logits in zip(in_c, out):
+                yield w, self._mask_padding(logits)[0]
+            in_c = set(map(id, in_c))
+        else:
+            in_c = set()
         for item in work:
-            if item.score or self._c_prefill(item):  # C prefills each prompt alone, as generate does
+            if id(item) in in_c:
+                continue
+            if item.score or self._c_prefill(item):  # one C chunk alone, as generate does
                 yield item, self._prefill_alone(item)
             else:
                 batched.setdefault(item.mode, []).append(item)
@@ -675,6 +689,7 @@ class Engine:
         tokens = torch.tensor([seq.prompt[item.start:item.end]], device=self.device)
         if self._c_prefill(item):
             self.c_prefill_chunks += 1
+            self.c_prefill_calls += 1
             return self._mask_padding(self.fast.prefill_chunk(tokens, seq.prefill_cache, last_only=not item.score,
                                                               rope_mode=item.mode))[0]
         return self._mask_padding(self.model(tokens, seq.prefill_cache, last_only=not item.score,
