@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-NO_STOP = {"32000": -100, "32001": -100, "32007": -100}
-
-
 def run_level(engine, tok, model, c: int, max_tokens: int) -> dict:
     from pocketlm.serve.schemas import Limits, parse_request
 
+    no_stop = {str(t): -100 for t in sorted(tok.special_ids)}  # every reply runs to max_tokens
     gens = [parse_request({"model": "m", "prompt": f"Request {i}: say something about {i}.", "max_tokens": max_tokens,
-                           "temperature": 0, "logit_bias": NO_STOP}, "completion", tokenizer=tok, model_names=["m"],
+                           "temperature": 0, "logit_bias": no_stop}, "completion", tokenizer=tok, model_names=["m"],
                           limits=Limits(max_n=1, context_length=engine.context_length),
                           vocab_size=model.config.vocab_size) for i in range(c)]
 

@@ -46,7 +46,18 @@ try:  # the HTTP client openai>=3 depends on; older openai releases use httpx, t
 except ImportError:  # pragma: no cover
     import httpx
 
-NO_STOP = {"32000": -100, "32001": -100, "32007": -100}
+NO_STOP: dict[str, float] = {}  # set by main: every special id of the served model's tokenizer, biased away
+
+
+def model_tokenizer(model_name: str):
+    from pocketlm import Tokenizer
+    return Tokenizer.default() if model_name in ("tiny", "default") else Tokenizer.from_pretrained(model_name)
+
+
+def stop_bias(tok) -> dict[str, float]:
+    """A logit_bias that keeps every special id (end of turn, end of text) from being picked, so that each reply
+    runs to max_tokens whatever the model's vocabulary (Phi-3's 32000/32007, SmolLM2's 0-16)."""
+    return {str(i): -100 for i in sorted(tok.special_ids)}
 
 
 def free_port() -> int:
@@ -191,7 +202,6 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
     import torch
 
     import pocketlm
-    from pocketlm import Tokenizer
     from pocketlm.engine.generate import generate_full
 
     torch.set_num_threads(threads)
@@ -200,7 +210,7 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
         model = pocketlm.load(str(default_model_path()), dtype="float32", quantize=quantize)
     else:
         model = pocketlm.load(model_name, quantize=quantize)
-    tok = Tokenizer.default()
+    tok = model_tokenizer(model_name)
     tokens, t0 = 0, time.perf_counter()
     for i in range(n):
         msgs = body(i, max_tokens)["messages"]
@@ -224,6 +234,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON output (default: <tmp>/pocketlm-bench/serve-<device>.json)")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
+    NO_STOP.update(stop_bias(model_tokenizer(args.model)))
     model_args = ([] if args.model == "default" else [args.model]) + (["--quantize", args.quantize] if args.quantize
                                                                        else [])
     load_before = os.getloadavg()[0]

@@ -1011,6 +1011,8 @@ typedef struct {
     int8_t *qa; float *da, *sa_f; int32_t *sa_i;     /* activation codes for the widest input */
 } pl_model;
 
+static void silu_row(const float *gu, int n, float *hm);  /* up * silu(gate), defined with the vector helpers */
+
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -1341,10 +1343,7 @@ int pl_decode_step(const pl_model *m, float *x, int pos, int lo, const float *co
         for (int i = 0; i < m->hidden; i++) x[i] += m->y[i];
         rmsnorm(x, L->ffn_norm, m->hidden, m->eps, m->xn);
         matvec(m, &L->gate_up, m->xn, m->gu);
-        for (int i = 0; i < m->inter; i++) {
-            const float gate = m->gu[i];
-            m->hmid[i] = m->gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
-        }
+        silu_row(m->gu, m->inter, m->hmid);
         matvec(m, &L->down, m->hmid, m->y);
         for (int i = 0; i < m->hidden; i++) x[i] += m->y[i];
     }
@@ -1809,6 +1808,12 @@ static void batch_attention(void *p, int j) {
     for (int t = 0; t < n; t++) kvb_axpy(b->kv_type, b->v, b->v_scale, base + t, hd, sc[t] * inv, out);
 }
 
+static void batch_attention_row(void *p, int r) {  /* every head of row r: the same jobs, in one */
+    const batch_attn_job *a = p;
+    const int H = a->m->n_heads;
+    for (int h = 0; h < H; h++) batch_attention(p, r * H + h);
+}
+
 /* y (B, pad16(w->rows)) = x (B, w->cols) @ W.T for the B rows at once */
 static void batch_matmul(const pl_batch *b, const pl_mat *w, const float *x, float *y) {
     if (w->kind == KIND_PARTS) {  /* row blocks of different kinds (see pl_mat_check) */
@@ -1919,12 +1924,7 @@ static void row_work(void *p, int r) {
         break;
     }
     case ROW_SILU: {
-        const float *gu = b->gu + (size_t)r * pad16(2 * m->inter);
-        float *hm = b->hmid + (size_t)r * m->inter;
-        for (int i = 0; i < m->inter; i++) {
-            const float gate = gu[i];
-            hm[i] = gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
-        }
+        silu_row(b->gu + (size_t)r * pad16(2 * m->inter), m->inter, b->hmid + (size_t)r * m->inter);
         break;
     }
     }
@@ -1934,6 +1934,16 @@ static void rows_run(const pl_model *m, const pl_batch *b, float *x, int layer, 
     row_job j = {m, b, x, layer, op, w, out};
     parallel_run(row_work, &j, b->B);  /* B == 1: inline */
 }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* seconds pl_decode_batch spent in its parts since the last reset: [0] the layers' matrix products (activation
+ * quantization included), [1] attention, [2] the element-wise rows, [3] lm_head */
+static double g_decode_s[4];
 
 int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden), updated in place */) {
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden, B = b->B;
@@ -1953,26 +1963,46 @@ int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden
     if (b->norm != NULL && b->lm_head.w != NULL && b->lm_head.cols != D) return -1;
     long keys = 0;
     for (int r = 0; r < B; r++) keys += b->pos[r] - b->lo[r] + 1;
+    double t0 = now_s(), t1;
+#define LAP(i) (t1 = now_s(), g_decode_s[i] += t1 - t0, t0 = t1)
     rows_run(m, b, x, 0, ROW_NORM, m->layers[0].attn_norm, b->xn);
+    LAP(2);
     for (int l = 0; l < m->n_layers; l++) {
         const pl_layer *L = &m->layers[l];
         batch_matmul(b, &L->qkv, b->xn, b->qkv);
+        LAP(0);
         rows_run(m, b, x, l, ROW_ROPE_STORE, NULL, NULL);
+        LAP(2);
         batch_attn_job aj = {m, b, l};
-        if (keys * H >= 64 * 4) parallel_run(batch_attention, &aj, B * H);
-        else for (int j = 0; j < B * H; j++) batch_attention(&aj, j);
+        if (keys * H < 64 * 4) for (int j = 0; j < B * H; j++) batch_attention(&aj, j);
+        else if (B >= 4 * g_threads) parallel_run(batch_attention_row, &aj, B);  /* fewer, larger jobs */
+        else parallel_run(batch_attention, &aj, B * H);
+        LAP(1);
         batch_matmul(b, &L->o, b->att, b->y);
+        LAP(0);
         rows_run(m, b, x, l, ROW_RESIDUAL_NORM, L->ffn_norm, b->xn);
+        LAP(2);
         batch_matmul(b, &L->gate_up, b->xn, b->gu);
+        LAP(0);
         rows_run(m, b, x, l, ROW_SILU, NULL, NULL);
+        LAP(2);
         batch_matmul(b, &L->down, b->hmid, b->y);
+        LAP(0);
         if (l + 1 < m->n_layers) rows_run(m, b, x, l, ROW_RESIDUAL_NORM, m->layers[l + 1].attn_norm, b->xn);
         else rows_run(m, b, x, l, ROW_RESIDUAL, NULL, NULL);
+        LAP(2);
     }
     if (b->norm == NULL) return 0;
     rows_run(m, b, x, 0, ROW_NORM, b->norm, b->h);
+    LAP(2);
     if (b->lm_head.w != NULL) batch_matmul(b, &b->lm_head, b->h, b->logits);
+    LAP(3);
+#undef LAP
     return 0;
+}
+
+void pl_decode_batch_profile(double *out, int reset) {
+    for (int i = 0; i < 4; i++) { out[i] = g_decode_s[i]; if (reset) g_decode_s[i] = 0.0; }
 }
 
 /* ---- a prompt chunk of one sequence in C: T tokens through every layer, attention flash-style -------------
@@ -2039,6 +2069,21 @@ V16 v16f v16_exp(const v16f *px) {  /* by pointer: a 64-byte vector argument dra
     const v16f y = p * (r * r) + r + v16_splat(1.0f);
     const v16i e = __builtin_convertvector(n, v16i) << 23;
     return (v16f)(((v16i)y + e) & ~tiny);
+}
+
+/* hm[i] = up[i] * silu(gate[i]) for the fused gate_up row gu = (gate (n), up (n)): 16 lanes at a time (v16_exp),
+ * the tail with expf. One function for the decode step, the batched step and the prompt chunks, so that a
+ * position's activations are computed the same way on every path. */
+static FAST_MATH void silu_row(const float *gu, int n, float *hm) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const v16f gate = v16_load(gu + i), ng = -gate;
+        v16_store(hm + i, v16_load(gu + n + i) * (gate / (v16_splat(1.0f) + v16_exp(&ng))));
+    }
+    for (; i < n; i++) {
+        const float gate = gu[i];
+        hm[i] = gu[n + i] * (gate / (1.0f + expf(-gate)));
+    }
 }
 
 /* rows [j0, j0 + n) of head row block `base` (an index over (layers, n_kv, capacity)) as f32 (n, hd) */
@@ -2253,17 +2298,7 @@ static FAST_MATH void prefill_row(void *p, int t) {
     if (r->op == PF_NORM) {
         rmsnorm(r->x + (size_t)t * D, r->w, D, m->eps, r->xn + (size_t)t * D);
     } else if (r->op == PF_SILU) {
-        const float *gu = r->gu + (size_t)t * r->ldg;
-        float *hm = r->hmid + (size_t)t * m->inter;
-        int i = 0;
-        for (; i + 16 <= m->inter; i += 16) {
-            const v16f gate = v16_load(gu + i), ng = -gate;
-            v16_store(hm + i, v16_load(gu + m->inter + i) * (gate / (v16_splat(1.0f) + v16_exp(&ng))));
-        }
-        for (; i < m->inter; i++) {
-            const float gate = gu[i];
-            hm[i] = gu[m->inter + i] * (gate / (1.0f + expf(-gate)));
-        }
+        silu_row(r->gu + (size_t)t * r->ldg, m->inter, r->hmid + (size_t)t * m->inter);
     } else {
         float *x = r->x + (size_t)t * D;
         const float *y = r->y + (size_t)t * r->ldy;
@@ -2284,12 +2319,6 @@ typedef struct {
 /* seconds pl_prefill spent in its parts since the last reset: [0] matrix products (activation quantization
  * included), [1] attention, [2] the element-wise rows (norms, RoPE + cache store, SiLU, residuals) */
 static double g_prefill_s[3];
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 void pl_prefill_profile(double *out, int reset) {
     for (int i = 0; i < 3; i++) { out[i] = g_prefill_s[i]; if (reset) g_prefill_s[i] = 0.0; }

@@ -227,6 +227,8 @@ def _load() -> ctypes.CDLL | None:
     lib.pl_prefill.restype = i
     lib.pl_prefill_segs.argtypes = [p, i, p, p]  # (pl_seg*, n, pl_chunk* scratch, float* x (sum T, hidden)) -> 0 / < 0
     lib.pl_prefill_segs.restype = i
+    lib.pl_decode_batch_profile.argtypes = [p, i]  # (double out[4], reset) -> void
+    lib.pl_decode_batch_profile.restype = None
     built = ISA_NAMES[lib.pl_isa()]
     if wanted != "native" and built != wanted:
         raise KernelError(f"{ISA_ENV}={wanted} but the library built with {' '.join(flags(wanted))} runs the "
