@@ -205,9 +205,9 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
     from pocketlm.engine.generate import generate_full
 
     torch.set_num_threads(threads)
-    if model_name == "default":  # as `pocketlm serve` loads it: float32
+    if model_name == "default":  # as `pocketlm serve` loads it: float32 weights, Q8_0 on the kernels
         from pocketlm.api import default_model_path
-        model = pocketlm.load(str(default_model_path()), dtype="float32", quantize=quantize)
+        model = pocketlm.load(str(default_model_path()), dtype="float32", quantize=quantize or "q8_0")
     else:
         model = pocketlm.load(model_name, quantize=quantize)
     tok = model_tokenizer(model_name)
@@ -215,7 +215,8 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
     for i in range(n):
         msgs = body(i, max_tokens)["messages"]
         # generate() has no logit_bias: a reply may stop early, so count what it produced
-        tokens += generate_full(model, tok, msgs, max_tokens=max_tokens, temperature=0).completion_tokens
+        tokens += generate_full(model, tok, msgs, max_tokens=max_tokens, temperature=0,
+                                chat_format=model.config.chat_format).completion_tokens  # as the server renders
     wall = time.perf_counter() - t0
     return {"requests": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 

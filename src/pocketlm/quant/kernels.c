@@ -2123,7 +2123,7 @@ static void kv_rows_f32(int kv_type, const void *c, const void *sc, size_t base,
 
 typedef struct {
     const pl_model *m;
-    int layer, T, start, window, ldq, groups;
+    int layer, T, start, window, ldq, groups, nq;  /* nq: query vectors of 16 per group (fa_plan) */
     const float *qkv;  /* (T, ldq): q of head h at column h * hd */
     float *att;        /* (T, H * hd) */
     _Atomic int failed;  /* a thread could not allocate its scratch */
@@ -2133,11 +2133,10 @@ static _Thread_local float *fa_buf = NULL;
 static _Thread_local size_t fa_cap = 0;
 
 /* job = (head, group of FA_QG queries): softmax(q K^T / sqrt(hd)) V over each query's visible keys */
-static FAST_MATH void flash_group(void *p, int job) {
-    fa_job *a = p;
+V16 void flash_nq(fa_job *a, int job, const int NQ) {
     const pl_model *m = a->m;
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, T = a->T;
-    const int h = job / a->groups, i0 = (job % a->groups) * FA_QG, g = h / (H / KV);
+    const int h = job / a->groups, i0 = (job % a->groups) * (NQ * 16), g = h / (H / KV);
     const size_t need = (size_t)FA_NQ * hd * 16 * 2 + (size_t)FA_NQ * FA_BK * 16 + (size_t)FA_BK * hd * 2;
     if (fa_cap < need) {
         free(fa_buf);
@@ -2145,11 +2144,11 @@ static FAST_MATH void flash_group(void *p, int job) {
         fa_cap = fa_buf ? need : 0;
         if (!fa_buf) { atomic_store(&a->failed, 1); return; }
     }
-    float *QT = fa_buf, *OT = QT + (size_t)FA_NQ * hd * 16, *S = OT + (size_t)FA_NQ * hd * 16;
-    float *Kf = S + (size_t)FA_NQ * FA_BK * 16, *Vf = Kf + (size_t)FA_BK * hd;
+    float *QT = fa_buf, *OT = QT + (size_t)NQ * hd * 16, *S = OT + (size_t)NQ * hd * 16;
+    float *Kf = S + (size_t)NQ * FA_BK * 16, *Vf = Kf + (size_t)FA_BK * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     int qp[FA_QG], lo[FA_QG];
-    for (int u = 0; u < FA_QG; u++) {
+    for (int u = 0; u < (NQ * 16); u++) {
         const int i = i0 + u < T ? i0 + u : T - 1;  /* lanes past the chunk repeat its last row (not written) */
         qp[u] = a->start + i;
         lo[u] = a->window > 0 && qp[u] - a->window + 1 > 0 ? qp[u] - a->window + 1 : 0;
@@ -2157,14 +2156,14 @@ static FAST_MATH void flash_group(void *p, int job) {
         for (int d = 0; d < hd; d++) QT[((size_t)(u / 16) * hd + d) * 16 + u % 16] = q[d] * scale;
     }
     v16f mx[FA_NQ], l[FA_NQ], qpv[FA_NQ], lov[FA_NQ];
-    for (int v = 0; v < FA_NQ; v++) {
+    for (int v = 0; v < NQ; v++) {
         mx[v] = v16_splat(-3.4028235e38f); l[v] = v16_splat(0.0f);
         for (int u = 0; u < 16; u++) { qpv[v][u] = (float)qp[16 * v + u]; lov[v][u] = (float)lo[16 * v + u]; }
     }
-    memset(OT, 0, (size_t)FA_NQ * hd * 16 * 4);
-    const int kend = qp[FA_QG - 1] + 1, qmin = qp[0];
+    memset(OT, 0, (size_t)NQ * hd * 16 * 4);
+    const int kend = qp[(NQ * 16) - 1] + 1, qmin = qp[0];
     int lomax = 0;
-    for (int u = 0; u < FA_QG; u++) lomax = lo[u] > lomax ? lo[u] : lomax;
+    for (int u = 0; u < (NQ * 16); u++) lomax = lo[u] > lomax ? lo[u] : lomax;
     const size_t base = ((size_t)a->layer * KV + g) * m->capacity;
     for (int kb = lo[0] / FA_BK * FA_BK; kb < kend; kb += FA_BK) {
         const int nk = kend - kb < FA_BK ? kend - kb : FA_BK;
@@ -2174,30 +2173,30 @@ static FAST_MATH void flash_group(void *p, int job) {
         int j = 0;
         for (; j + 4 <= nk; j += 4) {
             v16f acc[FA_NQ][4];
-            for (int v = 0; v < FA_NQ; v++) for (int jj = 0; jj < 4; jj++) acc[v][jj] = v16_splat(0.0f);
+            for (int v = 0; v < NQ; v++) for (int jj = 0; jj < 4; jj++) acc[v][jj] = v16_splat(0.0f);
             const float *k0 = Kf + (size_t)j * hd;
             for (int d = 0; d < hd; d++) {
                 const float c0 = k0[d], c1 = k0[hd + d], c2 = k0[2 * hd + d], c3 = k0[3 * hd + d];
-                for (int v = 0; v < FA_NQ; v++) {
+                for (int v = 0; v < NQ; v++) {
                     v16f q = v16_load(QT + ((size_t)v * hd + d) * 16);
                     V16_REG(q);
                     acc[v][0] += q * c0; acc[v][1] += q * c1; acc[v][2] += q * c2; acc[v][3] += q * c3;
                 }
             }
-            for (int v = 0; v < FA_NQ; v++)
+            for (int v = 0; v < NQ; v++)
                 for (int jj = 0; jj < 4; jj++) v16_store(S + ((size_t)v * FA_BK + j + jj) * 16, acc[v][jj]);
         }
         for (; j < nk; j++) {
             v16f acc[FA_NQ];
-            for (int v = 0; v < FA_NQ; v++) acc[v] = v16_splat(0.0f);
+            for (int v = 0; v < NQ; v++) acc[v] = v16_splat(0.0f);
             const float *k0 = Kf + (size_t)j * hd;
             for (int d = 0; d < hd; d++)
-                for (int v = 0; v < FA_NQ; v++) acc[v] += v16_load(QT + ((size_t)v * hd + d) * 16) * k0[d];
-            for (int v = 0; v < FA_NQ; v++) v16_store(S + ((size_t)v * FA_BK + j) * 16, acc[v]);
+                for (int v = 0; v < NQ; v++) acc[v] += v16_load(QT + ((size_t)v * hd + d) * 16) * k0[d];
+            for (int v = 0; v < NQ; v++) v16_store(S + ((size_t)v * FA_BK + j) * 16, acc[v]);
         }
         /* mask (causal and window), online softmax: P = e^(S - new max), O *= e^(old max - new max) */
         const int masked = kb + nk - 1 > qmin || kb < lomax;
-        for (int v = 0; v < FA_NQ; v++) {
+        for (int v = 0; v < NQ; v++) {
             float *Sv = S + (size_t)v * FA_BK * 16;
             v16f nm = mx[v];
             for (int jj = 0; jj < nk; jj++) {
@@ -2226,34 +2225,51 @@ static FAST_MATH void flash_group(void *p, int job) {
         int d = 0;
         for (; d + 4 <= hd; d += 4) {
             v16f acc[FA_NQ][4];
-            for (int v = 0; v < FA_NQ; v++)
+            for (int v = 0; v < NQ; v++)
                 for (int dd = 0; dd < 4; dd++) acc[v][dd] = v16_load(OT + ((size_t)v * hd + d + dd) * 16);
             for (int jj = 0; jj < nk; jj++) {
                 const float *vr = Vf + (size_t)jj * hd + d;
                 const float c0 = vr[0], c1 = vr[1], c2 = vr[2], c3 = vr[3];
-                for (int v = 0; v < FA_NQ; v++) {
+                for (int v = 0; v < NQ; v++) {
                     v16f pj = v16_load(S + ((size_t)v * FA_BK + jj) * 16);
                     V16_REG(pj);
                     acc[v][0] += pj * c0; acc[v][1] += pj * c1; acc[v][2] += pj * c2; acc[v][3] += pj * c3;
                 }
             }
-            for (int v = 0; v < FA_NQ; v++)
+            for (int v = 0; v < NQ; v++)
                 for (int dd = 0; dd < 4; dd++) v16_store(OT + ((size_t)v * hd + d + dd) * 16, acc[v][dd]);
         }
         for (; d < hd; d++)
-            for (int v = 0; v < FA_NQ; v++) {
+            for (int v = 0; v < NQ; v++) {
                 v16f acc = v16_load(OT + ((size_t)v * hd + d) * 16);
                 for (int jj = 0; jj < nk; jj++)
                     acc += v16_load(S + ((size_t)v * FA_BK + jj) * 16) * Vf[(size_t)jj * hd + d];
                 v16_store(OT + ((size_t)v * hd + d) * 16, acc);
             }
     }
-    for (int u = 0; u < FA_QG && i0 + u < T; u++) {
+    for (int u = 0; u < (NQ * 16) && i0 + u < T; u++) {
         const int v = u / 16;
         const float inv = 1.0f / l[v][u % 16];
         float *out = a->att + (size_t)(i0 + u) * H * hd + (size_t)h * hd;
         for (int d = 0; d < hd; d++) out[d] = OT[((size_t)v * hd + d) * 16 + u % 16] * inv;
     }
+}
+
+/* job = (head, group of nq * 16 queries): the vector count fitted to the chunk (a short chunk, e.g. a new message
+ * after a cached conversation, does not compute FA_NQ * 16 query lanes); a query's result does not depend on
+ * it (lanes are independent, blocks start at multiples of FA_BK, fully masked blocks add exactly nothing) */
+static FAST_MATH void flash_group(void *p, int job) {
+    fa_job *a = p;
+    if (a->nq == 1) flash_nq(a, job, 1);
+    else if (a->nq == 2) flash_nq(a, job, 2);
+    else flash_nq(a, job, FA_NQ);
+}
+
+/* the query vectors per group (1, 2 or FA_NQ) and the groups per head for a chunk of T queries */
+static void fa_plan(int T, int *nq, int *groups) {
+    const int v = (T + 15) / 16;
+    *nq = v <= 1 ? 1 : v <= 2 ? 2 : FA_NQ;
+    *groups = (T + *nq * 16 - 1) / (*nq * 16);
 }
 
 /* pl_prefill's attention alone (for tests): queries q (T, ldq) (head h at column h * hd) of positions start ..
@@ -2265,8 +2281,9 @@ int pl_attention(const pl_model *m, int layer, int T, int start, int window, con
         layer >= m->n_layers || ((m->kv_type == 3 || m->kv_type == 4) && hd % 32) || start < 0 ||
         start + T > m->capacity || window < 0 || ldq < H * hd)
         return -1;
-    const int groups = (T + FA_QG - 1) / FA_QG;
-    fa_job fj = {m, layer, T, start, window, ldq, groups, q, att, 0};
+    int nq, groups;
+    fa_plan(T, &nq, &groups);
+    fa_job fj = {m, layer, T, start, window, ldq, groups, nq, q, att, 0};
     parallel_run(flash_group, &fj, H * groups);
     return atomic_load(&fj.failed) ? -2 : 0;
 }
@@ -2401,7 +2418,9 @@ int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (s
     off[0] = joff[0] = 0;
     for (int s = 0; s < n; s++) {
         off[s + 1] = off[s] + segs[s].T;
-        joff[s + 1] = joff[s] + H * ((segs[s].T + FA_QG - 1) / FA_QG);
+        int nq, groups;
+        fa_plan(segs[s].T, &nq, &groups);
+        joff[s + 1] = joff[s] + H * groups;
     }
     const int ldq = pad16((H + 2 * KV) * hd), ldg = pad16(2 * m->inter), ldy = pad16(D);
     int rc = 0;
@@ -2420,7 +2439,8 @@ int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (s
         for (int s = 0; s < n; s++) {
             fa_job *f = &fjs[s];
             f->m = segs[s].m; f->layer = l; f->T = segs[s].T; f->start = segs[s].start; f->window = segs[s].window;
-            f->ldq = ldq; f->groups = (segs[s].T + FA_QG - 1) / FA_QG;
+            f->ldq = ldq;
+            fa_plan(segs[s].T, &f->nq, &f->groups);
             f->qkv = c->qkv + (size_t)off[s] * ldq; f->att = c->att + (size_t)off[s] * H * hd;
             atomic_store(&f->failed, 0);
         }
