@@ -340,3 +340,60 @@ def test_api_key():
         good = openai.OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0)
         r = good.chat.completions.create(model="tiny", messages=MSG, max_tokens=2)
         assert r.usage.completion_tokens >= 1
+
+
+def test_sse_sends_queued_events_in_one_write():
+    # the events already queued when the stream wakes up go out as one body chunk holding the same `data:`
+    # messages, in order; events that arrive one at a time go out one at a time
+    import asyncio
+
+    from pocketlm.serve.app import _Formatter, _sse
+    from pocketlm.serve.schemas import Limits, parse_request
+
+    tok = Tokenizer.default()
+    gen = parse_request({"model": "m", "messages": MSG, "max_tokens": 8, "stream": True,
+                         "stream_options": {"include_usage": True}}, "chat", tokenizer=tok, model_names=["m"],
+                        limits=Limits(max_n=1, context_length=512), vocab_size=32064)
+    words = ["Waves", " fold", " into", " foam"]
+    events = [{"type": "token", "index": 0, "token": 100 + i, "text": w, "finish_reason": None}
+              for i, w in enumerate(words)]
+    events[-1] |= {"finish_reason": "length", "completion_tokens": 4}
+
+    class _Engine:
+        cancelled = 0
+
+        def cancel(self, req):
+            self.cancelled += 1
+
+    def messages(chunks):
+        return [m for c in chunks for m in c.split("\n\n") if m]
+
+    async def drain(all_at_once: bool):
+        queue, engine = asyncio.Queue(), _Engine()
+        stream = _sse(object(), queue, _Formatter(gen, tok, "chatcmpl-1", "m"), engine)
+        chunks = [await stream.__anext__()]  # the role chunk
+        if all_at_once:
+            for ev in events + [{"type": "done"}]:
+                queue.put_nowait(ev)
+        pending = [] if all_at_once else events + [{"type": "done"}]
+        while True:
+            if pending:
+                queue.put_nowait(pending.pop(0))
+            try:
+                chunks.append(await stream.__anext__())
+            except StopAsyncIteration:
+                break
+        assert engine.cancelled == 1  # the generator's finally: a no-op for a finished request
+        return chunks
+
+    together, apart = asyncio.run(drain(True)), asyncio.run(drain(False))
+    assert len(together) == 2 and len(apart) == 1 + len(words) + 1  # role; tokens; usage + [DONE]
+
+    def norm(m):  # a message without its timestamp
+        return m if m == "data: [DONE]" else {k: v for k, v in json.loads(m[6:]).items() if k != "created"}
+
+    assert [norm(m) for m in messages(together)] == [norm(m) for m in messages(apart)]
+    assert messages(together)[-1] == "data: [DONE]"
+    deltas = [json.loads(m[6:]) for m in messages(together)[:-1]]
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas if d["choices"]) == "".join(words)
+    assert deltas[-1]["usage"]["completion_tokens"] == 4

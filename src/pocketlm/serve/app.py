@@ -722,31 +722,46 @@ async def _collect(queue: asyncio.Queue, fmt: _Formatter) -> dict:
 
 
 async def _sse(req, queue: asyncio.Queue, fmt: _Formatter, engine: Engine):
+    """The stream's server-sent events. The events already queued when one arrives go out in one write (the
+    same `data:` messages, joined): under load the event loop falls behind the engine, and one socket write per
+    token per stream is then most of its work."""
     try:
         if fmt.chat:
             yield fmt.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(fmt.gen.num_sequences)])
         while True:
-            ev = await queue.get()
-            if ev["type"] == "error":
-                yield f"data: {json.dumps(_error_payload(ev['message']))}\n\n"
+            out: list[str] = []
+            end = _sse_event(await queue.get(), fmt, out)
+            while not end and not queue.empty():
+                end = _sse_event(queue.get_nowait(), fmt, out)
+            if out:
+                yield "".join(out)
+            if end:
                 return
-            if ev["type"] == "done":
-                if fmt.gen.include_usage:
-                    yield fmt.chunk([], usage=fmt.usage())
-                yield "data: [DONE]\n\n"
-                return
-            if ev["type"] == "prompt":
-                text, lp = fmt.prompt_event(ev)
-                yield fmt.chunk([{"index": ev["index"], "text": text, "logprobs": lp, "finish_reason": None}])
-                continue
-            fmt.note(ev)
-            if ev["text"] or ev["finish_reason"] is not None or (fmt.gen.logprobs and "logprob" in ev):
-                choice = fmt.event_choice(ev)
-                if choice is not None:
-                    yield fmt.chunk([choice])
     finally:
         engine.cancel(req)  # no-op when finished; frees the slot when the stream was abandoned
+
+
+def _sse_event(ev: dict, fmt: _Formatter, out: list[str]) -> bool:
+    """Append one engine event's server-sent messages to `out`; True when it ends the stream."""
+    if ev["type"] == "error":
+        out.append(f"data: {json.dumps(_error_payload(ev['message']))}\n\n")
+        return True
+    if ev["type"] == "done":
+        if fmt.gen.include_usage:
+            out.append(fmt.chunk([], usage=fmt.usage()))
+        out.append("data: [DONE]\n\n")
+        return True
+    if ev["type"] == "prompt":
+        text, lp = fmt.prompt_event(ev)
+        out.append(fmt.chunk([{"index": ev["index"], "text": text, "logprobs": lp, "finish_reason": None}]))
+        return False
+    fmt.note(ev)
+    if ev["text"] or ev["finish_reason"] is not None or (fmt.gen.logprobs and "logprob" in ev):
+        choice = fmt.event_choice(ev)
+        if choice is not None:
+            out.append(fmt.chunk([choice]))
+    return False
 
 
 _TIMED_OUT = "pocketlm.body_timed_out"  # scope key: GuardedH11Protocol cut this request's body off

@@ -293,6 +293,15 @@ class EngineRequest:
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.unfinished = 0
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None  # bias_tensors
+
+    def bias_tensors(self, V: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The request's logit_bias as (ids (n,) int64, values (n,) float32), ids < V only; made once."""
+        if self._bias is None:
+            items = [(tid, b) for tid, b in self.gen.logit_bias.items() if tid < V]
+            self._bias = (torch.tensor([t for t, _ in items], dtype=torch.int64, device=device),
+                          torch.tensor([b for _, b in items], dtype=torch.float32, device=device))
+        return self._bias
 
     def emit(self, event: dict) -> None:
         if self.outbox is not None and self.outbox.add(self, event):
@@ -600,16 +609,15 @@ class Engine:
         logits: (B, vocab), padding masked; row i is rows[i]'s."""
         biased = logits.dtype == torch.float32
         if biased:
-            r_idx, t_idx, vals = [], [], []
+            flat, vals = [], []
             V = logits.shape[-1]
             for i, seq in enumerate(rows):
-                for tid, bias in seq.req.gen.logit_bias.items():
-                    if tid < V:
-                        r_idx.append(i)
-                        t_idx.append(tid)
-                        vals.append(bias)
-            if r_idx:  # (row, id) pairs are distinct: one read-add-write per pair
-                logits[r_idx, t_idx] += torch.tensor(vals, dtype=torch.float32, device=logits.device)
+                if seq.req.gen.logit_bias:
+                    ids, v = seq.req.bias_tensors(V, logits.device)
+                    flat.append(ids + i * V)
+                    vals.append(v)
+            if flat:  # (row, id) pairs are distinct: one read-add-write per pair
+                logits.view(-1).index_add_(0, torch.cat(flat), torch.cat(vals))
         plain = [i for i, seq in enumerate(rows) if seq.plain and not seq.finished]
         picks: dict[int, int] = {}
         if plain:
