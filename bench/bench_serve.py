@@ -69,9 +69,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SAMPLING: dict = {"temperature": 0}  # set by main (--temperature, --top-p): greedy unless asked
+
+
 def body(i: int, max_tokens: int) -> dict:
     return {"model": "bench", "messages": [{"role": "user", "content": f"Request {i}: say something about {i}."}],
-            "max_tokens": max_tokens, "temperature": 0, "stream": True, "logit_bias": NO_STOP,
+            "max_tokens": max_tokens, **SAMPLING, "stream": True, "logit_bias": NO_STOP,
             "stream_options": {"include_usage": True}}
 
 
@@ -233,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,8,16,32")
     ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median is reported")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled (seed 0)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shared-clients", type=int, default=16,
@@ -242,6 +247,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     NO_STOP.update(stop_bias(model_tokenizer(args.model)))
+    if args.temperature > 0:
+        SAMPLING.update(temperature=args.temperature, top_p=args.top_p, seed=0)
     model_args = ([] if args.model == "default" else [args.model]) + (["--quantize", args.quantize] if args.quantize
                                                                        else [])
     load_before = os.getloadavg()[0]
@@ -265,8 +272,9 @@ def main(argv=None) -> int:
     base = (generate_baseline(args.model, args.max_tokens, args.threads, quantize=args.quantize)
             if args.device == "cpu" else None)
     load_after = os.getloadavg()[0]
+    how = f"temperature {args.temperature}, top_p {args.top_p}" if args.temperature > 0 else "greedy"
     print(f"\npocketlm serve, model {args.model}{' --quantize ' + args.quantize if args.quantize else ''}, "
-          f"{args.max_tokens} tokens per request, greedy, torch threads {args.threads}, "
+          f"{args.max_tokens} tokens per request, {how}, torch threads {args.threads}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, load average (1 min) "
           f"{load_before:.1f} before / {load_after:.1f} after")
     print(f"{'concurrent':>10} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} {'x c=1':>6} {'one-at-a-time tok/s':>20} "
@@ -294,6 +302,7 @@ def main(argv=None) -> int:
                   f"{m.get('miss_tokens_total', 0):.0f} computed prompt tokens)")
     result = {"model": args.model, "quantize": args.quantize, "load_average_1min": [load_before, load_after],
               "max_tokens": args.max_tokens, "threads": args.threads, "device": args.device, "repeats": args.repeats,
+              "sampling": dict(SAMPLING),
               "levels": rows, "generate_baseline": base, "shared_system_prompt": shared,
               "command": " ".join(cmd[1:])}
     out = args.out or os.path.join(tempfile.gettempdir(), "pocketlm-bench", f"serve-{args.device.split(':')[0]}.json")

@@ -1,5 +1,7 @@
-"""Sampling: every processor equals transformers' warper (same masks, same values), and `sample` keeps its
-contracts (greedy = argmax, same seed = same draws, filtered tokens are never drawn, bad settings raise)."""
+"""Sampling: every processor equals transformers' warper (same masks, same values); `sample` draws from the same
+distribution as the processors + softmax (`candidates`: the same tokens, probabilities within float rounding,
+without sorting the vocabulary) and keeps its contracts (greedy = argmax, same seed = same draws, filtered tokens
+are never drawn, bad settings raise)."""
 
 import math
 
@@ -20,6 +22,8 @@ from pocketlm.engine.sampling import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    candidates,
+    draw,
     make_generator,
     process_logits,
     sample,
@@ -183,3 +187,43 @@ def test_tiny_positive_temperature_or_penalty_stays_finite(field, tiny):
     assert torch.isfinite(out).all() and MIN_DIVISOR == 1e-6
     probs = torch.softmax(out, -1)
     assert torch.isfinite(probs).all() and int(probs.argmax()) == 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=0.7), dict(temperature=0.7, top_p=0.9), dict(temperature=1.3, top_p=0.5),
+    dict(temperature=0.8, top_k=40, top_p=0.95), dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05),
+    dict(temperature=1.0, min_p=0.1), dict(temperature=0.9, top_k=7), dict(temperature=2.0, top_p=0.999),
+    dict(temperature=0.5, top_p=0.3, repetition_penalty=1.3),
+])
+@pytest.mark.parametrize("vocab", [257, 32064])
+def test_candidates_are_the_processed_distribution(seed, kwargs, vocab):
+    # the tokens `sample` can draw and their probabilities equal the reference chain's (HF's warpers): the
+    # same support, probabilities equal to float rounding; on a large vocabulary the top-p search grows K
+    logits = random_logits(seed, batch=1, vocab=vocab, scale=4.0 if vocab > 1000 else 3.0)[0]
+    params = SamplingParams(**kwargs)
+    seen = [3, 9, 100]
+    ref = torch.softmax(process_logits(logits, params, seen), dim=-1)
+    ids, probs = candidates(logits, params, seen)
+    full = torch.zeros(vocab) if ids is not None else probs
+    if ids is not None:
+        full[ids] = probs
+    diff = (full > 0) != (ref > 0)
+    if params.top_p <= 0.95:
+        assert not diff.any(), "different support"
+    else:  # a nucleus of ~all 32k tokens: its last token is decided by the 7th digit of float32 sums (HF's run
+        # ascending over the whole vocabulary, ours descending); such a token's probability is ~1e-7
+        assert int(diff.sum()) <= 2 and float(ref[diff].sum() + full[diff].sum()) < 1e-5
+    torch.testing.assert_close(full, ref, atol=1e-6, rtol=1e-4)
+
+
+def test_draw_follows_the_probabilities_and_skips_zeros():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    got = torch.bincount(torch.tensor([draw(probs, g) for _ in range(n)]), minlength=6).float() / n
+    assert got[0] == got[2] == got[5] == 0
+    torch.testing.assert_close(got, probs, atol=0.03, rtol=0)
+    for bad in (torch.tensor([float("nan"), 1.0]), torch.zeros(3)):
+        with pytest.raises(GenerationError, match="cannot sample"):
+            draw(bad, g)

@@ -185,12 +185,75 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
            seen_ids=()) -> int:
     """Pick the next token id from one position's logits (V,).
 
-    Greedy when `params.temperature == 0` (the generator is not used); otherwise the processed distribution is
-    sampled with `torch.multinomial` drawing from `generator`. `seen_ids` (prompt + output so far) feed the
-    repetition penalty.
+    Greedy when `params.temperature == 0` (the generator is not used); otherwise a draw from the distribution
+    that `process_logits` + softmax define (`candidates`: the same tokens and probabilities, found without
+    sorting the vocabulary), by inverse CDF with one uniform number from `generator`. `seen_ids` (prompt +
+    output so far) feed the repetition penalty.
     """
     if params.greedy:
         logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
         return int(torch.argmax(logits, dim=-1))
-    probs = torch.softmax(process_logits(logits, params, seen_ids), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    ids, probs = candidates(logits, params, seen_ids)
+    i = draw(probs, generator)
+    return i if ids is None else int(ids[i])
+
+
+def candidates(logits: torch.Tensor, params: SamplingParams, seen_ids=()) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The tokens that sampling can pick and their probabilities, for one position's logits (V,): what
+    `torch.softmax(process_logits(...))` gives, without the full sorts of `apply_top_p` (a sort of 32-49k
+    logits takes milliseconds, more than a small model's whole decode step). Returns (ids (n,) int64 or None
+    for the whole vocabulary, probabilities (n,) float32 summing to 1).
+
+    - top-k: every logit >= the k-th largest (ties kept, as `apply_top_k`).
+    - top-p: the tokens whose probability mass ranked above them is < p (the rule of `apply_top_p`: it drops
+      a token when the mass at and below it is <= 1 - p); without top-k only the top K tokens are ranked,
+      K growing (64, 512, 4096, ... V) until their mass reaches p, so everything past them is dropped.
+    - min-p: probabilities >= min_p times the largest (as `apply_min_p`).
+    The most likely token is always kept. Differences from the reference are float rounding only.
+    """
+    lg = apply_temperature(apply_repetition_penalty(logits.float(), seen_ids, params.repetition_penalty),
+                           params.temperature)
+    V = lg.shape[-1]
+    ids = None
+    if 0 < params.top_k < V:
+        kth = torch.topk(lg, params.top_k).values[-1]
+        ids = torch.nonzero(lg >= kth).squeeze(1)
+        lg = lg[ids]
+    if params.top_p < 1.0:
+        probs = torch.softmax(lg, dim=-1)
+        n = probs.shape[0]
+        K = min(n, 64)
+        while True:
+            top, order = torch.topk(probs, K)  # descending
+            above = torch.cumsum(top, 0) - top  # the mass ranked above each of them
+            if K == n or float(above[-1] + top[-1]) >= params.top_p:
+                break
+            K = min(n, K * 8)
+        keep = above < params.top_p
+        keep[0] = True
+        order = order[keep]
+        ids = order if ids is None else ids[order]
+        lg = lg[order]
+    if params.min_p > 0.0:
+        probs = torch.softmax(lg, dim=-1)
+        keep = probs >= params.min_p * probs.max()
+        keep[torch.argmax(probs)] = True
+        if not bool(keep.all()):
+            idx = torch.nonzero(keep).squeeze(1)
+            ids = idx if ids is None else ids[idx]
+            lg = lg[idx]
+    return ids, torch.softmax(lg, dim=-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> int:
+    """An index drawn from probabilities (n,) by inverse CDF: one uniform number from `generator`, the first
+    index whose cumulative probability exceeds it (tokens of probability 0 are never drawn)."""
+    cdf = torch.cumsum(probs.float(), 0)
+    total = float(cdf[-1])
+    if not (math.isfinite(total) and total > 0.0):
+        raise GenerationError(f"cannot sample: the probabilities sum to {total} (NaN or infinite logits?)")
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    i = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=cdf.dtype), right=True)[0])
+    if i >= cdf.shape[0] or float(probs[i]) <= 0.0:  # u * total rounded up to the end: the last possible token
+        i = int(torch.nonzero(probs > 0)[-1, 0])
+    return i
