@@ -131,13 +131,8 @@ def run(args) -> int:
     if hosts.any:
         print("pocketlm serve: warning: --allowed-host '*' turns the Host check off: a web page can reach this "
               "server through DNS rebinding", file=sys.stderr)
-    if args.model is None:  # the embedded default model: on the CPU as `run` loads it (Q8_0 on the kernels:
-        # about 12x one stream's tokens/s of float32 here), unless --quantize or --dtype says otherwise
-        from pocketlm.api import default_model_path
-        args.model = str(default_model_path())
-        if args.device == "cpu" and args.dtype is None and args.quantize is None:
-            args.quantize = "q8_0"
-        args.dtype = args.dtype or "float32"
+    from pocketlm.cli import _use_default_model
+    _use_default_model(args)  # MODEL omitted: the embedded default model, as `run` loads it
     model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     from pocketlm.cli import apply_kv_cache
     apply_kv_cache(model, args.kv_cache, what=args.model, fast=False)  # slots, prefills and the prefix cache
