@@ -35,7 +35,8 @@ def test_serve_loads_the_default_model_as_run_does():
     p = argparse.ArgumentParser()
     add_arguments(p)
     for argv, quantize, dtype in (([], "q8_0", "float32"), (["--device", "cuda"], None, "float32"),
-                                  (["--dtype", "bfloat16"], None, "bfloat16"), (["--quantize", "q4_0"], "q4_0", "float32")):
+                                  (["--dtype", "bfloat16"], None, "bfloat16"),
+                                  (["--quantize", "q4_0"], "q4_0", "float32")):
         args = p.parse_args(argv)
         assert args.model is None
         _use_default_model(args)

@@ -8,7 +8,8 @@
   cache type, LongRoPE with rows of both factor sets in one batch.
 - 1 and 2 kernel threads give identical logits; the same checks pass under POCKETLM_KERNEL_ISA=avx2 and =scalar.
 - Through the serving engine: greedy outputs equal `generate` alone at batch 1, 7 and 32 (shared prefix, prefix
-  hits) with the decode steps on the C path and the prompts that arrive together prefilled in shared C calls, for quantized caches, GQA, LongRoPE and the sliding window.
+  hits) with the decode steps on the C path and the prompts that arrive together prefilled in shared C calls,
+  for quantized caches, GQA, LongRoPE and the sliding window.
 - The idle engine gives freed heap pages back once after serving (batching.TRIM_INTERVAL_S).
 """
 

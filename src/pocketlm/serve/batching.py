@@ -33,9 +33,10 @@ Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one 
   chunks planned in one step share one call (engine/cpu.py `FastDecoder.prefill_chunks`, kernels.c
   `pl_prefill_segs`: every matrix product over all their rows, attention per prompt), and a chunk alone is the
   call `generate` makes; a row's arithmetic does not depend on the chunking or on the other prompts, so each
-  prompt's keys, values and logits are those of its prefill alone (tests/test_prefill_c.py). A prefix-cache hit resumes at a block boundary on the same chunk grid (see
-  kvpool.py), and prompts prefilled together go through one batched forward: both change GEMM shapes, like the
-  batched decode that every row then uses (`forward_batched`). On CPU fp32 the batched decode
+  prompt's keys, values and logits are those of its prefill alone (tests/test_prefill_c.py). A prefix-cache
+  hit resumes at a block boundary on the same chunk grid (see kvpool.py), and on the PyTorch path prompts
+  prefilled together go through one batched forward: both change GEMM shapes, like the batched decode that
+  every row then uses (`forward_batched`). On CPU fp32 the batched decode
   gave identical greedy ids to `generate` in every test we ran (tests/test_serve_load.py checks 32 streams);
   floating-point reduction order is not formally batch-invariant, so on other devices/dtypes a near-tie could
   resolve differently (the comparison to make there is the same batch shape).
@@ -50,8 +51,8 @@ Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one 
 
 Sampling per row uses `pocketlm.engine.sampling.sample` with a per-sequence generator (seed + choice index),
 after optional logit_bias, OpenAI presence/frequency penalties and the JSON constraint mask (grammar.py). On a
-decode step the whole batch's logit_bias goes in with one indexed add (each request's ids and values made once) and the plain greedy rows (no penalty or
-constraint) take one argmax over the batch (`_accept_rows`; in C on the kernels), the same picks as per row
+decode step the whole batch's logit_bias goes in with one indexed add (each request's ids and values made
+once) and the plain greedy rows (no penalty or constraint) take one argmax over the batch (`_accept_rows`; in C on the kernels), the same picks as per row
 (tests/test_serve_step_batched.py); detokenization memoizes the short id windows it decodes (engine/detok.py).
 Logprobs are those of the model's distribution after logit_bias and penalties (before temperature, top_p and
 the JSON mask), restricted to the tokenizer's real ids.
