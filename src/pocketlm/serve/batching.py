@@ -53,7 +53,8 @@ Sampling per row uses `pocketlm.engine.sampling.sample` with a per-sequence gene
 after optional logit_bias, OpenAI presence/frequency penalties and the JSON constraint mask (grammar.py). On a
 decode step the whole batch's logit_bias goes in with one indexed add (each request's ids and values made
 once) and the plain greedy rows (no penalty or constraint) take one argmax over the batch (`_accept_rows`; in C
-on the kernels), the same picks as per row (tests/test_serve_step_batched.py); detokenization memoizes the short id windows it decodes (engine/detok.py).
+on the kernels), the same picks as per row (tests/test_serve_step_batched.py); detokenization memoizes the
+short id windows it decodes (engine/detok.py).
 Logprobs are those of the model's distribution after logit_bias and penalties (before temperature, top_p and
 the JSON mask), restricted to the tokenizer's real ids.
 
