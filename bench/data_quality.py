@@ -195,7 +195,7 @@ def prepare(args) -> dict:
     log(f"prepare: arm b {sum(v['tokens'] for v in b_sources.values()):,} tokens in {len(b_sources)} folders "
         f"({removed_b} held-out document copies removed) in {time.time() - t0:.0f}s")
     out = {"arm_a": {"path": str(data / "a" / "raw"), **a_stats, "per_source": per_src,
-                     "heldout_removed": removed_a},
+                     "heldout_removed": removed_a, "corpus": str(corpus)},
            "arm_b": {"sources": b_sources, "heldout_removed": removed_b, "pipeline": str(pipe),
                      "synthetic_sources": synth_names,
                      "pipeline_stage": last, "pipeline_config": pconf.get("out")},
@@ -519,7 +519,9 @@ def report(args) -> dict:
               "chance": {"heldout-arith": heldout.CHANCE, "heldout-cloze": heldout.CHANCE},
               "clearly_above_chance": {key: [a for a in summary if summary[a][key]["above_chance"]["clearly_above"]]
                                        for key, _ in MC_SETS},
-              "setup": {"work": str(work), "model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size,
+              "setup": {"work": str(work), "corpus": prepared["arm_a"].get("corpus", args.corpus),
+                        "pipeline": prepared["arm_b"].get("pipeline", args.pipeline),
+                        "model": args.model, "seq_len": args.seq_len, "batch_size": args.batch_size,
                         "lr": args.lr, "heldout": prepared["heldout"], "arm_a_tokens": prepared["arm_a"]["tokens"],
                         "arm_b_tokens": sum(v["tokens"] for v in prepared["arm_b"]["sources"].values()),
                         "heldout_removed": {"arm_a": prepared["arm_a"]["heldout_removed"],
@@ -706,8 +708,9 @@ def _markdown(result: dict, table: str, png: Path | None, args) -> str:
                            f"{v['epochs']:.1f} epochs of their {v['tokens']:,} tokens per run"
                            for arm, v in setup["synthetic_slot"].items()) + ". The "
                  "held-out web documents come from every corpus file in turn, including the files the filters "
-                 "remove almost entirely (the GCIDE dictionary: 0 documents pass), so they are closer to the "
-                 "unfiltered arm's distribution; the held-out synthetic lessons come from the same generators as "
+                 "remove almost entirely" + (" (the GCIDE dictionary: 0 documents pass)"
+                                             if "gcide" in setup["composition"].get("unfiltered", {}) else "")
+                 + ", so they are closer to the unfiltered arm's distribution; the held-out synthetic lessons come from the same generators as "
                  "the data-optimal arm's synthetic share (other seeds, decontaminated), which only that arm saw.")
     lines += ["Result, in words: " + _verdict(result), ""] + [f"- {n}" for n in notes] + [""]
     td = f" --teacher-data {c['teacher_data']}" if c else ""
@@ -717,8 +720,8 @@ def _markdown(result: dict, table: str, png: Path | None, args) -> str:
               "```sh",
               "bash scripts/build-corpus.sh                             # the corpus: data/corpus/*.jsonl",
               "pocketlm data run src/pocketlm/data/assets/pipeline-example.json   # arm b's data: data/pipeline-out",
-              f"python bench/data_quality.py prepare --work {setup['work']} --corpus {args.corpus} --pipeline "
-              f"{args.pipeline}{td}",
+              f"python bench/data_quality.py prepare --work {setup['work']} --corpus "
+              f"{setup.get('corpus', args.corpus)} --pipeline {setup.get('pipeline', args.pipeline)}{td}",
               f"# the arms ({arms_txt}) in one process of one torch thread each:"]
     for i, arm in enumerate(s):
         lines.append(f"python bench/data_quality.py run --work {setup['work']} --seeds {args.seeds} --tokens "
