@@ -1013,6 +1013,23 @@ typedef struct {
 
 static void silu_row(const float *gu, int n, float *hm);  /* up * silu(gate), defined with the vector helpers */
 
+/* a KV cache type C stores (1 f16, 2 int8, 3 q8_0, 4 q4_0; 0 f32 for pl_prefill) for this head_dim */
+static int kv_type_ok(int kv_type, int hd) {
+    return kv_type >= 0 && kv_type <= 4 && !((kv_type == 3 || kv_type == 4) && hd % 32);
+}
+
+/* every layer in the fused Phi-3 shapes (qkv, o, gate_up, down) that the batched steps' scratch widths assume */
+static int fused_layers_ok(const pl_model *m) {
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden;
+    for (int l = 0; l < m->n_layers; l++) {
+        const pl_layer *L = &m->layers[l];
+        if (L->qkv.rows != (H + 2 * KV) * hd || L->qkv.cols != D || L->o.rows != D || L->o.cols != H * hd ||
+            L->gate_up.rows != 2 * m->inter || L->gate_up.cols != D || L->down.rows != D || L->down.cols != m->inter)
+            return 0;
+    }
+    return 1;
+}
+
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
     double ss = 0.0;
     for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
@@ -1947,19 +1964,11 @@ static double g_decode_s[4];
 
 int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden), updated in place */) {
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden, B = b->B;
-    if (B < 1 || hd > 512 || KV < 1 || H % KV || b->kv_type < 0 || b->kv_type > 4 ||
-        ((b->kv_type == 3 || b->kv_type == 4) && hd % 32))
-        return -1;
+    if (B < 1 || hd > 512 || KV < 1 || H % KV || !kv_type_ok(b->kv_type, hd) || !fused_layers_ok(m)) return -1;
     for (int r = 0; r < B; r++)
         if (b->slot[r] < 0 || b->slot[r] >= b->slots || b->pos[r] < 0 || b->pos[r] >= b->capacity || b->lo[r] < 0 ||
             b->lo[r] > b->pos[r] || b->pos[r] - b->lo[r] + 1 > b->max_keys)
             return -1;
-    for (int l = 0; l < m->n_layers; l++) {  /* the scratch widths below assume the fused Phi-3 shapes */
-        const pl_layer *L = &m->layers[l];
-        if (L->qkv.rows != (H + 2 * KV) * hd || L->qkv.cols != D || L->o.rows != D || L->o.cols != H * hd ||
-            L->gate_up.rows != 2 * m->inter || L->gate_up.cols != D || L->down.rows != D || L->down.cols != m->inter)
-            return -1;
-    }
     if (b->norm != NULL && b->lm_head.w != NULL && b->lm_head.cols != D) return -1;
     long keys = 0;
     for (int r = 0; r < B; r++) keys += b->pos[r] - b->lo[r] + 1;
@@ -2277,9 +2286,8 @@ static void fa_plan(int T, int *nq, int *groups) {
  * 0, -1 for an argument out of range, -2 out of memory. */
 int pl_attention(const pl_model *m, int layer, int T, int start, int window, const float *q, int ldq, float *att) {
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim;
-    if (T < 1 || hd > 512 || KV < 1 || H % KV || m->kv_type < 0 || m->kv_type > 4 || layer < 0 ||
-        layer >= m->n_layers || ((m->kv_type == 3 || m->kv_type == 4) && hd % 32) || start < 0 ||
-        start + T > m->capacity || window < 0 || ldq < H * hd)
+    if (T < 1 || hd > 512 || KV < 1 || H % KV || !kv_type_ok(m->kv_type, hd) || layer < 0 ||
+        layer >= m->n_layers || start < 0 || start + T > m->capacity || window < 0 || ldq < H * hd)
         return -1;
     int nq, groups;
     fa_plan(T, &nq, &groups);
@@ -2391,19 +2399,13 @@ int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (s
     if (n < 1) return -1;
     const pl_model *m = segs[0].m;
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden;
-    if (hd > 512 || KV < 1 || H % KV) return -1;
-    for (int l = 0; l < m->n_layers; l++) {  /* the scratch widths below assume the fused Phi-3 shapes */
-        const pl_layer *L = &m->layers[l];
-        if (L->qkv.rows != (H + 2 * KV) * hd || L->qkv.cols != D || L->o.rows != D || L->o.cols != H * hd ||
-            L->gate_up.rows != 2 * m->inter || L->gate_up.cols != D || L->down.rows != D || L->down.cols != m->inter)
-            return -1;
-    }
+    if (hd > 512 || KV < 1 || H % KV || !fused_layers_ok(m)) return -1;
     long rows = 0;
     for (int s = 0; s < n; s++) {  /* every segment: the same weights and shapes, its own valid cache span */
         const pl_model *ms = segs[s].m;
         if (ms->layers != m->layers || ms->n_layers != m->n_layers || ms->hidden != D || ms->n_heads != H ||
             ms->n_kv != KV || ms->head_dim != hd || ms->inter != m->inter || ms->rotary_dim != m->rotary_dim ||
-            ms->kv_type < 0 || ms->kv_type > 4 || ((ms->kv_type == 3 || ms->kv_type == 4) && hd % 32) ||
+            !kv_type_ok(ms->kv_type, hd) ||
             segs[s].T < 1 || segs[s].start < 0 || segs[s].start + segs[s].T > ms->capacity || segs[s].window < 0 ||
             segs[s].cos == NULL || segs[s].sin == NULL)
             return -1;
@@ -2414,15 +2416,17 @@ int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (s
     int *off = malloc(sizeof(int) * (size_t)(2 * n + 2));
     fa_job *fjs = calloc((size_t)n, sizeof(fa_job));
     if (off == NULL || fjs == NULL) { free(off); free(fjs); return -2; }
+    const int ldq = pad16((H + 2 * KV) * hd), ldg = pad16(2 * m->inter), ldy = pad16(D);
     int *joff = off + n + 1;
     off[0] = joff[0] = 0;
-    for (int s = 0; s < n; s++) {
+    for (int s = 0; s < n; s++) {  /* row offsets, and each segment's attention job (its layer set per layer) */
+        fa_job *f = &fjs[s];
+        f->m = segs[s].m; f->T = segs[s].T; f->start = segs[s].start; f->window = segs[s].window; f->ldq = ldq;
+        fa_plan(segs[s].T, &f->nq, &f->groups);
+        f->qkv = c->qkv + (size_t)off[s] * ldq; f->att = c->att + (size_t)off[s] * H * hd;
         off[s + 1] = off[s] + segs[s].T;
-        int nq, groups;
-        fa_plan(segs[s].T, &nq, &groups);
-        joff[s + 1] = joff[s] + H * groups;
+        joff[s + 1] = joff[s] + H * f->groups;
     }
-    const int ldq = pad16((H + 2 * KV) * hd), ldg = pad16(2 * m->inter), ldy = pad16(D);
     int rc = 0;
     for (int l = 0; l < m->n_layers && rc == 0; l++) {
         const pl_layer *L = &m->layers[l];
@@ -2436,14 +2440,7 @@ int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (s
         seg_rope_job sr = {segs, off, n, l, ldq, c->qkv};
         parallel_run(seg_rope_store, &sr, T);
         LAP(2);
-        for (int s = 0; s < n; s++) {
-            fa_job *f = &fjs[s];
-            f->m = segs[s].m; f->layer = l; f->T = segs[s].T; f->start = segs[s].start; f->window = segs[s].window;
-            f->ldq = ldq;
-            fa_plan(segs[s].T, &f->nq, &f->groups);
-            f->qkv = c->qkv + (size_t)off[s] * ldq; f->att = c->att + (size_t)off[s] * H * hd;
-            atomic_store(&f->failed, 0);
-        }
+        for (int s = 0; s < n; s++) { fjs[s].layer = l; atomic_store(&fjs[s].failed, 0); }
         seg_fa_job sf = {fjs, joff, n};
         parallel_run(seg_flash, &sf, joff[n]);
         for (int s = 0; s < n; s++) if (atomic_load(&fjs[s].failed)) rc = -2;
