@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 
 import torch
+from bench_serve import stop_bias  # this folder's HTTP bench: the same stop-id bias
+
 
 def run_level(engine, tok, model, c: int, max_tokens: int) -> dict:
     from pocketlm.serve.schemas import Limits, parse_request
 
-    no_stop = {str(t): -100 for t in sorted(tok.special_ids)}  # every reply runs to max_tokens
+    no_stop = stop_bias(tok)  # every reply runs to max_tokens
     gens = [parse_request({"model": "m", "prompt": f"Request {i}: say something about {i}.", "max_tokens": max_tokens,
                            "temperature": 0, "logit_bias": no_stop}, "completion", tokenizer=tok, model_names=["m"],
                           limits=Limits(max_n=1, context_length=engine.context_length),

@@ -45,6 +45,7 @@ Threads: the kernels use `kernels.default_threads()` (the cores this process may
 from __future__ import annotations
 
 import ctypes
+import itertools
 
 import torch
 
@@ -510,12 +511,11 @@ class FastDecoder:
         if rc != 0:
             raise GenerationError(f"the C prefill refused {n} chunk(s) of {[s[0] for s in spans]} tokens at "
                                   f"positions {[s[1] for s in spans]} (code {rc})")
-        ends = []
-        for (_, cache, _), (T, _, L, mode) in zip(items, spans):
+        for (_, cache, _), (_, _, L, mode) in zip(items, spans):
             cache.length, cache.rope_mode = L, mode
-            ends.append(T)
         dtype = model.model.norm.weight.dtype
-        bounds = torch.tensor(ends).cumsum(0).tolist()
+        ends = [T for T, _, _, _ in spans]
+        bounds = list(itertools.accumulate(ends))  # each chunk's end row in x
         if not last_only:
             return [model.lm_head(model.model.norm(x[b - T:b].to(dtype)[None])) for b, T in zip(bounds, ends)]
         h = x[[b - 1 for b in bounds]]  # (n, hidden): each chunk's last row
@@ -525,7 +525,8 @@ class FastDecoder:
         return [logits[i:i + 1][None] for i in range(n)]
 
     def _view(self, cache, view) -> _Model:
-        """The C view of the weights + one cache, without decode scratch (pl_prefill_segs uses its chunk's)."""
+        """The C view of the weights + one cache (`view`: its `cache_view`), without scratch buffers
+        (pl_prefill_segs uses its chunk's; `_bind` adds the decode step's)."""
         code, k, v, k_scale, v_scale = view
         c = self.config
         return _Model(n_layers=c.num_hidden_layers, hidden=c.hidden_size, n_heads=c.num_attention_heads,
@@ -537,24 +538,17 @@ class FastDecoder:
 
     # ---- one token in C ---------------------------------------------------------------------------------------
     def _bind(self, cache) -> _Model:
-        """The C view of the model + this cache (a FastKVCache, or for pl_prefill any cache `cache_view`
-        accepts), with scratch buffers (rebuilt when the cache changes)."""
+        """The C view of the model + this FastKVCache (`_view`) with the decode step's scratch buffers (rebuilt
+        when the cache changes)."""
         if self._struct is not None and self._struct_cache is cache:
             return self._struct
-        code, k, v, k_scale, v_scale = cache_view(cache)
         c = self.config
-        H, KV, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-
         scratch = layer_scratch(c)
-        scratch["y"] = torch.empty(pad_tiles(max(c.hidden_size, H * hd)))
-        scratch["scores"] = torch.empty(H * cache.capacity)
-        m = _Model(n_layers=c.num_hidden_layers, hidden=c.hidden_size, n_heads=H, n_kv=KV, head_dim=hd,
-                   inter=c.intermediate_size, rotary_dim=c.rotary_dim, capacity=cache.capacity,
-                   kv_type=code, eps=c.rms_norm_eps,
-                   layers=ctypes.cast(self._layers, ctypes.POINTER(_Layer)), k=k.data_ptr(), v=v.data_ptr(),
-                   k_scale=k_scale.data_ptr() if k_scale is not None else None,
-                   v_scale=v_scale.data_ptr() if v_scale is not None else None,
-                   **{name: t.data_ptr() for name, t in scratch.items()})
+        scratch["y"] = torch.empty(pad_tiles(max(c.hidden_size, c.num_attention_heads * c.head_dim)))
+        scratch["scores"] = torch.empty(c.num_attention_heads * cache.capacity)
+        m = self._view(cache, cache_view(cache))
+        for name, t in scratch.items():
+            setattr(m, name, t.data_ptr())
         self._scratch = scratch
         self._struct, self._struct_cache = m, cache
         self._addr_m = ctypes.addressof(m)

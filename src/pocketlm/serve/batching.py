@@ -651,18 +651,16 @@ class Engine:
         so that every row's last real token is the last position (`last_only`)."""
         batched: dict[str, list[_Chunk]] = {}
         in_c = [item for item in work if not item.score and self._c_prefill(item)]
-        if len(in_c) > 1:  # every C chunk in one call: the matrix products shared, attention per prompt
+        shared = {id(w) for w in in_c} if len(in_c) > 1 else set()
+        if shared:  # every C chunk in one call: the matrix products shared, attention per prompt
             self.c_prefill_chunks += len(in_c)
             self.c_prefill_calls += 1
             out = self.fast.prefill_chunks([(torch.tensor([w.seq.prompt[w.start:w.end]], device=self.device),
                                              w.seq.prefill_cache, w.mode) for w in in_c])
             for w, logits in zip(in_c, out):
                 yield w, self._mask_padding(logits)[0]
-            in_c = set(map(id, in_c))
-        else:
-            in_c = set()
         for item in work:
-            if id(item) in in_c:
+            if id(item) in shared:
                 continue
             if item.score or self._c_prefill(item):  # one C chunk alone, as generate does
                 yield item, self._prefill_alone(item)
