@@ -245,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-max-tokens", type=int, default=8)
     ap.add_argument("--out", default=None, help="JSON output (default: <tmp>/pocketlm-bench/serve-<device>.json)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     levels = [int(x) for x in args.levels.split(",")]
     NO_STOP.update(stop_bias(model_tokenizer(args.model)))
     if args.temperature > 0:
