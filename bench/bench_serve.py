@@ -13,9 +13,10 @@ in-process (no HTTP) on the first 4 prompts.
 
 Shared system prompt (`--shared-clients 16`, 0 to skip): two more server processes, one with the prefix cache
 and one with `--no-prefix-cache`, each get the same 16 chat requests at once: a ~500-token system message (the
-same for all) and a short distinct user message, `--shared-max-tokens` tokens each. Round 1 starts from an empty
-cache (the first request to be prefilled fills it); round 2 sends 16 new user messages with the same system
-prompt. Reported: TTFT p50/p99 per round with and without the cache, their ratio (target: p50 with <= 1/3 of
+same for all) and a short distinct user message, `--shared-max-tokens` tokens each. Round 1 sends a system prompt
+the cache has not seen (the first request to be prefilled fills it); round 2 sends 16 new user messages with the
+same system prompt. Both rounds run `--repeats` times, each time with another system prompt; the medians are
+reported. Reported: TTFT p50/p99 per round with and without the cache, their ratio (target: p50 with <= 1/3 of
 without), and the server's prefix cache hit rate from /metrics.
 
     python bench/bench_serve.py [--model tiny|default|PATH] [--quantize q8_0] [--max-tokens 64]
@@ -117,14 +118,15 @@ async def run_level(url: str, c: int, max_tokens: int) -> dict:
             "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
 
 
-def shared_system_prompt(n_tokens: int = 500) -> str:
-    """A system message of about n_tokens tokens (numbered shop rules), measured with the default tokenizer."""
+def shared_system_prompt(n_tokens: int = 500, shop: int = 0) -> str:
+    """A system message of about n_tokens tokens (numbered shop rules), measured with the default tokenizer; each
+    `shop` number gives another message from its first token (a cold prefix cache for it)."""
     from pocketlm import Tokenizer
 
     tok = Tokenizer.default()
     topics = ["opening hours", "returns", "warranty", "delivery", "gift cards", "power tools", "paint", "timber",
               "fasteners", "garden supplies", "plumbing", "safety gear"]
-    lines, k = [], 0
+    lines, k = [f"Shop {shop} rules."], 0
     while len(tok.encode("\n".join(lines))) < n_tokens:
         lines.append(f"Rule {k + 1}: when a customer asks about {topics[k % len(topics)]}, answer in one short, "
                      f"polite sentence and never guess a price.")
@@ -189,16 +191,22 @@ class Server:
             self.proc.kill()
 
 
-def shared_prompt_scenario(model_args: list[str], common: list[str], clients: int, max_tokens: int) -> dict:
+def shared_prompt_scenario(model_args: list[str], common: list[str], clients: int, max_tokens: int,
+                           repeats: int = 1) -> dict:
     """TTFT of `clients` concurrent requests sharing a ~500-token system prompt, with and without the prefix
-    cache, two rounds each (round 1: empty cache); the ratios of the p50s."""
-    system = shared_system_prompt()
-    out = {"clients": clients, "max_tokens": max_tokens}
+    cache, two rounds each (round 1: a system prompt the cache has not seen; round 2: the same prompt again);
+    `repeats` times with another system prompt each, the median of each round's p50 (and p99) reported; the
+    ratios of the p50s."""
+    systems = [shared_system_prompt(shop=k) for k in range(repeats)]
+    out = {"clients": clients, "max_tokens": max_tokens, "repeats": repeats}
     for name, flag in (("with_cache", "--prefix-cache"), ("without_cache", "--no-prefix-cache")):
         with Server([*model_args, *common, "--max-slots", str(clients), flag]) as base:
             url = f"{base}/v1/chat/completions"
             asyncio.run(run_shared(url, "You are terse.", 2, 4, 10_000))  # warm-up: not the shared prompt
-            rounds = [asyncio.run(run_shared(url, system, clients, max_tokens, r * clients)) for r in range(2)]
+            runs = [[asyncio.run(run_shared(url, system, clients, max_tokens, (2 * k + r) * clients))
+                     for r in range(2)] for k, system in enumerate(systems)]
+            rounds = [{key: statistics.median(run[r][key] for run in runs) for key in ("ttft_p50_s", "ttft_p99_s")}
+                      | {"runs_ttft_p50_s": [run[r]["ttft_p50_s"] for run in runs]} for r in range(2)]
             out[name] = {"rounds": rounds, "metrics": prefix_metrics(base)}
     for r in range(2):
         out[f"round{r + 1}_ttft_p50_ratio"] = (out["with_cache"]["rounds"][r]["ttft_p50_s"]
@@ -235,7 +243,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", default=None, help="passed to `pocketlm serve --quantize` (e.g. q8_0)")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--levels", default="1,4,8,16,32")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per level; the median is reported")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per level and per shared-prompt round; the median is reported")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled (seed 0)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
@@ -269,7 +278,7 @@ def main(argv=None) -> int:
     single = next((r["tokens_per_s"] for r in rows if r["concurrency"] == 1), None)
     for r in rows:  # the issue's measure: aggregate tokens/s against one stream's, both from this run
         r["ratio_to_single_stream"] = r["tokens_per_s"] / single if single else None
-    shared = (shared_prompt_scenario(model_args, common, args.shared_clients, args.shared_max_tokens)
+    shared = (shared_prompt_scenario(model_args, common, args.shared_clients, args.shared_max_tokens, args.repeats)
               if args.shared_clients > 0 else None)
     base = (generate_baseline(args.model, args.max_tokens, args.threads, quantize=args.quantize)
             if args.device == "cpu" else None)

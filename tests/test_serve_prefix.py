@@ -50,8 +50,9 @@ def _gen(model, tok, prompt_ids, max_tokens, ctx, **extra):
                          vocab_size=model.config.vocab_size)
 
 
-def _run(engine, gens, *, timeout=120):
-    """Submit GenRequests at once; return per request {choice index: [token ids]} plus each token's arrival."""
+def _run(engine, gens, *, timeout=120, events=None):
+    """Submit GenRequests at once; return per request {choice index: [token ids]} plus each token's arrival
+    (`events`: a list that receives each request's list of events)."""
     async def main():
         loop = asyncio.get_running_loop()
 
@@ -59,8 +60,13 @@ def _run(engine, gens, *, timeout=120):
             q = asyncio.Queue()
             engine.submit(gen, loop, q)
             ids, times = {}, []
+            if events is not None:
+                events.append([])
+                seen = events[-1]
             while True:
                 ev = await asyncio.wait_for(q.get(), timeout)
+                if events is not None:
+                    seen.append(ev)
                 assert ev["type"] != "error", ev
                 if ev["type"] == "done":
                     return ids, times
@@ -201,6 +207,64 @@ def test_quantized_model_prefix_hits_equal_generate(tok, tmp_path):
             assert ids[0] == _alone(model, tok, p, 5)
         assert engine.stats()["prefix_hit_tokens"] == 96 * 2
         assert engine.c_decode_steps > 0  # the decode steps ran on the batched C step (engine/cpu_batch.py)
+    finally:
+        engine.shutdown()
+
+
+def test_kernels_resume_from_a_hit_off_the_chunk_grid_and_equal_generate(tok):
+    """On the kernels a prompt resumed from a prefix hit is not cut at generate's chunk grid (pl_prefill computes
+    every row alone), and every reply still equals generate alone with the same chunk size: token ids, and the
+    first token's log-probability to the last bit. tiny-gqa's decode step and a prefill row differ in float
+    rounding, so the last prompt token must be computed as generate computes it: in a prefill chunk (the hit
+    stops two tokens short), or alone where generate's last chunk is one token (length % chunk == 1)."""
+    from pocketlm.config import preset
+    from pocketlm.engine import cpu
+    from pocketlm.engine.generate import prefill
+    from pocketlm.quant import kernels
+    from pocketlm.quant.random_model import random_quantized_model
+
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    model = random_quantized_model(preset("tiny-gqa"), "Q8_0", seed=3)
+    chunk, ctx = 40, 256
+    first = SYSTEM + [(j * 97) % 30000 + 700 for j in range(99)]  # 200 ids: fills blocks 0..5 (192 positions)
+    other = SYSTEM + [(j * 89) % 30000 + 900 for j in range(36)]  # 137 ids sharing only SYSTEM (hit 96)
+    # hits of 128 of 129, 192 of 193 or 96 of 97 would leave the last token to a one-token step (generate: a
+    # prefill row; at 193 the two differ): the hits stop at 96, 160 and 64; 161 % 40 == 1: generate computes the
+    # last token alone, so does the engine (hit 160); 122: [96, 122) in one chunk (the grid: [96, 120) and
+    # [120, 122)); 137 from 96: [96, 135) and [135, 137), never a one-token chunk
+    prompts = [first[:129], first[:161], first[:122], first[:137], other, first[:193], first[:97]]
+    engine = Engine(model, tok, max_slots=8, max_queue=8, context_length=ctx, prefill_chunk_size=chunk)
+    chunks = []
+    planned = engine._prefill_forward
+
+    def record(work):
+        chunks.extend((len(w.seq.prompt), w.start, w.end) for w in work)
+        return planned(work)
+    engine._prefill_forward = record
+    try:
+        assert engine.fast is not None
+        _run(engine, [_gen(model, tok, first, 1, ctx)])
+        events = []
+        out = _run(engine, [_gen(model, tok, p, 5, ctx, logprobs=1) for p in prompts], events=events)
+        fast = cpu.accelerate(model)
+        for p, (ids, _), evs in zip(prompts, out, events):
+            assert ids[0] == _alone(model, tok, p, 5), len(p)
+            with torch.inference_mode():
+                logits = prefill(fast, fast.make_cache(1, len(p)), p, chunk_size=chunk).float()
+                logits[engine.vocab_limit:] = float("-inf")
+            token = ids[0][0]
+            assert token == int(logits.argmax())
+            first = next(e for e in evs if e.get("token") == token)
+            assert first["logprob"] == float(torch.log_softmax(logits, -1)[token]), len(p)
+        firsts = {}
+        for n, start, end in chunks:
+            firsts.setdefault(n, (start, end))
+        assert firsts[129] == (96, 129) and firsts[161] == (160, 161) and firsts[122] == (96, 122)
+        assert firsts[137] in ((128, 137), (96, 135))  # first[:137] hits 128; `other` hits 96 and stops at 135
+        assert sorted((s, e) for n, s, e in chunks if n == 137) == [(96, 135), (128, 137), (135, 137)]
+        assert firsts[193] == (160, 193) and firsts[97] == (64, 97)
+        assert engine.stats()["prefix_hit_tokens"] == 96 + 160 + 96 + 128 + 96 + 160 + 64
     finally:
         engine.shutdown()
 

@@ -560,10 +560,9 @@ class Engine:
                                      KVCache(self.model.config, 1, len(seq.prompt), self.cache.dtype, self.device,
                                              self.kv_type))  # the kernels' f16 default (see __init__)
                 if self.prefix is not None and not score:  # echo scores need every position's logits
-                    # at least the last prompt token is computed: its logits give the first sampled token
-                    seq.prefill_pos = self.prefix.match(seq.prompt, mode, len(seq.prompt) - 1, seq.prefill_cache)
+                    seq.prefill_pos = self.prefix.match(seq.prompt, mode, self._hit_limit(seq), seq.prefill_cache)
             start = seq.prefill_pos
-            end = min(len(seq.prompt), (start // self.chunk + 1) * self.chunk)  # generate.prefill's chunk grid
+            end = self._chunk_end(seq, start)
             work.append(_Chunk(seq, start, end, mode, score))
             budget -= end - start
         for item, logits in self._prefill_forward(work):
@@ -631,6 +630,41 @@ class Engine:
         for i, seq in enumerate(rows):
             seq.length += 1
             self._guarded_accept(seq, logits[i], picks.get(i), biased)
+
+    def _free_chunks(self, seq: Sequence) -> bool:
+        """Whether `seq`'s prompt chunks may end anywhere: on the kernels (pl_prefill computes every row alone, so
+        a row's keys, values and logits do not depend on the chunk it is in) with a prefill cache C stores into."""
+        return self.fast is not None and self.fast.c_prefill and cpu.cache_view(seq.prefill_cache) is not None
+
+    def _generate_alone_row(self, seq: Sequence) -> bool:
+        """Whether `generate` computes this prompt's last token alone: a last chunk of one token (length % chunk
+        == 1) is the decode step's arithmetic there, which can differ from a prefill row's in float rounding."""
+        return len(seq.prompt) > 1 and len(seq.prompt) % self.chunk == 1
+
+    def _hit_limit(self, seq: Sequence) -> int:
+        """The most prompt tokens a prefix hit may cover. At least the last token is computed (its logits give
+        the first sampled token); on the kernels at least two, unless generate computes the last one alone, so
+        that the last row is computed by the same arithmetic as in `generate` (a prefill row or the decode step)."""
+        n = len(seq.prompt)
+        if self._free_chunks(seq) and not self._generate_alone_row(seq):
+            return max(0, n - 2)
+        return n - 1
+
+    def _chunk_end(self, seq: Sequence, start: int) -> int:
+        """Where the prompt chunk from `start` ends. In PyTorch: generate.prefill's grid (multiples of `chunk`),
+        whose chunks give the same floats as `generate`. On the kernels (`_free_chunks`) a chunk resumed from the
+        prefix cache is not cut at the grid: a 500-token system prompt hit at 480 finishes in one 45-token chunk,
+        not [480, 512) and [512, 525) in two steps; the last token stays alone where generate's is."""
+        n, c = len(seq.prompt), self.chunk
+        if not self._free_chunks(seq):
+            return min(n, (start // c + 1) * c)
+        last = n - 1 if self._generate_alone_row(seq) else n  # rows [start, last) in prefill chunks
+        if start >= last:
+            return n  # the last token alone: the decode step, as in generate
+        end = min(last, start + c)
+        if last - end == 1 and end - start > 2:
+            end -= 1  # never leave a one-token prefill chunk (that would run the decode step's arithmetic)
+        return end
 
     def _block_in_flight(self, seq: Sequence, mode: str, work: list["_Chunk"]) -> bool:
         """Whether a chunk already planned this step computes the block `seq` would prefill first (the same
