@@ -2040,7 +2040,7 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 #if defined(__AVX512F__)
 #define FA_NQ 4   /* query vectors (16 queries each) per group: 4 x 4 accumulators in the 32 zmm registers */
 #else
-#define FA_NQ 2
+#define FA_NQ 1   /* 1 x 4 accumulators of two ymm each: 8 of the 16 ymm registers (two vectors would spill) */
 #endif
 #define FA_QG (FA_NQ * 16)
 #define FAST_MATH __attribute__((optimize("fp-contract=fast")))
@@ -2269,15 +2269,20 @@ V16 void flash_nq(fa_job *a, int job, const int NQ) {
  * it (lanes are independent, blocks start at multiples of FA_BK, fully masked blocks add exactly nothing) */
 static FAST_MATH void flash_group(void *p, int job) {
     fa_job *a = p;
+#if FA_NQ > 1
     if (a->nq == 1) flash_nq(a, job, 1);
     else if (a->nq == 2) flash_nq(a, job, 2);
     else flash_nq(a, job, FA_NQ);
+#else
+    flash_nq(a, job, 1);
+#endif
 }
 
-/* the query vectors per group (1, 2 or FA_NQ) and the groups per head for a chunk of T queries */
+/* the query vectors per group (1, 2 or FA_NQ; always 1 where FA_NQ is 1) and the groups per head for a chunk of
+ * T queries */
 static void fa_plan(int T, int *nq, int *groups) {
     const int v = (T + 15) / 16;
-    *nq = v <= 1 ? 1 : v <= 2 ? 2 : FA_NQ;
+    *nq = v <= 1 || FA_NQ == 1 ? 1 : v <= 2 ? 2 : FA_NQ;
     *groups = (T + *nq * 16 - 1) / (*nq * 16);
 }
 
