@@ -712,20 +712,16 @@ static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, con
             const pl_i32u *a4 = (const pl_i32u *)a;  /* one vpbroadcastd from memory per dword */
             __m256i s0, s1;
             if (kind == KIND_Q8_0) {
-                /* u8 codes up to 255 * 127 * 2 overflow s16: split each code as (hi nibble * 16 + lo nibble) */
-                s0 = _mm256_set1_epi32(-128 * sa_i[ab]); s1 = s0;
-                __m256i h0 = _mm256_setzero_si256(), h1 = _mm256_setzero_si256();
+                /* the u8 codes (w + 128) back to signed w (one xor), then the sign trick: |w| <= 128 and
+                 * |a| <= 127 keep maddubs' s16 pair sums exact; the same int32 sums as sum((w + 128) a) - 128 sum a */
+                const __m256i flip = _mm256_set1_epi8((char)0x80);
+                s0 = _mm256_setzero_si256(); s1 = s0;
                 for (int c = 0; c < 8; c++) {
                     const __m256i av = _mm256_set1_epi32(a4[c]);
-                    const __m256i v0 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c));
-                    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32));
-                    s0 = dot_u8s8(s0, _mm256_and_si256(v0, low), av);
-                    s1 = dot_u8s8(s1, _mm256_and_si256(v1, low), av);
-                    h0 = dot_u8s8(h0, _mm256_and_si256(_mm256_srli_epi16(v0, 4), low), av);
-                    h1 = dot_u8s8(h1, _mm256_and_si256(_mm256_srli_epi16(v1, 4), low), av);
+                    s0 = dot_s8s8(s0, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bp + 64 * c)), flip), av);
+                    s1 = dot_s8s8(s1, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32)), flip),
+                                  av);
                 }
-                s0 = _mm256_add_epi32(s0, _mm256_slli_epi32(h0, 4));
-                s1 = _mm256_add_epi32(s1, _mm256_slli_epi32(h1, 4));
             } else {
                 s0 = _mm256_set1_epi32(-corr_k(kind) * sa_i[ab]); s1 = s0;
                 const int q5 = is_q5(kind);  /* codes up to 31: 2 * 31 * 128 fits the s16 pair sums */
