@@ -660,10 +660,10 @@ class Engine:
             return min(n, (start // c + 1) * c)
         last = n - 1 if self._generate_alone_row(seq) else n  # rows [start, last) in prefill chunks
         if start >= last:
-            return n  # the last token alone: the decode step, as in generate
+            return n  # the last token alone, as in generate
         end = min(last, start + c)
         if last - end == 1 and end - start > 2:
-            end -= 1  # never leave a one-token prefill chunk (that would run the decode step's arithmetic)
+            end -= 1  # never leave a one-token chunk (it would not be a prefill row: `_c_prefill`)
         return end
 
     def _block_in_flight(self, seq: Sequence, mode: str, work: list["_Chunk"]) -> bool:
