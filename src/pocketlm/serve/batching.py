@@ -33,10 +33,11 @@ Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one 
   chunks planned in one step share one call (engine/cpu.py `FastDecoder.prefill_chunks`, kernels.c
   `pl_prefill_segs`: every matrix product over all their rows, attention per prompt), and a chunk alone is the
   call `generate` makes; a row's arithmetic does not depend on the chunking or on the other prompts, so each
-  prompt's keys, values and logits are those of its prefill alone (tests/test_prefill_c.py). A prefix-cache
-  hit resumes at a block boundary on the same chunk grid (see kvpool.py), and on the PyTorch path prompts
-  prefilled together go through one batched forward: both change GEMM shapes, like the batched decode that
-  every row then uses (`forward_batched`). On CPU fp32 the batched decode
+  prompt's keys, values and logits are those of its prefill alone (tests/test_prefill_c.py); so there a prompt
+  resumed from a prefix-cache hit is not cut at the chunk grid, and the hit stops where the last prompt token is
+  still computed as `generate` computes it (`_chunk_end`, `_hit_limit`). On the PyTorch path a hit resumes at a
+  block boundary on the same chunk grid (see kvpool.py), and prompts prefilled together go through one batched
+  forward: both change GEMM shapes, like the batched decode that every row then uses (`forward_batched`). On CPU fp32 the batched decode
   gave identical greedy ids to `generate` in every test we ran (tests/test_serve_load.py checks 32 streams);
   floating-point reduction order is not formally batch-invariant, so on other devices/dtypes a near-tie could
   resolve differently (the comparison to make there is the same batch shape).
@@ -537,8 +538,8 @@ class Engine:
         req.emit({"type": "error", "message": message})
 
     def _step(self) -> None:
-        # 1) prefill: up to `chunk` prompt tokens, on generate.prefill's chunk grid; several prompts' chunks go
-        #    through one batched forward (one prompt alone: exactly the core prefill)
+        # 1) prefill: up to `chunk` prompt tokens, in the chunks `_chunk_end` plans; several prompts' chunks go
+        #    through one batched forward or one C call (one prompt alone: exactly the core prefill)
         budget = self.chunk
         leading: set[tuple[int, int]] = set()
         work: list[_Chunk] = []
