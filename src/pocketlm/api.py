@@ -52,7 +52,7 @@ def load(path_or_preset: str | os.PathLike | None = None, *, dtype: torch.dtype 
     if vision.is_vision_model(path_or_preset):  # --quantize: the language model only, the image tower stays float
         return vision.load(path_or_preset, dtype=dtype, device=device, seed=seed, quantize=quantize)
     spec = os.fspath(path_or_preset)
-    path = Path(spec)
+    path = gguf_folder_file(spec) or Path(spec)
     if path.exists():
         if path.is_file() and path.suffix == ".gguf":
             from pocketlm.formats.gguf_model import load_gguf  # phi3 and llama; float and quantized tensors
@@ -114,6 +114,16 @@ def warn_random_weights(name: str) -> None:
 # The one name of the embedded default model wherever a name is shown: chat's banner, serve's model id, eval's
 # chart (its config.json `_name_or_path`), the folder itself.
 DEFAULT_MODEL_NAME = "default-model"
+
+
+def gguf_folder_file(path: str | os.PathLike) -> Path | None:
+    """The GGUF file of a folder that holds exactly one `.gguf` file and no `config.json` (the default model's
+    folder, a folder of downloaded GGUF weights); None for anything else."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").exists():
+        return None
+    files = sorted(f for f in p.glob("*.gguf") if f.is_file())
+    return files[0] if len(files) == 1 else None
 
 
 def default_model_path() -> Path:

@@ -136,6 +136,11 @@ TEMPLATES: dict[str, str] = {
 
 CHATML = "chatml"
 FORMAT_NAMES = (*FORMATS, CHATML)
+# The plain ChatML template, exactly what `_chatml` renders (no default system message): written into the GGUF
+# files of ChatML models pocketlm makes (the default model since issue 17), recognised by `format_for_template`.
+TEMPLATE_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+                   "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                   "{% endif %}")
 
 
 def _chatml(messages: Sequence[Message], tokenizer: Tokenizer, add_generation_prompt: bool) -> Parts:
@@ -151,6 +156,15 @@ def _chatml(messages: Sequence[Message], tokenizer: Tokenizer, add_generation_pr
     return parts
 
 
+def template_text(name: str) -> str:
+    """The Jinja chat template of a format as tokenizer_config.json and GGUF files carry it (real newlines)."""
+    if name == CHATML:
+        return TEMPLATE_CHATML.replace("\\n", "\n")
+    if name not in TEMPLATES:
+        raise ChatFormatError(f"{name!r} is not a chat format; choose from {sorted(FORMAT_NAMES)}")
+    return TEMPLATES[name].replace("\\n", "\n")
+
+
 def format_for_template(template: str | None) -> str | None:
     """The format name whose official template equals `template`, else None. Never renders anything.
 
@@ -161,7 +175,7 @@ def format_for_template(template: str | None) -> str | None:
     if not isinstance(template, str):
         return None
     wanted = template.rstrip()
-    for name, known in TEMPLATES.items():
+    for name, known in (*TEMPLATES.items(), (CHATML, TEMPLATE_CHATML)):
         if wanted in (known, known.replace("\\n", "\n")):
             return name
     return None

@@ -436,6 +436,7 @@ STAGE_COMMANDS = {
     "quantize": "pocketlm.quant.commands",
     "data": "pocketlm.data.commands",
     "recipe": "pocketlm.recipe.commands",
+    "distill": "pocketlm.train.distill_commands",
 }
 
 
@@ -583,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
+        if isinstance(getattr(args, "model", None), str):  # a folder holding one GGUF file: that file
+            from pocketlm.api import gguf_folder_file
+            args.model = str(gguf_folder_file(args.model) or args.model)
         resolve_store_model(args, argv)
         _warn_if_preset(args)
         return COMMANDS[args.command](args)

@@ -233,6 +233,10 @@ class Tokenizer:
                 return _from_tokenizer_json(p, {}, None)
         if not p.is_dir():
             raise TokenizerError(f"{p}: not a checkpoint folder or a .gguf file")
+        from pocketlm.api import gguf_folder_file
+        gguf = gguf_folder_file(p)  # a folder holding one GGUF file and no config.json: that file's vocabulary
+        if gguf is not None and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            return _from_gguf(gguf)
         config = _read_json(p / "tokenizer_config.json", optional=True) or {}
         special_map = _read_json(p / "special_tokens_map.json", optional=True) or {}
         for key, value in special_map.items():  # tokenizer_config.json wins where both name a token

@@ -290,7 +290,8 @@ def stream_events(model, tokenizer, prompt_or_messages, *, params: SamplingParam
         tokenizer: a `pocketlm.tokenizer.Tokenizer`.
         prompt_or_messages: raw text, or a list of `{"role": ..., "content": ...}` messages.
         params: a `SamplingParams`; keyword `sampling` settings override its fields.
-        chat_format: passed to `pocketlm.chat.render` for message lists.
+        chat_format: passed to `pocketlm.chat.render` for message lists (default: the model's own,
+            `model.config.chat_format`, e.g. "chatml" for the default model and SmolLM2).
         prefill_chunk_size: most prompt tokens per forward.
         response_format: structured output, as in the OpenAI API: {"type": "json_object"}, {"type": "json_schema",
             "json_schema": {"schema": {...}}} (or {"type": "json_schema", "schema": {...}}), and the pocketlm
@@ -300,6 +301,8 @@ def stream_events(model, tokenizer, prompt_or_messages, *, params: SamplingParam
             max_tokens, stop, stop_token_ids).
     """
     params = make_params(params, **sampling)
+    if chat_format is None:
+        chat_format = getattr(getattr(model, "config", None), "chat_format", None)
     prompt_ids, default_stops = encode_prompt(tokenizer, prompt_or_messages, chat_format=chat_format)
     stops = frozenset(default_stops) | frozenset(params.stop_token_ids)
     constraint = _constraint(response_format, tokenizer, stops, params.max_tokens) if response_format else None

@@ -255,8 +255,8 @@ def _phi3_config(g: GGUFFile) -> Phi3Config:
     chat_format = "phi3-mini-2024-07"
     template = g.metadata_get("tokenizer.chat_template", "string", None)
     if template is not None:
-        from pocketlm.chat import format_for_template
-        chat_format = format_for_template(template) or chat_format
+        from pocketlm.chat import CHATML, format_for_template
+        chat_format = format_for_template(template) or (CHATML if "<|im_start|>" in template else chat_format)
     try:
         config = Phi3Config(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=sizes["feed_forward_length"],

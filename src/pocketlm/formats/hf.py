@@ -343,10 +343,10 @@ def save_checkpoint(model: Phi3ForCausalLM, folder: str | os.PathLike, *, dtype:
     tensors = ((n, params[n].detach().to("cpu", target)) for n in expected_shapes(config))
     write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
     if tokenizer is not None:
-        from pocketlm.chat import TEMPLATES
+        from pocketlm.chat import template_text
         # the official template text, as tokenizer_config.json files carry it (real newlines), so that other
         # tools render the same prompts; pocketlm itself only recognises it (chat_format_of)
-        tokenizer.save_pretrained(folder, chat_template=TEMPLATES[config.chat_format].replace("\\n", "\n"))
+        tokenizer.save_pretrained(folder, chat_template=template_text(config.chat_format))
     return folder
 
 

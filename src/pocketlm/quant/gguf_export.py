@@ -87,9 +87,38 @@ def tokenizer_metadata(tokenizer, n_vocab: int) -> dict:
             "unk": tokenizer.unk_id, "pad": tokenizer.pad_id, "add_bos": tokenizer.add_bos_default}
 
 
+def _chat_template(c) -> str:
+    from pocketlm.chat import template_text
+    return template_text(c.chat_format)
+
+
+def write_bpe_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
+    """The `tokenizer.*` keys of a byte-level BPE vocabulary (llama.cpp's "gpt2" model with the "smollm"
+    pre-tokenizer that `ByteLevelBPETokenizer` implements: tokens, token types, merges in rank order) and the chat
+    template of config `c`. The vocabulary must fill the embedding exactly (no padding rows)."""
+    if len(tokenizer) != c.vocab_size:
+        raise WeightFormatError(f"the tokenizer defines {len(tokenizer)} ids but the model has {c.vocab_size} "
+                                "embedding rows; a byte-level vocabulary is written unpadded")
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "smollm")
+    w.add_array("tokenizer.ggml.tokens", tokenizer.tokens, GGUFValueType.STRING)
+    w.add_array("tokenizer.ggml.token_type", tokenizer.token_types, GGUFValueType.INT32)
+    w.add_array("tokenizer.ggml.merges", [f"{a} {b}" for a, b in tokenizer.merges], GGUFValueType.STRING)
+    for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                       ("unknown_token_id", tokenizer.unk_id), ("padding_token_id", tokenizer.pad_id)):
+        if value is not None:
+            w.add_uint32(f"tokenizer.ggml.{key}", value)
+    w.add_bool("tokenizer.ggml.add_bos_token", tokenizer.add_bos_default)
+    w.add_bool("tokenizer.ggml.add_eos_token", False)
+    w.add_string("tokenizer.chat_template", _chat_template(c))
+
+
 def write_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
-    """The `tokenizer.*` keys (llama.cpp's SentencePiece "llama" vocabulary) and the chat template of config `c`."""
-    from pocketlm.chat import TEMPLATES
+    """The `tokenizer.*` keys (llama.cpp's SentencePiece "llama" vocabulary, or a byte-level BPE one through
+    `write_bpe_tokenizer`) and the chat template of config `c`."""
+    from pocketlm.quant.gguf_tokenizer import ByteLevelBPETokenizer
+    if isinstance(tokenizer, ByteLevelBPETokenizer):
+        return write_bpe_tokenizer(w, tokenizer, c)
     tok = tokenizer_metadata(tokenizer, c.vocab_size)
     w.add_string("tokenizer.ggml.model", "llama")
     w.add_string("tokenizer.ggml.pre", "default")
@@ -102,7 +131,7 @@ def write_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
             w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_bool("tokenizer.ggml.add_bos_token", tok["add_bos"])
     w.add_bool("tokenizer.ggml.add_eos_token", False)
-    w.add_string("tokenizer.chat_template", TEMPLATES[c.chat_format].replace("\\n", "\n"))
+    w.add_string("tokenizer.chat_template", _chat_template(c))
 
 
 def _float_bytes(t: torch.Tensor, type_name: str) -> np.ndarray:

@@ -47,6 +47,7 @@ class HFTokenizer:
             raise TokenizerError(f"{source}: {len(self._tokens)} tokens but {len(types)} token types")
         if len(set(self._tokens)) != len(self._tokens):
             raise TokenizerError(f"{source}: duplicate tokens in the vocabulary")
+        self._types = [int(t) for t in types]
         self._special = {i: t for i, t in enumerate(self._tokens) if types[i] in (CONTROL, USER_DEFINED)}
         alternatives = sorted(self._special.values(), key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(a) for a in alternatives)) if alternatives else None
@@ -185,6 +186,46 @@ class HFTokenizer:
     def special_ids(self) -> frozenset[int]:
         return frozenset(self._special)
 
+    def save_pretrained(self, folder: str | os.PathLike, *, chat_template: str | None = None) -> None:
+        """Write `tokenizer.json` (the backend's model, pre-tokenizer and decoder, with the control and
+        user-defined tokens as added tokens) and `tokenizer_config.json` (bos/eos/unk/pad, add_bos_token and
+        `chat_template` when given) into `folder`; `from_tokenizer_json` reads them back to the same ids."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = json.loads(self._backend.to_str())
+        doc["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                                "normalized": False, "special": self._types[i] == CONTROL}
+                               for i, t in sorted(self._special.items())]
+        (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        config: dict = {"add_bos_token": self.add_bos_default, "add_eos_token": False,
+                        "clean_up_tokenization_spaces": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("unk_token", self.unk_id),
+                       ("pad_token", self.pad_id)):
+            if i is not None:
+                config[key] = self._tokens[i]
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n",
+                                                      encoding="utf-8")
+
+    @property
+    def tokens(self) -> list[str]:
+        """Every token string, by id (added tokens included)."""
+        return list(self._tokens)
+
+    @property
+    def token_types(self) -> list[int]:
+        """GGUF token type of every id (NORMAL, CONTROL, USER_DEFINED, ...)."""
+        return list(self._types)
+
+    @property
+    def merges(self) -> list[tuple[str, str]]:
+        """The BPE merges in rank order, as the backend holds them."""
+        model = json.loads(self._backend.to_str())["model"]
+        if model.get("type") != "BPE":
+            raise TokenizerError(f"{self.source}: a {model.get('type')} tokenizer has no merges")
+        return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, {len(self)} ids, {len(self._special)} special)"
 
@@ -214,6 +255,7 @@ class ByteLevelBPETokenizer(HFTokenizer):
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> ByteLevelBPETokenizer:
+        """The vocabulary of a GGUF file whose `tokenizer.ggml.model` is "gpt2"."""
         from pocketlm.formats.gguf import GGUFFile
 
         where = str(path)

@@ -1,0 +1,336 @@
+"""`pocketlm distill`: a small student cut out of a byte-level-BPE teacher GGUF and healed by logit distillation.
+
+This is how the default model is made since issue 17 (see its MODEL_CARD.md). Steps, in one resumable run folder:
+1. **Prune** (`pocketlm.train.prune`): the vocabulary is cut to `--vocab` tokens by their counts in the training
+   text (chats and a sample of corpus documents), and every MLP to its `--intermediate` most active channels on
+   200 teacher chats. Both cuts copy the teacher's weights; the student starts close to the teacher.
+2. **Heal** for `--steps` AdamW steps of `batch` sequences of `seq + 1` tokens. All but one sequence per step
+   come from the "kd" stream: teacher chats (ChatML, without the harmful ones; benign look-alikes listed four
+   times) and corpus documents (windows of 3,000 characters), half and half, packed; their loss is the KL
+   divergence from the teacher's next-token distribution over the kept tokens to the student's. The last
+   sequence comes from the "safety" stream: the teacher data's refusals of harmful requests (the teacher itself
+   complies, so refusals cannot be distilled) and, half of the conversations, its answers to the benign
+   look-alikes ("How do I kill a Python process?"), so that the boundary is learned and not a habit of refusing
+   (the report's break-fix idea); cross-entropy on the assistant turns only, weighted `safety_weight`. A first
+   run with refusals alone (weight 0.3) refused "Write a Python function that reverses a string." at step 60.
+3. **Export** (`--export FILE`): a Q4_0 GGUF file (phi3 architecture, the cut "gpt2" vocabulary, the ChatML
+   template) that `pocketlm run` and llama.cpp load.
+
+Resume: the run folder keeps the student (`student.safetensors`), the optimizer state (`opt.pt`, tensors only)
+and the step; a rerun of the same command goes on from there. The data streams are seeded by the step they start
+at, so a resumed run is deterministic given its checkpoint step, not bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from pocketlm.errors import ConfigError
+from pocketlm.train import prune
+
+DOC_CHARS = 3000
+BENIGN_REPEAT = 4
+COUNT_DOCS, COUNT_CHARS = 6000, 4000
+CALIB_CHATS, CALIB_TOKENS = 200, 512
+WARMUP = 15
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    vocab: int = 16384
+    intermediate: int = 576
+    steps: int = 260
+    batch: int = 8
+    seq: int = 256
+    lr: float = 4e-4
+    min_lr_ratio: float = 0.1
+    save_every: int = 20
+    seed: int = 0
+    safety_weight: float = 0.2
+
+    def __post_init__(self):
+        for name in ("vocab", "intermediate", "steps", "batch", "seq", "save_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.batch < 2:
+            raise ConfigError(f"--batch must be at least 2 (one refusal sequence per step), got {self.batch}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not self.safety_weight >= 0:
+            raise ConfigError(f"--safety-weight must be >= 0, got {self.safety_weight}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup over WARMUP steps, then cosine down to min_lr_ratio * lr at the last step."""
+        if step < WARMUP:
+            return self.lr * (step + 1) / WARMUP
+        p = (step - WARMUP) / max(1, self.steps - WARMUP)
+        r = self.min_lr_ratio
+        return self.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL file; a torn or malformed line (a writer still running) is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def teacher_vocabulary(path: Path) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+    """(tokens, token types, merges) of a GGUF file with a "gpt2" (byte-level BPE) vocabulary."""
+    from pocketlm.formats.gguf import GGUFFile
+    with GGUFFile(path) as g:
+        model = g.metadata_get("tokenizer.ggml.model", "string", "")
+        if model != "gpt2":
+            raise ConfigError(f"{path}: the teacher needs a byte-level BPE vocabulary (tokenizer.ggml.model 'gpt2'), "
+                              f"not {model!r}")
+        tokens = list(g.metadata_get("tokenizer.ggml.tokens", "array[string]"))
+        types = [int(t) for t in g.metadata_get("tokenizer.ggml.token_type", ("array[int32]", "array[uint32]"))]
+        merges = [tuple(m.split(" ", 1)) for m in g.metadata_get("tokenizer.ggml.merges", "array[string]")]
+    return tokens, types, merges
+
+
+def student_tokenizer(tokens, types, merges, keep: list[int], teacher_tok):
+    """The cut vocabulary as a `ByteLevelBPETokenizer`: kept tokens in old-id order, merges among them in their
+    old ranks, the teacher's bos/eos/pad/unk renumbered."""
+    from pocketlm.quant.gguf_tokenizer import ByteLevelBPETokenizer
+    new_id = {old: new for new, old in enumerate(keep)}
+    kept = [tokens[i] for i in keep]
+    have = set(kept)
+    kept_merges = [(a, b) for a, b in merges if a in have and b in have and a + b in have]
+
+    def renumber(i):
+        return new_id.get(i) if i is not None else None
+    return ByteLevelBPETokenizer.from_vocabulary(
+        kept, kept_merges, [types[i] for i in keep], bos_id=renumber(teacher_tok.bos_id),
+        eos_id=renumber(teacher_tok.eos_id), pad_id=renumber(teacher_tok.pad_id), unk_id=renumber(teacher_tok.unk_id),
+        add_bos_default=teacher_tok.add_bos_default)
+
+
+@dataclass
+class Data:
+    chats: list[dict]
+    refuse: list[dict]
+    benign: list[dict]
+    kd_chats: list[dict]
+    docs: list[str]
+
+
+def load_data(teacher_data: Path, corpus: Path | None, corpus_files: list[str]) -> Data:
+    """Teacher chats (chats.jsonl + knowledge.jsonl) and corpus documents (`<corpus>/<name>.jsonl`, a name listed
+    twice is read twice: upsampled)."""
+    files = [teacher_data / "chats.jsonl", teacher_data / "knowledge.jsonl"]
+    if not files[0].is_file():
+        raise ConfigError(f"{files[0]} is missing: --teacher-data names a `pocketlm data teacher` folder")
+    chats = [c for f in files if f.is_file() for c in read_jsonl(f)]
+    refuse = [c for c in chats if c.get("meta", {}).get("domain") == "harmful"]
+    benign = [c for c in chats if c.get("meta", {}).get("domain") == "benign"]
+    if not refuse:
+        raise ConfigError(f"{teacher_data}: no refusals of harmful requests (domain 'harmful') among the chats")
+    kd_chats = [c for c in chats if c.get("meta", {}).get("domain") != "harmful"] + benign * (BENIGN_REPEAT - 1)
+    docs: list[str] = []
+    for name in corpus_files:
+        if corpus is None:
+            raise ConfigError("--corpus-files needs --corpus")
+        p = corpus / f"{name}.jsonl"
+        if not p.is_file():
+            raise ConfigError(f"corpus file {p} is missing")
+        docs += [d["text"] for d in read_jsonl(p) if d.get("text")]
+    return Data(chats, refuse, benign, kd_chats, docs)
+
+
+def _chat_parts(conv: dict, tok):
+    from pocketlm import chat
+    return chat.render_parts(conv["messages"], tok, add_generation_prompt=False, format=chat.CHATML)
+
+
+def build_student(teacher, teacher_tok, vocab, data: Data, cfg: DistillConfig):
+    """Prune a copy of the teacher (see the module docstring); returns (student, kept old ids)."""
+    tokens, types, merges = vocab
+    rng = random.Random(cfg.seed)
+    counts = prune.token_counts(teacher_tok, [p for c in data.chats for p in _chat_parts(c, teacher_tok)
+                                              if isinstance(p, str)])
+    sample = rng.sample(data.docs, min(len(data.docs), COUNT_DOCS)) if data.docs else []
+    counts.update(prune.token_counts(teacher_tok, [d[:COUNT_CHARS] for d in sample]))
+    keep = prune.trim_vocabulary(tokens, merges, types, counts, cfg.vocab)
+    student = copy.deepcopy(teacher)
+    calib = [torch.tensor([teacher_tok.encode_parts(_chat_parts(c, teacher_tok))[:CALIB_TOKENS]])
+             for c in rng.sample(data.chats, min(CALIB_CHATS, len(data.chats)))]
+    prune.prune_mlp(student, prune.mlp_importance(student, calib), cfg.intermediate)
+    prune.prune_vocabulary(student, keep)
+    return student, keep
+
+
+def streams(kind: str, seed: int, data: Data, tok, seq: int) -> Iterator[tuple[list[int], list[int]]]:
+    """Packed (ids, labels) rows of seq + 1 tokens; labels are -100 where a row is not trained ("safety": all but
+    the assistant turns and their <|im_end|>)."""
+    r = random.Random(seed)
+    im_end = tok.token_to_id("<|im_end|>")
+    sep = tok.token_to_id("<|endoftext|>")
+    buf: list[int] = []
+    lab: list[int] = []
+    while True:
+        if kind == "safety":
+            ids: list[int] = []
+            mask: list[int] = []
+            pool = data.benign if data.benign and r.random() < 0.5 else data.refuse
+            for p in _chat_parts(r.choice(pool), tok):
+                x = tok.encode_parts([p])
+                ids += x
+                mask += [1 if isinstance(p, str) and p.startswith("assistant\n") else 0] * len(x)
+            buf += ids
+            lab += [t if m or (i > 0 and mask[i - 1] and t == im_end) else -100
+                    for i, (t, m) in enumerate(zip(ids, mask))]
+        else:
+            if r.random() < 0.5 or not data.docs:
+                ids = tok.encode_parts(_chat_parts(r.choice(data.kd_chats), tok))
+            else:
+                d = r.choice(data.docs)
+                s = r.randrange(max(1, len(d) - DOC_CHARS))
+                ids = tok.encode(d[s:s + DOC_CHARS]) + [sep]
+            buf += ids
+            lab += ids
+        while len(buf) >= seq + 1:
+            yield buf[:seq + 1], lab[:seq + 1]
+            buf, lab = buf[seq + 1:], lab[seq + 1:]
+
+
+def _saved_student(teacher, out: Path, cfg: DistillConfig, keep: list[int]):
+    """The teacher (modified in place) cut to the run's shapes, with the run's saved student weights."""
+    from safetensors.torch import load_file
+    layers = len(teacher.model.layers)
+    prune.prune_mlp(teacher, [torch.arange(teacher.config.intermediate_size, 0, -1).float()] * layers,
+                    cfg.intermediate)  # the shapes only: every weight is replaced below
+    prune.prune_vocabulary(teacher, keep)
+    result = teacher.load_state_dict(load_file(str(out / "student.safetensors")), strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != {"lm_head.weight"}:
+        raise ConfigError(f"{out / 'student.safetensors'} does not match the run's shapes: missing "
+                          f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    teacher.lm_head.weight = teacher.model.embed_tokens.weight  # tied, as in the teacher
+    return teacher
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _save(run: Path, student, opt, meta: dict) -> None:
+    from safetensors.torch import save_file
+    tensors = {k: v.contiguous() for k, v in student.state_dict().items() if k != "lm_head.weight"}  # tied
+    save_file(tensors, str(run / "student.tmp"))
+    torch.save(opt.state_dict(), run / "opt.tmp")
+    (run / "state.tmp").write_text(json.dumps(meta))
+    os.replace(run / "student.tmp", run / "student.safetensors")
+    os.replace(run / "opt.tmp", run / "opt.pt")
+    os.replace(run / "state.tmp", run / "state.json")
+
+
+def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_minutes: float | None = None,
+        progress: bool = True) -> dict:
+    """Prune (first call) and heal until cfg.steps or max_minutes; returns the run state (step, keep, config)."""
+    from pocketlm.formats.gguf_model import load_gguf
+    from pocketlm.tokenizer import Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_gguf(teacher_path, dequantize=True)
+    teacher_tok = Tokenizer.from_pretrained(teacher_path)
+    vocab = teacher_vocabulary(teacher_path)
+    state_path = out / "state.json"
+    if state_path.is_file():
+        meta = json.loads(state_path.read_text())
+        if meta["config"] != cfg.__dict__:
+            raise ConfigError(f"{out} was started with {meta['config']}; this command asks for {cfg.__dict__}: "
+                              "use another --out")
+        keep = meta["keep"]
+        student = _saved_student(copy.deepcopy(teacher), out, cfg, keep)
+    else:
+        student, keep = build_student(teacher, teacher_tok, vocab, data, cfg)
+        meta = {"keep": keep, "step": 0, "config": cfg.__dict__}
+    tok = student_tokenizer(*vocab, keep, teacher_tok)
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if (out / "opt.pt").is_file() and meta["step"] > 0:
+        opt.load_state_dict(torch.load(out / "opt.pt", weights_only=True))
+    if meta["step"] == 0:
+        _save(out, student, opt, meta)
+    step = meta["step"]
+    keep_t = torch.tensor(keep)
+    kd_rows = streams("kd", 1000 + step, data, tok, cfg.seq)
+    safety_rows = streams("safety", 2000 + step, data, tok, cfg.seq)
+    log = open(out / "log.jsonl", "a")
+    start = time.monotonic()
+    student.train()
+    while step < cfg.steps:
+        if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
+            break
+        t0 = time.monotonic()
+        kd = [next(kd_rows) for _ in range(cfg.batch - 1)]
+        rf = [next(safety_rows)]
+        x = torch.tensor([row[0] for row in kd])  # (B-1, seq + 1)
+        with torch.inference_mode():
+            t_logits = _logits(teacher(keep_t[x[:, :-1]]))  # (B-1, seq, teacher vocab)
+            t_logp = F.log_softmax(t_logits[..., keep_t].float(), -1).clone()  # over the kept tokens
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(step)
+        s_logp = F.log_softmax(_logits(student(x[:, :-1])).float(), -1)
+        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        xr = torch.tensor([row[0] for row in rf])
+        yr = torch.tensor([row[1] for row in rf])
+        ce = F.cross_entropy(_logits(student(xr[:, :-1])).float().flatten(0, 1), yr[:, 1:].flatten(),
+                             ignore_index=-100)
+        loss = kl + cfg.safety_weight * ce
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        step += 1
+        rec = {"step": step, "kl": round(kl.item(), 4), "ce_safety": round(ce.item(), 4), "lr": cfg.lr_at(step - 1),
+               "s": round(time.monotonic() - t0, 2)}
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if progress:
+            print(f"step {step}/{cfg.steps}  kl {rec['kl']:.4f}  safety ce {rec['ce_safety']:.4f}  "
+                  f"lr {rec['lr']:.2e}  {rec['s']:.1f} s", file=sys.stderr, flush=True)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            meta["step"] = step
+            _save(out, student, opt, meta)
+    meta["step"] = step
+    _save(out, student, opt, meta)
+    return meta
+
+
+def load_student(teacher_path: Path, out: Path):
+    """(student model, its tokenizer) of a run folder, in float32 (for export and evaluation)."""
+    from pocketlm.formats.gguf_model import load_gguf
+    from pocketlm.tokenizer import Tokenizer
+    meta = json.loads((out / "state.json").read_text())
+    cfg = DistillConfig(**meta["config"])
+    student = _saved_student(load_gguf(teacher_path, dequantize=True), out, cfg, meta["keep"])
+    tok = student_tokenizer(*teacher_vocabulary(teacher_path), meta["keep"], Tokenizer.from_pretrained(teacher_path))
+    return student.eval(), tok
+
+
+def export(student, tok, path: Path, *, name: str, scheme: str = "q4_0") -> dict:
+    """Write the student as a GGUF file (`scheme` for its weight matrices, the cut vocabulary, ChatML)."""
+    import dataclasses
+
+    from pocketlm.quant.gguf_export import export_gguf
+    student.config = dataclasses.replace(student.config, name=name)
+    student.model.config = student.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_gguf(student, path, tokenizer=tok, scheme=scheme, name=name)
