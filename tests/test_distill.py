@@ -216,6 +216,16 @@ def test_byte_level_vocabulary_round_trips_through_gguf(tmp_path, vocab, teacher
     assert folder.tokens == tok.tokens and folder.encode(TEXT) == tok.encode(TEXT)
     assert folder.special_ids == tok.special_ids and folder.eos_id == tok.eos_id
     assert load(tmp_path / "folder").config.chat_format == "chatml"
+    only = tmp_path / "gguf-only"  # a folder holding one GGUF file and no config.json loads as that file
+    only.mkdir()
+    (only / "weights.gguf").write_bytes((tmp_path / "m.gguf").read_bytes())
+    assert Tokenizer.from_pretrained(only).tokens == tok.tokens
+    assert load(only).config.vocab_size == len(tok)
+    assert main(["run", str(only), "Paris", "--max-tokens", "3"]) == 0
+    (only / "second.gguf").write_bytes(b"")  # two files: not one model, and not guessed
+    from pocketlm.errors import PocketLMError
+    with pytest.raises(PocketLMError):
+        load(only)
     bad = _tiny(vocab_size=len(tok) + 1, chat_format="chatml")
     from pocketlm.errors import WeightFormatError
     with pytest.raises(WeightFormatError, match="embedding rows"):

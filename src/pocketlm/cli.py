@@ -584,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = parser.parse_args(argv)
     try:
-        if isinstance(getattr(args, "model", None), str):  # a folder holding one GGUF file: that file
+        if args.command in _MODEL_VERBS and isinstance(getattr(args, "model", None), str):
+            # MODEL a folder holding one GGUF file and no config.json: that file
             from pocketlm.api import gguf_folder_file
             args.model = str(gguf_folder_file(args.model) or args.model)
         resolve_store_model(args, argv)

@@ -291,7 +291,7 @@ def stream_events(model, tokenizer, prompt_or_messages, *, params: SamplingParam
         prompt_or_messages: raw text, or a list of `{"role": ..., "content": ...}` messages.
         params: a `SamplingParams`; keyword `sampling` settings override its fields.
         chat_format: passed to `pocketlm.chat.render` for message lists (default: the model's own,
-            `model.config.chat_format`, e.g. "chatml" for the default model and SmolLM2).
+            `model.config.chat_format`, e.g. "chatml" for SmolLM2 and models `pocketlm distill` makes).
         prefill_chunk_size: most prompt tokens per forward.
         response_format: structured output, as in the OpenAI API: {"type": "json_object"}, {"type": "json_schema",
             "json_schema": {"schema": {...}}} (or {"type": "json_schema", "schema": {...}}), and the pocketlm
