@@ -49,6 +49,8 @@ WARMUP = 15
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """One run's settings: the student's shape (vocab, intermediate), the schedule and the loss weight. Kept in the
+    run's state.json; a rerun with other settings is refused."""
     vocab: int = 16384
     intermediate: int = 576
     steps: int = 260
