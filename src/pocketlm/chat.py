@@ -137,7 +137,8 @@ TEMPLATES: dict[str, str] = {
 CHATML = "chatml"
 FORMAT_NAMES = (*FORMATS, CHATML)
 # The plain ChatML template, exactly what `_chatml` renders (no default system message): written into the GGUF
-# files of ChatML models pocketlm makes (the default model since issue 17), recognised by `format_for_template`.
+# files and tokenizer_config.json of ChatML models pocketlm writes (`pocketlm distill`'s students, converted
+# SmolLM2), recognised by `format_for_template`.
 TEMPLATE_CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
                    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
                    "{% endif %}")

@@ -340,7 +340,6 @@ def register_tasks() -> None:
 
 # ---------------------------------------------------------------- bits per byte
 @torch.inference_mode()
-@torch.no_grad()
 def bits_per_byte(model, tokenizer, texts: list[str], *, seq_len: int = 256, batch_size: int = 8) -> dict:
     """Sum of NLL over every token of every text (each after an <|endoftext|>), in bits per UTF-8 byte."""
     sep = tokenizer.eos_id

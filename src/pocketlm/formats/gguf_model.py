@@ -252,11 +252,7 @@ def _phi3_config(g: GGUFFile) -> Phi3Config:
     bos = g.metadata_get("tokenizer.ggml.bos_token_id", UINT, 1)
     eos = g.metadata_get("tokenizer.ggml.eos_token_id", UINT, 32000)
     pad = g.metadata_get("tokenizer.ggml.padding_token_id", UINT, None)
-    chat_format = "phi3-mini-2024-07"
-    template = g.metadata_get("tokenizer.chat_template", "string", None)
-    if template is not None:
-        from pocketlm.chat import CHATML, format_for_template
-        chat_format = format_for_template(template) or (CHATML if "<|im_start|>" in template else chat_format)
+    chat_format = _file_chat_format(g)
     try:
         config = Phi3Config(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=sizes["feed_forward_length"],
@@ -289,8 +285,9 @@ def _computed_factor(config: Phi3Config) -> float:
     return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(config.original_max_position_embeddings))
 
 
-def _llama_chat_format(g: GGUFFile) -> str:
-    """"chatml" when the file's template or vocabulary is ChatML (`<|im_start|>`), else the Phi-3 default."""
+def _file_chat_format(g: GGUFFile) -> str:
+    """The format whose template the file carries; else "chatml" when its template is ChatML (`<|im_start|>`);
+    else the Phi-3 default (phi3 and llama files alike)."""
     template = g.metadata_get("tokenizer.chat_template", "string", "")
     from pocketlm.chat import CHATML, DEFAULT_FORMAT, format_for_template
     known = format_for_template(template)
@@ -326,7 +323,7 @@ def _llama_config(g: GGUFFile) -> Phi3Config:
             eos_token_id=int(eos) if eos is not None else None,
             pad_token_id=int(pad) if pad is not None and pad < vocab else None,
             torch_dtype="float32", name=g.metadata_get("general.name", "string", None),
-            chat_format=_llama_chat_format(g))
+            chat_format=_file_chat_format(g))
     except ConfigError as e:
         raise WeightFormatError(f"{g.path}: metadata describes an invalid model: {e}") from None
     rot = sizes["rope.dimension_count"]  # the head size (attention.key_length) was checked by check_layout

@@ -29,6 +29,7 @@ import os
 import numpy as np
 import torch
 
+from pocketlm.chat import template_text
 from pocketlm.errors import WeightFormatError
 from pocketlm.formats.gguf import GGUFValueType
 from pocketlm.formats.gguf_model import TENSOR_NAMES
@@ -87,11 +88,6 @@ def tokenizer_metadata(tokenizer, n_vocab: int) -> dict:
             "unk": tokenizer.unk_id, "pad": tokenizer.pad_id, "add_bos": tokenizer.add_bos_default}
 
 
-def _chat_template(c) -> str:
-    from pocketlm.chat import template_text
-    return template_text(c.chat_format)
-
-
 def write_bpe_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
     """The `tokenizer.*` keys of a byte-level BPE vocabulary (llama.cpp's "gpt2" model with the "smollm"
     pre-tokenizer that `ByteLevelBPETokenizer` implements: tokens, token types, merges in rank order) and the chat
@@ -110,7 +106,7 @@ def write_bpe_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
             w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_bool("tokenizer.ggml.add_bos_token", tokenizer.add_bos_default)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
-    w.add_string("tokenizer.chat_template", _chat_template(c))
+    w.add_string("tokenizer.chat_template", template_text(c.chat_format))
 
 
 def write_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
@@ -131,7 +127,7 @@ def write_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
             w.add_uint32(f"tokenizer.ggml.{key}", value)
     w.add_bool("tokenizer.ggml.add_bos_token", tok["add_bos"])
     w.add_bool("tokenizer.ggml.add_eos_token", False)
-    w.add_string("tokenizer.chat_template", _chat_template(c))
+    w.add_string("tokenizer.chat_template", template_text(c.chat_format))
 
 
 def _float_bytes(t: torch.Tensor, type_name: str) -> np.ndarray:
