@@ -4,6 +4,7 @@ GGUF export they rely on: the default model's pipeline since issue 17, on tiny m
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from pathlib import Path
 
@@ -178,6 +179,40 @@ def test_distill_prunes_heals_resumes_and_exports_a_runnable_gguf(tmp_path, voca
     # another configuration in the same run folder is refused, with both named
     assert main(_distill_args(teacher, data, corpus, out, "--steps", "5")) == 2
     assert "use another --out" in capsys.readouterr().err
+
+
+def test_second_phase_starts_from_a_run_and_adds_lessons(tmp_path, vocab, teacher_tok, capsys):
+    from safetensors.torch import load_file
+
+    from pocketlm.cli import main
+    teacher, data, corpus = _teacher_files(tmp_path, vocab, teacher_tok)
+    first, second = tmp_path / "run", tmp_path / "run2"
+    assert main(_distill_args(teacher, data, corpus, second, "--init", str(first))) == 2
+    assert "not a `pocketlm distill` run folder" in capsys.readouterr().err and not second.exists()
+    assert main(_distill_args(teacher, data, corpus, first, "--steps", "2")) == 0
+    assert main(_distill_args(teacher, data, corpus, second, "--init", str(first), "--intermediate", "48")) == 2
+    assert "has --vocab 400 --intermediate 40" in capsys.readouterr().err and not second.exists()
+    assert main(_distill_args(teacher, data, corpus, second, "--init", str(first), "--lesson-rows", "2")) == 2
+    assert "--lesson-rows and --policy-rows must be >= 0 and leave at least one" in capsys.readouterr().err
+    phase2 = ("--init", str(first), "--batch", "4", "--lesson-rows", "1", "--policy-rows", "1", "--policy-tokens", "8")
+    assert main(_distill_args(teacher, data, corpus, second, *phase2, "--steps", "2", "--max-minutes", "0")) == 0
+    a, b = load_file(str(first / "student.safetensors")), load_file(str(second / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # starts as the first run ended
+    s1, s2 = (json.loads((r / "state.json").read_text()) for r in (first, second))
+    assert s2["keep"] == s1["keep"] and s2["step"] == 0
+    assert main(_distill_args(teacher, data, corpus, second, *phase2, "--steps", "2")) == 0  # resumes its own run
+    log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["ce_lessons"] > 0 and r["kl_policy"] >= 0 for r in log)
+    tok = distill.student_tokenizer(*vocab, s1["keep"], teacher_tok)
+    row = next(distill.streams("lessons", 0, None, tok, 400, lesson_seed=0))[0]
+    assert "Answer:" in tok.decode(row)  # worked lessons, not corpus text
+    student, _ = distill.load_student(teacher, second)
+    x, mask = distill.policy_batch(student, distill.load_data(data, None, []), tok, random.Random(0), 3, 32, 8)
+    im_end = tok.token_to_id("<|im_end|>")
+    for ids, m in zip(x.tolist(), mask.tolist()):
+        a, b = m.index(1), len(m) - m[::-1].index(1)
+        assert sum(m) == b - a and 1 <= b - a <= 9  # one span: the last prompt position and the reply's
+        assert tok.decode(ids[:a + 1]).endswith("<|im_start|>assistant\n") and im_end not in ids[a + 1:b]
 
 
 def test_distill_refuses_bad_input_before_training(tmp_path, vocab, teacher_tok, capsys):

@@ -56,6 +56,29 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
                 raise DataPipelineError(f"{path} line {n}: invalid JSON ({e})") from None
 
 
+def read_records(path: str | os.PathLike, keys: tuple[str, ...] = (), *,
+                 error: type[Exception] = DataPipelineError) -> list[dict]:
+    """The objects of a JSONL file that a generator may still be appending to (`pocketlm data teacher`): blank
+    lines are skipped and a torn last line (no newline yet) ends the file; any other bad line, or an object without
+    one of `keys`, raises `error` naming the file and line."""
+    path = Path(path)
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if not line.endswith("\n"):
+                    break  # the writer's torn last line: a resumable writer redoes it
+                raise error(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or any(k not in rec for k in keys):
+                raise error(f"{path}:{n}: expected an object" + (f" with {', '.join(keys)}" if keys else ""))
+            out.append(rec)
+    return out
+
+
 def read_part(path: str | os.PathLike) -> Iterator[Document]:
     """Documents of a part file written by `write_part`."""
     for n, rec in iter_jsonl(path):

@@ -100,13 +100,8 @@ def write_bpe_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
     w.add_array("tokenizer.ggml.tokens", tokenizer.tokens, GGUFValueType.STRING)
     w.add_array("tokenizer.ggml.token_type", tokenizer.token_types, GGUFValueType.INT32)
     w.add_array("tokenizer.ggml.merges", [f"{a} {b}" for a, b in tokenizer.merges], GGUFValueType.STRING)
-    for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
-                       ("unknown_token_id", tokenizer.unk_id), ("padding_token_id", tokenizer.pad_id)):
-        if value is not None:
-            w.add_uint32(f"tokenizer.ggml.{key}", value)
-    w.add_bool("tokenizer.ggml.add_bos_token", tokenizer.add_bos_default)
-    w.add_bool("tokenizer.ggml.add_eos_token", False)
-    w.add_string("tokenizer.chat_template", template_text(c.chat_format))
+    _write_special_ids(w, c, tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id, tokenizer.pad_id,
+                       tokenizer.add_bos_default)
 
 
 def write_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
@@ -121,11 +116,16 @@ def write_tokenizer(w: GGUFWriter, tokenizer, c) -> None:
     w.add_array("tokenizer.ggml.tokens", tok["tokens"], GGUFValueType.STRING)
     w.add_array("tokenizer.ggml.scores", tok["scores"], GGUFValueType.FLOAT32)
     w.add_array("tokenizer.ggml.token_type", tok["types"], GGUFValueType.INT32)
-    for key, value in (("bos_token_id", tok["bos"]), ("eos_token_id", tok["eos"]),
-                       ("unknown_token_id", tok["unk"]), ("padding_token_id", tok["pad"])):
+    _write_special_ids(w, c, tok["bos"], tok["eos"], tok["unk"], tok["pad"], tok["add_bos"])
+
+
+def _write_special_ids(w: GGUFWriter, c, bos, eos, unk, pad, add_bos: bool) -> None:
+    """The special ids that exist, the add-BOS/EOS flags and the chat template of config `c` (both vocabularies)."""
+    for key, value in (("bos_token_id", bos), ("eos_token_id", eos), ("unknown_token_id", unk),
+                       ("padding_token_id", pad)):
         if value is not None:
             w.add_uint32(f"tokenizer.ggml.{key}", value)
-    w.add_bool("tokenizer.ggml.add_bos_token", tok["add_bos"])
+    w.add_bool("tokenizer.ggml.add_bos_token", add_bos)
     w.add_bool("tokenizer.ggml.add_eos_token", False)
     w.add_string("tokenizer.chat_template", template_text(c.chat_format))
 

@@ -334,21 +334,8 @@ def teacher_files(ctx: Context) -> dict[str, Path]:
 
 def _read_teacher(path: Path, keys: tuple[str, ...]) -> list[dict]:
     """The records of a teacher JSONL file that have `keys`; a malformed line names the file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if not line.endswith("\n"):
-                    break  # a torn last line of a run that is still writing: the resumable writer redoes it
-                raise RecipeError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or any(k not in rec for k in keys):
-                raise RecipeError(f"{path}:{n}: expected an object with {', '.join(keys)}")
-            out.append(rec)
-    return out
+    from pocketlm.data.records import read_records
+    return read_records(path, keys, error=RecipeError)
 
 
 def load_teacher(ctx: Context) -> dict[str, list[dict]]:

@@ -13,6 +13,16 @@ This is how the default model is made since issue 17 (see its MODEL_CARD.md). St
    look-alikes ("How do I kill a Python process?"), so that the boundary is learned and not a habit of refusing
    (the report's break-fix idea); cross-entropy on the assistant turns only, weighted `safety_weight`. A first
    run with refusals alone (weight 0.3) refused "Write a Python function that reverses a string." at step 60.
+   With `lesson_rows` > 0, that many sequences per step are procedural lessons (`pocketlm.data.synthetic`:
+   worked arithmetic, word problems, logic, unit conversion, Python, verified by computing them; seed `seed`, the
+   namespace the recipes train on, not the held-out sets'), trained by cross-entropy: the teacher cannot do
+   that arithmetic, so its distribution is not worth copying there.
+   With `policy_rows` > 0, that many sequences per step are the student's own greedy replies (at most
+   `policy_tokens` tokens) to the first user turn of a teacher chat, scored by the same KL divergence to the
+   teacher on the reply's positions (on-policy distillation, Agarwal et al. 2024, "GKD"): teacher-forced KD never
+   shows the student its own mistakes, and greedy loops ("the city of the capital of the ...") are one of them.
+   `init` starts from another run folder's student (its vocabulary and weights, a fresh optimizer and schedule):
+   a second phase, e.g. lessons added after a first heal.
 3. **Export** (`--export FILE`): a Q4_0 GGUF file (phi3 architecture, the cut "gpt2" vocabulary, the ChatML
    template) that `pocketlm run` and llama.cpp load.
 
@@ -37,6 +47,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from pocketlm.data.records import read_records
 from pocketlm.errors import ConfigError
 from pocketlm.train import prune
 
@@ -61,6 +72,10 @@ class DistillConfig:
     save_every: int = 20
     seed: int = 0
     safety_weight: float = 0.2
+    lesson_rows: int = 0
+    policy_rows: int = 0
+    policy_tokens: int = 96
+    init: str = ""
 
     def __post_init__(self):
         for name in ("vocab", "intermediate", "steps", "batch", "seq", "save_every"):
@@ -68,6 +83,12 @@ class DistillConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.batch < 2:
             raise ConfigError(f"--batch must be at least 2 (one refusal sequence per step), got {self.batch}")
+        if self.lesson_rows < 0 or self.policy_rows < 0 or self.batch - 1 - self.lesson_rows - self.policy_rows < 1:
+            raise ConfigError(f"--lesson-rows and --policy-rows must be >= 0 and leave at least one distillation "
+                              f"sequence of --batch {self.batch} (one is the safety sequence), got "
+                              f"{self.lesson_rows} and {self.policy_rows}")
+        if self.policy_rows and not 0 < self.policy_tokens < self.seq:
+            raise ConfigError(f"--policy-tokens must be in 1..{self.seq - 1} (below --seq), got {self.policy_tokens}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not self.safety_weight >= 0:
@@ -80,18 +101,6 @@ class DistillConfig:
         p = (step - WARMUP) / max(1, self.steps - WARMUP)
         r = self.min_lr_ratio
         return self.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL file; a torn or malformed line (a writer still running) is skipped."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
 
 
 def teacher_vocabulary(path: Path) -> tuple[list[str], list[int], list[tuple[str, str]]]:
@@ -140,7 +149,7 @@ def load_data(teacher_data: Path, corpus: Path | None, corpus_files: list[str]) 
     files = [teacher_data / "chats.jsonl", teacher_data / "knowledge.jsonl"]
     if not files[0].is_file():
         raise ConfigError(f"{files[0]} is missing: --teacher-data names a `pocketlm data teacher` folder")
-    chats = [c for f in files if f.is_file() for c in read_jsonl(f)]
+    chats = [c for f in files if f.is_file() for c in read_records(f, ("messages",), error=ConfigError)]
     refuse = [c for c in chats if c.get("meta", {}).get("domain") == "harmful"]
     benign = [c for c in chats if c.get("meta", {}).get("domain") == "benign"]
     if not refuse:
@@ -153,7 +162,7 @@ def load_data(teacher_data: Path, corpus: Path | None, corpus_files: list[str]) 
         p = corpus / f"{name}.jsonl"
         if not p.is_file():
             raise ConfigError(f"corpus file {p} is missing")
-        docs += [d["text"] for d in read_jsonl(p) if d.get("text")]
+        docs += [d["text"] for d in read_records(p, error=ConfigError) if d.get("text")]
     return Data(chats, refuse, benign, kd_chats, docs)
 
 
@@ -179,9 +188,12 @@ def build_student(teacher, teacher_tok, vocab, data: Data, cfg: DistillConfig):
     return student, keep
 
 
-def streams(kind: str, seed: int, data: Data, tok, seq: int) -> Iterator[tuple[list[int], list[int]]]:
+def streams(kind: str, seed: int, data: Data, tok, seq: int, *, lesson_seed: int = 0
+            ) -> Iterator[tuple[list[int], list[int]]]:
     """Packed (ids, labels) rows of seq + 1 tokens; labels are -100 where a row is not trained ("safety": all but
-    the assistant turns and their <|im_end|>)."""
+    the assistant turns and their <|im_end|>). "lessons": procedural documents of `lesson_seed`, from an index
+    drawn by `seed`."""
+    from pocketlm.data import synthetic
     r = random.Random(seed)
     im_end = tok.token_to_id("<|im_end|>")
     sep = tok.token_to_id("<|endoftext|>")
@@ -199,6 +211,10 @@ def streams(kind: str, seed: int, data: Data, tok, seq: int) -> Iterator[tuple[l
             buf += ids
             lab += [t if m or (i > 0 and mask[i - 1] and t == im_end) else -100
                     for i, (t, m) in enumerate(zip(ids, mask))]
+        elif kind == "lessons":
+            ids = tok.encode(synthetic.make_document(lesson_seed, r.randrange(1 << 40)).text) + [sep]
+            buf += ids
+            lab += ids
         else:
             if r.random() < 0.5 or not data.docs:
                 ids = tok.encode_parts(_chat_parts(r.choice(data.kd_chats), tok))
@@ -228,6 +244,53 @@ def _saved_student(teacher, out: Path, cfg: DistillConfig, keep: list[int]):
     return teacher
 
 
+def policy_batch(student, data: Data, tok, r: random.Random, n: int, seq: int, max_new: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """n of the student's greedy replies to teacher-chat prompts: (ids (n, L), mask (n, L)), mask 1 at the positions
+    whose next-token distribution is scored (the last prompt position and every reply position but a final
+    <|im_end|>); rows are padded with <|endoftext|> at mask 0."""
+    from pocketlm import chat
+    from pocketlm.engine.generate import generate_ids
+    from pocketlm.engine.sampling import SamplingParams
+    im_end, sep = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    params = SamplingParams(temperature=0.0, max_tokens=max_new)
+    rows = []
+    for _ in range(n):
+        msgs = r.choice(data.kd_chats)["messages"]
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+        prompt = tok.encode_parts(chat.render_parts(msgs[:first + 1], tok, add_generation_prompt=True,
+                                                    format=chat.CHATML))[-(seq - max_new):]
+        reply = list(generate_ids(student, prompt, params, stop_token_ids=[im_end]))
+        scored = len(reply) - (1 if reply and reply[-1] == im_end else 0)
+        rows.append((prompt + reply, len(prompt) - 1, len(prompt) + scored))
+    width = max(len(ids) for ids, _, _ in rows)
+    x = torch.full((n, width), sep, dtype=torch.long)
+    mask = torch.zeros((n, width))
+    for i, (ids, a, b) in enumerate(rows):
+        x[i, :len(ids)] = torch.tensor(ids)
+        mask[i, a:b] = 1
+    return x, mask
+
+
+def _kl(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position, (..., V) -> (...)."""
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def _init_meta(init: Path, cfg: DistillConfig) -> dict:
+    """The state of the run folder `--init` names, checked against cfg's shapes."""
+    if not (init / "state.json").is_file():
+        raise ConfigError(f"--init {init}: not a `pocketlm distill` run folder (no state.json)")
+    meta = json.loads((init / "state.json").read_text())
+    icfg = DistillConfig(**meta["config"])
+    if (icfg.vocab, icfg.intermediate) != (cfg.vocab, cfg.intermediate):
+        raise ConfigError(f"--init {init} has --vocab {icfg.vocab} --intermediate {icfg.intermediate}; this run asks "
+                          f"for --vocab {cfg.vocab} --intermediate {cfg.intermediate}")
+    if meta["step"] == 0:
+        raise ConfigError(f"--init {init} has not trained a step yet")
+    return meta
+
+
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out
 
@@ -249,18 +312,23 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
     from pocketlm.formats.gguf_model import load_gguf
     from pocketlm.tokenizer import Tokenizer
 
+    state_path = out / "state.json"
+    init_meta = _init_meta(Path(cfg.init), cfg) if cfg.init and not state_path.is_file() else None
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_gguf(teacher_path, dequantize=True)
     teacher_tok = Tokenizer.from_pretrained(teacher_path)
     vocab = teacher_vocabulary(teacher_path)
-    state_path = out / "state.json"
     if state_path.is_file():
         meta = json.loads(state_path.read_text())
-        if meta["config"] != cfg.__dict__:
+        if DistillConfig(**meta["config"]) != cfg:
             raise ConfigError(f"{out} was started with {meta['config']}; this command asks for {cfg.__dict__}: "
                               "use another --out")
         keep = meta["keep"]
         student = _saved_student(copy.deepcopy(teacher), out, cfg, keep)
+    elif init_meta is not None:
+        keep = init_meta["keep"]
+        student = _saved_student(copy.deepcopy(teacher), Path(cfg.init), DistillConfig(**init_meta["config"]), keep)
+        meta = {"keep": keep, "step": 0, "config": cfg.__dict__}
     else:
         student, keep = build_student(teacher, teacher_tok, vocab, data, cfg)
         meta = {"keep": keep, "step": 0, "config": cfg.__dict__}
@@ -274,6 +342,9 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
     keep_t = torch.tensor(keep)
     kd_rows = streams("kd", 1000 + step, data, tok, cfg.seq)
     safety_rows = streams("safety", 2000 + step, data, tok, cfg.seq)
+    lesson_rows = streams("lessons", 3000 + step, data, tok, cfg.seq, lesson_seed=cfg.seed)
+    n_kd = cfg.batch - 1 - cfg.lesson_rows - cfg.policy_rows
+    policy_rng = random.Random(4000 + step)
     log = open(out / "log.jsonl", "a")
     start = time.monotonic()
     student.train()
@@ -281,21 +352,32 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
         if max_minutes is not None and time.monotonic() - start > max_minutes * 60:
             break
         t0 = time.monotonic()
-        kd = [next(kd_rows) for _ in range(cfg.batch - 1)]
+        kd = [next(kd_rows) for _ in range(n_kd)]
         rf = [next(safety_rows)]
+        ls = [next(lesson_rows) for _ in range(cfg.lesson_rows)]
         x = torch.tensor([row[0] for row in kd])  # (B-1, seq + 1)
         with torch.inference_mode():
-            t_logits = _logits(teacher(keep_t[x[:, :-1]]))  # (B-1, seq, teacher vocab)
+            t_logits = _logits(teacher(keep_t[x[:, :-1]]))  # (n_kd, seq, teacher vocab)
             t_logp = F.log_softmax(t_logits[..., keep_t].float(), -1).clone()  # over the kept tokens
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
         s_logp = F.log_softmax(_logits(student(x[:, :-1])).float(), -1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+        kl = _kl(t_logp, s_logp).mean()
         xr = torch.tensor([row[0] for row in rf])
         yr = torch.tensor([row[1] for row in rf])
         ce = F.cross_entropy(_logits(student(xr[:, :-1])).float().flatten(0, 1), yr[:, 1:].flatten(),
                              ignore_index=-100)
         loss = kl + cfg.safety_weight * ce
+        if cfg.policy_rows:
+            xp, mp = policy_batch(student, data, tok, policy_rng, cfg.policy_rows, cfg.seq, cfg.policy_tokens)
+            with torch.inference_mode():
+                tp = F.log_softmax(_logits(teacher(keep_t[xp]))[..., keep_t].float(), -1).clone()  # (n, L, V)
+            kl_p = (_kl(tp, F.log_softmax(_logits(student(xp)).float(), -1)) * mp).sum() / mp.sum().clamp(min=1)
+            loss = loss + kl_p
+        if ls:
+            xl = torch.tensor([row[0] for row in ls])  # (lesson_rows, seq + 1)
+            ce_l = F.cross_entropy(_logits(student(xl[:, :-1])).float().flatten(0, 1), xl[:, 1:].flatten())
+            loss = loss + ce_l
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -303,10 +385,16 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
         step += 1
         rec = {"step": step, "kl": round(kl.item(), 4), "ce_safety": round(ce.item(), 4), "lr": cfg.lr_at(step - 1),
                "s": round(time.monotonic() - t0, 2)}
+        if ls:
+            rec["ce_lessons"] = round(ce_l.item(), 4)
+        if cfg.policy_rows:
+            rec["kl_policy"] = round(kl_p.item(), 4)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if progress:
-            print(f"step {step}/{cfg.steps}  kl {rec['kl']:.4f}  safety ce {rec['ce_safety']:.4f}  "
+            lessons = f"  lessons ce {rec['ce_lessons']:.4f}" if ls else ""
+            lessons += f"  policy kl {rec['kl_policy']:.4f}" if cfg.policy_rows else ""
+            print(f"step {step}/{cfg.steps}  kl {rec['kl']:.4f}  safety ce {rec['ce_safety']:.4f}{lessons}  "
                   f"lr {rec['lr']:.2e}  {rec['s']:.1f} s", file=sys.stderr, flush=True)
         if step % cfg.save_every == 0 or step == cfg.steps:
             meta["step"] = step

