@@ -114,6 +114,7 @@ def warn_random_weights(name: str) -> None:
 # The one name of the embedded default model wherever a name is shown: chat's banner, serve's model id, eval's
 # chart (its config.json `_name_or_path`), the folder itself.
 DEFAULT_MODEL_NAME = "default-model"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / DEFAULT_MODEL_NAME
 
 
 def gguf_folder_file(path: str | os.PathLike) -> Path | None:
@@ -127,12 +128,14 @@ def gguf_folder_file(path: str | os.PathLike) -> Path | None:
 
 
 def default_model_path() -> Path:
-    """The embedded default model: `pocketlm/assets/default-model/` (official layout, bf16, made by
-    `pocketlm recipe nano`; see its MODEL_CARD.md). Raises ConfigError when it is not installed."""
-    folder = Path(__file__).resolve().parent / "assets" / DEFAULT_MODEL_NAME
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"the default model is not installed ({folder} has no config.json); name a model, or "
-                          "make one with `pocketlm recipe nano --export-model " + str(folder) + "`")
+    """The embedded default model: the folder `pocketlm/assets/default-model/`, holding either a checkpoint
+    (config.json and weights) or exactly one GGUF file (`gguf_folder_file`); see its MODEL_CARD.md. Raises
+    ConfigError when it is not installed."""
+    folder = DEFAULT_MODEL_DIR
+    if not (folder / "config.json").is_file() and gguf_folder_file(folder) is None:
+        raise ConfigError(f"the default model is not installed ({folder} has neither a config.json nor one .gguf "
+                          "file); name a model, or make one with `pocketlm distill ... --export "
+                          f"{folder}/model.q4_0.gguf`")
     return folder
 
 

@@ -93,16 +93,20 @@ def _sampling(args) -> dict:
 
 
 def _use_default_model(args) -> None:
-    """MODEL omitted (run, chat, serve): the embedded default model, quantized to Q8_0 while loading so that it
-    runs on the CPU kernels (measured: the same greedy replies as float32, 2.5x its decode tokens/s, a quarter
-    of its load time; served, 16x one stream's tokens/s), unless --quantize, --dtype or a --device other than
-    the CPU says otherwise (--dtype alone: that float dtype, unquantized)."""
+    """MODEL omitted (run, chat, serve): the embedded default model. Stored as a quantized GGUF it runs on the CPU
+    kernels as it is; stored as float weights it is quantized to Q8_0 while loading so that it does (measured on
+    the float `small-cpu` default: the same greedy replies as float32, 2.5x its decode tokens/s, a quarter of its
+    load time; served, 16x one stream's tokens/s), unless --quantize, --dtype or a --device other than the CPU
+    says otherwise (--dtype alone: that float dtype, unquantized)."""
     if args.model is None:
-        from pocketlm.api import DEFAULT_MODEL_NAME, default_model_path
-        args.model = str(default_model_path())
+        from pocketlm.api import DEFAULT_MODEL_NAME, default_model_path, gguf_checkpoint_dtype, gguf_folder_file
+        folder = default_model_path()
+        args.model = str(folder)
         args.store_name = getattr(args, "store_name", None) or DEFAULT_MODEL_NAME  # the name chat shows
+        gguf = gguf_folder_file(folder)
+        stored_quantized = gguf is not None and gguf_checkpoint_dtype(gguf)[1]
         if args.dtype is None and hasattr(args, "quantize") and args.quantize is None and \
-                getattr(args, "device", "cpu") == "cpu":
+                getattr(args, "device", "cpu") == "cpu" and not stored_quantized:
             args.quantize = "q8_0"
         if args.dtype is None:
             args.dtype = "float32"
@@ -126,7 +130,8 @@ def _tokenizer_for(args, model):
         return _check_vocab(Phi3SmallTokenizer.from_pretrained(args.tokenizer or args.model), model)
     source = args.tokenizer
     if source is None:
-        p = Path(args.model)
+        from pocketlm.api import gguf_folder_file
+        p = gguf_folder_file(args.model) or Path(args.model)  # the default model's folder: its one GGUF file
         folder = p if p.is_dir() else p.parent
         if p.suffix == ".gguf" and p.is_file():
             from pocketlm.formats.gguf import GGUFFile

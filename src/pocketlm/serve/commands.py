@@ -101,7 +101,6 @@ def run(args) -> int:
 
     from pocketlm.api import load
     from pocketlm.serve.app import HostPolicy, ServerConfig, create_app, uvicorn_options
-    from pocketlm.tokenizer import Tokenizer
 
     if args.threads is not None:
         if args.threads < 1:
@@ -136,18 +135,8 @@ def run(args) -> int:
     model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     from pocketlm.cli import apply_kv_cache
     apply_kv_cache(model, args.kv_cache, what=args.model, fast=False)  # slots, prefills and the prefix cache
-    source = args.tokenizer
-    if source is None:
-        p = Path(args.model)
-        folder = p if p.is_dir() else p.parent
-        if p.suffix == ".gguf":
-            source = p
-        elif p.exists() and any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
-            source = folder
-    tok = Tokenizer.from_pretrained(source) if source is not None else Tokenizer.default()
-    if getattr(model.config, "model_type", "phi3") == "phi3small":  # cl100k_base + its specials (tokenizer_small)
-        from pocketlm.tokenizer_small import Phi3SmallTokenizer
-        tok = Phi3SmallTokenizer.from_pretrained(args.tokenizer or args.model)
+    from pocketlm.cli import _tokenizer_for
+    tok = _tokenizer_for(args, model)  # as `run` finds it: --tokenizer, the GGUF's vocabulary, the folder's files
     if args.context_length is not None and not 0 < args.context_length <= model.config.max_position_embeddings:
         raise ConfigError(f"--context-length {args.context_length} is outside [1, "
                           f"{model.config.max_position_embeddings}]")
