@@ -13,8 +13,8 @@ vocabularies compare directly.
     python bench/bench_default_model.py --corpus data/corpus --models default --merge # one model, beside the others
 
 Prints one row per model and writes bench/results/default_model.json (every number, the manifest of the sets).
-Measured for the distilled SmolLM2 (step 160 of 260) against the `small-cpu` default: bench/results/
-distill_vs_default.json.
+Measured for the distilled SmolLM2 (steps 160 and 260, and a second phase) against the `small-cpu` default:
+bench/results/distill_vs_default.json.
 """
 
 from __future__ import annotations
