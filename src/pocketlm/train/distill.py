@@ -1,6 +1,7 @@
 """`pocketlm distill`: a small student cut out of a byte-level-BPE teacher GGUF and healed by logit distillation.
 
-This is how the default model is made since issue 17 (see its MODEL_CARD.md). Steps, in one resumable run folder:
+How candidates for the default model are made (README: "A candidate to replace it"; none has passed the
+replacement rule yet). Steps, in one resumable run folder:
 1. **Prune** (`pocketlm.train.prune`): the vocabulary is cut to `--vocab` tokens by their counts in the training
    text (chats and a sample of corpus documents), and every MLP to its `--intermediate` most active channels on
    200 teacher chats. Both cuts copy the teacher's weights; the student starts close to the teacher.
