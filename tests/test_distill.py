@@ -1,5 +1,5 @@
 """Structured pruning (pocketlm.train.prune), `pocketlm distill` (pocketlm.train.distill) and the byte-level BPE
-GGUF export they rely on: the default model's pipeline since issue 17, on tiny models built here."""
+GGUF export they rely on: the pipeline of candidate default models, on tiny models built here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Cut a small student out of a teacher GGUF and heal it by logit distillation (how candidate default models are made).
+"""Cut a small student out of a teacher GGUF and heal it by logit distillation (candidate default models).
 
   pocketlm distill TEACHER.gguf --out RUN --teacher-data recipe-data/teacher-smollm2 --corpus data/corpus \\
       --corpus-files wordnet,wordnet,gcide,debian-handbook,python-doc --export FILE.gguf
