@@ -194,7 +194,8 @@ def test_second_phase_starts_from_a_run_and_adds_lessons(tmp_path, vocab, teache
     assert "has --vocab 400 --intermediate 40" in capsys.readouterr().err and not second.exists()
     assert main(_distill_args(teacher, data, corpus, second, "--init", str(first), "--lesson-rows", "2")) == 2
     assert "--lesson-rows and --policy-rows must be >= 0 and leave at least one" in capsys.readouterr().err
-    phase2 = ("--init", str(first), "--batch", "4", "--lesson-rows", "1", "--policy-rows", "1", "--policy-tokens", "8")
+    phase2 = ("--init", str(first), "--batch", "4", "--lesson-rows", "1", "--policy-rows", "1", "--policy-tokens", "8",
+              "--unlikelihood", "0.5")
     assert main(_distill_args(teacher, data, corpus, second, *phase2, "--steps", "2", "--max-minutes", "0")) == 0
     a, b = load_file(str(first / "student.safetensors")), load_file(str(second / "student.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # starts as the first run ended
@@ -202,17 +203,31 @@ def test_second_phase_starts_from_a_run_and_adds_lessons(tmp_path, vocab, teache
     assert s2["keep"] == s1["keep"] and s2["step"] == 0
     assert main(_distill_args(teacher, data, corpus, second, *phase2, "--steps", "2")) == 0  # resumes its own run
     log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2] and all(r["ce_lessons"] > 0 and r["kl_policy"] >= 0 for r in log)
+    assert [r["step"] for r in log] == [1, 2]
+    assert all(r["ce_lessons"] > 0 and r["kl_policy"] >= 0 and r["unlikelihood"] >= 0 for r in log)
     tok = distill.student_tokenizer(*vocab, s1["keep"], teacher_tok)
     row = next(distill.streams("lessons", 0, None, tok, 400, lesson_seed=0))[0]
     assert "Answer:" in tok.decode(row)  # worked lessons, not corpus text
     student, _ = distill.load_student(teacher, second)
-    x, mask = distill.policy_batch(student, distill.load_data(data, None, []), tok, random.Random(0), 3, 32, 8)
+    x, mask, repeats = distill.policy_batch(student, distill.load_data(data, None, []), tok, random.Random(0), 3, 32,
+                                            8)
     im_end = tok.token_to_id("<|im_end|>")
-    for ids, m in zip(x.tolist(), mask.tolist()):
+    for ids, m, rp in zip(x.tolist(), mask.tolist(), repeats.tolist()):
         a, b = m.index(1), len(m) - m[::-1].index(1)
         assert sum(m) == b - a and 1 <= b - a <= 9  # one span: the last prompt position and the reply's
         assert tok.decode(ids[:a + 1]).endswith("<|im_start|>assistant\n") and im_end not in ids[a + 1:b]
+        assert [p for p, v in enumerate(rp) if v] == distill.repeat_positions(ids[:b], a + 1)
+    with pytest.raises(ConfigError, match="--unlikelihood must be >= 0 and needs --policy-rows"):
+        distill.DistillConfig(unlikelihood=0.5)
+
+
+def test_repeat_positions_mark_the_steps_that_repeat_a_reply_4_gram():
+    # prompt 9 9 | reply 1 2 3 4 1 2 3 4 1 5: the second "1 2 3 4" is a repeat from its 4th token on, and so is
+    # the "2 3 4 1" after it; the prompt's tokens never count
+    ids = [9, 9, 1, 2, 3, 4, 1, 2, 3, 4, 1, 5]
+    assert distill.repeat_positions(ids, 2) == [8, 9]  # positions predicting ids[9] (4) and ids[10] (1)
+    assert distill.repeat_positions([1, 2, 3, 4] * 2, 4) == []  # the first copy is the prompt
+    assert distill.repeat_positions([7] * 6, 0) == [3, 4]
 
 
 def test_distill_refuses_bad_input_before_training(tmp_path, vocab, teacher_tok, capsys):

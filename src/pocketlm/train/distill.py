@@ -22,6 +22,9 @@ replacement rule yet). Steps, in one resumable run folder:
    `policy_tokens` tokens) to the first user turn of a teacher chat, scored by the same KL divergence to the
    teacher on the reply's positions (on-policy distillation, Agarwal et al. 2024, "GKD"): teacher-forced KD never
    shows the student its own mistakes, and greedy loops ("the city of the capital of the ...") are one of them.
+   With `unlikelihood` > 0, a reply token that repeats a 4-gram of the same reply also gets the unlikelihood loss
+   -log(1 - p(token)) at that weight (Welleck et al. 2019, "Neural text generation with unlikelihood training"):
+   the teacher's own distribution inside a loop often continues it, so KL alone does not break loops.
    `init` starts from another run folder's student (its vocabulary and weights, a fresh optimizer and schedule):
    a second phase, e.g. lessons added after a first heal.
 3. **Export** (`--export FILE`): a Q4_0 GGUF file (phi3 architecture, the cut "gpt2" vocabulary, the ChatML
@@ -76,6 +79,7 @@ class DistillConfig:
     lesson_rows: int = 0
     policy_rows: int = 0
     policy_tokens: int = 96
+    unlikelihood: float = 0.0
     init: str = ""
 
     def __post_init__(self):
@@ -90,6 +94,9 @@ class DistillConfig:
                               f"{self.lesson_rows} and {self.policy_rows}")
         if self.policy_rows and not 0 < self.policy_tokens < self.seq:
             raise ConfigError(f"--policy-tokens must be in 1..{self.seq - 1} (below --seq), got {self.policy_tokens}")
+        if not self.unlikelihood >= 0 or (self.unlikelihood and not self.policy_rows):
+            raise ConfigError(f"--unlikelihood must be >= 0 and needs --policy-rows (it scores the student's own "
+                              f"replies), got {self.unlikelihood} with --policy-rows {self.policy_rows}")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if not self.safety_weight >= 0:
@@ -245,11 +252,28 @@ def _saved_student(teacher, out: Path, cfg: DistillConfig, keep: list[int]):
     return teacher
 
 
+REPEAT_N = 4
+
+
+def repeat_positions(ids: list[int], start: int, n: int = REPEAT_N) -> list[int]:
+    """Positions p >= start - 1 whose next token ids[p + 1] completes an n-gram that already occurred in
+    ids[start:p + 1] (the reply begins at `start`): the steps where a greedy reply repeats itself."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for j in range(start + n - 1, len(ids)):
+        gram = tuple(ids[j - n + 1:j + 1])
+        if gram in seen:
+            out.append(j - 1)
+        seen.add(gram)
+    return out
+
+
 def policy_batch(student, data: Data, tok, r: random.Random, n: int, seq: int, max_new: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n of the student's greedy replies to teacher-chat prompts: (ids (n, L), mask (n, L)), mask 1 at the positions
-    whose next-token distribution is scored (the last prompt position and every reply position but a final
-    <|im_end|>); rows are padded with <|endoftext|> at mask 0."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """n of the student's greedy replies to teacher-chat prompts: (ids (n, L), mask (n, L), repeats (n, L)), mask 1
+    at the positions whose next-token distribution is scored (the last prompt position and every reply position but
+    a final <|im_end|>), repeats 1 where the next token repeats a REPEAT_N-gram of the reply
+    (`repeat_positions`); rows are padded with <|endoftext|> at mask 0."""
     from pocketlm import chat
     from pocketlm.engine.generate import generate_ids
     from pocketlm.engine.sampling import SamplingParams
@@ -267,10 +291,12 @@ def policy_batch(student, data: Data, tok, r: random.Random, n: int, seq: int, m
     width = max(len(ids) for ids, _, _ in rows)
     x = torch.full((n, width), sep, dtype=torch.long)
     mask = torch.zeros((n, width))
+    repeats = torch.zeros((n, width))
     for i, (ids, a, b) in enumerate(rows):
         x[i, :len(ids)] = torch.tensor(ids)
         mask[i, a:b] = 1
-    return x, mask
+        repeats[i, repeat_positions(ids, a + 1)] = 1
+    return x, mask, repeats
 
 
 def _kl(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
@@ -370,11 +396,17 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
                              ignore_index=-100)
         loss = kl + cfg.safety_weight * ce
         if cfg.policy_rows:
-            xp, mp = policy_batch(student, data, tok, policy_rng, cfg.policy_rows, cfg.seq, cfg.policy_tokens)
+            xp, mp, rp = policy_batch(student, data, tok, policy_rng, cfg.policy_rows, cfg.seq, cfg.policy_tokens)
             with torch.inference_mode():
                 tp = F.log_softmax(_logits(teacher(keep_t[xp]))[..., keep_t].float(), -1).clone()  # (n, L, V)
-            kl_p = (_kl(tp, F.log_softmax(_logits(student(xp)).float(), -1)) * mp).sum() / mp.sum().clamp(min=1)
+            sp = F.log_softmax(_logits(student(xp)).float(), -1)  # (n, L, V)
+            kl_p = (_kl(tp, sp) * mp).sum() / mp.sum().clamp(min=1)
             loss = loss + kl_p
+            if cfg.unlikelihood:
+                nxt = torch.cat([xp[:, 1:], xp[:, -1:]], 1)  # the token each position predicts (last: unused)
+                p_rep = sp.gather(-1, nxt[..., None])[..., 0].exp()
+                ul = -(torch.log1p(-p_rep.clamp(max=1 - 1e-6)) * rp).sum() / mp.sum().clamp(min=1)
+                loss = loss + cfg.unlikelihood * ul
         if ls:
             xl = torch.tensor([row[0] for row in ls])  # (lesson_rows, seq + 1)
             ce_l = F.cross_entropy(_logits(student(xl[:, :-1])).float().flatten(0, 1), xl[:, 1:].flatten())
@@ -390,11 +422,14 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
             rec["ce_lessons"] = round(ce_l.item(), 4)
         if cfg.policy_rows:
             rec["kl_policy"] = round(kl_p.item(), 4)
+            rec["repeats"] = int(rp.sum().item())
+        if cfg.unlikelihood:
+            rec["unlikelihood"] = round(ul.item(), 4)
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if progress:
             lessons = f"  lessons ce {rec['ce_lessons']:.4f}" if ls else ""
-            lessons += f"  policy kl {rec['kl_policy']:.4f}" if cfg.policy_rows else ""
+            lessons += f"  policy kl {rec['kl_policy']:.4f}  repeats {rec['repeats']}" if cfg.policy_rows else ""
             print(f"step {step}/{cfg.steps}  kl {rec['kl']:.4f}  safety ce {rec['ce_safety']:.4f}{lessons}  "
                   f"lr {rec['lr']:.2e}  {rec['s']:.1f} s", file=sys.stderr, flush=True)
         if step % cfg.save_every == 0 or step == cfg.steps:

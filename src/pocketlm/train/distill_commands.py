@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"(on-policy distillation, against greedy loops; default {d.policy_rows})")
     p.add_argument("--policy-tokens", type=int, default=d.policy_tokens,
                    help=f"most tokens of each such reply (default {d.policy_tokens})")
+    p.add_argument("--unlikelihood", type=float, default=d.unlikelihood,
+                   help="weight of the unlikelihood loss on reply tokens that repeat a 4-gram of the same reply "
+                        f"(needs --policy-rows; default {d.unlikelihood})")
     p.add_argument("--init", default=d.init,
                    help="start from this run folder's student (same --vocab and --intermediate; fresh optimizer "
                         "and schedule): a second phase")
@@ -79,7 +82,7 @@ def run(args) -> int:
                                 batch=args.batch, seq=args.seq, lr=args.lr, save_every=args.save_every,
                                 seed=args.seed, safety_weight=args.safety_weight,
                                 lesson_rows=args.lesson_rows, policy_rows=args.policy_rows,
-                                policy_tokens=args.policy_tokens, init=str(Path(args.init).resolve()) if args.init else "")
+                                policy_tokens=args.policy_tokens, unlikelihood=args.unlikelihood, init=str(Path(args.init).resolve()) if args.init else "")
     files = [f for f in args.corpus_files.split(",") if f]
     data = distill.load_data(Path(args.teacher_data), Path(args.corpus) if args.corpus else None, files)
     out = Path(args.out)
