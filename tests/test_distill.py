@@ -201,7 +201,10 @@ def test_second_phase_starts_from_a_run_and_adds_lessons(tmp_path, vocab, teache
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # starts as the first run ended
     s1, s2 = (json.loads((r / "state.json").read_text()) for r in (first, second))
     assert s2["keep"] == s1["keep"] and s2["step"] == 0
-    assert main(_distill_args(teacher, data, corpus, second, *phase2, "--steps", "2")) == 0  # resumes its own run
+    with_progress = [a for a in _distill_args(teacher, data, corpus, second, *phase2, "--steps", "2")
+                     if a != "--no-progress"]
+    assert main(with_progress) == 0  # resumes its own run, printing each step
+    assert "step 2/2" in (err := capsys.readouterr().err) and "repeats" in err and "unlikelihood" in err
     log = [json.loads(line) for line in (second / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert all(r["ce_lessons"] > 0 and r["kl_policy"] >= 0 and r["unlikelihood"] >= 0 for r in log)

@@ -430,6 +430,7 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
         if progress:
             lessons = f"  lessons ce {rec['ce_lessons']:.4f}" if ls else ""
             lessons += f"  policy kl {rec['kl_policy']:.4f}  repeats {rec['repeats']}" if cfg.policy_rows else ""
+            lessons += f"  unlikelihood {rec['unlikelihood']:.4f}" if cfg.unlikelihood else ""
             print(f"step {step}/{cfg.steps}  kl {rec['kl']:.4f}  safety ce {rec['ce_safety']:.4f}{lessons}  "
                   f"lr {rec['lr']:.2e}  {rec['s']:.1f} s", file=sys.stderr, flush=True)
         if step % cfg.save_every == 0 or step == cfg.steps:
