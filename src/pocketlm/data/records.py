@@ -43,26 +43,12 @@ class Document:
         return cls(str(rec["id"]), rec["text"], dict(meta))
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) for each non-blank line of a JSONL file; bad JSON names the file and line."""
+def iter_jsonl(path: str | os.PathLike, *, error: type[Exception] = DataPipelineError,
+               torn_tail: bool = False) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for each non-blank line of a JSONL file; bad JSON raises `error` naming the file
+    and line. `torn_tail`: a last line without its newline that is not valid JSON ends the file instead (a
+    writer still appending; a resumable writer redoes it)."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataPipelineError(f"{path} line {n}: invalid JSON ({e})") from None
-
-
-def read_records(path: str | os.PathLike, keys: tuple[str, ...] = (), *,
-                 error: type[Exception] = DataPipelineError) -> list[dict]:
-    """The objects of a JSONL file that a generator may still be appending to (`pocketlm data teacher`): blank
-    lines are skipped and a torn last line (no newline yet) ends the file; any other bad line, or an object without
-    one of `keys`, raises `error` naming the file and line."""
-    path = Path(path)
-    out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -70,12 +56,22 @@ def read_records(path: str | os.PathLike, keys: tuple[str, ...] = (), *,
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                if not line.endswith("\n"):
-                    break  # the writer's torn last line: a resumable writer redoes it
-                raise error(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or any(k not in rec for k in keys):
-                raise error(f"{path}:{n}: expected an object" + (f" with {', '.join(keys)}" if keys else ""))
-            out.append(rec)
+                if torn_tail and not line.endswith("\n"):
+                    return
+                raise error(f"{path} line {n}: invalid JSON ({e})") from None
+            yield n, rec
+
+
+def read_records(path: str | os.PathLike, keys: tuple[str, ...] = (), *,
+                 error: type[Exception] = DataPipelineError) -> list[dict]:
+    """The objects of a JSONL file that a generator may still be appending to (`pocketlm data teacher`): blank
+    lines are skipped and a torn last line (no newline yet) ends the file; any other bad line, or an object without
+    one of `keys`, raises `error` naming the file and line."""
+    out = []
+    for n, rec in iter_jsonl(path, error=error, torn_tail=True):
+        if not isinstance(rec, dict) or any(k not in rec for k in keys):
+            raise error(f"{path}:{n}: expected an object" + (f" with {', '.join(keys)}" if keys else ""))
+        out.append(rec)
     return out
 
 

@@ -318,6 +318,20 @@ def _init_meta(init: Path, cfg: DistillConfig) -> dict:
     return meta
 
 
+def _kept_head(teacher, keep_t: torch.Tensor) -> None:
+    """Give the teacher an output head over the kept tokens only (rows `keep_t` of its tied embedding): its logits
+    come out already cut to the student's vocabulary, without computing the dropped rows every step."""
+    head = torch.nn.Linear(teacher.lm_head.in_features, len(keep_t), bias=False)
+    head.weight = torch.nn.Parameter(teacher.model.embed_tokens.weight.detach()[keep_t].clone(), requires_grad=False)
+    teacher.lm_head = head
+
+
+@torch.inference_mode()
+def _teacher_logp(teacher, keep_t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Teacher log-probabilities over the kept tokens for student ids (B, L) -> (B, L, kept); a normal tensor."""
+    return F.log_softmax(_logits(teacher(keep_t[ids])).float(), -1).clone()
+
+
 def _logits(out):
     return out.logits if hasattr(out, "logits") else out
 
@@ -367,6 +381,7 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
         _save(out, student, opt, meta)
     step = meta["step"]
     keep_t = torch.tensor(keep)
+    _kept_head(teacher, keep_t)  # the student was copied above with the full head
     kd_rows = streams("kd", 1000 + step, data, tok, cfg.seq)
     safety_rows = streams("safety", 2000 + step, data, tok, cfg.seq)
     lesson_rows = streams("lessons", 3000 + step, data, tok, cfg.seq, lesson_seed=cfg.seed)
@@ -382,10 +397,8 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
         kd = [next(kd_rows) for _ in range(n_kd)]
         rf = [next(safety_rows)]
         ls = [next(lesson_rows) for _ in range(cfg.lesson_rows)]
-        x = torch.tensor([row[0] for row in kd])  # (B-1, seq + 1)
-        with torch.inference_mode():
-            t_logits = _logits(teacher(keep_t[x[:, :-1]]))  # (n_kd, seq, teacher vocab)
-            t_logp = F.log_softmax(t_logits[..., keep_t].float(), -1).clone()  # over the kept tokens
+        x = torch.tensor([row[0] for row in kd])  # (n_kd, seq + 1)
+        t_logp = _teacher_logp(teacher, keep_t, x[:, :-1])  # (n_kd, seq, kept)
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(step)
         s_logp = F.log_softmax(_logits(student(x[:, :-1])).float(), -1)
@@ -397,8 +410,7 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
         loss = kl + cfg.safety_weight * ce
         if cfg.policy_rows:
             xp, mp, rp = policy_batch(student, data, tok, policy_rng, cfg.policy_rows, cfg.seq, cfg.policy_tokens)
-            with torch.inference_mode():
-                tp = F.log_softmax(_logits(teacher(keep_t[xp]))[..., keep_t].float(), -1).clone()  # (n, L, V)
+            tp = _teacher_logp(teacher, keep_t, xp)  # (n, L, kept)
             sp = F.log_softmax(_logits(student(xp)).float(), -1)  # (n, L, V)
             kl_p = (_kl(tp, sp) * mp).sum() / mp.sum().clamp(min=1)
             loss = loss + kl_p
