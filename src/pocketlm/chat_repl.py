@@ -33,6 +33,15 @@ from pocketlm.errors import PocketLMError, StoreError
 SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                  "repeat_penalty": "repetition_penalty", "seed": "seed", "num_predict": "max_tokens",
                  "stop": "stop"}
+
+
+def _repeat_penalty(args, model) -> float | None:
+    """--repetition-penalty, else the one the model file declares (shown by /show parameters), else None (off)."""
+    if args.repetition_penalty is not None:
+        return args.repetition_penalty
+    return getattr(model, "declared_repetition_penalty", None)
+
+
 _SAVE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 HELP = """Available commands:
   /set system TEXT            set the system message (\"\"\"...\"\"\" for several lines)
@@ -64,7 +73,7 @@ class ChatREPL:
         self.images: list = []  # vision models: the conversation's images, <|image_1|> ..
         self.pending_images: list = []  # /image: attached to the next message
         self.params: dict = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-                             "min_p": args.min_p, "repeat_penalty": args.repetition_penalty, "seed": args.seed,
+                             "min_p": args.min_p, "repeat_penalty": _repeat_penalty(args, model), "seed": args.seed,
                              "num_predict": args.max_tokens, "stop": list(args.stop)}
         if getattr(args, "num_ctx", None):
             self.params["num_ctx"] = args.num_ctx

@@ -50,7 +50,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1.0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages repeats, 1.0 = off (default: the one the model file declares, else off)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     g.add_argument("--chat-format", default=None, help="chat format name (default: the model's)")
@@ -226,7 +227,17 @@ def cmd_run(args) -> int:
     if args.verbose:
         _print_stats(result)
         _print_paths(model)
+        _print_declared_sampling(args, model)
     return 0
+
+
+def _print_declared_sampling(args, model, file=None) -> None:
+    """The repetition penalty the model file declares, when it was applied (no --repetition-penalty given)."""
+    from pocketlm.engine.sampling import model_repetition_penalty
+    penalty = model_repetition_penalty(model)
+    if args.repetition_penalty is None and penalty != 1.0:
+        print(f"repetition penalty:   {penalty:g} (the model file's default; --repetition-penalty 1 turns it off)",
+              file=file if file is not None else sys.stderr)
 
 
 def cmd_chat(args) -> int:

@@ -38,7 +38,7 @@ import torch
 
 from pocketlm.engine import cpu
 from pocketlm.engine.detok import IncrementalDecoder
-from pocketlm.engine.sampling import SamplingParams, make_generator, sample
+from pocketlm.engine.sampling import SamplingParams, make_generator, model_repetition_penalty, sample
 from pocketlm.errors import GenerationError
 
 DEFAULT_PREFILL_CHUNK_SIZE = 512
@@ -268,7 +268,10 @@ _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 
 
 def make_params(params: SamplingParams | None = None, **sampling) -> SamplingParams:
-    """SamplingParams from keyword arguments (or `params` with some fields replaced); unknown names raise."""
+    """SamplingParams from keyword arguments (or `params` with some fields replaced); unknown names raise. A
+    repetition_penalty of None counts as not given (the CLI's "the model's own")."""
+    if "repetition_penalty" in sampling and sampling["repetition_penalty"] is None:
+        sampling = {k: v for k, v in sampling.items() if k != "repetition_penalty"}
     unknown = sorted(set(sampling) - _PARAM_NAMES)
     if unknown:
         raise GenerationError(f"unknown sampling settings {unknown}; valid: {sorted(_PARAM_NAMES)}")
@@ -298,8 +301,11 @@ def stream_events(model, tokenizer, prompt_or_messages, *, params: SamplingParam
             extensions {"type": "regex", "regex": "..."} and {"type": "grammar", "grammar": "<Lark or GBNF>"}.
             Needs the `serve` extra (llguidance); a bad schema raises SchemaError.
         **sampling: any `SamplingParams` field (temperature, top_k, top_p, min_p, repetition_penalty, seed,
-            max_tokens, stop, stop_token_ids).
+            max_tokens, stop, stop_token_ids). Without `params`, a repetition_penalty left out (or None) is the
+            one the model's file declares (`sampling.model_repetition_penalty`; 1.0 when it declares none).
     """
+    if params is None and sampling.get("repetition_penalty") is None:
+        sampling["repetition_penalty"] = model_repetition_penalty(model)
     params = make_params(params, **sampling)
     if chat_format is None:
         chat_format = getattr(getattr(model, "config", None), "chat_format", None)

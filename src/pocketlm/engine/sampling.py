@@ -27,6 +27,33 @@ from pocketlm.errors import GenerationError
 MAX_STOP_STRINGS = 16
 
 
+# The repetition penalty a model file declares (`model_repetition_penalty`): llama.cpp's GGUF keys and HF's
+# generation_config.json field. pocketlm's penalty covers the whole context (prompt + output), which is
+# penalty_last_n = -1 in llama.cpp's terms; a file that declares another window is not followed (see below).
+GGUF_PENALTY_REPEAT = "general.sampling.penalty_repeat"
+GGUF_PENALTY_LAST_N = "general.sampling.penalty_last_n"
+
+
+def declared_repetition_penalty(value, last_n=-1) -> float | None:
+    """The repetition penalty a file declares, as pocketlm applies it, or None (none declared, 1.0, a window
+    other than the whole context, or a value that is not a number > 0). `last_n` is llama.cpp's
+    penalty_last_n (-1: the whole context; 0: penalties off; N: the last N tokens, which pocketlm does not
+    implement, so such a file's penalty is not applied rather than applied differently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        return None
+    if last_n != -1 or value == 1.0:
+        return None
+    return float(value)
+
+
+def model_repetition_penalty(model) -> float:
+    """The repetition penalty generation uses when the caller names none: the one the model's file declares
+    (`model.declared_repetition_penalty`, set by the GGUF and checkpoint loaders), else 1.0 (off). As in llama.cpp
+    (general.sampling.* keys) and HF transformers (generation_config.json), what the caller sets always wins."""
+    value = getattr(model, "declared_repetition_penalty", None)
+    return 1.0 if value is None else float(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Settings for one generation request.

@@ -62,6 +62,10 @@ class PocketLMBackend:
         self.max_length = max_length or model.config.max_position_embeddings
         self.batch_size = batch_size
         self.name = f"pocketlm:{model.config.name}" if getattr(model.config, "name", None) else "pocketlm"
+        # generation (greedy or sampled) applies the repetition penalty the model file declares, as HF's generate
+        # applies generation_config.json's; recorded in the results' config
+        from pocketlm.engine.sampling import model_repetition_penalty
+        self.repetition_penalty = model_repetition_penalty(model)
 
     # ---- tokenization (lm-eval `_encode_pair`) ----------------------------------------------------------------
 
@@ -157,7 +161,8 @@ class PocketLMBackend:
             if ids_len >= self.max_length:
                 raise EvalBackendError(f"prompt of {ids_len} tokens does not fit the {self.max_length}-token "
                                        "context; use fewer --shots")
-            sampling = {"temperature": temperature} | ({"seed": seed} if temperature > 0 else {})
+            sampling = {"temperature": temperature, "repetition_penalty": self.repetition_penalty} | \
+                ({"seed": seed} if temperature > 0 else {})
             r = generate_full(self.model, self.tok, p, max_tokens=budget, stop=list(stop),
                               chat_format=self.chat_format, **sampling) if isinstance(p, list) else \
                 generate_full(self.model, self.tok, p, max_tokens=budget, stop=list(stop), **sampling)

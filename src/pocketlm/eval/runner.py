@@ -122,6 +122,9 @@ def evaluate(backend, tasks: Sequence[Task], *, data_dir: Path | None = None, ov
     config = {"backend": getattr(backend, "name", type(backend).__name__), "limit": limit, "shots": shots,
               "seed": seed, "format": fmt, "chat": chat, "tasks": [t.name for t in tasks]} \
         | ({"code_isolation": isolation} if isolation else {}) | (extra_config or {})
+    penalty = getattr(backend, "repetition_penalty", 1.0)
+    if penalty != 1.0:  # generation tasks decode with the model file's declared penalty (HF: generation_config)
+        config["repetition_penalty"] = penalty
     for prep in prepared:
         task, docs, pool, n_shots = prep.task, prep.docs, prep.pool, prep.shots
         task_fmt = fmt if (fmt == "letter" and task.kind == "mc" and all(d.options for d in docs)) else "default"

@@ -517,10 +517,20 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None
             if out.shape != expected["lm_head.weight"]:
                 raise WeightFormatError(f"{path}: output has shape {out.shape}")
             model.lm_head = _linear(out, dtype, device, backend, dequantize)
+        model.declared_repetition_penalty = gguf_repetition_penalty(g)
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     assert not leftover, f"not loaded: {leftover[:5]}"
     kernels.release_free_memory()
     return model.eval()
+
+
+def gguf_repetition_penalty(g: GGUFFile) -> float | None:
+    """The repetition penalty a GGUF file declares for generation (llama.cpp's general.sampling.penalty_repeat
+    with penalty_last_n -1, the whole context, which is pocketlm's penalty), or None. llama.cpp's default window
+    when penalty_last_n is absent is the last 64 tokens, which pocketlm does not implement: such a file's
+    penalty is not applied (`sampling.declared_repetition_penalty`)."""
+    from pocketlm.engine.sampling import GGUF_PENALTY_LAST_N, GGUF_PENALTY_REPEAT, declared_repetition_penalty
+    return declared_repetition_penalty(g.metadata.get(GGUF_PENALTY_REPEAT), g.metadata.get(GGUF_PENALTY_LAST_N, 64))
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):

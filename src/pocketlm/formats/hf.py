@@ -96,12 +96,30 @@ def _phimoe_shapes(config: Phi3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generation_config(config: Phi3Config) -> dict:
+def generation_config(config: Phi3Config, repetition_penalty: float | None = None) -> dict:
     """generation_config.json: the Phi-3 instruct stop ids, or for Phi-3-small <|endoftext|> and <|end|> (the
-    ids its chat turns end with, tokenizer_small.py)."""
-    if config.model_type == "phi3small":
-        return {"bos_token_id": 100257, "eos_token_id": [100257, 100266]}
-    return GENERATION_CONFIG
+    ids its chat turns end with, tokenizer_small.py); with `repetition_penalty` (a model's declared one, see
+    `declared_repetition_penalty_of`) that field too, as HF transformers' generate reads it."""
+    out = {"bos_token_id": 100257, "eos_token_id": [100257, 100266]} if config.model_type == "phi3small" else \
+        dict(GENERATION_CONFIG)
+    if repetition_penalty is not None:
+        out["repetition_penalty"] = repetition_penalty
+    return out
+
+
+def declared_repetition_penalty_of(folder: str | os.PathLike) -> float | None:
+    """The `repetition_penalty` a checkpoint folder's generation_config.json declares (HF's generate applies it
+    over the whole sequence, as pocketlm does), or None: no file, no field, 1.0, or not a number > 0. A
+    generation_config.json that is not valid JSON raises WeightFormatError naming it."""
+    from pocketlm.engine.sampling import declared_repetition_penalty
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightFormatError(f"{path}: not a readable JSON file ({e})") from None
+    return declared_repetition_penalty(data.get("repetition_penalty")) if isinstance(data, dict) else None
 
 
 def model_class(config: Phi3Config) -> type:
@@ -173,6 +191,12 @@ def load_checkpoint(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         config = Phi3Config.from_json_file(folder / "config.json")
         config = config.replace(chat_format=chat_format_of(folder, default=config.chat_format))
     dtype = resolve_dtype("float32" if dtype is None and quantize is not None else dtype, config)
+    model = _read_checkpoint(path, config, dtype, device, quantize)
+    model.declared_repetition_penalty = declared_repetition_penalty_of(folder)
+    return model
+
+
+def _read_checkpoint(path: Path, config: Phi3Config, dtype: torch.dtype, device, quantize: str | None):
     with CheckpointReader(path) as reader:
         expected = check_files_match(config, reader, path)  # before the model is allocated
         for n in expected:
@@ -338,7 +362,8 @@ def save_checkpoint(model: Phi3ForCausalLM, folder: str | os.PathLike, *, dtype:
     target = resolve_dtype(dtype, config) if dtype is not None else next(model.parameters()).dtype
     dtype_name = {v: k for k, v in DTYPES.items()}[target]
     config.replace(torch_dtype=dtype_name).save_json(folder / "config.json")
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+    gen = generation_config(config, getattr(model, "declared_repetition_penalty", None))
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     params = dict(model.named_parameters())
     tensors = ((n, params[n].detach().to("cpu", target)) for n in expected_shapes(config))
     write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})

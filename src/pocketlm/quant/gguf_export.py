@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pocketlm.chat import template_text
+from pocketlm.engine.sampling import GGUF_PENALTY_LAST_N, GGUF_PENALTY_REPEAT
 from pocketlm.errors import WeightFormatError
 from pocketlm.formats.gguf import GGUFValueType
 from pocketlm.formats.gguf_model import TENSOR_NAMES
@@ -239,6 +240,10 @@ def export_gguf(model, path: str | os.PathLike, *, tokenizer=None, scheme: str |
     if c.rope_scaling is not None:
         w.add_float32("phi3.rope.scaling.attn_factor", c.rope_attention_factor)
     w.add_uint32("general.quantization_version", 2)
+    penalty = getattr(model, "declared_repetition_penalty", None)
+    if penalty is not None:  # the model's own generation default (sampling.model_repetition_penalty), as llama.cpp
+        w.add_float32(GGUF_PENALTY_REPEAT, penalty)  # reads it: over the whole context
+        w.add_int32(GGUF_PENALTY_LAST_N, -1)
     if scheme is not None:
         w.add_string("pocketlm.scheme", scheme)
     if keep_embeddings is not None:

@@ -45,7 +45,8 @@ def save_quantized(model: Phi3ForCausalLM, folder: str | os.PathLike, *, scheme:
     c = model.config
     c.save_json(folder / "config.json")
     from pocketlm.formats.hf import generation_config
-    (folder / "generation_config.json").write_text(json.dumps(generation_config(c), indent=2) + "\n")
+    gen = generation_config(c, getattr(model, "declared_repetition_penalty", None))
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     types = {}
     tensors = {}
     modules = dict(model.named_modules())
@@ -103,6 +104,8 @@ def load_quantized(folder: str | os.PathLike, *, dtype: torch.dtype = torch.floa
                 raise WeightFormatError(f"{path}: {name} has unknown type {t!r}")
             _install(model, name, t, data.to(device), dtype, backend)
     kernels.release_free_memory()
+    from pocketlm.formats.hf import declared_repetition_penalty_of
+    model.declared_repetition_penalty = declared_repetition_penalty_of(folder)
     return model.eval()
 
 

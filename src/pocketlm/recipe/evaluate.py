@@ -41,13 +41,17 @@ def sample_chats(model, tokenizer, prompts, *, max_tokens: int) -> list[dict]:
     return out
 
 
-def simple_qa_scores(model, tokenizer) -> tuple[dict[str, float], list[dict]]:
-    """simple-qa (`pocketlm.eval.simple_qa`, greedy chat) as `pocketlm eval MODEL --tasks simple-qa` scores it:
+def simple_qa_scores(model, tokenizer, repetition_penalty: float | None = None) -> tuple[dict[str, float], list[dict]]:
+    """simple-qa (`pocketlm.eval.simple_qa`, greedy chat) as `pocketlm eval MODEL --tasks simple-qa` scores it
+    (with the repetition penalty the model file declares, unless `repetition_penalty` says otherwise):
     ({"qa_acc", "qa_refusal", "qa_over_refusal", "qa_degenerate"}, the per-item rows)."""
     from pocketlm.eval import simple_qa
     from pocketlm.eval.backends import PocketLMBackend
     from pocketlm.eval.runner import evaluate
-    out = evaluate(PocketLMBackend(model, tokenizer), [simple_qa.TASK], progress=False)
+    backend = PocketLMBackend(model, tokenizer)
+    if repetition_penalty is not None:
+        backend.repetition_penalty = repetition_penalty
+    out = evaluate(backend, [simple_qa.TASK], progress=False)
     metrics = out["results"][simple_qa.NAME]["metrics"]
     rows = [{"id": r["id"], "category": r["category"], "reply": r["generation"], "scores": r["scores"]}
             for r in out["samples"][simple_qa.NAME]]

@@ -442,6 +442,11 @@ def create_app(model, tokenizer, config: ServerConfig | None = None) -> FastAPI:
     hosts = HostPolicy(config.allowed_hosts, config.bind_host)
     if config.max_n > config.max_slots:
         config.max_n = config.max_slots  # a request must fit the slots at once
+    declared = getattr(model, "declared_repetition_penalty", None)
+    if declared is not None:  # the model file's own default fills requests that name none, below a Modelfile's
+        mf = dict(config.modelfile or {})
+        mf["parameters"] = {"repeat_penalty": declared} | dict(mf.get("parameters") or {})
+        config.modelfile = mf
     policy = fix_longrope_policy(model, ctx)
     metrics = Metrics()
     engine = Engine(model, tokenizer, max_slots=config.max_slots, max_queue=config.max_queue, context_length=ctx,

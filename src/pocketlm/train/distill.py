@@ -464,11 +464,15 @@ def load_student(teacher_path: Path, out: Path):
     return student.eval(), tok
 
 
-def export(student, tok, path: Path, *, name: str, scheme: str = "q4_0") -> dict:
-    """Write the student as a GGUF file (`scheme` for its weight matrices, the cut vocabulary, ChatML)."""
+def export(student, tok, path: Path, *, name: str, scheme: str = "q4_0",
+           repetition_penalty: float | None = None) -> dict:
+    """Write the student as a GGUF file (`scheme` for its weight matrices, the cut vocabulary, ChatML), declaring
+    `repetition_penalty` as its generation default (none: no penalty declared, whatever the teacher's file says)."""
     import dataclasses
 
+    from pocketlm.engine.sampling import declared_repetition_penalty
     from pocketlm.quant.gguf_export import export_gguf
+    student.declared_repetition_penalty = declared_repetition_penalty(repetition_penalty)
     student.config = dataclasses.replace(student.config, name=name)
     student.model.config = student.config
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,6 +65,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --export: write the last checkpoint even if the run has not reached --steps (say so "
                         "wherever the file is described: its learning rate had not decayed)")
     p.add_argument("--name", default="default-model", help="general.name of the exported file")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                   help="with --export: declare P in the file as its generation default (llama.cpp's "
+                        "general.sampling.penalty_repeat over the whole context), which `pocketlm run`, chat, "
+                        "serve and eval apply where the caller sets none; CTRL's paper suggests 1.2 for greedy "
+                        "decoding (default: none declared)")
     p.add_argument("--no-progress", action="store_true", help="no per-step line on stderr")
 
 
@@ -74,6 +79,8 @@ def run(args) -> int:
 
     from pocketlm.train import distill
     teacher = Path(args.teacher)
+    if args.repetition_penalty is not None and not (args.repetition_penalty > 0 and args.repetition_penalty < 100):
+        raise ConfigError(f"--repetition-penalty {args.repetition_penalty} must be a number in (0, 100)")
     if not teacher.is_file() or teacher.suffix != ".gguf":
         raise ConfigError(f"TEACHER {teacher} is not a .gguf file")
     if args.threads is not None:
@@ -93,6 +100,6 @@ def run(args) -> int:
             print(f"not exported: the run is at step {meta['step']} of {cfg.steps}; rerun to go on")
             return 0
         student, tok = distill.load_student(teacher, out)
-        distill.export(student, tok, Path(args.export), name=args.name)
+        distill.export(student, tok, Path(args.export), name=args.name, repetition_penalty=args.repetition_penalty)
         print(f"wrote {args.export} (step {meta['step']} of {cfg.steps})")
     return 0
