@@ -45,6 +45,8 @@ def test_gguf_round_trip_and_generation_default(tmp_path):
     with GGUFFile(path) as g:
         assert g.metadata[GGUF_PENALTY_REPEAT] == pytest.approx(1.5)
         assert g.metadata[GGUF_PENALTY_LAST_N] == -1  # pocketlm's penalty covers the whole context
+    export_gguf(_tiny(1.2), tmp_path / "p12.gguf", scheme="q8_0")
+    assert pocketlm.load(tmp_path / "p12.gguf").declared_repetition_penalty == 1.2  # not 1.2000000476837158
     model = pocketlm.load(path)
     assert model_repetition_penalty(model) == pytest.approx(1.5)
     tok = Tokenizer.default()
@@ -154,3 +156,18 @@ def test_eval_backend_decodes_with_the_declared_penalty_and_records_it():
                                                                        temperature=0, repetition_penalty=1.0)]
     assert "repetition_penalty" not in evaluate(PocketLMBackend(_tiny(), tok), [simple_qa.TASK], limit=2,
                                                 progress=False)["config"]
+
+
+def test_the_penalty_never_holds_back_the_stop_token():
+    # a chat prompt holds its end-of-turn id once per turn: penalized, it loses to the next-best token and the
+    # reply runs on (the distilled default at 1.2 ran "Hello, who are you?" to the token limit)
+    from pocketlm.engine.generate import _pick
+    from pocketlm.engine.sampling import SamplingParams, penalized_ids
+    end, other = 5, 9
+    logits = torch.zeros(16)
+    logits[end], logits[other] = 2.0, 1.8
+    params = SamplingParams(temperature=0, repetition_penalty=1.2)
+    sequence = [1, 3, end, 4, 7]  # the prompt's first turn ended with `end`
+    assert _pick(logits, params, None, sequence, 16, stops=frozenset({end})) == end
+    assert _pick(logits, params, None, sequence, 16) == other  # HF's rule: every id of the sequence
+    assert penalized_ids(sequence, frozenset({end})) == [1, 3, 4, 7] and penalized_ids(sequence, ()) == sequence

@@ -38,7 +38,8 @@ import torch
 
 from pocketlm.engine import cpu
 from pocketlm.engine.detok import IncrementalDecoder
-from pocketlm.engine.sampling import SamplingParams, make_generator, model_repetition_penalty, sample
+from pocketlm.engine.sampling import (SamplingParams, make_generator, model_repetition_penalty, penalized_ids,
+                                      sample)
 from pocketlm.errors import GenerationError
 
 DEFAULT_PREFILL_CHUNK_SIZE = 512
@@ -104,7 +105,7 @@ def next_logits(model, cache, sequence: Sequence[int], chunk_size: int = DEFAULT
 
 @torch.inference_mode()
 def _pick(logits: torch.Tensor, params: SamplingParams, generator, sequence: list[int], vocab_limit: int,
-          constraint=None) -> int:
+          constraint=None, stops: frozenset[int] = frozenset()) -> int:
     if vocab_limit < logits.shape[-1]:
         logits = logits.clone()
         logits[vocab_limit:] = -math.inf  # padding rows of the embedding: not real tokens
@@ -113,7 +114,7 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator, sequence: lis
         masked = torch.full_like(logits, -math.inf, dtype=torch.float32)
         masked[allowed] = logits.float()[allowed]
         logits = masked
-    seen = sequence if params.repetition_penalty != 1.0 else ()
+    seen = penalized_ids(sequence, stops) if params.repetition_penalty != 1.0 else ()
     return sample(logits, params, generator, seen_ids=seen)
 
 
@@ -179,11 +180,11 @@ def _decode_loop(model, sequence: list[int], params: SamplingParams, stops: froz
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)
                 try:
-                    token = _pick(logits, params, generator, sequence, vocab_limit, constraint)
+                    token = _pick(logits, params, generator, sequence, vocab_limit, constraint, stops)
                 finally:
                     torch.set_num_threads(threads)
             else:
-                token = _pick(logits, params, generator, sequence, vocab_limit, constraint)
+                token = _pick(logits, params, generator, sequence, vocab_limit, constraint, stops)
         if constraint is not None:
             constraint.advance(token)
         sequence.append(token)

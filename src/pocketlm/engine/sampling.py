@@ -46,6 +46,16 @@ def declared_repetition_penalty(value, last_n=-1) -> float | None:
     return float(value)
 
 
+def penalized_ids(sequence: Sequence[int], stop_ids) -> list[int]:
+    """The ids the repetition penalty covers: the sequence (prompt + output) less the stop ids. A chat prompt holds
+    its end-of-turn token once per turn, so penalizing it holds back the reply's own end: measured on the distilled
+    default model at 1.2, replies to "Hello, who are you?" ran to the token limit (HF transformers penalizes it;
+    pocketlm does not)."""
+    if not stop_ids:
+        return list(sequence)
+    return [t for t in sequence if t not in stop_ids]
+
+
 def model_repetition_penalty(model) -> float:
     """The repetition penalty generation uses when the caller names none: the one the model's file declares
     (`model.declared_repetition_penalty`, set by the GGUF and checkpoint loaders), else 1.0 (off). As in llama.cpp
@@ -63,8 +73,8 @@ class SamplingParams:
         top_k: keep only the k most likely tokens; 0 turns it off.
         top_p: nucleus sampling, keep the smallest set of tokens whose probability sums to at least top_p; 1 = off.
         min_p: drop tokens whose probability is below min_p times the top token's; 0 = off.
-        repetition_penalty: CTRL penalty over every token of prompt + output (divide positive logits, multiply
-            negative ones); 1 = off, > 1 discourages repeats.
+        repetition_penalty: CTRL penalty over the tokens of prompt + output (divide positive logits, multiply
+            negative ones) except the ids that end generation (`penalized_ids`); 1 = off, > 1 discourages repeats.
         seed: seeds the sampler's `torch.Generator`; the same seed gives the same output. None = random.
         max_tokens: most tokens to generate (the stop token counts).
         stop: strings that end generation; the output is cut before the first one. At most 16, none empty.

@@ -530,7 +530,10 @@ def gguf_repetition_penalty(g: GGUFFile) -> float | None:
     when penalty_last_n is absent is the last 64 tokens, which pocketlm does not implement: such a file's
     penalty is not applied (`sampling.declared_repetition_penalty`)."""
     from pocketlm.engine.sampling import GGUF_PENALTY_LAST_N, GGUF_PENALTY_REPEAT, declared_repetition_penalty
-    return declared_repetition_penalty(g.metadata.get(GGUF_PENALTY_REPEAT), g.metadata.get(GGUF_PENALTY_LAST_N, 64))
+    value = g.metadata.get(GGUF_PENALTY_REPEAT)
+    if isinstance(value, float):  # a float32 key: its shortest decimal (1.2, not 1.2000000476837158)
+        value = float(np.format_float_positional(np.float32(value)))
+    return declared_repetition_penalty(value, g.metadata.get(GGUF_PENALTY_LAST_N, 64))
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):

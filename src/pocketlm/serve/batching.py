@@ -85,7 +85,7 @@ from pocketlm.engine import cpu
 from pocketlm.engine.cpu_batch import BatchDecoder, argmax_rows
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
-from pocketlm.engine.sampling import SamplingParams, make_generator, sample
+from pocketlm.engine.sampling import SamplingParams, make_generator, penalized_ids, sample
 from pocketlm.errors import ConfigError, GenerationError
 from pocketlm.kvcache import dense, kv_store
 from pocketlm.model import KVCache
@@ -828,7 +828,8 @@ class Engine:
                 ids = torch.tensor(list(seq.counts), device=lg.device)
                 cnt = torch.tensor(list(seq.counts.values()), dtype=lg.dtype, device=lg.device)
                 lg[ids] -= gen.presence_penalty + gen.frequency_penalty * cnt
-        seen = seq.prompt + seq.out if seq.params.repetition_penalty != 1.0 else ()
+        seen = (penalized_ids(seq.prompt + seq.out, seq.req.gen.stop_token_ids)
+                if seq.params.repetition_penalty != 1.0 else ())
         c = seq.constraint
         if c is None:
             return sample(lg, seq.params, seq.generator, seen_ids=seen), lg
