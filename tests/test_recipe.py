@@ -262,29 +262,32 @@ def _default():
     return default_model_path()
 
 
-def test_default_model_is_in_the_official_layout_and_small():
-    from pocketlm.formats.safetensors_io import CheckpointReader
+def test_default_model_is_one_small_gguf_file_with_its_card():
+    # the shipped default (`pocketlm distill`, MODEL_CARD.md): one Q4_0 GGUF file that llama.cpp loads too (phi3
+    # architecture, its own byte-level vocabulary and ChatML template, its repetition penalty declared), under
+    # the 40 MiB budget of tracked weights
+    from pocketlm.api import gguf_folder_file
+    from pocketlm.formats.gguf import GGUFFile
     folder = _default()
-    names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-            "MODEL_CARD.md", "model.q4_0.gguf"} <= names
-    total = sum(p.stat().st_size for p in folder.iterdir())
-    assert total < 40 * 2**20, total
-    config = json.loads((folder / "config.json").read_text())
-    assert config["architectures"] == ["Phi3ForCausalLM"] and config["torch_dtype"] == "bfloat16"
-    with CheckpointReader(folder) as r:
-        assert {str(r.dtype(k)) for k in r.keys()} == {"torch.bfloat16"}
-        assert "model.layers.0.self_attn.qkv_proj.weight" in set(r.keys())
+    assert {p.name for p in folder.iterdir()} == {"MODEL_CARD.md", "model.q4_0.gguf"}
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 40 * 2**20
+    with GGUFFile(gguf_folder_file(folder)) as g:
+        assert g.architecture == "phi3" and g.metadata["general.name"] == "default-model"
+        assert g.metadata["tokenizer.ggml.model"] == "gpt2" and "<|im_start|>" in g.metadata["tokenizer.chat_template"]
+        assert abs(g.metadata["general.sampling.penalty_repeat"] - 1.2) < 1e-6
+        assert g.metadata["general.sampling.penalty_last_n"] == -1
+        assert {g.tensors[n].ggml_type for n in g.tensors if n.endswith("attn_qkv.weight")} == {2}  # Q4_0
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "pocketlm recipe small-cpu" in card and "## Evaluation" in card and "| baseline |" in card
+    assert "pocketlm distill" in card and "## Evaluation" in card and "## Limitations" in card
 
 
 def test_run_without_a_model_uses_the_default_and_stops(tmp_path):
-    # a separate process, as on a fresh machine (and cli._print_stats binds sys.stderr at import time)
+    # a separate process, as on a fresh machine (and cli._print_stats binds sys.stderr at import time): the README's
+    # first question gets a reply that ends with the end-of-turn token
     import subprocess
     import sys
     _default()
-    p = subprocess.run([sys.executable, "-m", "pocketlm.cli", "run", "What is 7 times 8?", "--max-tokens", "64",
+    p = subprocess.run([sys.executable, "-m", "pocketlm.cli", "run", "Hello, who are you?", "--max-tokens", "128",
                         "--verbose"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip()

@@ -63,11 +63,12 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args.model)
     if args.format == "gguf":
         from pocketlm.quant.gguf_export import check_exportable, export_gguf
+        from pocketlm.quant.gguf_tokenizer import ByteLevelBPETokenizer
         from pocketlm.tokenizer import Tokenizer
         check_exportable(model.config)
-        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
-            raise PocketLMError(f"{args.model}: GGUF export writes the Llama SentencePiece tokenizer; this model's "
-                                f"tokenizer is {type(tokenizer).__name__}")
+        if tokenizer is not None and not isinstance(tokenizer, (Tokenizer, ByteLevelBPETokenizer)):
+            raise PocketLMError(f"{args.model}: GGUF export writes a Llama SentencePiece or a byte-level BPE "
+                                f"(\"gpt2\") vocabulary; this model's tokenizer is {type(tokenizer).__name__}")
         types = export_gguf(model, out, tokenizer=tokenizer, scheme=args.scheme, keep_embeddings=args.keep_embeddings)
     else:
         from pocketlm.quant.linear import model_tensor_types, quantize_model
