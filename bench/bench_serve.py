@@ -54,8 +54,14 @@ NO_STOP: dict[str, float] = {}  # set by main: every special id of the served mo
 
 
 def model_tokenizer(model_name: str):
+    """The tokenizer `pocketlm serve` uses for --model: the default model's own (its GGUF file's vocabulary), the
+    Phi-3 tokenizer for a preset, else the model's."""
     from pocketlm import Tokenizer
-    return Tokenizer.default() if model_name in ("tiny", "default") else Tokenizer.from_pretrained(model_name)
+    if model_name == "default":
+        from pocketlm.api import default_model_path, gguf_folder_file
+        folder = default_model_path()
+        return Tokenizer.from_pretrained(gguf_folder_file(folder) or folder)
+    return Tokenizer.default() if model_name == "tiny" else Tokenizer.from_pretrained(model_name)
 
 
 def stop_bias(tok) -> dict[str, float]:
@@ -221,9 +227,13 @@ def generate_baseline(model_name: str, max_tokens: int, threads: int, n: int = 4
     from pocketlm.engine.generate import generate_full
 
     torch.set_num_threads(threads)
-    if model_name == "default":  # as `pocketlm serve` loads it: float32 weights, Q8_0 on the kernels
-        from pocketlm.api import default_model_path
-        model = pocketlm.load(str(default_model_path()), dtype="float32", quantize=quantize or "q8_0")
+    if model_name == "default":  # as `pocketlm serve` loads it (cli._use_default_model: a quantized GGUF as it is)
+        import argparse
+
+        from pocketlm.cli import _use_default_model
+        args = argparse.Namespace(model=None, dtype=None, quantize=quantize, device="cpu")
+        _use_default_model(args)
+        model = pocketlm.load(args.model, dtype=args.dtype, quantize=args.quantize)
     else:
         model = pocketlm.load(model_name, quantize=quantize)
     tok = model_tokenizer(model_name)

@@ -224,6 +224,41 @@ def test_second_phase_starts_from_a_run_and_adds_lessons(tmp_path, vocab, teache
         distill.DistillConfig(unlikelihood=0.5)
 
 
+def test_a_phase_starts_from_an_exported_student_gguf(tmp_path, vocab, teacher_tok, capsys):
+    """--init FILE.gguf: a shipped student (the default model) is trained further without the run folder that made
+    it: its tokens map back to the teacher's ids, its dequantized weights are the start."""
+    from pocketlm.cli import main
+    from pocketlm.formats.gguf_model import load_gguf
+    from pocketlm.tokenizer import Tokenizer
+    teacher, data, corpus = _teacher_files(tmp_path, vocab, teacher_tok)
+    first, gguf, second = tmp_path / "run", tmp_path / "s.gguf", tmp_path / "run2"
+    assert main(_distill_args(teacher, data, corpus, first, "--steps", "2", "--export", str(gguf))) == 0
+    keep = json.loads((first / "state.json").read_text())["keep"]
+    assert main(_distill_args(teacher, data, corpus, second, "--init", str(gguf), "--intermediate", "48")) == 2
+    assert f"has vocabulary {len(keep)} and MLP 40" in capsys.readouterr().err and not second.exists()
+    assert main(_distill_args(teacher, data, corpus, second, "--init", str(tmp_path / "absent.gguf"))) == 2
+    assert "absent.gguf: no such file" in capsys.readouterr().err
+    assert main(_distill_args(teacher, data, corpus, second, "--init", str(gguf), "--vocab", str(len(keep)),
+                              "--steps", "1", "--max-minutes", "0")) == 0
+    state = json.loads((second / "state.json").read_text())
+    assert state["keep"] == keep and state["step"] == 0  # the same vocabulary, found by the tokens' strings
+    student, _ = distill.load_student(teacher, second)
+    ids = torch.tensor([[5, 17, 101, 250]])
+    with torch.no_grad():  # the run starts from the file's own (Q4_0) weights, exactly
+        assert torch.allclose(student(ids), load_gguf(gguf, dequantize=True)(ids), atol=1e-5)
+    assert main(_distill_args(teacher, data, corpus, second, "--init", str(gguf), "--vocab", str(len(keep)),
+                              "--steps", "1")) == 0  # and trains on from there
+    assert json.loads((second / "state.json").read_text())["step"] == 1
+    other = tmp_path / "other.gguf"  # a file whose tokens the teacher does not have: refused, with one named
+    from pocketlm.quant.gguf_export import export_gguf
+    tokens, types, merges = distill.teacher_vocabulary(teacher)
+    tokens[keep[-1]] = "not-a-teacher-token"
+    tok = distill.student_tokenizer(tokens, types, merges, keep, Tokenizer.from_pretrained(teacher))
+    export_gguf(_tiny(vocab_size=len(tok), intermediate=40, chat_format="chatml"), other, tokenizer=tok)
+    assert main(_distill_args(teacher, data, corpus, tmp_path / "run3", "--init", str(other))) == 2
+    assert "1 of its tokens are not in the teacher's vocabulary (e.g. 'not-a-teacher-token')" in capsys.readouterr().err
+
+
 def test_repeat_positions_mark_the_steps_that_repeat_a_reply_4_gram():
     # prompt 9 9 | reply 1 2 3 4 1 2 3 4 1 5: the second "1 2 3 4" is a repeat from its 4th token on, and so is
     # the "2 3 4 1" after it; the prompt's tokens never count

@@ -78,6 +78,20 @@ def test_threads_give_identical_results():
     check_threads_identical("Q4_0", 512, 512)
 
 
+@pytest.mark.parametrize("type_name", TYPES + ("Q5_0", "Q5_1", "IQ4_NL") + K_TYPES)
+def test_a_row_does_not_depend_on_the_tokens_beside_it(type_name):
+    """A token's output row is bit-identical alone and inside a product of T tokens (the vector paths take tokens
+    in pairs or groups of 4/8, with a remainder): what makes a batched decode step or a prompt chunk give each
+    sequence the numbers of its own single run."""
+    rows, cols = 40, 512
+    packed = kernels.pack(random_bytes(type_name, rows, cols, seed=5), type_name, rows, cols)
+    x = torch.randn(11, cols, generator=torch.Generator().manual_seed(5)) * 3
+    together = kernels.gemm(packed, type_name, rows, x)
+    for t in range(x.shape[0]):
+        assert torch.equal(kernels.gemm(packed, type_name, rows, x[t:t + 1])[0], together[t]), t
+    assert torch.equal(kernels.gemm(packed, type_name, rows, x[1:8]), together[1:8])
+
+
 def test_default_threads_respects_environment(monkeypatch):
     monkeypatch.setenv("POCKETLM_NUM_THREADS", "3")
     assert kernels.default_threads() == 3
@@ -135,6 +149,7 @@ FORCED_ISA_CHECKS = [
     "tests/test_quant_kernels.py::test_gemm_equals_integer_emulation",
     "tests/test_quant_kernels.py::test_activation_rounding_matches_llama_cpp_x86",
     "tests/test_quant_kernels.py::test_threads_give_identical_results",
+    "tests/test_quant_kernels.py::test_a_row_does_not_depend_on_the_tokens_beside_it",
     "tests/test_quant_kernels.py::test_layer_keeps_one_copy_and_exports_original_bytes",
     "tests/test_quant_kernels.py::test_q8_k_activations_match_llama_cpp",
     "tests/test_quant_kernels.py::test_k_gemm_equals_integer_emulation",

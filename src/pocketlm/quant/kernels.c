@@ -699,75 +699,117 @@ static inline __m256i dot_u8s8(__m256i acc, __m256i w, __m256i a) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
 }
 
-static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
-                      const float *sa_f, int K, int T, float *y, int ldy) {
+/* NT (1 or 2) consecutive tokens against one tile: each weight block is loaded and unpacked once for all NT
+ * tokens. Q4_0/Q4_1 sum their 8 maddubs per block and half in int16 before one madd (8 * 2 * 15 * 128 = 30720
+ * fits), the other kinds madd after each maddubs as before; integer sums are exact either way, and the float
+ * accumulation per token is the same sequence as the one-token loop's, so y does not depend on NT or T. */
+static inline __attribute__((always_inline)) void tile_fast_tn(
+        int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
+        const float *sa_f, int K, int t, const int NT, float *y, int ldy) {
     const size_t bs = block_bytes(kind);
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    for (int t = 0; t < T; t++) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *bp = tp + b * bs;
-            const int8_t *a = qa + (size_t)t * K + b * QK;
-            const size_t ab = (size_t)t * nb + b;
-            const pl_i32u *a4 = (const pl_i32u *)a;  /* one vpbroadcastd from memory per dword */
-            __m256i s0, s1;
-            if (kind == KIND_Q8_0) {
-                /* the u8 codes (w + 128) back to signed w (one xor), then the sign trick: |w| <= 128 and
-                 * |a| <= 127 keep maddubs' s16 pair sums exact; the same int32 sums as sum((w + 128) a) - 128 sum a */
-                const __m256i flip = _mm256_set1_epi8((char)0x80);
-                s0 = _mm256_setzero_si256(); s1 = s0;
-                for (int c = 0; c < 8; c++) {
-                    const __m256i av = _mm256_set1_epi32(a4[c]);
-                    s0 = dot_s8s8(s0, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bp + 64 * c)), flip), av);
-                    s1 = dot_s8s8(s1, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32)), flip),
-                                  av);
-                }
-            } else {
-                s0 = _mm256_set1_epi32(-corr_k(kind) * sa_i[ab]); s1 = s0;
-                const int q5 = is_q5(kind);  /* codes up to 31: 2 * 31 * 128 fits the s16 pair sums */
-                const __m256i hb0 = q5 ? _mm256_loadu_si256((const __m256i *)(bp + 256)) : _mm256_setzero_si256();
-                const __m256i hb1 = q5 ? _mm256_loadu_si256((const __m256i *)(bp + 288)) : _mm256_setzero_si256();
-                for (int c = 0; c < 4; c++) {
-                    const __m256i v0 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c));
-                    const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32));
-                    const __m256i al = _mm256_set1_epi32(a4[c]), ah = _mm256_set1_epi32(a4[c + 4]);
-                    __m256i l0 = _mm256_and_si256(v0, low), l1 = _mm256_and_si256(v1, low);
-                    __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
-                    __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
-                    if (q5) {
-                        l0 = _mm256_or_si256(l0, hi1_256(hb0, c)); l1 = _mm256_or_si256(l1, hi1_256(hb1, c));
-                        h0 = _mm256_or_si256(h0, hi1_256(hb0, 4 + c)); h1 = _mm256_or_si256(h1, hi1_256(hb1, 4 + c));
-                    }
-                    if (kind == KIND_IQ4_NL) {
-                        const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4NL));
-                        s0 = dot_s8s8(s0, _mm256_shuffle_epi8(tbl, l0), al);
-                        s1 = dot_s8s8(s1, _mm256_shuffle_epi8(tbl, l1), al);
-                        s0 = dot_s8s8(s0, _mm256_shuffle_epi8(tbl, h0), ah);
-                        s1 = dot_s8s8(s1, _mm256_shuffle_epi8(tbl, h1), ah);
-                        continue;
-                    }
-                    s0 = dot_u8s8(s0, l0, al);
-                    s1 = dot_u8s8(s1, l1, al);
-                    s0 = dot_u8s8(s0, h0, ah);
-                    s1 = dot_u8s8(s1, h1, ah);
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    const int q4 = kind == KIND_Q4_0 || kind == KIND_Q4_1;
+    __m256 acc0[2], acc1[2];
+    for (int u = 0; u < NT; u++) { acc0[u] = _mm256_setzero_ps(); acc1[u] = _mm256_setzero_ps(); }
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *bp = tp + b * bs;
+        const pl_i32u *a4[2];  /* one vpbroadcastd from memory per dword */
+        size_t ab[2];
+        for (int u = 0; u < NT; u++) {
+            a4[u] = (const pl_i32u *)(qa + (size_t)(t + u) * K + b * QK);
+            ab[u] = (size_t)(t + u) * nb + b;
+        }
+        __m256i s0[2], s1[2];
+        if (kind == KIND_Q8_0) {
+            /* the u8 codes (w + 128) back to signed w (one xor), then the sign trick: |w| <= 128 and
+             * |a| <= 127 keep maddubs' s16 pair sums exact; the same int32 sums as sum((w + 128) a) - 128 sum a */
+            const __m256i flip = _mm256_set1_epi8((char)0x80);
+            for (int u = 0; u < NT; u++) { s0[u] = _mm256_setzero_si256(); s1[u] = s0[u]; }
+            for (int c = 0; c < 8; c++) {
+                const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bp + 64 * c)), flip);
+                const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32)), flip);
+                for (int u = 0; u < NT; u++) {
+                    const __m256i av = _mm256_set1_epi32(a4[u][c]);
+                    s0[u] = dot_s8s8(s0[u], w0, av);
+                    s1[u] = dot_s8s8(s1[u], w1, av);
                 }
             }
-            const size_t doff = d_off(kind);
-            const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff)));
-            const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff + 16)));
-            const __m256 dA = _mm256_set1_ps(da[ab]);
-            acc0 = _mm256_fmadd_ps(d0, _mm256_mul_ps(_mm256_cvtepi32_ps(s0), dA), acc0);
-            acc1 = _mm256_fmadd_ps(d1, _mm256_mul_ps(_mm256_cvtepi32_ps(s1), dA), acc1);
+        } else {
+            __m256i p0[2], p1[2];
+            for (int u = 0; u < NT; u++) {
+                s0[u] = _mm256_set1_epi32(-corr_k(kind) * sa_i[ab[u]]); s1[u] = s0[u];
+                p0[u] = _mm256_setzero_si256(); p1[u] = p0[u];
+            }
+            const int q5 = is_q5(kind);  /* codes up to 31: 2 * 31 * 128 fits the s16 pair sums */
+            const __m256i hb0 = q5 ? _mm256_loadu_si256((const __m256i *)(bp + 256)) : _mm256_setzero_si256();
+            const __m256i hb1 = q5 ? _mm256_loadu_si256((const __m256i *)(bp + 288)) : _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) {
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 64 * c + 32));
+                __m256i l0 = _mm256_and_si256(v0, low), l1 = _mm256_and_si256(v1, low);
+                __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+                __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+                if (q5) {
+                    l0 = _mm256_or_si256(l0, hi1_256(hb0, c)); l1 = _mm256_or_si256(l1, hi1_256(hb1, c));
+                    h0 = _mm256_or_si256(h0, hi1_256(hb0, 4 + c)); h1 = _mm256_or_si256(h1, hi1_256(hb1, 4 + c));
+                }
+                if (kind == KIND_IQ4_NL) {
+                    const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)IQ4NL));
+                    l0 = _mm256_shuffle_epi8(tbl, l0); l1 = _mm256_shuffle_epi8(tbl, l1);
+                    h0 = _mm256_shuffle_epi8(tbl, h0); h1 = _mm256_shuffle_epi8(tbl, h1);
+                }
+                for (int u = 0; u < NT; u++) {
+                    const __m256i al = _mm256_set1_epi32(a4[u][c]), ah = _mm256_set1_epi32(a4[u][c + 4]);
+                    if (kind == KIND_IQ4_NL) {
+                        s0[u] = dot_s8s8(s0[u], l0, al); s1[u] = dot_s8s8(s1[u], l1, al);
+                        s0[u] = dot_s8s8(s0[u], h0, ah); s1[u] = dot_s8s8(s1[u], h1, ah);
+                    } else if (q4) {
+                        p0[u] = _mm256_add_epi16(p0[u], _mm256_maddubs_epi16(l0, al));
+                        p1[u] = _mm256_add_epi16(p1[u], _mm256_maddubs_epi16(l1, al));
+                        p0[u] = _mm256_add_epi16(p0[u], _mm256_maddubs_epi16(h0, ah));
+                        p1[u] = _mm256_add_epi16(p1[u], _mm256_maddubs_epi16(h1, ah));
+                    } else {
+                        s0[u] = dot_u8s8(s0[u], l0, al); s1[u] = dot_u8s8(s1[u], l1, al);
+                        s0[u] = dot_u8s8(s0[u], h0, ah); s1[u] = dot_u8s8(s1[u], h1, ah);
+                    }
+                }
+            }
+            if (q4)
+                for (int u = 0; u < NT; u++) {
+                    s0[u] = _mm256_add_epi32(s0[u], _mm256_madd_epi16(p0[u], ones));
+                    s1[u] = _mm256_add_epi32(s1[u], _mm256_madd_epi16(p1[u], ones));
+                }
+        }
+        const size_t doff = d_off(kind);
+        const __m256 d0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff)));
+        const __m256 d1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff + 16)));
+        __m256 m0 = d0, m1 = d1;
+        if (has_m(kind)) {
+            m0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff + 32)));
+            m1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + doff + 48)));
+        }
+        for (int u = 0; u < NT; u++) {
+            const __m256 dA = _mm256_set1_ps(da[ab[u]]);
+            acc0[u] = _mm256_fmadd_ps(d0, _mm256_mul_ps(_mm256_cvtepi32_ps(s0[u]), dA), acc0[u]);
+            acc1[u] = _mm256_fmadd_ps(d1, _mm256_mul_ps(_mm256_cvtepi32_ps(s1[u]), dA), acc1[u]);
             if (has_m(kind)) {
-                const __m256 sA = _mm256_set1_ps(sa_f[ab]);
-                const size_t mo = doff + 32;
-                acc0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + mo))), sA, acc0);
-                acc1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bp + mo + 16))), sA, acc1);
+                const __m256 sA = _mm256_set1_ps(sa_f[ab[u]]);
+                acc0[u] = _mm256_fmadd_ps(m0, sA, acc0[u]);
+                acc1[u] = _mm256_fmadd_ps(m1, sA, acc1[u]);
             }
         }
-        _mm256_storeu_ps(y + (size_t)t * ldy, acc0);
-        _mm256_storeu_ps(y + (size_t)t * ldy + 8, acc1);
     }
+    for (int u = 0; u < NT; u++) {
+        _mm256_storeu_ps(y + (size_t)(t + u) * ldy, acc0[u]);
+        _mm256_storeu_ps(y + (size_t)(t + u) * ldy + 8, acc1[u]);
+    }
+}
+
+static void tile_fast(int kind, const uint8_t *tp, int nb, const int8_t *qa, const float *da, const int32_t *sa_i,
+                      const float *sa_f, int K, int T, float *y, int ldy) {
+    int t = 0;
+    for (; t + 2 <= T; t += 2) tile_fast_tn(kind, tp, nb, qa, da, sa_i, sa_f, K, t, 2, y, ldy);
+    for (; t < T; t++) tile_fast_tn(kind, tp, nb, qa, da, sa_i, sa_f, K, t, 1, y, ldy);
 }
 
 /* AVX2 K-quant tile: two halves of 8 rows. maddubs (u8 x s8 -> s16 pairs) sums stay inside int16 (Q4_K: 8 of them

@@ -26,7 +26,9 @@ replacement rule yet). Steps, in one resumable run folder:
    -log(1 - p(token)) at that weight (Welleck et al. 2019, "Neural text generation with unlikelihood training"):
    the teacher's own distribution inside a loop often continues it, so KL alone does not break loops.
    `init` starts from another run folder's student (its vocabulary and weights, a fresh optimizer and schedule):
-   a second phase, e.g. lessons added after a first heal.
+   a second phase, e.g. lessons added after a first heal; or from an exported student GGUF file (its tokens
+   matched to the teacher's by their strings, its weights dequantized), so that a shipped model can be trained
+   further without the run folder that made it.
 3. **Export** (`--export FILE`): a Q4_0 GGUF file (phi3 architecture, the cut "gpt2" vocabulary, the ChatML
    template) that `pocketlm run` and llama.cpp load.
 
@@ -252,6 +254,40 @@ def _saved_student(teacher, out: Path, cfg: DistillConfig, keep: list[int]):
     return teacher
 
 
+def _gguf_student(teacher, path: Path, cfg: DistillConfig, tokens: list[str]):
+    """(student, keep) from an exported student GGUF file (`--export`, e.g. the shipped default model): the teacher
+    (modified in place) cut to the file's shapes, with the file's weights dequantized to float32; `keep` is each of
+    the file's tokens' id in the teacher's vocabulary `tokens`. A student that was quantized starts from its
+    quantized weights (a Q4_0 file: the rounding error of 4-bit blocks, which the first steps heal)."""
+    from pocketlm.formats.gguf_model import load_gguf
+    s_tokens = teacher_vocabulary(path)[0]
+    index = {t: i for i, t in enumerate(tokens)}
+    missing = [t for t in s_tokens if t not in index]
+    if missing:
+        raise ConfigError(f"--init {path}: {len(missing)} of its tokens are not in the teacher's vocabulary "
+                          f"(e.g. {missing[0]!r}): not a student of this teacher")
+    keep = [index[t] for t in s_tokens]
+    src = load_gguf(path, dequantize=True)
+    inter = src.config.intermediate_size
+    if (len(keep), inter) != (cfg.vocab, cfg.intermediate):
+        raise ConfigError(f"--init {path} has vocabulary {len(keep)} and MLP {inter}; this run asks for --vocab "
+                          f"{cfg.vocab} --intermediate {cfg.intermediate}")
+    layers = len(teacher.model.layers)
+    prune.prune_mlp(teacher, [torch.arange(teacher.config.intermediate_size, 0, -1).float()] * layers,
+                    cfg.intermediate)  # the shapes only: every weight is replaced below
+    prune.prune_vocabulary(teacher, keep)
+    weights = {k: v.float() for k, v in src.state_dict().items() if k != "lm_head.weight"}
+    try:
+        result = teacher.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a shape differs (layers, hidden, heads)
+        raise ConfigError(f"--init {path} does not have the teacher's shapes: {str(e).splitlines()[-1].strip()}")
+    if result.unexpected_keys or set(result.missing_keys) != {"lm_head.weight"}:
+        raise ConfigError(f"--init {path} does not have the teacher's layout: missing {result.missing_keys[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]}")
+    teacher.lm_head.weight = teacher.model.embed_tokens.weight  # tied, as in the teacher
+    return teacher, keep
+
+
 REPEAT_N = 4
 
 
@@ -305,7 +341,12 @@ def _kl(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
 
 
 def _init_meta(init: Path, cfg: DistillConfig) -> dict:
-    """The state of the run folder `--init` names, checked against cfg's shapes."""
+    """The state of the run folder `--init` names, checked against cfg's shapes (a GGUF file: {} here, checked
+    when it is read by `_gguf_student`)."""
+    if init.suffix == ".gguf":
+        if not init.is_file():
+            raise ConfigError(f"--init {init}: no such file")
+        return {}
     if not (init / "state.json").is_file():
         raise ConfigError(f"--init {init}: not a `pocketlm distill` run folder (no state.json)")
     meta = json.loads((init / "state.json").read_text())
@@ -355,7 +396,6 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
 
     state_path = out / "state.json"
     init_meta = _init_meta(Path(cfg.init), cfg) if cfg.init and not state_path.is_file() else None
-    out.mkdir(parents=True, exist_ok=True)
     teacher = load_gguf(teacher_path, dequantize=True)
     teacher_tok = Tokenizer.from_pretrained(teacher_path)
     vocab = teacher_vocabulary(teacher_path)
@@ -366,6 +406,9 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
                               "use another --out")
         keep = meta["keep"]
         student = _saved_student(copy.deepcopy(teacher), out, cfg, keep)
+    elif init_meta == {}:
+        student, keep = _gguf_student(copy.deepcopy(teacher), Path(cfg.init), cfg, vocab[0])
+        meta = {"keep": keep, "step": 0, "config": cfg.__dict__}
     elif init_meta is not None:
         keep = init_meta["keep"]
         student = _saved_student(copy.deepcopy(teacher), Path(cfg.init), DistillConfig(**init_meta["config"]), keep)
@@ -373,6 +416,7 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
     else:
         student, keep = build_student(teacher, teacher_tok, vocab, data, cfg)
         meta = {"keep": keep, "step": 0, "config": cfg.__dict__}
+    out.mkdir(parents=True, exist_ok=True)  # after every check of the inputs: a refused command leaves nothing
     tok = student_tokenizer(*vocab, keep, teacher_tok)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     if (out / "opt.pt").is_file() and meta["step"] > 0:

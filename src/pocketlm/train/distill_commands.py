@@ -56,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of the unlikelihood loss on reply tokens that repeat a 4-gram of the same reply "
                         f"(needs --policy-rows; default {d.unlikelihood})")
     p.add_argument("--init", default=d.init,
-                   help="start from this run folder's student (same --vocab and --intermediate; fresh optimizer "
-                        "and schedule): a second phase")
+                   help="start from this run folder's student, or from a student GGUF file that --export wrote "
+                        "(e.g. the default model; same --vocab and --intermediate; fresh optimizer and schedule): "
+                        "a further phase")
     p.add_argument("--max-minutes", type=float, help="stop after this many minutes (checkpointed; rerun to resume)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--export", help="when the run has finished: write the student here as a Q4_0 GGUF file")
