@@ -5,6 +5,10 @@ is quantized to Q8_0 while loading (the rule `cli._use_default_model` keeps for 
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from pocketlm.cli import main
 
 
@@ -118,6 +122,16 @@ def test_a_byte_level_gguf_quantizes_and_converts_with_its_own_vocabulary(tmp_pa
     back = Tokenizer.from_pretrained(out)
     assert len(back) == len(tok) and back.encode("Hello, who are you?") == tok.encode("Hello, who are you?")
     assert main(["convert", str(src), str(tmp_path / "f32")]) == 0
+    # generation_config.json names this vocabulary's ids (<|im_end|> ends a reply), not Phi-3's 32000/32007,
+    # as transformers' generate reads them
+    gen = json.loads((tmp_path / "f32" / "generation_config.json").read_text())
+    im_end = tok.token_to_id("<|im_end|>")
+    assert gen["bos_token_id"] == tok.bos_id and im_end in ([gen["eos_token_id"]] if isinstance(gen["eos_token_id"],
+                                                            int) else gen["eos_token_id"])
+    assert max(gen["eos_token_id"] if isinstance(gen["eos_token_id"], list) else [gen["eos_token_id"]]) < len(tok)
+    transformers = pytest.importorskip("transformers")
+    hf_gen = transformers.GenerationConfig.from_pretrained(tmp_path / "f32")
+    assert hf_gen.bos_token_id == tok.bos_id and hf_gen.pad_token_id is not None and hf_gen.pad_token_id < len(tok)
     assert main(["quantize", str(tmp_path / "f32"), str(tmp_path / "k.gguf"), "--scheme", "q4_k"]) == 0
     assert "Q8_0" in capsys.readouterr().out  # rows not a multiple of 256 wide: llama.cpp's fallback
     assert main(["run", str(tmp_path / "k.gguf"), "Hi", "--max-tokens", "3"]) == 0

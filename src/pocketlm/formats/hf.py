@@ -96,12 +96,29 @@ def _phimoe_shapes(config: Phi3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def generation_config(config: Phi3Config, repetition_penalty: float | None = None) -> dict:
+def generation_config(config: Phi3Config, repetition_penalty: float | None = None, tokenizer=None) -> dict:
     """generation_config.json: the Phi-3 instruct stop ids, or for Phi-3-small <|endoftext|> and <|end|> (the
-    ids its chat turns end with, tokenizer_small.py); with `repetition_penalty` (a model's declared one, see
-    `declared_repetition_penalty_of`) that field too, as HF transformers' generate reads it."""
-    out = {"bos_token_id": 100257, "eos_token_id": [100257, 100266]} if config.model_type == "phi3small" else \
-        dict(GENERATION_CONFIG)
+    ids its chat turns end with, tokenizer_small.py); a model with another vocabulary (the ChatML default model,
+    eos_token_id not Phi-3's 32000) gets its own config's bos/eos/pad ids, its eos widened to the ids that end a
+    chat turn when its tokenizer is given (`chat.stop_token_ids`: <|im_end|> and the eos). With
+    `repetition_penalty` (a model's declared one, see `declared_repetition_penalty_of`) that field too, as HF
+    transformers' generate reads it."""
+    if config.model_type == "phi3small":
+        out = {"bos_token_id": 100257, "eos_token_id": [100257, 100266]}
+    elif config.eos_token_id in (None, 32000):
+        out = dict(GENERATION_CONFIG)
+    else:
+        eos = config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if tokenizer is not None:
+            from pocketlm.chat import stop_token_ids
+            from pocketlm.errors import ChatFormatError
+            try:
+                eos = list(dict.fromkeys(stop_token_ids(tokenizer) + eos))
+            except ChatFormatError:  # no chat control tokens: the config's eos alone
+                pass
+        out = {"bos_token_id": config.bos_token_id, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+               "pad_token_id": config.pad_token_id if config.pad_token_id is not None else eos[0]}
     if repetition_penalty is not None:
         out["repetition_penalty"] = repetition_penalty
     return out
@@ -362,7 +379,7 @@ def save_checkpoint(model: Phi3ForCausalLM, folder: str | os.PathLike, *, dtype:
     target = resolve_dtype(dtype, config) if dtype is not None else next(model.parameters()).dtype
     dtype_name = {v: k for k, v in DTYPES.items()}[target]
     config.replace(torch_dtype=dtype_name).save_json(folder / "config.json")
-    gen = generation_config(config, getattr(model, "declared_repetition_penalty", None))
+    gen = generation_config(config, getattr(model, "declared_repetition_penalty", None), tokenizer)
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     params = dict(model.named_parameters())
     tensors = ((n, params[n].detach().to("cpu", target)) for n in expected_shapes(config))

@@ -45,7 +45,7 @@ def save_quantized(model: Phi3ForCausalLM, folder: str | os.PathLike, *, scheme:
     c = model.config
     c.save_json(folder / "config.json")
     from pocketlm.formats.hf import generation_config
-    gen = generation_config(c, getattr(model, "declared_repetition_penalty", None))
+    gen = generation_config(c, getattr(model, "declared_repetition_penalty", None), tokenizer)
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     types = {}
     tensors = {}
