@@ -75,8 +75,7 @@ def main(argv=None) -> int:
     levels = [int(x) for x in args.levels.split(",")]
     path = str(default_model_path()) if args.model == "default" else args.model
     model = pocketlm.load(path, dtype="float32" if args.model == "default" else None, quantize=args.quantize)
-    from pocketlm.api import gguf_folder_file
-    tok = Tokenizer.from_pretrained(gguf_folder_file(path) or path)  # the default model's own vocabulary
+    tok = Tokenizer.from_pretrained(path)  # the default model's folder: its one GGUF file's vocabulary
     load_before = os.getloadavg()[0]
     rows = {}
     for name in ("c_batch", "torch"):

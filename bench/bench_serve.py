@@ -57,10 +57,9 @@ def model_tokenizer(model_name: str):
     """The tokenizer `pocketlm serve` uses for --model: the default model's own (its GGUF file's vocabulary), the
     Phi-3 tokenizer for a preset, else the model's."""
     from pocketlm import Tokenizer
-    if model_name == "default":
-        from pocketlm.api import default_model_path, gguf_folder_file
-        folder = default_model_path()
-        return Tokenizer.from_pretrained(gguf_folder_file(folder) or folder)
+    if model_name == "default":  # a folder holding one GGUF file: from_pretrained reads that file's vocabulary
+        from pocketlm.api import default_model_path
+        return Tokenizer.from_pretrained(default_model_path())
     return Tokenizer.default() if model_name == "tiny" else Tokenizer.from_pretrained(model_name)
 
 

@@ -46,13 +46,13 @@ def declared_repetition_penalty(value, last_n=-1) -> float | None:
     return float(value)
 
 
-def penalized_ids(sequence: Sequence[int], stop_ids) -> list[int]:
+def penalized_ids(sequence: Sequence[int], stop_ids) -> Sequence[int]:
     """The ids the repetition penalty covers: the sequence (prompt + output) less the stop ids. A chat prompt holds
     its end-of-turn token once per turn, so penalizing it holds back the reply's own end: measured on the distilled
     default model at 1.2, replies to "Hello, who are you?" ran to the token limit (HF transformers penalizes it;
     pocketlm does not)."""
     if not stop_ids:
-        return list(sequence)
+        return sequence  # no copy: this runs once per generated token
     return [t for t in sequence if t not in stop_ids]
 
 

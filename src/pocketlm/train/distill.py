@@ -239,19 +239,29 @@ def streams(kind: str, seed: int, data: Data, tok, seq: int, *, lesson_seed: int
             buf, lab = buf[seq + 1:], lab[seq + 1:]
 
 
-def _saved_student(teacher, out: Path, cfg: DistillConfig, keep: list[int]):
-    """The teacher (modified in place) cut to the run's shapes, with the run's saved student weights."""
-    from safetensors.torch import load_file
+def _cut_student(teacher, intermediate: int, keep: list[int], weights: dict, where: str):
+    """The teacher (modified in place) cut to a student's shapes (`intermediate` MLP channels, the `keep` tokens)
+    and given the student's `weights` (tied head left out); `where` names their source in errors."""
     layers = len(teacher.model.layers)
     prune.prune_mlp(teacher, [torch.arange(teacher.config.intermediate_size, 0, -1).float()] * layers,
-                    cfg.intermediate)  # the shapes only: every weight is replaced below
+                    intermediate)  # the shapes only: every weight is replaced below
     prune.prune_vocabulary(teacher, keep)
-    result = teacher.load_state_dict(load_file(str(out / "student.safetensors")), strict=False)
+    try:
+        result = teacher.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # a shape differs (layers, hidden, heads)
+        raise ConfigError(f"{where} does not match the run's shapes: {str(e).splitlines()[-1].strip()}") from None
     if result.unexpected_keys or set(result.missing_keys) != {"lm_head.weight"}:
-        raise ConfigError(f"{out / 'student.safetensors'} does not match the run's shapes: missing "
+        raise ConfigError(f"{where} does not match the run's shapes: missing "
                           f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
     teacher.lm_head.weight = teacher.model.embed_tokens.weight  # tied, as in the teacher
     return teacher
+
+
+def _saved_student(teacher, out: Path, cfg: DistillConfig, keep: list[int]):
+    """The teacher (modified in place) cut to the run's shapes, with the run's saved student weights."""
+    from safetensors.torch import load_file
+    path = out / "student.safetensors"
+    return _cut_student(teacher, cfg.intermediate, keep, load_file(str(path)), str(path))
 
 
 def _gguf_student(teacher, path: Path, cfg: DistillConfig, tokens: list[str]):
@@ -272,20 +282,8 @@ def _gguf_student(teacher, path: Path, cfg: DistillConfig, tokens: list[str]):
     if (len(keep), inter) != (cfg.vocab, cfg.intermediate):
         raise ConfigError(f"--init {path} has vocabulary {len(keep)} and MLP {inter}; this run asks for --vocab "
                           f"{cfg.vocab} --intermediate {cfg.intermediate}")
-    layers = len(teacher.model.layers)
-    prune.prune_mlp(teacher, [torch.arange(teacher.config.intermediate_size, 0, -1).float()] * layers,
-                    cfg.intermediate)  # the shapes only: every weight is replaced below
-    prune.prune_vocabulary(teacher, keep)
     weights = {k: v.float() for k, v in src.state_dict().items() if k != "lm_head.weight"}
-    try:
-        result = teacher.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # a shape differs (layers, hidden, heads)
-        raise ConfigError(f"--init {path} does not have the teacher's shapes: {str(e).splitlines()[-1].strip()}")
-    if result.unexpected_keys or set(result.missing_keys) != {"lm_head.weight"}:
-        raise ConfigError(f"--init {path} does not have the teacher's layout: missing {result.missing_keys[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]}")
-    teacher.lm_head.weight = teacher.model.embed_tokens.weight  # tied, as in the teacher
-    return teacher, keep
+    return _cut_student(teacher, cfg.intermediate, keep, weights, f"--init {path}"), keep
 
 
 REPEAT_N = 4
@@ -341,12 +339,7 @@ def _kl(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
 
 
 def _init_meta(init: Path, cfg: DistillConfig) -> dict:
-    """The state of the run folder `--init` names, checked against cfg's shapes (a GGUF file: {} here, checked
-    when it is read by `_gguf_student`)."""
-    if init.suffix == ".gguf":
-        if not init.is_file():
-            raise ConfigError(f"--init {init}: no such file")
-        return {}
+    """The state of the run folder `--init` names, checked against cfg's shapes."""
     if not (init / "state.json").is_file():
         raise ConfigError(f"--init {init}: not a `pocketlm distill` run folder (no state.json)")
     meta = json.loads((init / "state.json").read_text())
@@ -395,7 +388,11 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
     from pocketlm.tokenizer import Tokenizer
 
     state_path = out / "state.json"
-    init_meta = _init_meta(Path(cfg.init), cfg) if cfg.init and not state_path.is_file() else None
+    init = Path(cfg.init) if cfg.init and not state_path.is_file() else None  # a rerun resumes its own folder
+    init_gguf = init is not None and init.suffix == ".gguf"  # an exported student: checked by _gguf_student
+    if init_gguf and not init.is_file():
+        raise ConfigError(f"--init {init}: no such file")
+    init_meta = _init_meta(init, cfg) if init is not None and not init_gguf else None
     teacher = load_gguf(teacher_path, dequantize=True)
     teacher_tok = Tokenizer.from_pretrained(teacher_path)
     vocab = teacher_vocabulary(teacher_path)
@@ -406,8 +403,8 @@ def run(teacher_path: Path, out: Path, data: Data, cfg: DistillConfig, *, max_mi
                               "use another --out")
         keep = meta["keep"]
         student = _saved_student(copy.deepcopy(teacher), out, cfg, keep)
-    elif init_meta == {}:
-        student, keep = _gguf_student(copy.deepcopy(teacher), Path(cfg.init), cfg, vocab[0])
+    elif init_gguf:
+        student, keep = _gguf_student(copy.deepcopy(teacher), init, cfg, vocab[0])
         meta = {"keep": keep, "step": 0, "config": cfg.__dict__}
     elif init_meta is not None:
         keep = init_meta["keep"]
