@@ -53,14 +53,17 @@ SMALL_VOCAB = 1024  # the direct step tests need no tokenizer: a small lm_head k
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_model(name: str, scheme: str = "q8_0", window: int | None = None, vocab: int | None = None):
+def kernel_model(name: str, scheme: str = "q8_0", window: int | None = None, vocab: int | None = None,
+                 heads: tuple[int, int] | None = None):
     """A random `name` preset quantized to `scheme` (on the kernels); `window`: its sliding_window changed;
-    `vocab`: its vocabulary size changed."""
+    `vocab`: its vocabulary size changed; `heads`: (query heads, key/value heads) of head_dim 64 instead."""
     config = preset(name)
     if window is not None:
         config = config.replace(sliding_window=window)
     if vocab is not None:
         config = config.replace(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if heads is not None:
+        config = config.replace(hidden_size=64 * heads[0], num_attention_heads=heads[0], num_key_value_heads=heads[1])
     model = hf.init_weights(hf.empty_model(config, torch.float32), seed=0)
     model = quantize_model(model, scheme).eval()
     assert cpu.eligible(model)
@@ -124,6 +127,15 @@ def test_step_rows_equal_alone_fastdecoder_and_torch(name, scheme, window, kv):
     _check_rows(kernel_model(name, scheme, window, SMALL_VOCAB), kv, ["default"] * 4)
 
 
+@pytest.mark.parametrize("heads, window", [((3, 1), None), ((6, 2), 6), ((4, 1), None), ((5, 1), None)],
+                         ids=["3-per-kv", "3-per-kv-window6", "4-per-kv", "5-per-kv"])
+def test_step_rows_of_grouped_query_heads(heads, window):
+    """3 and 4 query heads per key/value head (the default model and SmolLM2 have 3): with the f16 cache the
+    batched step reads each key once for its group's heads (kernels.c attention_group); 5 per group takes the
+    per-head path. Every row is still exactly its step alone and FastDecoder's."""
+    _check_rows(kernel_model("tiny-gqa", "q8_0", window, SMALL_VOCAB, heads), "f16", ["default"] * 4)
+
+
 @pytest.mark.parametrize("kv", [None, "f16"])
 def test_step_longrope_rows_of_both_factor_sets(kv):
     model = kernel_model("tiny-longrope", vocab=SMALL_VOCAB)
@@ -172,10 +184,10 @@ def test_step_checks_under_forced_isa(isa):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, kernels.ISA_ENV: isa}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
-                        "-k", "step_rows and (tiny-q8_0-None-None or q4_k)"],
+                        "-k", "step_rows and (tiny-q8_0-None-None or q4_k or 3-per-kv-window6)"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "2 passed" in r.stdout, r.stdout[-500:]
+    assert "3 passed" in r.stdout, r.stdout[-500:]
 
 
 # ---- through the serving engine ------------------------------------------------------------------------------------

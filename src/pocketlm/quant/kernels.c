@@ -1050,6 +1050,7 @@ typedef struct {
 } pl_model;
 
 static void silu_row(const float *gu, int n, float *hm);  /* up * silu(gate), defined with the vector helpers */
+static float exp_shifted(float *sc, int n, float mx);  /* sc = e^(sc - mx), returns the sum; vector helpers */
 
 /* a KV cache type C stores (1 f16, 2 int8, 3 q8_0, 4 q4_0; 0 f32 for pl_prefill) for this head_dim */
 static int kv_type_ok(int kv_type, int hd) {
@@ -1362,9 +1363,7 @@ static void attention_head(void *p, int h) {
             sc[j] = s * scale;
             if (sc[j] > mx) mx = sc[j];
         }
-        float sum = 0.0f;
-        for (int j = 0; j < n; j++) { sc[j] = expf(sc[j] - mx); sum += sc[j]; }
-        const float inv = 1.0f / sum;
+        const float inv = 1.0f / exp_shifted(sc, n, mx);
         for (int i = 0; i < hd; i++) out[i] = 0.0f;
         for (int j = 0; j < n; j++) {
             const size_t row = base + lo + j;
@@ -1819,6 +1818,78 @@ static void axpys_f16(const uint16_t *v, const float *sc, float inv, int n, int 
         _mm256_storeu_ps(out + c + 16, o2); _mm256_storeu_ps(out + c + 24, o3);
     }
 }
+
+/* the 8 sums of a[0..7]'s lanes, each in hsum8_f16dot's order ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7)) */
+static inline __m256 hsum8x8(const __m256 *a) {
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+}
+
+/* dots_f16 for the G query heads of one key/value group (G a constant after inlining, 1..4): 8 key rows at a
+ * time are converted to f32 once for the G heads, and each head's 8 dots run side by side, reduced together by
+ * hsum8x8. Every key's chain and sum are dot_f16's (the same fmadds in the same order, the same additions), so
+ * each score is bit-identical to dots_f16's. q: G rows of hd (hd <= 512, hd % 8 == 0); sc: G rows of ld. */
+static inline __attribute__((always_inline)) void
+dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, float scale, float *sc, size_t ld) {
+    float kf[8 * 512];
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (int t = 0; t < n; t += 8) {
+        const int m = n - t < 8 ? n - t : 8;
+        for (int i = 0; i < m * hd; i += 8)
+            _mm256_storeu_ps(kf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + (size_t)t * hd + i))));
+        for (int g = 0; g < G; g++) {
+            const float *qg = q + (size_t)g * hd;
+            float *s = sc + g * ld + t;
+            if (m == 8) {
+                __m256 a[8];
+#pragma GCC unroll 8
+                for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+                for (int i = 0; i < hd; i += 8) {
+                    const __m256 qv = _mm256_loadu_ps(qg + i);
+#pragma GCC unroll 8
+                    for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(kf + u * hd + i), qv, a[u]);
+                }
+                _mm256_storeu_ps(s, _mm256_mul_ps(hsum8x8(a), vs));
+            } else {
+                for (int u = 0; u < m; u++) {
+                    __m256 acc = _mm256_setzero_ps();
+                    for (int i = 0; i < hd; i += 8)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(kf + u * hd + i), _mm256_loadu_ps(qg + i), acc);
+                    s[u] = hsum8_f16dot(acc) * scale;
+                }
+            }
+        }
+    }
+}
+
+/* axpys_f16 for the G heads of a group: out[g] = sum over t of p[g][t] * v[t], each value row loaded and
+ * converted once for the G heads. p: the probabilities sc * inv, already multiplied (axpys_f16's sc[t] * inv);
+ * each output's chain is axpys_f16's, so it is bit-identical. */
+static inline __attribute__((always_inline)) void
+axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n, int hd, float *out) {
+    for (int c = 0; c < hd; c += 16) {
+        __m256 o0[4], o1[4];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) o0[g] = o1[g] = _mm256_setzero_ps();
+        const uint16_t *vc = v + c;
+        for (int t = 0; t < n; t++, vc += hd) {
+            const __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)vc));
+            const __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 8)));
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m256 pv = _mm256_broadcast_ss(p + g * ld + t);
+                o0[g] = _mm256_fmadd_ps(pv, x0, o0[g]);
+                o1[g] = _mm256_fmadd_ps(pv, x1, o1[g]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            _mm256_storeu_ps(out + (size_t)g * hd + c, o0[g]);
+            _mm256_storeu_ps(out + (size_t)g * hd + c + 8, o1[g]);
+        }
+    }
+}
 #define HAVE_F16_ROWS 1
 #endif
 
@@ -1853,15 +1924,87 @@ static void batch_attention(void *p, int j) {
 #endif
     for (int t = 0; t < n; t++) sc[t] = kvb_dot(b->kv_type, b->k, b->k_scale, base + t, hd, qr) * scale;
     for (int t = 0; t < n; t++) if (sc[t] > mx) mx = sc[t];
-    float sum = 0.0f;
-    for (int t = 0; t < n; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / exp_shifted(sc, n, mx);
 #ifdef HAVE_F16_ROWS
     if (f16_rows) { axpys_f16((const uint16_t *)b->v + base * hd, sc, inv, n, hd, out); return; }
 #endif
     for (int i = 0; i < hd; i++) out[i] = 0.0f;
     for (int t = 0; t < n; t++) kvb_axpy(b->kv_type, b->v, b->v_scale, base + t, hd, sc[t] * inv, out);
 }
+
+/* RoPE of row r's query heads of key/value group g and of its key, then the key and value stored at the row's
+ * position: the part of ROW_ROPE_STORE that group g's attention needs (rope and the stores are per head) */
+static void rope_store_group(const pl_model *m, const pl_batch *b, int layer, int r, int g) {
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, rd = m->rotary_dim, G = H / KV;
+    float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd), *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
+    const float *cos = b->cos + (size_t)r * rd, *sin = b->sin + (size_t)r * rd;
+    rope(q + (size_t)g * G * hd, G, hd, rd, cos, sin);
+    rope(k + (size_t)g * hd, 1, hd, rd, cos, sin);
+    const size_t row = (((size_t)layer * b->slots + b->slot[r]) * KV + g) * b->capacity + b->pos[r];
+    kvb_store(b->kv_type, b->k, b->k_scale, row, hd, k + (size_t)g * hd);
+    kvb_store(b->kv_type, b->v, b->v_scale, row, hd, v + (size_t)g * hd);
+}
+
+#ifdef HAVE_F16_ROWS
+/* job j = (row j / KV, key/value group j % KV) of an f16 cache (hd % 32 == 0, 2..4 query heads per group): the
+ * group's RoPE and stores (rope_store_group), then the attention of its G query heads over the row's visible
+ * keys, each key and value row read once for the G heads (dots_f16_heads / axpys_f16_heads). Each head's result
+ * is batch_attention's, bit for bit. */
+#ifndef PF_JOBS
+#define PF_JOBS 2
+#endif
+static inline __attribute__((always_inline)) void attention_group_g(const int G, const batch_attn_job *a, int j) {
+    const pl_model *m = a->m;
+    const pl_batch *b = a->b;
+    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, r = j / KV, g = j % KV;
+    const int lo = b->lo[r], n = b->pos[r] - lo + 1, h0 = g * G;
+    const size_t base = (((size_t)a->layer * b->slots + b->slot[r]) * KV + g) * b->capacity + lo;
+    rope_store_group(m, b, a->layer, r, g);
+    if (j + PF_JOBS < b->B * KV) {  /* the keys and values of the job PF_JOBS ahead, read while this one computes */
+        const int r2 = (j + PF_JOBS) / KV, g2 = (j + PF_JOBS) % KV, lo2 = b->lo[r2];
+        const size_t base2 = (((size_t)a->layer * b->slots + b->slot[r2]) * KV + g2) * b->capacity + lo2;
+        const size_t bytes = (size_t)(b->pos[r2] - lo2 + 1) * hd * 2;
+        for (size_t o = 0; o < bytes; o += 64) {
+            _mm_prefetch((const char *)b->k + base2 * hd * 2 + o, _MM_HINT_T1);
+            _mm_prefetch((const char *)b->v + base2 * hd * 2 + o, _MM_HINT_T1);
+        }
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+    const float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd) + (size_t)h0 * hd;
+    const size_t ld = b->max_keys;
+    float *sc = b->scores + ((size_t)r * H + h0) * ld, *out = b->att + (size_t)r * H * hd + (size_t)h0 * hd;
+    float qr[4 * 512];
+    for (int i = 0; i < G * hd; i += 8)  /* round_f16, 8 at a time (hd % 32 == 0) */
+        _mm256_storeu_ps(qr + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(q + i), _MM_FROUND_TO_NEAREST_INT)));
+    dots_f16_heads(G, (const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc, ld);
+    for (int h = 0; h < G; h++) {  /* softmax: probabilities sc * inv in place */
+        float *s = sc + h * ld, mx = -INFINITY;
+        for (int t = 0; t < n; t++) if (s[t] > mx) mx = s[t];
+        const float inv = 1.0f / exp_shifted(s, n, mx);
+        int t = 0;
+        for (; t + 8 <= n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(inv)));
+        for (; t < n; t++) s[t] *= inv;
+    }
+    axpys_f16_heads(G, (const uint16_t *)b->v + base * hd, sc, ld, n, hd, out);
+}
+
+/* whether the batched step runs attention_group (RoPE, stores and attention per (row, group) in one job) */
+static int grouped_attention_ok(const pl_model *m, const pl_batch *b) {
+    const int G = m->n_heads / m->n_kv;
+    return b->kv_type == 1 && m->head_dim % 32 == 0 && G >= 2 && G <= 4;
+}
+
+static void attention_group(void *p, int j) {
+    const batch_attn_job *a = p;
+    switch (a->m->n_heads / a->m->n_kv) {
+    case 2: attention_group_g(2, a, j); break;
+    case 3: attention_group_g(3, a, j); break;
+    case 4: attention_group_g(4, a, j); break;
+    default: break;  /* not chosen: grouped_attention_ok */
+    }
+}
+#endif
+
 
 static void batch_attention_row(void *p, int r) {  /* every head of row r: the same jobs, in one */
     const batch_attn_job *a = p;
@@ -1955,7 +2098,7 @@ static void row_work(void *p, int r) {
     const row_job *j = p;
     const pl_model *m = j->m;
     const pl_batch *b = j->b;
-    const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, D = m->hidden, rd = m->rotary_dim;
+    const int D = m->hidden;
     float *xr = j->x + (size_t)r * D;
     switch (j->op) {
     case ROW_RESIDUAL_NORM:  /* x += y (o or down); then the next norm */
@@ -1967,17 +2110,9 @@ static void row_work(void *p, int r) {
     case ROW_NORM:
         rmsnorm(xr, j->w, D, m->eps, j->out + (size_t)r * D);
         break;
-    case ROW_ROPE_STORE: {
-        float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd), *k = q + (size_t)H * hd, *v = k + (size_t)KV * hd;
-        rope(q, H, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
-        rope(k, KV, hd, rd, b->cos + (size_t)r * rd, b->sin + (size_t)r * rd);
-        for (int g = 0; g < KV; g++) {
-            const size_t row = (((size_t)j->layer * b->slots + b->slot[r]) * KV + g) * b->capacity + b->pos[r];
-            kvb_store(b->kv_type, b->k, b->k_scale, row, hd, k + (size_t)g * hd);
-            kvb_store(b->kv_type, b->v, b->v_scale, row, hd, v + (size_t)g * hd);
-        }
+    case ROW_ROPE_STORE:
+        for (int g = 0; g < m->n_kv; g++) rope_store_group(m, b, j->layer, r, g);
         break;
-    }
     case ROW_SILU: {
         silu_row(b->gu + (size_t)r * pad16(2 * m->inter), m->inter, b->hmid + (size_t)r * m->inter);
         break;
@@ -1996,8 +2131,29 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
+/* layer l's RoPE, key/value stores and attention for every row (keys: the rows' visible keys in all): one job
+ * per (row, key/value group) where attention_group applies and there are enough such jobs for the threads (one
+ * or two rows alone have 3 groups, say, for 2 threads: per-head jobs share out better), else the RoPE rows then
+ * per (row, head) jobs */
+static void batch_attention_layer(const pl_model *m, const pl_batch *b, float *x, int l, long keys) {
+    const int H = m->n_heads, B = b->B, serial = keys * H < 64 * 4;
+    batch_attn_job aj = {m, b, l};
+#ifdef HAVE_F16_ROWS
+    if (grouped_attention_ok(m, b) && (serial || B * m->n_kv >= 4 * g_threads)) {  /* enough jobs to share out */
+        const int n = B * m->n_kv;
+        if (serial) for (int j = 0; j < n; j++) attention_group(&aj, j);
+        else parallel_run(attention_group, &aj, n);
+        return;
+    }
+#endif
+    rows_run(m, b, x, l, ROW_ROPE_STORE, NULL, NULL);
+    if (serial) for (int j = 0; j < B * H; j++) batch_attention(&aj, j);
+    else if (B >= 4 * g_threads) parallel_run(batch_attention_row, &aj, B);  /* fewer, larger jobs */
+    else parallel_run(batch_attention, &aj, B * H);
+}
+
 /* seconds pl_decode_batch spent in its parts since the last reset: [0] the layers' matrix products (activation
- * quantization included), [1] attention, [2] the element-wise rows, [3] lm_head */
+ * quantization included), [1] RoPE, key/value stores and attention, [2] the element-wise rows, [3] lm_head */
 static double g_decode_s[4];
 
 int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden), updated in place */) {
@@ -2018,12 +2174,7 @@ int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden
         const pl_layer *L = &m->layers[l];
         batch_matmul(b, &L->qkv, b->xn, b->qkv);
         LAP(0);
-        rows_run(m, b, x, l, ROW_ROPE_STORE, NULL, NULL);
-        LAP(2);
-        batch_attn_job aj = {m, b, l};
-        if (keys * H < 64 * 4) for (int j = 0; j < B * H; j++) batch_attention(&aj, j);
-        else if (B >= 4 * g_threads) parallel_run(batch_attention_row, &aj, B);  /* fewer, larger jobs */
-        else parallel_run(batch_attention, &aj, B * H);
+        batch_attention_layer(m, b, x, l, keys);
         LAP(1);
         batch_matmul(b, &L->o, b->att, b->y);
         LAP(0);
@@ -2131,6 +2282,33 @@ static FAST_MATH void silu_row(const float *gu, int n, float *hm) {
         const float gate = gu[i];
         hm[i] = gu[n + i] * (gate / (1.0f + expf(-gate)));
     }
+}
+
+/* sc[t] = e^(sc[t] - mx) for t < n, 16 at a time with v16_exp (the tail through a vector padded with -inf, whose
+ * lanes come out 0, so every entry gets the same function); returns their sum: 16 lane sums, then those in a
+ * fixed order. The softmax of every decode path (the single step's attention_head and the batched step's), so a
+ * row's probabilities do not depend on the path. */
+static FAST_MATH float exp_shifted(float *sc, int n, float mx) {
+    const v16f m = v16_splat(mx);
+    v16f acc = v16_splat(0.0f);
+    int t = 0;
+    for (; t + 16 <= n; t += 16) {
+        const v16f x = v16_load(sc + t) - m, e = v16_exp(&x);
+        v16_store(sc + t, e);
+        acc += e;
+    }
+    if (t < n) {
+        float buf[16];
+        for (int i = 0; i < 16; i++) buf[i] = t + i < n ? sc[t + i] : -INFINITY;
+        const v16f x = v16_load(buf) - m, e = v16_exp(&x);
+        v16_store(buf, e);
+        memcpy(sc + t, buf, (size_t)(n - t) * 4);
+        acc += e;
+    }
+    float l[16];
+    v16_store(l, acc);
+    return (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))) +
+           (((l[8] + l[9]) + (l[10] + l[11])) + ((l[12] + l[13]) + (l[14] + l[15])));
 }
 
 /* rows [j0, j0 + n) of head row block `base` (an index over (layers, n_kv, capacity)) as f32 (n, hd) */
