@@ -2013,15 +2013,33 @@ static void batch_attention_row(void *p, int r) {  /* every head of row r: the s
 }
 
 /* y (B, pad16(w->rows)) = x (B, w->cols) @ W.T for the B rows at once */
-static void batch_matmul(const pl_batch *b, const pl_mat *w, const float *x, float *y) {
+/* row r of x (w->cols values) quantized into the batch's activation codes for w's kind: what pl_quantize_act /
+ * pl_quantize_act_k write for that row (w a plain kernels kind, not KIND_PARTS) */
+static void quantize_act_row(const pl_batch *b, const pl_mat *w, const float *x, int r) {
+    const int K = w->cols;
+    if (is_k(w->kind))
+        quantize_row_q8k(x, K, b->qa + (size_t)r * K, b->da + (size_t)r * (K / QKK),
+                         (int16_t *)b->sa_i + (size_t)r * (K / QKK) * 16);
+    else
+        quantize_row(x, K, b->qa + (size_t)r * K, b->da + (size_t)r * (K / QK), b->sa_i + (size_t)r * (K / QK),
+                     b->sa_f + (size_t)r * (K / QK));
+}
+
+/* y (B, pad16(w->rows)) = x (B, w->cols) @ W.T for the B rows at once; `quantized`: the rows' activation codes
+ * for w are in the batch's buffers already (the row job before it wrote them: row_work's `next`) */
+static void batch_matmul_q(const pl_batch *b, const pl_mat *w, const float *x, float *y, int quantized) {
     if (w->kind == KIND_PARTS) {  /* row blocks of different kinds (see pl_mat_check) */
         parts_product(w, x, b->B, y, pad16(w->rows), b->qa, b->da, b->sa_i, b->sa_f);
         return;
     }
-    if (is_k(w->kind)) pl_quantize_act_k(x, b->B, w->cols, b->qa, b->da, (int16_t *)b->sa_i);
-    else pl_quantize_act(x, b->B, w->cols, b->qa, b->da, b->sa_i, b->sa_f);
+    if (!quantized && is_k(w->kind)) pl_quantize_act_k(x, b->B, w->cols, b->qa, b->da, (int16_t *)b->sa_i);
+    else if (!quantized) pl_quantize_act(x, b->B, w->cols, b->qa, b->da, b->sa_i, b->sa_f);
     const int tiles = (w->rows + TILE - 1) / TILE;
     pl_gemm(w->kind, w->w, tiles, w->cols, b->qa, b->da, b->sa_i, b->sa_f, b->B, y, tiles * TILE, 0);
+}
+
+static void batch_matmul(const pl_batch *b, const pl_mat *w, const float *x, float *y) {
+    batch_matmul_q(b, w, x, y, 0);
 }
 
 /* ---- greedy picks for a batch: argmax of each row ----------------------------------------------------------
@@ -2090,9 +2108,13 @@ void pl_argmax_rows(const float *x, int B, int V, long ld, int32_t *out) {
 }
 
 /* The per-row work between the matrix products, one job per row (rows split over the threads; a row's own
- * arithmetic is what the serial loop did, so the result does not depend on the split). */
+ * arithmetic is what the serial loop did, so the result does not depend on the split). `next`: the matrix the
+ * op's output goes into, whose activation codes the job writes too while the row is in cache (quantize_act_row:
+ * the same codes pl_quantize_act would write), so that product needs no pass of its own; NULL: none. */
 enum { ROW_NORM, ROW_ROPE_STORE, ROW_RESIDUAL_NORM, ROW_SILU, ROW_RESIDUAL };
-typedef struct { const pl_model *m; const pl_batch *b; float *x; int layer, op; const float *w; float *out; } row_job;
+typedef struct {
+    const pl_model *m; const pl_batch *b; float *x; int layer, op; const float *w; float *out; const pl_mat *next;
+} row_job;
 
 static void row_work(void *p, int r) {
     const row_job *j = p;
@@ -2109,21 +2131,28 @@ static void row_work(void *p, int r) {
     }   /* fall through */
     case ROW_NORM:
         rmsnorm(xr, j->w, D, m->eps, j->out + (size_t)r * D);
+        if (j->next != NULL) quantize_act_row(b, j->next, j->out + (size_t)r * D, r);
         break;
     case ROW_ROPE_STORE:
         for (int g = 0; g < m->n_kv; g++) rope_store_group(m, b, j->layer, r, g);
         break;
     case ROW_SILU: {
         silu_row(b->gu + (size_t)r * pad16(2 * m->inter), m->inter, b->hmid + (size_t)r * m->inter);
+        if (j->next != NULL) quantize_act_row(b, j->next, b->hmid + (size_t)r * m->inter, r);
         break;
     }
     }
 }
 
-static void rows_run(const pl_model *m, const pl_batch *b, float *x, int layer, int op, const float *w, float *out) {
-    row_job j = {m, b, x, layer, op, w, out};
+static void rows_run(const pl_model *m, const pl_batch *b, float *x, int layer, int op, const float *w, float *out,
+                     const pl_mat *next) {
+    row_job j = {m, b, x, layer, op, w, out, next};
     parallel_run(row_work, &j, b->B);  /* B == 1: inline */
 }
+
+/* the `next` of a row job feeding matrix w: w itself, or NULL for a KIND_PARTS matrix (its parts quantize for
+ * their own kinds: parts_product) */
+static const pl_mat *fuse_quant(const pl_mat *w) { return w->kind == KIND_PARTS ? NULL : w; }
 
 static double now_s(void) {
     struct timespec ts;
@@ -2146,14 +2175,15 @@ static void batch_attention_layer(const pl_model *m, const pl_batch *b, float *x
         return;
     }
 #endif
-    rows_run(m, b, x, l, ROW_ROPE_STORE, NULL, NULL);
+    rows_run(m, b, x, l, ROW_ROPE_STORE, NULL, NULL, NULL);
     if (serial) for (int j = 0; j < B * H; j++) batch_attention(&aj, j);
     else if (B >= 4 * g_threads) parallel_run(batch_attention_row, &aj, B);  /* fewer, larger jobs */
     else parallel_run(batch_attention, &aj, B * H);
 }
 
 /* seconds pl_decode_batch spent in its parts since the last reset: [0] the layers' matrix products (activation
- * quantization included), [1] RoPE, key/value stores and attention, [2] the element-wise rows, [3] lm_head */
+ * quantization of the attention output included), [1] RoPE, key/value stores and attention, [2] the element-wise
+ * rows (with the activation codes of the products they feed), [3] lm_head */
 static double g_decode_s[4];
 
 int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden), updated in place */) {
@@ -2168,32 +2198,37 @@ int pl_decode_batch(const pl_model *m, const pl_batch *b, float *x /* (B, hidden
     for (int r = 0; r < B; r++) keys += b->pos[r] - b->lo[r] + 1;
     double t0 = now_s(), t1;
 #define LAP(i) (t1 = now_s(), g_decode_s[i] += t1 - t0, t0 = t1)
-    rows_run(m, b, x, 0, ROW_NORM, m->layers[0].attn_norm, b->xn);
+    /* the norms and the SiLU write the activation codes of the product they feed (row_work's `next`) */
+    rows_run(m, b, x, 0, ROW_NORM, m->layers[0].attn_norm, b->xn, fuse_quant(&m->layers[0].qkv));
     LAP(2);
     for (int l = 0; l < m->n_layers; l++) {
         const pl_layer *L = &m->layers[l];
-        batch_matmul(b, &L->qkv, b->xn, b->qkv);
+        batch_matmul_q(b, &L->qkv, b->xn, b->qkv, fuse_quant(&L->qkv) != NULL);
         LAP(0);
         batch_attention_layer(m, b, x, l, keys);
         LAP(1);
         batch_matmul(b, &L->o, b->att, b->y);
         LAP(0);
-        rows_run(m, b, x, l, ROW_RESIDUAL_NORM, L->ffn_norm, b->xn);
+        rows_run(m, b, x, l, ROW_RESIDUAL_NORM, L->ffn_norm, b->xn, fuse_quant(&L->gate_up));
         LAP(2);
-        batch_matmul(b, &L->gate_up, b->xn, b->gu);
+        batch_matmul_q(b, &L->gate_up, b->xn, b->gu, fuse_quant(&L->gate_up) != NULL);
         LAP(0);
-        rows_run(m, b, x, l, ROW_SILU, NULL, NULL);
+        rows_run(m, b, x, l, ROW_SILU, NULL, NULL, fuse_quant(&L->down));
         LAP(2);
-        batch_matmul(b, &L->down, b->hmid, b->y);
+        batch_matmul_q(b, &L->down, b->hmid, b->y, fuse_quant(&L->down) != NULL);
         LAP(0);
-        if (l + 1 < m->n_layers) rows_run(m, b, x, l, ROW_RESIDUAL_NORM, m->layers[l + 1].attn_norm, b->xn);
-        else rows_run(m, b, x, l, ROW_RESIDUAL, NULL, NULL);
+        if (l + 1 < m->n_layers) {
+            const pl_layer *N = &m->layers[l + 1];
+            rows_run(m, b, x, l, ROW_RESIDUAL_NORM, N->attn_norm, b->xn, fuse_quant(&N->qkv));
+        }
+        else rows_run(m, b, x, l, ROW_RESIDUAL, NULL, NULL, NULL);
         LAP(2);
     }
     if (b->norm == NULL) return 0;
-    rows_run(m, b, x, 0, ROW_NORM, b->norm, b->h);
+    const pl_mat *head = b->lm_head.w != NULL ? fuse_quant(&b->lm_head) : NULL;
+    rows_run(m, b, x, 0, ROW_NORM, b->norm, b->h, head);
     LAP(2);
-    if (b->lm_head.w != NULL) batch_matmul(b, &b->lm_head, b->h, b->logits);
+    if (b->lm_head.w != NULL) batch_matmul_q(b, &b->lm_head, b->h, b->logits, head != NULL);
     LAP(3);
 #undef LAP
     return 0;
