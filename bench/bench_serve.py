@@ -4,9 +4,11 @@ first token when 16 clients share a 500-token system prompt.
 
 For each concurrency level c: c chat requests (distinct prompts, greedy, max_tokens fixed, stop tokens biased
 away so every request generates exactly max_tokens) are sent at once as streams, then the same c requests are
-sent one after another. Each level runs `--repeats` times (default 3) and the median run (by aggregate tokens/s)
-is reported: wall time, aggregate tokens/s both ways, `x c=1` (aggregate tokens/s over the c = 1 row's: the
-issue's measure against one stream), the speedup (the ratio against the sequential baseline measured in the same
+sent one after another. The levels run in `--repeats` rounds (default 3), each round every level once in turn,
+and the median run of each level (by aggregate tokens/s) is reported: wall time, aggregate tokens/s both ways,
+`x c=1` (the issue's measure against one stream: per round, the level's aggregate tokens/s over the c = 1 run of
+the same round, seconds apart; the median of those ratios, so a machine whose speed drifts between rounds moves
+both sides of each ratio alike), the speedup (the ratio against the sequential baseline measured in the same
 run), p50/p99 time to first token of the concurrent run. The client parses only the chunks it needs (the first
 content, the usage): it shares the cores with the server. One more baseline row: `pocketlm.engine.generate`
 in-process (no HTTP) on the first 4 prompts.
@@ -279,14 +281,21 @@ def main(argv=None) -> int:
     with server as root:
         url = f"{root}/v1/chat/completions"
         asyncio.run(run_level(url, 2, 8))  # warm-up
-        rows = []
-        for c in levels:  # the median of --repeats runs (by aggregate tokens/s): one run is a fraction of a second
-            runs = sorted((asyncio.run(run_level(url, c, args.max_tokens)) for _ in range(args.repeats)),
-                          key=lambda r: r["tokens_per_s"])
-            rows.append(runs[len(runs) // 2] | {"runs_tokens_per_s": [r["tokens_per_s"] for r in runs]})
-    single = next((r["tokens_per_s"] for r in rows if r["concurrency"] == 1), None)
-    for r in rows:  # the measure: aggregate tokens/s against one stream's, both from this run
-        r["ratio_to_single_stream"] = r["tokens_per_s"] / single if single else None
+        rounds: dict[int, list[dict]] = {c: [] for c in levels}
+        for _ in range(args.repeats):  # round-robin: each round runs every level once, seconds apart
+            for c in levels:
+                rounds[c].append(asyncio.run(run_level(url, c, args.max_tokens)))
+    rows = []
+    for c in levels:  # the median run of each level (by aggregate tokens/s): one run is a fraction of a second
+        runs = sorted(rounds[c], key=lambda r: r["tokens_per_s"])
+        rows.append(runs[len(runs) // 2] | {"runs_tokens_per_s": [r["tokens_per_s"] for r in rounds[c]]})
+    for r in rows:  # the measure: aggregate tokens/s against one stream's, paired within each round
+        if 1 in rounds:
+            ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(rounds[r["concurrency"]], rounds[1])]
+            r["ratio_to_single_stream_per_round"] = ratios
+            r["ratio_to_single_stream"] = statistics.median(ratios)
+        else:
+            r["ratio_to_single_stream"] = None
     shared = (shared_prompt_scenario(model_args, common, args.shared_clients, args.shared_max_tokens, args.repeats)
               if args.shared_clients > 0 else None)
     base = (generate_baseline(args.model, args.max_tokens, args.threads, quantize=args.quantize)

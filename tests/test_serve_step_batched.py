@@ -84,13 +84,21 @@ def _requests(model, tok):
          "logit_bias": {"500": 0.75}},
         {**base, "prompt": [1, 500, 600, 700], "temperature": 0.9, "seed": 11, "n": 2, "logit_bias": {"600": 3.0}},
         {**base, "prompt": [1, 3000, 3010, 3020, 3030, 3040], "temperature": 0, "n": 2},
+        # greedy with a repetition penalty (the default model declares 1.2): penalty and pick batched
+        {**base, "prompt": [1, 1700, 3300, 800], "temperature": 0, "repetition_penalty": 1.3},
+        {**base, "prompt": [1, 2500, 2500, 2600], "temperature": 0, "repetition_penalty": 0.7, "n": 2},
+        {**base, "prompt": [1, 4000, 4100], "temperature": 0, "repetition_penalty": 1.3,
+         "logit_bias": {"4100": 3.0, "900": 1.5}},
+        # logprobs are of the unpenalized logits: this row is penalized on a copy
+        {**base, "prompt": [1, 1700, 3300, 800], "temperature": 0, "repetition_penalty": 1.3, "logprobs": 2},
     ]
     limits = Limits(max_n=4, context_length=64)
     return [parse_request(b, "completion", tokenizer=tok, model_names=["m"], limits=limits,
                           vocab_size=model.config.vocab_size) for b in bodies]
 
 
-def _serve(engine, gens):
+def _serve(engine, gens, logprobs=None):
+    """{choice index: tokens} per request; `logprobs`: a list that gets each token event's logprob (or None)."""
     async def main():
         loop = asyncio.get_running_loop()
 
@@ -101,6 +109,8 @@ def _serve(engine, gens):
             while (ev := await asyncio.wait_for(q.get(), 60))["type"] != "done":
                 assert ev["type"] == "token", ev
                 out.setdefault(ev["index"], []).append(ev["token"])
+                if logprobs is not None:
+                    logprobs.append(ev.get("logprob"))
             return out
         return await asyncio.gather(*[one(g) for g in gens])
     return asyncio.run(main())
@@ -115,22 +125,44 @@ def _per_row(self, rows, logits):
 
 def test_batched_picks_equal_per_row(monkeypatch, tok):
     model = _tiny_kernel_model()
-    outs, steps = [], []
+    outs, steps, logprobs = [], [], [[], []]
     for batched in (True, False):
         if not batched:
             monkeypatch.setattr(Engine, "_accept_rows", _per_row)
         engine = Engine(model, tok, max_slots=16, max_queue=16, context_length=64, prefix_cache=False)
         try:
             assert engine.batch_decoder is not None
-            outs.append(_serve(engine, _requests(model, tok)))
+            gens = _requests(model, tok)
+            outs.append(_serve(engine, gens[:-1]) + _serve(engine, gens[-1:], logprobs[not batched]))
             steps.append(engine.c_decode_steps)
         finally:
             engine.shutdown()
     assert steps[0] > 0 and steps[1] > 0
     assert outs[0] == outs[1]
+    assert logprobs[0] == logprobs[1] and None not in logprobs[0] and len(logprobs[0]) == 9
     assert outs[0][1][0] == [777] * 9  # the +100 bias was applied on every decode step
     assert 300 not in outs[0][2][0]
     assert outs[0][4][0] != outs[0][4][1]  # two seeded choices: their own generators
+    assert outs[0][6][0] != outs[0][0][0]  # the same prompt as request 0: the penalty changed the reply
+
+
+def test_penalized_rows_are_picked_in_the_batch(monkeypatch, tok):
+    """Greedy rows whose only processing is a repetition penalty never reach the per-row sampler."""
+    import pocketlm.serve.batching as batching
+    model = _tiny_kernel_model()
+    calls = []
+    real = batching.sample
+    monkeypatch.setattr(batching, "sample", lambda *a, **k: calls.append(1) or real(*a, **k))
+    engine = Engine(model, tok, max_slots=16, max_queue=16, context_length=64, prefix_cache=False)
+    try:
+        gens = [g for g in _requests(model, tok)
+                if g.params[0].repetition_penalty != 1.0 and not g.logit_bias and not g.logprobs]
+        assert len(gens) == 2
+        out = _serve(engine, gens)
+    finally:
+        engine.shutdown()
+    assert [len(o) for o in out] == [1, 2] and all(len(t) == 9 for o in out for t in o.values())
+    assert len(calls) == 3  # only each sequence's first token, picked after its prefill
 
 
 # ---- the batched step's inputs -------------------------------------------------------------------------------------

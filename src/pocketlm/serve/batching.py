@@ -53,8 +53,9 @@ Design (vLLM's and llama.cpp server's scheduler, reduced to one process and one 
 Sampling per row uses `pocketlm.engine.sampling.sample` with a per-sequence generator (seed + choice index),
 after optional logit_bias, OpenAI presence/frequency penalties and the JSON constraint mask (grammar.py). On a
 decode step the whole batch's logit_bias goes in with one indexed add (each request's ids and values made
-once) and the plain greedy rows (no penalty or constraint) take one argmax over the batch (`_accept_rows`; in C
-on the kernels), the same picks as per row (tests/test_serve_step_batched.py); detokenization memoizes the
+once), the plain greedy rows (no penalty or constraint) take one argmax over the batch (`_accept_rows`; in C
+on the kernels) and the greedy rows whose only processing is a repetition penalty (the default model declares
+one) get it in one indexed pass and one argmax, the same picks as per row (tests/test_serve_step_batched.py); detokenization memoizes the
 short id windows it decodes (engine/detok.py).
 Logprobs are those of the model's distribution after logit_bias and penalties (before temperature, top_p and
 the JSON mask), restricted to the tokenizer's real ids.
@@ -85,7 +86,7 @@ from pocketlm.engine import cpu
 from pocketlm.engine.cpu_batch import BatchDecoder, argmax_rows
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
-from pocketlm.engine.sampling import SamplingParams, make_generator, penalized_ids, sample
+from pocketlm.engine.sampling import MIN_DIVISOR, SamplingParams, make_generator, penalized_ids, sample
 from pocketlm.errors import ConfigError, GenerationError
 from pocketlm.kvcache import dense, kv_store
 from pocketlm.model import KVCache
@@ -201,6 +202,9 @@ class Sequence:
     finished: bool = False
     reserved: int = 0  # KV pool positions held for this sequence (prompt + max_tokens) until it ends
     plain: bool = False  # greedy with no penalty or constraint: its decode-step pick is the batch's argmax
+    penalized: bool = False  # greedy with a repetition penalty and nothing else: penalty and pick batched too
+    pen_ids: list[int] | None = None  # a penalized row's distinct penalized ids so far (penalized_ids' set)
+    pen_seen: set = field(default_factory=set)
     prompt_scores: list = field(default_factory=list)  # echo: (logprob, [(id, logprob), ...]) per prompt token 1..
 
 
@@ -399,13 +403,15 @@ class Engine:
                 constraint = (constraint_for(gen.response_format, self.table, gen.stop_token_ids,
                                              budget=sp.max_tokens)
                               if gen.response_format else None)
+                greedy_only = (sp.greedy and constraint is None and not gen.presence_penalty
+                               and not gen.frequency_penalty)
                 req.seqs.append(Sequence(
                     req=req, index=p_i * gen.n + j, prompt_index=p_i, prompt=list(prompt), params=sp,
                     generator=None if sp.greedy else make_generator(sp, self.device), constraint=constraint,
                     detok=IncrementalDecoder(self.tokenizer, skip_special=True, memo=self._detok_memo),
                     filter=StopStringFilter(sp.stop),
-                    plain=(sp.greedy and sp.repetition_penalty == 1.0 and constraint is None and
-                           not gen.presence_penalty and not gen.frequency_penalty)))
+                    plain=greedy_only and sp.repetition_penalty == 1.0,
+                    penalized=greedy_only and sp.repetition_penalty != 1.0))
         req.unfinished = len(req.seqs)
         with self._cond:
             if self._stop:
@@ -623,14 +629,59 @@ class Engine:
             if flat:  # (row, id) pairs are distinct: one read-add-write per pair
                 logits.view(-1).index_add_(0, torch.cat(flat), torch.cat(vals))
         plain = [i for i, seq in enumerate(rows) if seq.plain and not seq.finished]
-        picks: dict[int, int] = {}
-        if plain:
-            sub = logits if len(plain) == len(rows) else logits[plain]
-            picks = dict(zip(plain, argmax_rows(sub) if self.batch_decoder is not None
-                             else sub.argmax(dim=-1).tolist()))
+        pen = [i for i, seq in enumerate(rows) if seq.penalized and not seq.finished]
+        # a penalized row's logits are penalized in place (nothing reads them afterwards), unless one of them
+        # reports logprobs, which are of its unpenalized logits (as `_choose` leaves them): then on a copy
+        copied = [i for i in pen if rows[i].req.gen.logprobs]
+        if copied:
+            pen = [i for i in pen if i not in copied]
+            sub = logits[copied]
+            self._penalize(sub, [rows[i] for i in copied], range(len(copied)))
+            picks = dict(zip(copied, self._argmax(sub)))
+        else:
+            picks = {}
+        if pen:
+            self._penalize(logits, [rows[i] for i in pen], pen)
+        if plain or pen:  # one argmax over the whole batch (no copy of a subset: a fresh 2 MB buffer every step
+            best = self._argmax(logits)  # slowed the next C step by a fifth, measured)
+            picks.update((i, best[i]) for i in plain + pen)
         for i, seq in enumerate(rows):
             seq.length += 1
             self._guarded_accept(seq, logits[i], picks.get(i), biased)
+
+    @staticmethod
+    def _pen_ids(seq: Sequence) -> list[int]:
+        """The distinct ids a penalized row's repetition penalty covers (`penalized_ids` of prompt + output: the
+        stop ids left out), kept up to date by `_accept` once made."""
+        if seq.pen_ids is None:
+            seq.pen_ids = []
+            stops = seq.req.gen.stop_token_ids
+            for t in itertools.chain(seq.prompt, seq.out):
+                if t not in seq.pen_seen and t not in stops:
+                    seq.pen_seen.add(t)
+                    seq.pen_ids.append(t)
+        return seq.pen_ids
+
+    def _penalize(self, logits: torch.Tensor, seqs: list[Sequence], where) -> None:
+        """Each seq's repetition penalty on its penalized ids in row where[k] of `logits`, in place: the ids
+        gathered, penalized and written back in one indexed pass per penalty value (the products and quotients of
+        `sample`'s apply_repetition_penalty, on the same float values)."""
+        by_penalty: dict[float, tuple[list[int], list[int]]] = {}
+        for k, seq in zip(where, seqs):
+            ids = self._pen_ids(seq)
+            r, c = by_penalty.setdefault(seq.params.repetition_penalty, ([], []))
+            r.extend([k] * len(ids))
+            c.extend(ids)
+        for penalty, (r, c) in by_penalty.items():
+            if c:
+                ix = (torch.tensor(r, device=logits.device), torch.tensor(c, device=logits.device))
+                vals = logits[ix]
+                penalty = max(penalty, MIN_DIVISOR)
+                logits[ix] = torch.where(vals < 0, vals * penalty, vals / penalty)
+
+    def _argmax(self, logits: torch.Tensor) -> list[int]:
+        """Each row's greedy pick (B, vocab) -> B ids: in C on the kernels, else torch.argmax."""
+        return argmax_rows(logits) if self.batch_decoder is not None else logits.argmax(dim=-1).tolist()
 
     def _free_chunks(self, seq: Sequence) -> bool:
         """Whether `seq`'s prompt chunks may end anywhere: on the kernels (pl_prefill computes every row alone, so
@@ -853,6 +904,9 @@ class Engine:
             lg = logits
         seq.out.append(token)
         seq.counts[token] += 1
+        if seq.pen_ids is not None and token not in seq.pen_seen and token not in req.gen.stop_token_ids:
+            seq.pen_seen.add(token)
+            seq.pen_ids.append(token)
         if seq.constraint is not None:
             seq.constraint.advance(token)
         event = {"type": "token", "index": seq.index, "token": token, "text": "", "finish_reason": None}
