@@ -111,8 +111,9 @@ def main(argv=None) -> int:
         rows.append({"B": B, "keys": keys, "base_ms": best["base"] * 1e3, "candidate_ms": best["candidate"] * 1e3,
                      "base_tokens_per_s": B / best["base"], "candidate_tokens_per_s": B / best["candidate"],
                      "speedup": best["base"] / best["candidate"]})
-    print(f"\nbatched decode step, model {label}, kernels {base_rev} (base) vs {candidate.name if args.candidate else 'working tree'}"
-          f" (candidate), {isa}, {threads} threads, best of {args.rounds} alternated rounds of {args.steps} steps")
+    cand_name = candidate.name if args.candidate else "working tree"
+    print(f"\nbatched decode step, model {label}, kernels {base_rev} (base) vs {cand_name} (candidate), {isa}, "
+          f"{threads} threads, best of {args.rounds} alternated rounds of {args.steps} steps")
     print(f"{'B':>4} {'keys':>5} {'base ms':>8} {'cand ms':>8} {'base tok/s':>11} {'cand tok/s':>11} {'speedup':>8}")
     for r in rows:
         print(f"{r['B']:>4} {r['keys']:>5} {r['base_ms']:>8.2f} {r['candidate_ms']:>8.2f} "

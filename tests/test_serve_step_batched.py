@@ -190,3 +190,22 @@ def test_detok_memo_gives_the_same_pieces():
         b = [shared.push(i) for i in ids] + [shared.flush()]
         assert a == b and "".join(a) == tok.decode(ids)
     assert memo and all(len(k) <= IncrementalDecoder.MEMO_WINDOW for k in memo)
+
+
+def test_logit_bias_reaches_greedy_rows_of_a_bfloat16_model(tok):
+    """bfloat16 logits (a float model on the PyTorch path): the batch does not add logit_bias in place, so a
+    greedy row with a bias (plain or penalized) takes the per-row path, which adds it."""
+    model = hf.init_weights(hf.empty_model(preset("tiny"), torch.bfloat16), seed=0).eval()
+    engine = Engine(model, tok, max_slots=4, max_queue=4, context_length=64, prefix_cache=False)
+    limits = Limits(max_n=1, context_length=64)
+    bodies = [{"model": "m", "max_tokens": 5, "prompt": [1, 1700, 3300], "temperature": 0, "logit_bias": {"777": 100}},
+              {"model": "m", "max_tokens": 5, "prompt": [1, 1700, 3300], "temperature": 0, "logit_bias": {"777": 100},
+               "repetition_penalty": 1.3}]
+    try:
+        gens = [parse_request(b, "completion", tokenizer=tok, model_names=["m"], limits=limits,
+                              vocab_size=model.config.vocab_size) for b in bodies]
+        out = _serve(engine, gens)
+    finally:
+        engine.shutdown()
+    assert out[0][0] == [777] * 5
+    assert out[1][0][0] == 777  # then the penalty (777 seen) against the bias: +100 still wins at 1.3

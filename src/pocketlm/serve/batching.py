@@ -55,8 +55,8 @@ after optional logit_bias, OpenAI presence/frequency penalties and the JSON cons
 decode step the whole batch's logit_bias goes in with one indexed add (each request's ids and values made
 once), the plain greedy rows (no penalty or constraint) take one argmax over the batch (`_accept_rows`; in C
 on the kernels) and the greedy rows whose only processing is a repetition penalty (the default model declares
-one) get it in one indexed pass and one argmax, the same picks as per row (tests/test_serve_step_batched.py); detokenization memoizes the
-short id windows it decodes (engine/detok.py).
+one) get it in one indexed pass and the same argmax: the same picks as per row
+(tests/test_serve_step_batched.py); detokenization memoizes the short id windows it decodes (engine/detok.py).
 Logprobs are those of the model's distribution after logit_bias and penalties (before temperature, top_p and
 the JSON mask), restricted to the tokenizer's real ids.
 
@@ -628,8 +628,10 @@ class Engine:
                     vals.append(v)
             if flat:  # (row, id) pairs are distinct: one read-add-write per pair
                 logits.view(-1).index_add_(0, torch.cat(flat), torch.cat(vals))
-        plain = [i for i, seq in enumerate(rows) if seq.plain and not seq.finished]
-        pen = [i for i, seq in enumerate(rows) if seq.penalized and not seq.finished]
+        # the batch picks for greedy rows; a row with logit_bias only where the bias is in (float32 logits)
+        ready = [not seq.finished and (biased or not seq.req.gen.logit_bias) for seq in rows]
+        plain = [i for i, seq in enumerate(rows) if seq.plain and ready[i]]
+        pen = [i for i, seq in enumerate(rows) if seq.penalized and ready[i]]
         # a penalized row's logits are penalized in place (nothing reads them afterwards), unless one of them
         # reports logprobs, which are of its unpenalized logits (as `_choose` leaves them): then on a copy
         copied = [i for i in pen if rows[i].req.gen.logprobs]
