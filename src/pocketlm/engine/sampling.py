@@ -156,11 +156,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seen_ids, penalty: float) -> 
     scores = logits.unsqueeze(0) if squeeze else logits  # (B, V)
     seen = seen.reshape(1, -1) if seen.dim() == 1 else seen  # (B or 1, N)
     seen = seen.expand(scores.shape[0], -1)
-    score = torch.gather(scores, 1, seen)
-    penalty = max(penalty, MIN_DIVISOR)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    out = scores.scatter(1, seen, score)
+    out = scores.scatter(1, seen, penalized_scores(torch.gather(scores, 1, seen), penalty))
     return out.squeeze(0) if squeeze else out
+
+
+def penalized_scores(score: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty on the logits of seen ids: divided by `penalty` if positive, else multiplied (the
+    penalty at least MIN_DIVISOR). Shared by apply_repetition_penalty and the server's batched pass."""
+    penalty = max(penalty, MIN_DIVISOR)
+    return torch.where(score < 0, score * penalty, score / penalty)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:

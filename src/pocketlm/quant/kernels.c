@@ -1896,27 +1896,37 @@ axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n
 typedef struct { const pl_model *m; const pl_batch *b; int layer; } batch_attn_job;
 
 /* job j = (row j / H, head j % H): softmax(q.K / sqrt(hd)) V over the row's visible keys [lo, pos] */
+/* the cache row of position 0 of row r's key/value group g in `layer` (the slot cache's layout, above) */
+static size_t slot_row0(const pl_batch *b, int layer, int KV, int r, int g) {
+    return (((size_t)layer * b->slots + b->slot[r]) * KV + g) * b->capacity;
+}
+
+/* x (n values) rounded to f16 and back (round_f16: round to nearest even), 8 at a time where F16C is there */
+static void round_f16_n(const float *x, int n, float *out) {
+    int i = 0;
+#ifdef HAVE_F16_ROWS
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT)));
+#endif
+    for (; i < n; i++) out[i] = round_f16(x[i]);
+}
+
 static void batch_attention(void *p, int j) {
     const batch_attn_job *a = p;
     const pl_model *m = a->m;
     const pl_batch *b = a->b;
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, r = j / H, h = j % H;
     const int lo = b->lo[r], n = b->pos[r] - lo + 1, g = h / (H / KV);
-    const size_t base = (((size_t)a->layer * b->slots + b->slot[r]) * KV + g) * b->capacity + lo;
+    const size_t base = slot_row0(b, a->layer, KV, r, g) + lo;
     const float scale = 1.0f / sqrtf((float)hd);
     const float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd) + (size_t)h * hd;
     float *sc = b->scores + (size_t)j * b->max_keys, *out = b->att + (size_t)r * H * hd + (size_t)h * hd;
     float qr[512];
 #ifdef HAVE_F16_ROWS
     const int f16_rows = b->kv_type == 1 && hd % 32 == 0;
-    if (b->kv_type == 1) {  /* round_f16, 8 at a time (the same round-to-nearest-even conversion) */
-        int i = 0;
-        for (; i + 8 <= hd; i += 8)
-            _mm256_storeu_ps(qr + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(q + i), _MM_FROUND_TO_NEAREST_INT)));
-        for (; i < hd; i++) qr[i] = round_f16(q[i]);
-    } else
 #endif
-    for (int i = 0; i < hd; i++) qr[i] = b->kv_type == 1 ? round_f16(q[i]) : q[i];
+    if (b->kv_type == 1) round_f16_n(q, hd, qr);
+    else memcpy(qr, q, (size_t)hd * 4);
     float mx = -INFINITY;
 #ifdef HAVE_F16_ROWS
     if (f16_rows) dots_f16((const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc);
@@ -1940,7 +1950,7 @@ static void rope_store_group(const pl_model *m, const pl_batch *b, int layer, in
     const float *cos = b->cos + (size_t)r * rd, *sin = b->sin + (size_t)r * rd;
     rope(q + (size_t)g * G * hd, G, hd, rd, cos, sin);
     rope(k + (size_t)g * hd, 1, hd, rd, cos, sin);
-    const size_t row = (((size_t)layer * b->slots + b->slot[r]) * KV + g) * b->capacity + b->pos[r];
+    const size_t row = slot_row0(b, layer, KV, r, g) + b->pos[r];
     kvb_store(b->kv_type, b->k, b->k_scale, row, hd, k + (size_t)g * hd);
     kvb_store(b->kv_type, b->v, b->v_scale, row, hd, v + (size_t)g * hd);
 }
@@ -1958,11 +1968,11 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
     const pl_batch *b = a->b;
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, r = j / KV, g = j % KV;
     const int lo = b->lo[r], n = b->pos[r] - lo + 1, h0 = g * G;
-    const size_t base = (((size_t)a->layer * b->slots + b->slot[r]) * KV + g) * b->capacity + lo;
+    const size_t base = slot_row0(b, a->layer, KV, r, g) + lo;
     rope_store_group(m, b, a->layer, r, g);
     if (j + PF_JOBS < b->B * KV) {  /* the keys and values of the job PF_JOBS ahead, read while this one computes */
         const int r2 = (j + PF_JOBS) / KV, g2 = (j + PF_JOBS) % KV, lo2 = b->lo[r2];
-        const size_t base2 = (((size_t)a->layer * b->slots + b->slot[r2]) * KV + g2) * b->capacity + lo2;
+        const size_t base2 = slot_row0(b, a->layer, KV, r2, g2) + lo2;
         const size_t bytes = (size_t)(b->pos[r2] - lo2 + 1) * hd * 2;
         for (size_t o = 0; o < bytes; o += 64) {
             _mm_prefetch((const char *)b->k + base2 * hd * 2 + o, _MM_HINT_T1);
@@ -1974,8 +1984,7 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
     const size_t ld = b->max_keys;
     float *sc = b->scores + ((size_t)r * H + h0) * ld, *out = b->att + (size_t)r * H * hd + (size_t)h0 * hd;
     float qr[4 * 512];
-    for (int i = 0; i < G * hd; i += 8)  /* round_f16, 8 at a time (hd % 32 == 0) */
-        _mm256_storeu_ps(qr + i, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(q + i), _MM_FROUND_TO_NEAREST_INT)));
+    round_f16_n(q, G * hd, qr);
     dots_f16_heads(G, (const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc, ld);
     for (int h = 0; h < G; h++) {  /* softmax: probabilities sc * inv in place */
         float *s = sc + h * ld, mx = -INFINITY;
@@ -2005,24 +2014,23 @@ static void attention_group(void *p, int j) {
 }
 #endif
 
-
 static void batch_attention_row(void *p, int r) {  /* every head of row r: the same jobs, in one */
     const batch_attn_job *a = p;
     const int H = a->m->n_heads;
     for (int h = 0; h < H; h++) batch_attention(p, r * H + h);
 }
 
-/* y (B, pad16(w->rows)) = x (B, w->cols) @ W.T for the B rows at once */
-/* row r of x (w->cols values) quantized into the batch's activation codes for w's kind: what pl_quantize_act /
- * pl_quantize_act_k write for that row (w a plain kernels kind, not KIND_PARTS) */
+/* row r of x (B, w->cols) quantized into the batch's activation codes for w's kind: the row job of
+ * pl_quantize_act / pl_quantize_act_k (quant_chunk / quant_k_chunk) for that row alone (w a plain kernels kind,
+ * not KIND_PARTS) */
 static void quantize_act_row(const pl_batch *b, const pl_mat *w, const float *x, int r) {
-    const int K = w->cols;
-    if (is_k(w->kind))
-        quantize_row_q8k(x, K, b->qa + (size_t)r * K, b->da + (size_t)r * (K / QKK),
-                         (int16_t *)b->sa_i + (size_t)r * (K / QKK) * 16);
-    else
-        quantize_row(x, K, b->qa + (size_t)r * K, b->da + (size_t)r * (K / QK), b->sa_i + (size_t)r * (K / QK),
-                     b->sa_f + (size_t)r * (K / QK));
+    if (is_k(w->kind)) {
+        const quant_k_job q = {x, w->cols, b->qa, b->da, (int16_t *)b->sa_i};
+        quant_k_chunk((void *)&q, r);
+    } else {
+        const quant_job q = {x, w->cols, b->qa, b->da, b->sa_i, b->sa_f};
+        quant_chunk((void *)&q, r);
+    }
 }
 
 /* y (B, pad16(w->rows)) = x (B, w->cols) @ W.T for the B rows at once; `quantized`: the rows' activation codes
@@ -2131,14 +2139,14 @@ static void row_work(void *p, int r) {
     }   /* fall through */
     case ROW_NORM:
         rmsnorm(xr, j->w, D, m->eps, j->out + (size_t)r * D);
-        if (j->next != NULL) quantize_act_row(b, j->next, j->out + (size_t)r * D, r);
+        if (j->next != NULL) quantize_act_row(b, j->next, j->out, r);
         break;
     case ROW_ROPE_STORE:
         for (int g = 0; g < m->n_kv; g++) rope_store_group(m, b, j->layer, r, g);
         break;
     case ROW_SILU: {
         silu_row(b->gu + (size_t)r * pad16(2 * m->inter), m->inter, b->hmid + (size_t)r * m->inter);
-        if (j->next != NULL) quantize_act_row(b, j->next, b->hmid + (size_t)r * m->inter, r);
+        if (j->next != NULL) quantize_act_row(b, j->next, b->hmid, r);
         break;
     }
     }

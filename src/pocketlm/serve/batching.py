@@ -86,7 +86,7 @@ from pocketlm.engine import cpu
 from pocketlm.engine.cpu_batch import BatchDecoder, argmax_rows
 from pocketlm.engine.detok import IncrementalDecoder
 from pocketlm.engine.generate import DEFAULT_PREFILL_CHUNK_SIZE, StopStringFilter
-from pocketlm.engine.sampling import MIN_DIVISOR, SamplingParams, make_generator, penalized_ids, sample
+from pocketlm.engine.sampling import SamplingParams, make_generator, penalized_ids, penalized_scores, sample
 from pocketlm.errors import ConfigError, GenerationError
 from pocketlm.kvcache import dense, kv_store
 from pocketlm.model import KVCache
@@ -203,8 +203,7 @@ class Sequence:
     reserved: int = 0  # KV pool positions held for this sequence (prompt + max_tokens) until it ends
     plain: bool = False  # greedy with no penalty or constraint: its decode-step pick is the batch's argmax
     penalized: bool = False  # greedy with a repetition penalty and nothing else: penalty and pick batched too
-    pen_ids: list[int] | None = None  # a penalized row's distinct penalized ids so far (penalized_ids' set)
-    pen_seen: set = field(default_factory=set)
+    pen_ids: set[int] | None = None  # a penalized row's penalized ids so far (penalized_ids' set), once made
     prompt_scores: list = field(default_factory=list)  # echo: (logprob, [(id, logprob), ...]) per prompt token 1..
 
 
@@ -652,21 +651,16 @@ class Engine:
             self._guarded_accept(seq, logits[i], picks.get(i), biased)
 
     @staticmethod
-    def _pen_ids(seq: Sequence) -> list[int]:
-        """The distinct ids a penalized row's repetition penalty covers (`penalized_ids` of prompt + output: the
-        stop ids left out), kept up to date by `_accept` once made."""
+    def _pen_ids(seq: Sequence) -> set[int]:
+        """The ids a penalized row's repetition penalty covers (`penalized_ids` of prompt + output: the stop ids
+        left out), kept up to date by `_accept` once made."""
         if seq.pen_ids is None:
-            seq.pen_ids = []
-            stops = seq.req.gen.stop_token_ids
-            for t in itertools.chain(seq.prompt, seq.out):
-                if t not in seq.pen_seen and t not in stops:
-                    seq.pen_seen.add(t)
-                    seq.pen_ids.append(t)
+            seq.pen_ids = set(penalized_ids(seq.prompt + seq.out, seq.req.gen.stop_token_ids))
         return seq.pen_ids
 
     def _penalize(self, logits: torch.Tensor, seqs: list[Sequence], where) -> None:
         """Each seq's repetition penalty on its penalized ids in row where[k] of `logits`, in place: the ids
-        gathered, penalized and written back in one indexed pass per penalty value (the products and quotients of
+        gathered, penalized and written back in one indexed pass per penalty value (`penalized_scores`, as
         `sample`'s apply_repetition_penalty, on the same float values)."""
         by_penalty: dict[float, tuple[list[int], list[int]]] = {}
         for k, seq in zip(where, seqs):
@@ -677,9 +671,7 @@ class Engine:
         for penalty, (r, c) in by_penalty.items():
             if c:
                 ix = (torch.tensor(r, device=logits.device), torch.tensor(c, device=logits.device))
-                vals = logits[ix]
-                penalty = max(penalty, MIN_DIVISOR)
-                logits[ix] = torch.where(vals < 0, vals * penalty, vals / penalty)
+                logits[ix] = penalized_scores(logits[ix], penalty)
 
     def _argmax(self, logits: torch.Tensor) -> list[int]:
         """Each row's greedy pick (B, vocab) -> B ids: in C on the kernels, else torch.argmax."""
@@ -906,9 +898,8 @@ class Engine:
             lg = logits
         seq.out.append(token)
         seq.counts[token] += 1
-        if seq.pen_ids is not None and token not in seq.pen_seen and token not in req.gen.stop_token_ids:
-            seq.pen_seen.add(token)
-            seq.pen_ids.append(token)
+        if seq.pen_ids is not None and token not in req.gen.stop_token_ids:
+            seq.pen_ids.add(token)
         if seq.constraint is not None:
             seq.constraint.advance(token)
         event = {"type": "token", "index": seq.index, "token": token, "text": "", "finish_reason": None}
