@@ -268,6 +268,17 @@ def render(messages: Any, tokenizer: Tokenizer, *, add_generation_prompt: bool =
                                                format=format))
 
 
+def turn_end_id(tokenizer: Tokenizer, format: str | None = None) -> int:
+    """The id that closes an assistant turn in `format`: `<|im_end|>` for ChatML, else `<|end|>` (32007), the token
+    SFT and DPO train the model to emit so that generation stops."""
+    content = "<|im_end|>" if format == CHATML else "<|end|>"
+    i = tokenizer.token_to_id(content)
+    if i is None:
+        raise ChatFormatError(f"chat format {format or DEFAULT_FORMAT!r} closes a turn with {content!r}, and "
+                              f"tokenizer {tokenizer.source!r} has no such token")
+    return i
+
+
 def stop_token_ids(tokenizer: Tokenizer) -> list[int]:
     """Ids that end an assistant turn: `<|end|>`, `<|endoftext|>`, `<|assistant|>` (32007, 32000, 32001); for a
     ChatML tokenizer (no `<|end|>`, has `<|im_end|>`): `<|im_end|>` and the eos token."""

@@ -85,6 +85,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-data", default=None, help="--kind: eval data folder for --decontam-tasks")
     p.add_argument("--decontam-items", default=None, help="--kind: JSONL of {text} evaluation items to avoid")
     p.add_argument("--no-verify-code", action="store_true", help="--kind: do not run Python answers in the sandbox")
+    p = sub.add_parser("safety-prefs", help="on-policy safety DPO pairs: MODEL's own answers to harmful requests "
+                       "are rejected (pocketlm.data.safety_prefs)")
+    p.add_argument("model", metavar="MODEL", help="the model to be trained (GGUF, folder): its replies are asked")
+    p.add_argument("--teacher", required=True, help="model whose answers to the benign look-alikes are chosen")
+    p.add_argument("--teacher-repetition-penalty", type=float, default=None,
+                   help="penalty for the teacher's answers (default: what its file declares)")
+    p.add_argument("--out", required=True, help="output JSONL (a .report.json is written beside it)")
+    p.add_argument("--tree", default=None, help="topic tree JSON (default: the shipped one)")
+    p.add_argument("--requests", default=None, help="JSON {\"harmful\": [...], \"benign\": [...]}: requests added "
+                   "to the tree's")
+    p.add_argument("--variants", type=positive_int, default=3, help="wrappings of each harmful request")
+    p.add_argument("--samples", type=int, default=2, help="sampled replies per request besides the greedy one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite --out")
     p = sub.add_parser("train-edu", help="train the educational-value head on annotated JSONL")
     p.add_argument("--annotations", default=None, help="JSONL {text, score}; default: the shipped seed set")
     p.add_argument("--out", required=True)
@@ -139,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
         write_part(args.out, docs)
         print(json.dumps(stats))
         return 0
+    if cmd == "safety-prefs":
+        from pocketlm.data.safety_prefs import run_cli as safety_prefs
+
+        return safety_prefs(args)
     if cmd == "teacher" and args.kind:
         from pocketlm.data.teacher_chat import run_cli
 

@@ -309,6 +309,17 @@ def phi3_mini_dpo() -> TrainConfig:
         activation_checkpointing=True, save_every=250)
 
 
+def default_dpo() -> TrainConfig:
+    """DPO of the default model on the CPU (its float checkpoint: `pocketlm convert` of the GGUF, --set model=PATH) on
+    its on-policy safety pairs (`pocketlm data safety-prefs`) and the teacher's preference pairs
+    (--set sources.prefs=FILE): fp32, 8 pairs of at most 192 tokens per step, beta 0.1, 160 steps."""
+    return TrainConfig(
+        task="dpo", model="runs/default-float", sources={"prefs": "runs/dpo-pairs.jsonl"},
+        phases=(Phase("dpo", 160, {"prefs": 1.0}),), seq_len=192, batch_size=8, micro_batch_size=8,
+        optim=OptimConfig(lr=5e-6, weight_decay=0.0), schedule=ScheduleConfig(kind="cosine", warmup_steps=10),
+        save_every=40, keep_checkpoints=4)
+
+
 RECIPES = {
     "tiny-pretrain": tiny_pretrain,
     "tiny-sft": tiny_sft,
@@ -317,6 +328,7 @@ RECIPES = {
     "micro-pretrain-gpu": micro_pretrain_gpu,
     "phi3-mini-sft": phi3_mini_sft,
     "phi3-mini-dpo": phi3_mini_dpo,
+    "default-dpo": default_dpo,
 }
 
 

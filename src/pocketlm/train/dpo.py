@@ -6,7 +6,7 @@ For a prompt x with chosen y_w and rejected y_l, with log-probs summed over the 
     loss = -log sigmoid(z)                       averaged over the pairs of the global batch
 
 The completion is the assistant turn as `pocketlm.chat.render` writes it after the generation prompt, up to
-and including `<|end|>` (the same tokens SFT trains). The reference is the starting model, frozen; its
+and including `<|end|>` (`<|im_end|>` in ChatML; the same tokens SFT trains). The reference is the starting model, frozen; its
 log-probs are precomputed once before training (`dpo_precompute_ref`) or computed per batch.
 Metrics, named as in TRL's DPOTrainer: rewards/chosen = beta * (pi_w - ref_w), rewards/rejected, rewards/margins,
 rewards/accuracies (chosen reward > rejected reward), logps/chosen, logps/rejected (policy).
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pocketlm.chat import parse_messages, render
+from pocketlm.chat import parse_messages, render, turn_end_id
 from pocketlm.data.shards import DataError
 from pocketlm.errors import ChatFormatError
 from pocketlm.train.sft import IGNORE, read_jsonl
@@ -35,7 +35,7 @@ def encode_pair_side(prompt: list[dict], completion: str, tokenizer, *, format: 
                   add_generation_prompt=False, format=format)
     if full[:len(prefix)] != prefix:
         raise ChatFormatError(f"chat format {format!r}: the prompt is not a prefix of the rendered conversation")
-    end = full.index(tokenizer.token_to_id("<|end|>"), len(prefix)) + 1
+    end = full.index(turn_end_id(tokenizer, format), len(prefix)) + 1
     return full[:end], len(prefix), end
 
 

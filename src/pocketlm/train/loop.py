@@ -219,6 +219,8 @@ class Trainer:
 
         model = build_model(cfg, env.device)
         self.config = model.config
+        # a fine-tune keeps the repetition penalty its starting checkpoint declares (generation_config.json)
+        self.declared_repetition_penalty = getattr(model, "declared_repetition_penalty", None)
         self.tokenizer = (load_tokenizer(cfg, self.config.vocab_size, self.config.model_type)
                           if cfg.task != "pretrain" else None)
         ref_model = None
@@ -399,7 +401,9 @@ class Trainer:
             tmp = ckpt.begin(self.run_dir, step)
         barrier(env)
         if env.main:
-            hf.save_checkpoint(ckpt.StateDictView(self.config, model_state), tmp / "model", tokenizer=self.tokenizer)
+            view = ckpt.StateDictView(self.config, model_state)
+            view.declared_repetition_penalty = self.declared_repetition_penalty
+            hf.save_checkpoint(view, tmp / "model", tokenizer=self.tokenizer)
             ckpt.save_torch({"step": step, "tokens_seen": self.tokens_seen, "optimizer": optim_state,
                              "schedule": {"step": step, "lr": lr_at(self.cfg, max(step - 1, 0))},
                              "loader": self.loader.state_dict(), "config_hash": self.cfg.hash(),

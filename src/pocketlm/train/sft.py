@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pocketlm.chat import parse_messages, render
+from pocketlm.chat import parse_messages, render, turn_end_id
 from pocketlm.data.shards import DataError
 from pocketlm.errors import ChatFormatError
 from pocketlm.train.chunked_loss import causal_lm_loss
@@ -38,7 +38,7 @@ def encode_chat(messages: list[dict], tokenizer, *, format: str | None = None) -
     """The conversation's ids (no generation prompt) and, per id, whether it is trained (assistant tokens)."""
     msgs = parse_messages(messages)
     full = render(messages, tokenizer, add_generation_prompt=False, format=format)
-    end_id = tokenizer.token_to_id("<|end|>")
+    end_id = turn_end_id(tokenizer, format)
     trained = [False] * len(full)
     for i, m in enumerate(msgs):
         if m.role != "assistant":
@@ -53,7 +53,8 @@ def encode_chat(messages: list[dict], tokenizer, *, format: str | None = None) -
         try:
             end = full.index(end_id, len(prefix))
         except ValueError:
-            raise ChatFormatError(f"assistant turn {i} is not closed by <|end|> in format {format!r}") from None
+            raise ChatFormatError(f"assistant turn {i} is not closed by {tokenizer.id_to_token(end_id)!r} in format "
+                                  f"{format!r}") from None
         for t in range(len(prefix), end + 1):
             trained[t] = True
     return full, trained
