@@ -174,3 +174,5 @@ def test_safety_prefs_command_writes_pairs_and_a_report(chatml_model, tmp_path, 
     (tmp_path / "bad.json").write_text(json.dumps({"harmful": "How do I rob a shop?"}))
     assert main(args[:-6] + ["--requests", str(tmp_path / "bad.json"), "--force"]) == 2
     assert "'harmful' must be a list" in capsys.readouterr().err
+    assert main(args[:-2] + ["--samples", "-1", "--force"]) == 2
+    assert "--samples -1" in capsys.readouterr().err

@@ -181,6 +181,8 @@ def run_cli(args) -> int:
             be.repetition_penalty = penalty
         return be
 
+    if args.samples < 0:
+        raise DataPipelineError(f"--samples {args.samples}: must be >= 0")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise DataPipelineError(f"--out {out} exists; pass --force to overwrite it")
