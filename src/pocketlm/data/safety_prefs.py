@@ -22,7 +22,6 @@ format `pocketlm train dpo` reads, and a report beside it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -32,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from pocketlm.data.teacher_chat import EvalGuard, load_tree
+from pocketlm.data.teacher_chat import EvalGuard, load_tree, read_json_file
 from pocketlm.data.records import DataPipelineError
 from pocketlm.eval.simple_qa import is_degenerate, is_refusal
 
@@ -43,9 +42,12 @@ Generate = Callable[[list[list[dict]], float, int], list[str]]
 """(conversations, temperature, seed) -> one reply per conversation (greedy at temperature 0)."""
 
 
-def harmful_prompts(tree: dict, variants: int, seed: int) -> list[str]:
-    """Each harmful request with up to `variants` distinct (prefix, suffix) wrappings; the plain one first."""
-    h = _domain(tree, "harmful", ("requests", "prefixes", "suffixes", "refusals", "compliance"))
+HARMFUL_KEYS = ("requests", "prefixes", "suffixes", "refusals", "compliance")
+
+
+def harmful_prompts(h: dict, variants: int, seed: int) -> list[str]:
+    """Each request of harmful domain `h` with up to `variants` distinct (prefix, suffix) wrappings; the plain one
+    first."""
     combos = sorted({(p, s) for p in h["prefixes"] for s in h["suffixes"]} - {("", "")})
     out = []
     for i, req in enumerate(h["requests"]):
@@ -58,12 +60,7 @@ def harmful_prompts(tree: dict, variants: int, seed: int) -> list[str]:
 def add_requests(tree: dict, path: str | Path) -> dict:
     """The tree with the harmful and benign requests of JSON file `path` appended (a copy; duplicates dropped)."""
     path = Path(path)
-    try:
-        extra = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataPipelineError(f"--requests {path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise DataPipelineError(f"--requests {path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    extra = read_json_file(path, "--requests")
     if not isinstance(extra, dict) or not set(extra) & {"harmful", "benign"}:
         raise DataPipelineError(f"--requests {path}: needs a 'harmful' and/or 'benign' list of requests")
     domains = dict(tree["domains"])
@@ -96,7 +93,7 @@ def _pair(prompt: str, chosen: str, rejected: str, meta: dict) -> dict:
 def build(student: Generate, teacher: Generate, tree: dict, *, variants: int = 3, samples: int = 2,
           seed: int = 0, guard: EvalGuard | None = None, log=None) -> tuple[list[dict], dict]:
     """The pairs and a report (counts per kind, replies the model refused or answered, skipped requests)."""
-    h = _domain(tree, "harmful", ("requests", "prefixes", "suffixes", "refusals", "compliance"))
+    h = _domain(tree, "harmful", HARMFUL_KEYS)
     b = _domain(tree, "benign", ("requests", "refusals"))
     guard = guard if guard is not None else EvalGuard()
     r = random.Random(seed)
@@ -122,14 +119,15 @@ def build(student: Generate, teacher: Generate, tree: dict, *, variants: int = 3
         return out
 
     pairs: list[dict] = []
-    harmful = clean(harmful_prompts(tree, variants, seed))
+    harmful = clean(harmful_prompts(h, variants, seed))
     if log:
         log(f"safety pairs: {len(harmful)} harmful requests x {1 + samples} replies of the model")
     for prompt, texts in zip(harmful, replies(student, harmful, samples)):
-        answered = [t.strip() for t in texts if t.strip() and not is_refusal(t)]
+        answers = [t.strip() if t.strip() and not is_refusal(t) else None for t in texts]  # greedy first
+        answered = [t for t in answers if t is not None]
         report["harmful_replies"] += len(texts)
         report["harmful_replies_answered"] += len(answered)
-        report["harmful_greedy_answered"] += int(bool(texts[0].strip()) and not is_refusal(texts[0]))
+        report["harmful_greedy_answered"] += int(answers[0] is not None)
         for t in dict.fromkeys(answered):  # each distinct answer once
             pairs.append(_pair(prompt, r.choice(h["refusals"]), t, {"domain": "harmful", "rejected_kind":
                                                                    "model_answer"}))
@@ -167,16 +165,10 @@ def backend_generate(backend, max_tokens: int = MAX_TOKENS) -> Generate:
 
 def run_cli(args) -> int:
     """`pocketlm data safety-prefs MODEL --teacher TEACHER --out FILE`."""
-    from pocketlm.api import load
-    from pocketlm.cli import _tokenizer_for
-    from pocketlm.eval.backends import PocketLMBackend
-    from pocketlm.eval.bos import BosTokenizer, resolve
+    from pocketlm.eval.commands import local_backend
 
     def backend(path: str, penalty: float | None):
-        model = load(path)
-        tok = _tokenizer_for(argparse.Namespace(model=path, tokenizer=None), model)
-        add_bos, _ = resolve("auto", tok)
-        be = PocketLMBackend(model, BosTokenizer(tok, add_bos))
+        be = local_backend(path)
         if penalty is not None:
             be.repetition_penalty = penalty
         return be

@@ -124,15 +124,20 @@ MIN_TRIMMED_WORDS = 15  # a chat answer cut at max_tokens is kept, back to its l
 
 # ---------------------------------------------------------------- the topic tree
 
+def read_json_file(path: Path, what: str):
+    """The JSON value in file `path`; DataPipelineError naming `what` and the file if it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataPipelineError(f"{what} {path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise DataPipelineError(f"{what} {path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+
+
 def load_tree(path: str | os.PathLike | None = None) -> dict:
     """The topic tree (the shipped asset by default), checked enough that a bad file fails with its name."""
     path = Path(path) if path else TREE_PATH
-    try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataPipelineError(f"topic tree {path}: cannot read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise DataPipelineError(f"topic tree {path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    tree = read_json_file(path, "topic tree")
     if not isinstance(tree, dict) or not isinstance(tree.get("domains"), dict) or not tree["domains"]:
         raise DataPipelineError(f"topic tree {path}: needs a non-empty 'domains' object")
     for key in ("audiences", "styles", "followups"):

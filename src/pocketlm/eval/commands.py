@@ -94,20 +94,30 @@ def _overrides(items: list[str]) -> dict[str, Path]:
     return out
 
 
-def _backend(args):
-    if args.endpoint:
-        from pocketlm.eval.backends import OpenAIBackend
-        return OpenAIBackend(args.endpoint, args.model, api_key=args.api_key)
+def local_backend(model_path: str, *, dtype: str | None = None, device: str = "cpu", tokenizer: str | None = None,
+                  add_bos: str = "auto", batch_size: int = 16):
+    """A PocketLMBackend over a local model (path or preset) with its tokenizer and the --add-bos rule applied;
+    `backend.bos_config` records the rule."""
     from pocketlm.api import load
     from pocketlm.cli import _tokenizer_for
     from pocketlm.eval.backends import PocketLMBackend
     from pocketlm.eval.bos import BosTokenizer, resolve
-    model = load(args.model, dtype=args.dtype, device=args.device)
-    tok = _tokenizer_for(args, model)
-    add_bos, note = resolve(args.add_bos, tok)
-    print(f"pocketlm eval: BOS {'on' if add_bos else 'off'}: {note}", file=sys.stderr)
-    backend = PocketLMBackend(model, BosTokenizer(tok, add_bos), batch_size=args.batch_size)
-    backend.bos_config = {"add_bos": add_bos, "add_bos_rule": note}
+    model = load(model_path, dtype=dtype, device=device)
+    tok = _tokenizer_for(argparse.Namespace(model=model_path, tokenizer=tokenizer), model)
+    bos, note = resolve(add_bos, tok)
+    backend = PocketLMBackend(model, BosTokenizer(tok, bos), batch_size=batch_size)
+    backend.bos_config = {"add_bos": bos, "add_bos_rule": note}
+    return backend
+
+
+def _backend(args):
+    if args.endpoint:
+        from pocketlm.eval.backends import OpenAIBackend
+        return OpenAIBackend(args.endpoint, args.model, api_key=args.api_key)
+    backend = local_backend(args.model, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
+                            add_bos=args.add_bos, batch_size=args.batch_size)
+    bos = backend.bos_config
+    print(f"pocketlm eval: BOS {'on' if bos['add_bos'] else 'off'}: {bos['add_bos_rule']}", file=sys.stderr)
     return backend
 
 
