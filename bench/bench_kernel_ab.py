@@ -8,9 +8,14 @@ with random values) the two take turns: `--rounds` rounds of `--steps` steps eac
 reported. Reported per point: ms per step and tokens/s of each build, and base / candidate (above 1: the
 candidate is faster).
 
+`--prefill NxT,...` adds prompt points (the server's time to first token): N prompts of T random tokens each
+through one `FastDecoder.prefill_chunks` call (kernels.c pl_prefill_segs: the rows of all prompts share each
+matrix product) into fresh f16 caches, the two builds alternated the same way (`--rounds` rounds of `--steps`
+calls); reported as ms per call and prompt tokens/s.
+
     python bench/bench_kernel_ab.py --base REV [--candidate FILE] [--model default|PATH]
-                                    [--points 1x48,32x48,32x150] [--rounds 8] [--steps 10]
-                                    [--out bench/results/bench_kernel_ab.json]
+                                    [--points 1x48,32x48,32x150] [--prefill 32x25,1x400] [--rounds 8]
+                                    [--steps 10] [--out bench/results/bench_kernel_ab.json]
 
 REV is any git revision of this repository (its src/pocketlm/quant/kernels.c); --candidate defaults to the
 working tree's file. Kernel threads: POCKETLM_NUM_THREADS (default: the cores this process may use); the
@@ -53,20 +58,30 @@ def main(argv=None) -> int:
     ap.add_argument("--candidate", default=None, help="kernels.c to compare (default: the working tree's)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--points", default="1x48,32x48,32x150", help="B x keys, comma-separated")
+    ap.add_argument("--prefill", default="", help="N x T prompt points (N prompts of T tokens), comma-separated")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_kernel_ab.json"))
     args = ap.parse_args(argv)
     import pocketlm
     from pocketlm.api import default_model_path
+    from pocketlm.engine.cpu import FastDecoder
     from pocketlm.engine.cpu_batch import BatchDecoder
     from pocketlm.quant import kernels
     from pocketlm.serve.batching import SlotKVCache
 
-    points = []
-    for p in args.points.split(","):
-        b, _, k = p.partition("x")
-        points.append((int(b), int(k)))
+    def pairs(text: str, what: str) -> list[tuple[int, int]]:
+        out = []
+        for p in filter(None, text.split(",")):
+            a, _, b = p.partition("x")
+            try:
+                out.append((int(a), int(b)))
+            except ValueError:
+                raise SystemExit(f"{what}: {p!r} is not AxB (two whole numbers)") from None
+        return out
+
+    points = pairs(args.points, "--points")
+    prefill_points = pairs(args.prefill, "--prefill")
     rel = "src/pocketlm/quant/kernels.c"
     base_src = subprocess.run(["git", "show", f"{args.base}:{rel}"], cwd=ROOT, capture_output=True, text=True)
     if base_src.returncode != 0:
@@ -111,6 +126,30 @@ def main(argv=None) -> int:
         rows.append({"B": B, "keys": keys, "base_ms": best["base"] * 1e3, "candidate_ms": best["candidate"] * 1e3,
                      "base_tokens_per_s": B / best["base"], "candidate_tokens_per_s": B / best["candidate"],
                      "speedup": best["base"] / best["candidate"]})
+    prefill_rows = []
+    for n, T in prefill_points:
+        fast = {}
+        for name, lib in libs.items():  # each decoder calls its own library
+            saved = kernels._lib
+            kernels._lib = lib
+            try:
+                fast[name] = FastDecoder(model, "f16")
+            finally:
+                kernels._lib = saved
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(5, model.config.vocab_size - 5, (1, T), generator=gen) for _ in range(n)]
+        best = {name: float("inf") for name in fast}
+        for _ in range(args.rounds):
+            for name, fd in fast.items():
+                caches = [[fd.make_cache(1, T + 1) for _ in range(n)] for _ in range(args.steps)]
+                t0 = time.perf_counter()
+                for step in range(args.steps):
+                    fd.prefill_chunks([(prompts[i], caches[step][i], None) for i in range(n)])
+                best[name] = min(best[name], (time.perf_counter() - t0) / args.steps)
+        prefill_rows.append({"prompts": n, "tokens": T, "base_ms": best["base"] * 1e3,
+                             "candidate_ms": best["candidate"] * 1e3, "base_tokens_per_s": n * T / best["base"],
+                             "candidate_tokens_per_s": n * T / best["candidate"],
+                             "speedup": best["base"] / best["candidate"]})
     cand_name = candidate.name if args.candidate else "working tree"
     print(f"\nbatched decode step, model {label}, kernels {base_rev} (base) vs {cand_name} (candidate), {isa}, "
           f"{threads} threads, best of {args.rounds} alternated rounds of {args.steps} steps")
@@ -118,11 +157,18 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['B']:>4} {r['keys']:>5} {r['base_ms']:>8.2f} {r['candidate_ms']:>8.2f} "
               f"{r['base_tokens_per_s']:>11.0f} {r['candidate_tokens_per_s']:>11.0f} {r['speedup']:>7.3f}x")
+    if prefill_rows:
+        print("\nprompt prefill (one prefill_chunks call of N prompts of T tokens), the same builds")
+        print(f"{'N':>4} {'T':>5} {'base ms':>8} {'cand ms':>8} {'base tok/s':>11} {'cand tok/s':>11} {'speedup':>8}")
+        for r in prefill_rows:
+            print(f"{r['prompts']:>4} {r['tokens']:>5} {r['base_ms']:>8.2f} {r['candidate_ms']:>8.2f} "
+                  f"{r['base_tokens_per_s']:>11.0f} {r['candidate_tokens_per_s']:>11.0f} {r['speedup']:>7.3f}x")
+    command = ["python", "bench/bench_kernel_ab.py", "--base", base_rev, "--model", label, "--points", args.points]
+    command += ["--prefill", args.prefill] if args.prefill else []
     result = {"model": label, "base": base_rev, "candidate": str(args.candidate or "working tree"),
               "isa": isa, "threads": threads, "cpu": platform.processor() or platform.machine(),
-              "rounds": args.rounds, "steps": args.steps, "points": rows,
-              "command": " ".join(["python", "bench/bench_kernel_ab.py", "--base", base_rev, "--model", label,
-                                   "--points", args.points, "--rounds", str(args.rounds), "--steps", str(args.steps)])}
+              "rounds": args.rounds, "steps": args.steps, "points": rows, "prefill": prefill_rows,
+              "command": " ".join(command + ["--rounds", str(args.rounds), "--steps", str(args.steps)])}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

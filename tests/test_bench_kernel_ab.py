@@ -28,13 +28,15 @@ def test_two_builds_alternate_and_the_module_keeps_its_own(tmp_path, capsys):
     candidate = tmp_path / "kernels.c"  # another source text: its own library file, loaded beside HEAD's
     candidate.write_text(kernels.SOURCE.read_text() + "\n/* bench test */\n")
     out = tmp_path / "ab.json"
-    assert mod.main(["--base", "HEAD", "--candidate", str(candidate), "--points", "2x8,3x20", "--rounds", "1",
-                     "--steps", "2", "--out", str(out)]) == 0
+    assert mod.main(["--base", "HEAD", "--candidate", str(candidate), "--points", "2x8,3x20", "--prefill", "3x6",
+                     "--rounds", "1", "--steps", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [(p["B"], p["keys"]) for p in result["points"]] == [(2, 8), (3, 20)]
-    for p in result["points"]:
+    assert [(p["prompts"], p["tokens"]) for p in result["prefill"]] == [(3, 6)]
+    for p in result["points"] + result["prefill"]:
         assert p["base_ms"] > 0 and p["candidate_ms"] > 0
         assert p["speedup"] == pytest.approx(p["base_ms"] / p["candidate_ms"])
+    assert "--prefill 3x6" in result["command"]
     assert result["isa"] == kernels.isa() and result["model"] == "default"
     assert len(result["base"]) >= 7 and "HEAD" not in result["command"]  # the revision, resolved
     assert "speedup" in capsys.readouterr().out
@@ -44,3 +46,8 @@ def test_two_builds_alternate_and_the_module_keeps_its_own(tmp_path, capsys):
 def test_an_unknown_revision_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no-such-revision"):
         load_bench().main(["--base", "no-such-revision", "--out", str(tmp_path / "x.json")])
+
+
+def test_a_point_that_is_not_two_numbers_is_refused_by_name(tmp_path):
+    with pytest.raises(SystemExit, match="--prefill: '3xa' is not AxB"):
+        load_bench().main(["--base", "HEAD", "--prefill", "3xa", "--out", str(tmp_path / "x.json")])

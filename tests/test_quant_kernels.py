@@ -74,6 +74,26 @@ def test_activation_rounding_matches_llama_cpp_x86():
     assert da.item() == 1.0 and sa_i.item() == 129
 
 
+def test_activation_codes_equal_the_scalar_rule():
+    """Every build's codes (the vector paths take 8 lanes at a time) are the plain rule's: per block of 32,
+    amax = max |x|, d = amax / 127 (stored as f16), q = round-half-to-even(x * (127 / amax)), the code sum."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 256, generator=g) * torch.logspace(-3, 3, 9)[:, None]
+    x[1, :32] = 0.0  # a zero block: d = 0, codes 0
+    x[2, 32:64] = -0.0
+    x[3, :32] = torch.tensor([127.0, -127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5] + [3.5] * 22)  # ties
+    x[4, 64:96] = torch.linspace(-1e-30, 1e-30, 32)  # subnormal-sized scales
+    qa, da, sa_i, _ = kernels.quantize_activations(x)
+    xb = x.reshape(9, 8, 32).numpy().astype(np.float32)
+    amax = np.abs(xb).max(-1)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax != 0).astype(np.float32)
+    codes = np.rint((xb * inv[..., None]).astype(np.float32)).astype(np.int32)
+    assert np.array_equal(qa.reshape(9, 8, 32).numpy(), codes.astype(np.int8))
+    assert np.array_equal(sa_i.numpy(), codes.sum(-1))
+    d = (amax / np.float32(127)).astype(np.float32)
+    assert np.array_equal(da.numpy(), d.astype(np.float16).astype(np.float32))
+
+
 def test_threads_give_identical_results():
     check_threads_identical("Q4_0", 512, 512)
 

@@ -209,6 +209,26 @@ static void parallel_run(task_fn fn, void *ctx, int n) {
     }
 }
 
+/* fn(ctx, 0..n-1) for n independent rows, in runs of consecutive rows per chunk: a row's element-wise work (a
+ * norm, a residual, its activation codes) is ~0.1-1 us, less than two threads handing a claim word back and forth
+ * for every row costs; ~16 chunks a thread keep the load balance. Each row's arithmetic is its own, so the
+ * result does not depend on the split. */
+typedef struct { task_fn fn; void *ctx; int n, per; } rows_job_t;
+
+static void rows_chunk(void *p, int c) {
+    const rows_job_t *r = p;
+    const int t1 = (c + 1) * r->per < r->n ? (c + 1) * r->per : r->n;
+    for (int t = c * r->per; t < t1; t++) r->fn(r->ctx, t);
+}
+
+static void parallel_rows(task_fn fn, void *ctx, int n) {
+    int per = n / (16 * g_threads);
+    per = per < 1 ? 1 : per;
+    if (per == 1) { parallel_run(fn, ctx, n); return; }
+    rows_job_t r = {fn, ctx, n, per};
+    parallel_run(rows_chunk, &r, (n + per - 1) / per);
+}
+
 int pl_isa(void) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
     return 2;
@@ -284,13 +304,40 @@ static void quantize_row(const float *x, int K, int8_t *q, float *da, int32_t *s
     for (int b = 0; b < K / QK; b++) {
         const float *xb = x + b * QK;
         float amax = 0.0f;
+        int32_t s = 0;
+#if defined(__AVX2__)
+        /* the scalar loops' results, 8 lanes at a time: max_ps(|x|, m) keeps m where x is NaN (as `a > amax`
+         * skips it); cvtps_epi32 rounds half to even (MXCSR's default mode, nearbyintf's) and gives INT_MIN
+         * where (int) of a NaN does on x86; the low byte of each lane is the (int8_t) cast; integer sums exact */
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 m = _mm256_setzero_ps();
+        for (int j = 0; j < QK; j += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)), m);
+        float l[8];
+        _mm256_storeu_ps(l, m);
+        for (int j = 0; j < 8; j++) if (l[j] > amax) amax = l[j];
+        const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        const __m256 vid = _mm256_set1_ps(id);
+        const __m256i low = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        const __m256i pick = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);  /* the two lanes' 4 low bytes, together */
+        __m256i vs = _mm256_setzero_si256();
+        for (int j = 0; j < QK; j += 8) {
+            const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xb + j), vid));
+            vs = _mm256_add_epi32(vs, v);
+            const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, low), pick);
+            _mm_storel_epi64((__m128i *)(q + b * QK + j), _mm256_castsi256_si128(bytes));
+        }
+        int32_t li[8];
+        _mm256_storeu_si256((__m256i *)li, vs);
+        for (int j = 0; j < 8; j++) s += li[j];
+#else
         for (int j = 0; j < QK; j++) { float a = fabsf(xb[j]); if (a > amax) amax = a; }
         const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
-        int32_t s = 0;
         for (int j = 0; j < QK; j++) {
             int v = (int)nearbyintf(xb[j] * id);  /* default rounding mode: half to even */
             q[b * QK + j] = (int8_t)v; s += v;
         }
+#endif
         const float dh = round_f16(d);
         da[b] = dh; sa_i[b] = s; sa_f[b] = round_f16(d * (float)s);
     }
@@ -307,7 +354,7 @@ static void quant_chunk(void *p, int t) {
 
 void pl_quantize_act(const float *x, int T, int K, int8_t *qa, float *da, int32_t *sa_i, float *sa_f) {
     quant_job q = {x, K, qa, da, sa_i, sa_f};
-    parallel_run(quant_chunk, &q, T);
+    parallel_rows(quant_chunk, &q, T);
 }
 
 /* q8_K (the K-quants' activations), as llama.cpp's quantize_row_q8_K_ref, which its x86 build uses: blocks of
@@ -348,7 +395,7 @@ static void quant_k_chunk(void *p, int t) {
 
 void pl_quantize_act_k(const float *x, int T, int K, int8_t *qa, float *d, int16_t *bs) {
     quant_k_job q = {x, K, qa, d, bs};
-    parallel_run(quant_k_chunk, &q, T);
+    parallel_rows(quant_k_chunk, &q, T);
 }
 
 /* ---- K-quant tiles against T tokens: scalar reference ------------------------------------------------------
@@ -1070,8 +1117,15 @@ static int fused_layers_ok(const pl_model *m) {
 }
 
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
-    double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    /* the sum of squares in double as 8 running sums (lanes i % 8) added in a fixed order: one chain of n
+     * dependent double additions was most of the element-wise rows' time; the compiler vectorizes the 8 lanes
+     * (the order within each is kept), so every build and every path gets the same sum */
+    double l[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int u = 0; u < 8; u++) l[u] += (double)x[i + u] * x[i + u];
+    for (; i < n; i++) l[i % 8] += (double)x[i] * x[i];
+    const double ss = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
     const float r = 1.0f / sqrtf((float)(ss / n) + eps);
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
@@ -1826,16 +1880,65 @@ static inline __m256 hsum8x8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
 }
 
-/* dots_f16 for the G query heads of one key/value group (G a constant after inlining, 1..4): 8 key rows at a
- * time are converted to f32 once for the G heads, and each head's 8 dots run side by side, reduced together by
- * hsum8x8. Every key's chain and sum are dot_f16's (the same fmadds in the same order, the same additions), so
- * each score is bit-identical to dots_f16's. q: G rows of hd (hd <= 512, hd % 8 == 0); sc: G rows of ld. */
+/* prefetch bytes [from, to) of p (clipped to `end`), a cache line at a time: the next job's key or value rows,
+ * asked for a few lines at a time while this job computes (a burst of a whole job's lines fills the load queue
+ * and stalls the core until they arrive) */
+static inline __attribute__((always_inline)) void prefetch_span(const uint16_t *p, size_t from, size_t to, size_t end) {
+    if (p == NULL) return;
+    to = to < end ? to : end;
+    for (size_t o = from; o < to; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T1);
+}
+
+/* dots_f16 for the G query heads of one key/value group (G a constant after inlining, 1..4): each head's 8 dots of
+ * 8 keys run side by side, reduced together by hsum8x8. Every key's chain and sum are dot_f16's (the same fmadds
+ * in the same order, the same additions), so each score is bit-identical to dots_f16's. q: G rows of hd
+ * (hd <= 512, hd % 8 == 0); sc: G rows of ld.
+ * With AVX-512VL's 32 vector registers the G x 8 accumulators stay in registers and each key chunk is converted
+ * once, straight from the cache row, for the G heads (~2x the staged version below, which converts 8 key rows
+ * into a buffer first: 16 registers hold only one head's 8 chains). */
+#if defined(__AVX512VL__)
 static inline __attribute__((always_inline)) void
-dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, float scale, float *sc, size_t ld) {
+dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, float scale, float *sc, size_t ld,
+               const uint16_t *pk, size_t pk_bytes) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    const size_t rb = (size_t)hd * 2;  /* bytes of a key row */
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const uint16_t *kt = k + (size_t)t * hd;
+        prefetch_span(pk, t * rb, (t + 8) * rb, pk_bytes);
+        __m256 a[4][8];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++) a[g][u] = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8) {
+            __m256 qv[4];
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) qv[g] = _mm256_loadu_ps(q + (size_t)g * hd + i);
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++) {
+                const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kt + (size_t)u * hd + i)));
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) a[g][u] = _mm256_fmadd_ps(kv, qv[g], a[g][u]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(hsum8x8(a[g]), vs));
+    }
+    prefetch_span(pk, t * rb, pk_bytes, pk_bytes);
+    for (; t < n; t++)
+        for (int g = 0; g < G; g++) sc[g * ld + t] = dot_f16(k + (size_t)t * hd, q + (size_t)g * hd, hd) * scale;
+}
+#else
+static inline __attribute__((always_inline)) void
+dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, float scale, float *sc, size_t ld,
+               const uint16_t *pk, size_t pk_bytes) {
     float kf[8 * 512];
     const __m256 vs = _mm256_set1_ps(scale);
+    const size_t rb = (size_t)hd * 2;
     for (int t = 0; t < n; t += 8) {
         const int m = n - t < 8 ? n - t : 8;
+        prefetch_span(pk, t * rb, (t + 8 < n ? t + 8 : (size_t)pk_bytes / rb + 1) * rb, pk_bytes);
         for (int i = 0; i < m * hd; i += 8)
             _mm256_storeu_ps(kf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + (size_t)t * hd + i))));
         for (int g = 0; g < G; g++) {
@@ -1862,38 +1965,50 @@ dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, fl
         }
     }
 }
+#endif
 
 /* axpys_f16 for the G heads of a group: out[g] = sum over t of p[g][t] * v[t], each value row loaded and
  * converted once for the G heads. p: the probabilities sc * inv, already multiplied (axpys_f16's sc[t] * inv);
- * each output's chain is axpys_f16's, so it is bit-identical. */
+ * each output's chain is axpys_f16's, so it is bit-identical. AVX-512VL: 32 columns of the G heads at a time
+ * (4G accumulators), else 16. */
 static inline __attribute__((always_inline)) void
-axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n, int hd, float *out) {
-    for (int c = 0; c < hd; c += 16) {
-        __m256 o0[4], o1[4];
+axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n, int hd, float *out,
+                const uint16_t *pv, size_t pv_bytes) {
+    const size_t rb = (size_t)hd * 2;  /* bytes of a value row */
+#if defined(__AVX512VL__)
+    enum { E = 4 };  /* 8-column vectors per head and pass */
+#else
+    enum { E = 2 };
+#endif
+    for (int c = 0; c < hd; c += 8 * E) {
+        __m256 o[4][E];
 #pragma GCC unroll 4
-        for (int g = 0; g < G; g++) o0[g] = o1[g] = _mm256_setzero_ps();
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int e = 0; e < E; e++) o[g][e] = _mm256_setzero_ps();
         const uint16_t *vc = v + c;
         for (int t = 0; t < n; t++, vc += hd) {
-            const __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)vc));
-            const __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 8)));
+            if (c == 0) prefetch_span(pv, t * rb, (t + 1 < n ? t + 1 : (size_t)pv_bytes / rb + 1) * rb, pv_bytes);
+            __m256 x[E];
+#pragma GCC unroll 4
+            for (int e = 0; e < E; e++) x[e] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 8 * e)));
 #pragma GCC unroll 4
             for (int g = 0; g < G; g++) {
                 const __m256 pv = _mm256_broadcast_ss(p + g * ld + t);
-                o0[g] = _mm256_fmadd_ps(pv, x0, o0[g]);
-                o1[g] = _mm256_fmadd_ps(pv, x1, o1[g]);
+#pragma GCC unroll 4
+                for (int e = 0; e < E; e++) o[g][e] = _mm256_fmadd_ps(pv, x[e], o[g][e]);
             }
         }
 #pragma GCC unroll 4
-        for (int g = 0; g < G; g++) {
-            _mm256_storeu_ps(out + (size_t)g * hd + c, o0[g]);
-            _mm256_storeu_ps(out + (size_t)g * hd + c + 8, o1[g]);
-        }
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int e = 0; e < E; e++) _mm256_storeu_ps(out + (size_t)g * hd + c + 8 * e, o[g][e]);
     }
 }
 #define HAVE_F16_ROWS 1
 #endif
 
-typedef struct { const pl_model *m; const pl_batch *b; int layer; } batch_attn_job;
+typedef struct { const pl_model *m; const pl_batch *b; int layer, per; } batch_attn_job;  /* per: see attention_group */
 
 /* job j = (row j / H, head j % H): softmax(q.K / sqrt(hd)) V over the row's visible keys [lo, pos] */
 /* the cache row of position 0 of row r's key/value group g in `layer` (the slot cache's layout, above) */
@@ -1960,24 +2075,37 @@ static void rope_store_group(const pl_model *m, const pl_batch *b, int layer, in
  * group's RoPE and stores (rope_store_group), then the attention of its G query heads over the row's visible
  * keys, each key and value row read once for the G heads (dots_f16_heads / axpys_f16_heads). Each head's result
  * is batch_attention's, bit for bit. */
-#ifndef PF_JOBS
-#define PF_JOBS 2
-#endif
-static inline __attribute__((always_inline)) void attention_group_g(const int G, const batch_attn_job *a, int j) {
+/* the largest of s[0..n), NaNs skipped (-inf when there is none): the scalar loop's `if (s[t] > mx) mx = s[t]`, 8
+ * lanes at a time (max_ps(v, m) keeps m where v is NaN; where +0 meets -0 either may win, and e^(s - mx) is the
+ * same for both) */
+static float max_scores(const float *s, int n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int t = 0;
+    for (; t + 8 <= n; t += 8) m = _mm256_max_ps(_mm256_loadu_ps(s + t), m);
+    float l[8], mx = -INFINITY;
+    _mm256_storeu_ps(l, m);
+    for (int i = 0; i < 8; i++) if (l[i] > mx) mx = l[i];
+    for (; t < n; t++) if (s[t] > mx) mx = s[t];
+    return mx;
+}
+
+static inline __attribute__((always_inline)) void attention_group_g(const int G, const batch_attn_job *a, int j,
+                                                                    int next) {
     const pl_model *m = a->m;
     const pl_batch *b = a->b;
     const int H = m->n_heads, KV = m->n_kv, hd = m->head_dim, r = j / KV, g = j % KV;
     const int lo = b->lo[r], n = b->pos[r] - lo + 1, h0 = g * G;
     const size_t base = slot_row0(b, a->layer, KV, r, g) + lo;
     rope_store_group(m, b, a->layer, r, g);
-    if (j + PF_JOBS < b->B * KV) {  /* the keys and values of the job PF_JOBS ahead, read while this one computes */
-        const int r2 = (j + PF_JOBS) / KV, g2 = (j + PF_JOBS) % KV, lo2 = b->lo[r2];
+    /* the keys and values of job `next` (this thread's next one, or -1), asked for while this one computes */
+    const uint16_t *pk = NULL, *pv = NULL;
+    size_t pbytes = 0;
+    if (next >= 0) {
+        const int r2 = next / KV, g2 = next % KV, lo2 = b->lo[r2];
         const size_t base2 = slot_row0(b, a->layer, KV, r2, g2) + lo2;
-        const size_t bytes = (size_t)(b->pos[r2] - lo2 + 1) * hd * 2;
-        for (size_t o = 0; o < bytes; o += 64) {
-            _mm_prefetch((const char *)b->k + base2 * hd * 2 + o, _MM_HINT_T1);
-            _mm_prefetch((const char *)b->v + base2 * hd * 2 + o, _MM_HINT_T1);
-        }
+        pk = (const uint16_t *)b->k + base2 * hd;
+        pv = (const uint16_t *)b->v + base2 * hd;
+        pbytes = (size_t)(b->pos[r2] - lo2 + 1) * hd * 2;
     }
     const float scale = 1.0f / sqrtf((float)hd);
     const float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd) + (size_t)h0 * hd;
@@ -1985,16 +2113,16 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
     float *sc = b->scores + ((size_t)r * H + h0) * ld, *out = b->att + (size_t)r * H * hd + (size_t)h0 * hd;
     float qr[4 * 512];
     round_f16_n(q, G * hd, qr);
-    dots_f16_heads(G, (const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc, ld);
+    dots_f16_heads(G, (const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc, ld, pk, pbytes);
     for (int h = 0; h < G; h++) {  /* softmax: probabilities sc * inv in place */
-        float *s = sc + h * ld, mx = -INFINITY;
-        for (int t = 0; t < n; t++) if (s[t] > mx) mx = s[t];
+        float *s = sc + h * ld;
+        const float mx = max_scores(s, n);
         const float inv = 1.0f / exp_shifted(s, n, mx);
         int t = 0;
         for (; t + 8 <= n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(inv)));
         for (; t < n; t++) s[t] *= inv;
     }
-    axpys_f16_heads(G, (const uint16_t *)b->v + base * hd, sc, ld, n, hd, out);
+    axpys_f16_heads(G, (const uint16_t *)b->v + base * hd, sc, ld, n, hd, out, pv, pbytes);
 }
 
 /* whether the batched step runs attention_group (RoPE, stores and attention per (row, group) in one job) */
@@ -2003,13 +2131,19 @@ static int grouped_attention_ok(const pl_model *m, const pl_batch *b) {
     return b->kv_type == 1 && m->head_dim % 32 == 0 && G >= 2 && G <= 4;
 }
 
-static void attention_group(void *p, int j) {
+/* chunk c: jobs [c * per, (c + 1) * per) of the B * KV (row, group) jobs, in order, so that each job's successor
+ * runs on the same thread and its keys and values are prefetched into this core's caches */
+static void attention_group(void *p, int c) {
     const batch_attn_job *a = p;
-    switch (a->m->n_heads / a->m->n_kv) {
-    case 2: attention_group_g(2, a, j); break;
-    case 3: attention_group_g(3, a, j); break;
-    case 4: attention_group_g(4, a, j); break;
-    default: break;  /* not chosen: grouped_attention_ok */
+    const int n = a->b->B * a->m->n_kv, j0 = c * a->per, j1 = j0 + a->per < n ? j0 + a->per : n;
+    for (int j = j0; j < j1; j++) {
+        const int next = j + 1 < j1 ? j + 1 : -1;
+        switch (a->m->n_heads / a->m->n_kv) {
+        case 2: attention_group_g(2, a, j, next); break;
+        case 3: attention_group_g(3, a, j, next); break;
+        case 4: attention_group_g(4, a, j, next); break;
+        default: break;  /* not chosen: grouped_attention_ok */
+        }
     }
 }
 #endif
@@ -2174,12 +2308,13 @@ static double now_s(void) {
  * per (row, head) jobs */
 static void batch_attention_layer(const pl_model *m, const pl_batch *b, float *x, int l, long keys) {
     const int H = m->n_heads, B = b->B, serial = keys * H < 64 * 4;
-    batch_attn_job aj = {m, b, l};
+    batch_attn_job aj = {m, b, l, 1};
 #ifdef HAVE_F16_ROWS
     if (grouped_attention_ok(m, b) && (serial || B * m->n_kv >= 4 * g_threads)) {  /* enough jobs to share out */
         const int n = B * m->n_kv;
-        if (serial) for (int j = 0; j < n; j++) attention_group(&aj, j);
-        else parallel_run(attention_group, &aj, n);
+        /* ~4 chunks a thread (load balance on a busy machine), or one chunk of all jobs when serial */
+        aj.per = serial ? n : (n + 4 * g_threads - 1) / (4 * g_threads);
+        parallel_run(attention_group, &aj, (n + aj.per - 1) / aj.per);
         return;
     }
 #endif
@@ -2577,22 +2712,24 @@ typedef struct {
     float *x, *xn, *qkv, *gu, *hmid, *y;
 } prefill_job;
 
-enum { PF_NORM = 0, PF_SILU = 2, PF_RESIDUAL = 3 };
+enum { PF_NORM = 0, PF_SILU = 2, PF_RESIDUAL = 3, PF_RESIDUAL_NORM = 4 };
 
 /* the element-wise work of one row t of a prompt chunk */
 static FAST_MATH void prefill_row(void *p, int t) {
     const prefill_job *r = p;
     const pl_model *m = r->m;
     const int D = m->hidden;
-    if (r->op == PF_NORM) {
-        rmsnorm(r->x + (size_t)t * D, r->w, D, m->eps, r->xn + (size_t)t * D);
-    } else if (r->op == PF_SILU) {
+    if (r->op == PF_SILU) {
         silu_row(r->gu + (size_t)t * r->ldg, m->inter, r->hmid + (size_t)t * m->inter);
-    } else {
+        return;
+    }
+    if (r->op == PF_RESIDUAL || r->op == PF_RESIDUAL_NORM) {  /* x += y (o or down) */
         float *x = r->x + (size_t)t * D;
         const float *y = r->y + (size_t)t * r->ldy;
         for (int i = 0; i < D; i++) x[i] += y[i];
     }
+    if (r->op == PF_NORM || r->op == PF_RESIDUAL_NORM)
+        rmsnorm(r->x + (size_t)t * D, r->w, D, m->eps, r->xn + (size_t)t * D);
 }
 
 typedef struct {
@@ -2697,12 +2834,12 @@ int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (s
         prefill_job r = {m, l, ldq, ldg, ldy, PF_NORM, L->attn_norm, x, c->xn, c->qkv, c->gu, c->hmid, c->y};
         double t0 = now_s(), t1;
 #define LAP(i) (t1 = now_s(), g_prefill_s[i] += t1 - t0, t0 = t1)
-        parallel_run(prefill_row, &r, T);
+        parallel_rows(prefill_row, &r, T);
         LAP(2);
         rows_matmul(&L->qkv, c->xn, T, c->qkv, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
         seg_rope_job sr = {segs, off, n, l, ldq, c->qkv};
-        parallel_run(seg_rope_store, &sr, T);
+        parallel_rows(seg_rope_store, &sr, T);
         LAP(2);
         for (int s = 0; s < n; s++) { fjs[s].layer = l; atomic_store(&fjs[s].failed, 0); }
         seg_fa_job sf = {fjs, joff, n};
@@ -2712,20 +2849,18 @@ int pl_prefill_segs(const pl_seg *segs, int n, const pl_chunk *c, float *x /* (s
         LAP(1);
         rows_matmul(&L->o, c->att, T, c->y, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
-        r.op = PF_RESIDUAL;
-        parallel_run(prefill_row, &r, T);
-        r.op = PF_NORM; r.w = L->ffn_norm;
-        parallel_run(prefill_row, &r, T);
+        r.op = PF_RESIDUAL_NORM; r.w = L->ffn_norm;
+        parallel_rows(prefill_row, &r, T);
         LAP(2);
         rows_matmul(&L->gate_up, c->xn, T, c->gu, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
         r.op = PF_SILU;
-        parallel_run(prefill_row, &r, T);
+        parallel_rows(prefill_row, &r, T);
         LAP(2);
         rows_matmul(&L->down, c->hmid, T, c->y, c->qa, c->da, c->sa_i, c->sa_f);
         LAP(0);
         r.op = PF_RESIDUAL;
-        parallel_run(prefill_row, &r, T);
+        parallel_rows(prefill_row, &r, T);
         LAP(2);
 #undef LAP
     }
