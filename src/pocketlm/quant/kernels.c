@@ -1889,83 +1889,58 @@ static inline __attribute__((always_inline)) void prefetch_span(const uint16_t *
     for (size_t o = from; o < to; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T1);
 }
 
-/* dots_f16 for the G query heads of one key/value group (G a constant after inlining, 1..4): each head's 8 dots of
- * 8 keys run side by side, reduced together by hsum8x8. Every key's chain and sum are dot_f16's (the same fmadds
- * in the same order, the same additions), so each score is bit-identical to dots_f16's. q: G rows of hd
- * (hd <= 512, hd % 8 == 0); sc: G rows of ld.
- * With AVX-512VL's 32 vector registers the G x 8 accumulators stay in registers and each key chunk is converted
- * once, straight from the cache row, for the G heads (~2x the staged version below, which converts 8 key rows
- * into a buffer first: 16 registers hold only one head's 8 chains). */
-#if defined(__AVX512VL__)
+/* dots_f16 for the G query heads of one key/value group (G a constant after inlining, 1..4): KB keys at a time,
+ * the G x KB dot products side by side in registers (AVX-512VL's 32 vector registers hold 3 heads x 8 keys; AVX2's
+ * 16 hold 3 x 4), each key chunk converted once, straight from the cache row, for the G heads; each head's KB sums
+ * reduced together by hsum8x8 (4 keys: their vectors twice, the first 4 sums kept). Every key's chain and sum are
+ * dot_f16's (the same fmadds in the same order, the same additions), so each score is bit-identical to
+ * dots_f16's. q: G rows of hd (hd <= 512, hd % 8 == 0); sc: G rows of ld. pk, pk_bytes: the next job's key rows,
+ * prefetched KB rows per KB rows computed (NULL: none). ~2x the version that converted 8 key rows into a buffer
+ * first and read them back per head. */
 static inline __attribute__((always_inline)) void
 dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, float scale, float *sc, size_t ld,
                const uint16_t *pk, size_t pk_bytes) {
+#if defined(__AVX512VL__)
+    enum { KB = 8 };
+#else
+    enum { KB = 4 };
+#endif
     const __m256 vs = _mm256_set1_ps(scale);
     const size_t rb = (size_t)hd * 2;  /* bytes of a key row */
     int t = 0;
-    for (; t + 8 <= n; t += 8) {
+    for (; t + KB <= n; t += KB) {
         const uint16_t *kt = k + (size_t)t * hd;
-        prefetch_span(pk, t * rb, (t + 8) * rb, pk_bytes);
+        prefetch_span(pk, t * rb, (t + KB) * rb, pk_bytes);
         __m256 a[4][8];
 #pragma GCC unroll 4
         for (int g = 0; g < G; g++)
 #pragma GCC unroll 8
-            for (int u = 0; u < 8; u++) a[g][u] = _mm256_setzero_ps();
+            for (int u = 0; u < KB; u++) a[g][u] = _mm256_setzero_ps();
         for (int i = 0; i < hd; i += 8) {
             __m256 qv[4];
 #pragma GCC unroll 4
             for (int g = 0; g < G; g++) qv[g] = _mm256_loadu_ps(q + (size_t)g * hd + i);
 #pragma GCC unroll 8
-            for (int u = 0; u < 8; u++) {
+            for (int u = 0; u < KB; u++) {
                 const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kt + (size_t)u * hd + i)));
 #pragma GCC unroll 4
                 for (int g = 0; g < G; g++) a[g][u] = _mm256_fmadd_ps(kv, qv[g], a[g][u]);
             }
         }
 #pragma GCC unroll 4
-        for (int g = 0; g < G; g++) _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(hsum8x8(a[g]), vs));
+        for (int g = 0; g < G; g++) {
+            if (KB == 8) {
+                _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(hsum8x8(a[g]), vs));
+            } else {
+                const __m256 h[8] = {a[g][0], a[g][1], a[g][2], a[g][3], a[g][0], a[g][1], a[g][2], a[g][3]};
+                _mm_storeu_ps(sc + g * ld + t, _mm256_castps256_ps128(_mm256_mul_ps(hsum8x8(h), vs)));
+            }
+        }
     }
     prefetch_span(pk, t * rb, pk_bytes, pk_bytes);
     for (; t < n; t++)
         for (int g = 0; g < G; g++) sc[g * ld + t] = dot_f16(k + (size_t)t * hd, q + (size_t)g * hd, hd) * scale;
 }
-#else
-static inline __attribute__((always_inline)) void
-dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, float scale, float *sc, size_t ld,
-               const uint16_t *pk, size_t pk_bytes) {
-    float kf[8 * 512];
-    const __m256 vs = _mm256_set1_ps(scale);
-    const size_t rb = (size_t)hd * 2;
-    for (int t = 0; t < n; t += 8) {
-        const int m = n - t < 8 ? n - t : 8;
-        prefetch_span(pk, t * rb, (t + 8 < n ? t + 8 : (size_t)pk_bytes / rb + 1) * rb, pk_bytes);
-        for (int i = 0; i < m * hd; i += 8)
-            _mm256_storeu_ps(kf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + (size_t)t * hd + i))));
-        for (int g = 0; g < G; g++) {
-            const float *qg = q + (size_t)g * hd;
-            float *s = sc + g * ld + t;
-            if (m == 8) {
-                __m256 a[8];
-#pragma GCC unroll 8
-                for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
-                for (int i = 0; i < hd; i += 8) {
-                    const __m256 qv = _mm256_loadu_ps(qg + i);
-#pragma GCC unroll 8
-                    for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(_mm256_loadu_ps(kf + u * hd + i), qv, a[u]);
-                }
-                _mm256_storeu_ps(s, _mm256_mul_ps(hsum8x8(a), vs));
-            } else {
-                for (int u = 0; u < m; u++) {
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int i = 0; i < hd; i += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(kf + u * hd + i), _mm256_loadu_ps(qg + i), acc);
-                    s[u] = hsum8_f16dot(acc) * scale;
-                }
-            }
-        }
-    }
-}
-#endif
 
 /* axpys_f16 for the G heads of a group: out[g] = sum over t of p[g][t] * v[t], each value row loaded and
  * converted once for the G heads. p: the probabilities sc * inv, already multiplied (axpys_f16's sc[t] * inv);
