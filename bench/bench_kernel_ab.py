@@ -52,6 +52,20 @@ def load_build(kernels, source: Path):
         kernels.SOURCE, kernels._lib, kernels._error = saved
 
 
+def per_build(kernels, libs: dict, make) -> dict:
+    """{name: make()} with the module's library set to each build's while its decoder is made (a decoder keeps
+    the library it was made with: each calls its own build)."""
+    out = {}
+    for name, lib in libs.items():
+        saved = kernels._lib
+        kernels._lib = lib
+        try:
+            out[name] = make()
+        finally:
+            kernels._lib = saved
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="git revision whose kernels.c is the baseline")
@@ -106,14 +120,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         cache.k.normal_()
         cache.v.normal_()
-        decoders = {}
-        for name, lib in libs.items():  # each decoder calls its own library
-            saved = kernels._lib
-            kernels._lib = lib
-            try:
-                decoders[name] = BatchDecoder(model)
-            finally:
-                kernels._lib = saved
+        decoders = per_build(kernels, libs, lambda: BatchDecoder(model))
         ids = [(i * 37) % (model.config.vocab_size - 10) + 5 for i in range(B)]
         slots, positions = list(range(B)), [keys - 1] * B
         best = {name: float("inf") for name in decoders}
@@ -128,14 +135,7 @@ def main(argv=None) -> int:
                      "speedup": best["base"] / best["candidate"]})
     prefill_rows = []
     for n, T in prefill_points:
-        fast = {}
-        for name, lib in libs.items():  # each decoder calls its own library
-            saved = kernels._lib
-            kernels._lib = lib
-            try:
-                fast[name] = FastDecoder(model, "f16")
-            finally:
-                kernels._lib = saved
+        fast = per_build(kernels, libs, lambda: FastDecoder(model, "f16"))
         gen = torch.Generator().manual_seed(0)
         prompts = [torch.randint(5, model.config.vocab_size - 5, (1, T), generator=gen) for _ in range(n)]
         best = {name: float("inf") for name in fast}

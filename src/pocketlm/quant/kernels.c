@@ -1945,7 +1945,8 @@ dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, fl
 /* axpys_f16 for the G heads of a group: out[g] = sum over t of p[g][t] * v[t], each value row loaded and
  * converted once for the G heads. p: the probabilities sc * inv, already multiplied (axpys_f16's sc[t] * inv);
  * each output's chain is axpys_f16's, so it is bit-identical. AVX-512VL: 32 columns of the G heads at a time
- * (4G accumulators), else 16. */
+ * (4G accumulators), else 16. pv, pv_bytes: the next job's value rows, prefetched a row per row of the first
+ * pass (NULL: none). */
 static inline __attribute__((always_inline)) void
 axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n, int hd, float *out,
                 const uint16_t *pv, size_t pv_bytes) {
@@ -1963,7 +1964,7 @@ axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n
             for (int e = 0; e < E; e++) o[g][e] = _mm256_setzero_ps();
         const uint16_t *vc = v + c;
         for (int t = 0; t < n; t++, vc += hd) {
-            if (c == 0) prefetch_span(pv, t * rb, (t + 1 < n ? t + 1 : (size_t)pv_bytes / rb + 1) * rb, pv_bytes);
+            if (c == 0) prefetch_span(pv, t * rb, (t + 1) * rb, pv_bytes);
             __m256 x[E];
 #pragma GCC unroll 4
             for (int e = 0; e < E; e++) x[e] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 8 * e)));
@@ -1978,6 +1979,7 @@ axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n
         for (int g = 0; g < G; g++)
 #pragma GCC unroll 4
             for (int e = 0; e < E; e++) _mm256_storeu_ps(out + (size_t)g * hd + c + 8 * e, o[g][e]);
+        if (c == 0) prefetch_span(pv, (size_t)n * rb, pv_bytes, pv_bytes);  /* a longer next job's last rows */
     }
 }
 #define HAVE_F16_ROWS 1
@@ -2046,10 +2048,6 @@ static void rope_store_group(const pl_model *m, const pl_batch *b, int layer, in
 }
 
 #ifdef HAVE_F16_ROWS
-/* job j = (row j / KV, key/value group j % KV) of an f16 cache (hd % 32 == 0, 2..4 query heads per group): the
- * group's RoPE and stores (rope_store_group), then the attention of its G query heads over the row's visible
- * keys, each key and value row read once for the G heads (dots_f16_heads / axpys_f16_heads). Each head's result
- * is batch_attention's, bit for bit. */
 /* the largest of s[0..n), NaNs skipped (-inf when there is none): the scalar loop's `if (s[t] > mx) mx = s[t]`, 8
  * lanes at a time (max_ps(v, m) keeps m where v is NaN; where +0 meets -0 either may win, and e^(s - mx) is the
  * same for both) */
@@ -2064,6 +2062,10 @@ static float max_scores(const float *s, int n) {
     return mx;
 }
 
+/* job j = (row j / KV, key/value group j % KV) of an f16 cache (hd % 32 == 0, 2..4 query heads per group): the
+ * group's RoPE and stores (rope_store_group), then the attention of its G query heads over the row's visible
+ * keys, each key and value row read once for the G heads (dots_f16_heads / axpys_f16_heads). Each head's result
+ * is batch_attention's, bit for bit. */
 static inline __attribute__((always_inline)) void attention_group_g(const int G, const batch_attn_job *a, int j,
                                                                     int next) {
     const pl_model *m = a->m;
@@ -2264,7 +2266,7 @@ static void row_work(void *p, int r) {
 static void rows_run(const pl_model *m, const pl_batch *b, float *x, int layer, int op, const float *w, float *out,
                      const pl_mat *next) {
     row_job j = {m, b, x, layer, op, w, out, next};
-    parallel_run(row_work, &j, b->B);  /* B == 1: inline */
+    parallel_rows(row_work, &j, b->B);  /* B == 1: inline */
 }
 
 /* the `next` of a row job feeding matrix w: w itself, or NULL for a KIND_PARTS matrix (its parts quantize for
