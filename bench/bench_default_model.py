@@ -12,7 +12,9 @@ vocabularies compare directly.
     python bench/bench_default_model.py --corpus data/corpus --candidate FILE        # e.g. `pocketlm distill`'s GGUF
     python bench/bench_default_model.py --corpus data/corpus --models default --merge # one model, beside the others
 
-Prints one row per model and writes bench/results/default_model.json (every number, the manifest of the sets).
+Prints one row per model and writes bench/results/default_model.json (every number, the manifest of the sets; each
+row with the command that measured it and its `engine`: commit, kernels build, instruction set). `--merge` keeps the
+file's rows of other names, its top-level command and its hand-written `note`.
 Measured for the distilled SmolLM2 (three phases; the third is the shipped default model) against the previous
 `small-cpu` default and the teacher: bench/results/distill_vs_default.json. simple-qa decodes with the repetition
 penalty each model file declares (`pocketlm eval` does the same) and, where that is not 1, also without it.
@@ -57,6 +59,22 @@ def score(path: str, data: Path, limit: int | None, repetition_penalty: float | 
     return row
 
 
+def engine() -> dict:
+    """What computed a row: the repository's commit and the CPU kernels' build (its file name hashes kernels.c and
+    its compiler flags) and instruction set. Greedy replies of a small quantized model hinge on last-bit float
+    differences: the shipped default model's simple-qa moved from 21.2% to 28.8% when a kernels.c change (the
+    softmax's exponentials 16 lanes at a time) altered its logits by ~1% (mean |diff| 0.09 of a mean |logit| of
+    9), so only rows of the same build compare item by item."""
+    import subprocess
+    from pocketlm.quant import kernels
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"commit": commit, "kernels": kernels.library_path().stem, "isa": kernels.isa()}
+
+
 def cell(row: dict, key: str, sub: str | None) -> float:
     if key.startswith("bpb-"):
         return row["heldout"][key]["bits_per_byte"]
@@ -65,7 +83,7 @@ def cell(row: dict, key: str, sub: str | None) -> float:
     return row[key]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", required=True, help="corpus folder (scripts/build-corpus.sh)")
     ap.add_argument("--exclude-sources", default="wordnet,gcide,debian-handbook,python-doc",
@@ -81,7 +99,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "default_model.json"))
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models already in --out (their held-out sets must be these: same manifest)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    command = "python bench/bench_default_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
     from pocketlm.api import default_model_path
     from pocketlm.eval.heldout import build, read_corpus
     paths = {"default": str(default_model_path()), "teacher": teacher_path(), "candidate": args.candidate}
@@ -99,14 +118,15 @@ def main() -> int:
         for m in names:
             row = args.label or m
             results[row] = score(paths[m], Path(tmp), args.limit, args.repetition_penalty)
-            results[row]["path"] = Path(paths[m]).name
+            results[row] |= {"path": Path(paths[m]).name, "engine": engine(), "command": command}
             print(f"{row}: {results[row]['seconds']} s", file=sys.stderr, flush=True)
-    earlier = {}
+    earlier, note, first_command = {}, None, command
     if args.merge and Path(args.out).is_file():
         old = json.loads(Path(args.out).read_text())
         if old["manifest"] != manifest or old["excluded_sources"] != sorted(excluded):
             raise SystemExit(f"--merge: {args.out} was measured on other held-out sets")
         earlier = {m: r for m, r in old["models"].items() if m not in results}
+        note, first_command = old.get("note"), old["command"]  # kept: the note is written by hand
     results = {**earlier, **results}
     names = list(results)
     head = f"{'model':<20}" + "".join(f"{label:>12}" for _, _, label in COLUMNS)
@@ -117,8 +137,8 @@ def main() -> int:
         print(f"{m:<20}" + "".join(f"{cell(r, k, s):>12.3f}" for k, s, _ in COLUMNS)
               + (f"   (simple-qa with repetition penalty {r['qa_repetition_penalty']:g})"
                  if r.get("qa_repetition_penalty", 1.0) != 1.0 else ""))
-    doc = {"command": "python bench/bench_default_model.py " + " ".join(sys.argv[1:]), "excluded_sources":
-           sorted(excluded), "manifest": manifest, "models": results}
+    doc = {"command": first_command, "excluded_sources":
+           sorted(excluded), "manifest": manifest, "models": results, **({"note": note} if note else {})}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")
