@@ -4,7 +4,7 @@ call per step for B rows, kernels.c pl_decode_batch) of a base revision's kernel
 On a shared machine whose speed drifts by tens of percent from minute to minute, two benchmark runs one after
 the other compare the drift as much as the code. Here both libraries are loaded side by side (each its own
 thread pool), and for each point (B rows, each attending over `keys` cached keys of an f16 slot cache filled
-with random values) the two take turns: `--rounds` rounds of `--steps` steps each, the best round of each build
+with random values, or a q8_0 one with `--kv q8_0`) the two take turns: `--rounds` rounds of `--steps` steps each, the best round of each build
 reported. Reported per point: ms per step and tokens/s of each build, and base / candidate (above 1: the
 candidate is faster).
 
@@ -15,7 +15,7 @@ calls); reported as ms per call and prompt tokens/s.
 
     python bench/bench_kernel_ab.py --base REV [--candidate FILE] [--model default|PATH]
                                     [--points 1x48,32x48,32x150] [--prefill 32x25,1x400] [--rounds 8]
-                                    [--steps 10] [--out bench/results/bench_kernel_ab.json]
+                                    [--steps 10] [--kv f16|q8_0] [--out bench/results/bench_kernel_ab.json]
 
 REV is any git revision of this repository (its src/pocketlm/quant/kernels.c); --candidate defaults to the
 working tree's file. Kernel threads: POCKETLM_NUM_THREADS (default: the cores this process may use); the
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", default="", help="N x T prompt points (N prompts of T tokens), comma-separated")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--kv", default="f16", choices=("f16", "q8_0"),
+                    help="the decode points' slot cache type (f16, the default; q8_0: `serve --kv-cache q8_0`)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_kernel_ab.json"))
     args = ap.parse_args(argv)
     import pocketlm
@@ -115,11 +117,15 @@ def main(argv=None) -> int:
     model = pocketlm.load(path, dtype="float32" if args.model == "default" else None)
     rows = []
     for B, keys in points:
-        cache = SlotKVCache(model.config, B, max(256, keys + 1), torch.float32, "cpu", "f16")
+        cache = SlotKVCache(model.config, B, max(256, keys + 1), torch.float32, "cpu", args.kv)
         cache.ensure(keys)
         torch.manual_seed(0)
-        cache.k.normal_()
-        cache.v.normal_()
+        for store in (cache.k, cache.v):
+            if args.kv == "f16":
+                store.normal_()
+            else:  # q8_0 codes and f16 block scales of the size N(0, 1) values give
+                store.codes.copy_(torch.randint(-127, 128, store.codes.shape, dtype=torch.int8))
+                store.scales.fill_(1 / 48)
         decoders = per_build(kernels, libs, lambda: BatchDecoder(model))
         ids = [(i * 37) % (model.config.vocab_size - 10) + 5 for i in range(B)]
         slots, positions = list(range(B)), [keys - 1] * B
@@ -151,7 +157,8 @@ def main(argv=None) -> int:
                              "candidate_tokens_per_s": n * T / best["candidate"],
                              "speedup": best["base"] / best["candidate"]})
     cand_name = candidate.name if args.candidate else "working tree"
-    print(f"\nbatched decode step, model {label}, kernels {base_rev} (base) vs {cand_name} (candidate), {isa}, "
+    print(f"\nbatched decode step, model {label}, {args.kv} cache, kernels {base_rev} (base) vs {cand_name} "
+          f"(candidate), {isa}, "
           f"{threads} threads, best of {args.rounds} alternated rounds of {args.steps} steps")
     print(f"{'B':>4} {'keys':>5} {'base ms':>8} {'cand ms':>8} {'base tok/s':>11} {'cand tok/s':>11} {'speedup':>8}")
     for r in rows:
@@ -164,8 +171,9 @@ def main(argv=None) -> int:
             print(f"{r['prompts']:>4} {r['tokens']:>5} {r['base_ms']:>8.2f} {r['candidate_ms']:>8.2f} "
                   f"{r['base_tokens_per_s']:>11.0f} {r['candidate_tokens_per_s']:>11.0f} {r['speedup']:>7.3f}x")
     command = ["python", "bench/bench_kernel_ab.py", "--base", base_rev, "--model", label, "--points", args.points]
+    command += ["--kv", args.kv] if args.kv != "f16" else []
     command += ["--prefill", args.prefill] if args.prefill else []
-    result = {"model": label, "base": base_rev, "candidate": str(args.candidate or "working tree"),
+    result = {"model": label, "kv": args.kv, "base": base_rev, "candidate": str(args.candidate or "working tree"),
               "isa": isa, "threads": threads, "cpu": platform.processor() or platform.machine(),
               "rounds": args.rounds, "steps": args.steps, "points": rows, "prefill": prefill_rows,
               "command": " ".join(command + ["--rounds", str(args.rounds), "--steps", str(args.steps)])}

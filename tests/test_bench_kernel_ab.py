@@ -51,3 +51,14 @@ def test_an_unknown_revision_is_refused(tmp_path):
 def test_a_point_that_is_not_two_numbers_is_refused_by_name(tmp_path):
     with pytest.raises(SystemExit, match="--prefill: '3xa' is not AxB"):
         load_bench().main(["--base", "HEAD", "--prefill", "3xa", "--out", str(tmp_path / "x.json")])
+
+
+def test_q8_0_cache_points(tmp_path):
+    """--kv q8_0: the decode points run on a q8_0 slot cache (random codes and scales), named in the JSON."""
+    out = tmp_path / "ab.json"
+    assert load_bench().main(["--base", "HEAD", "--points", "2x8,3x40", "--kv", "q8_0", "--rounds", "1",
+                              "--steps", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["kv"] == "q8_0" and "--kv q8_0" in result["command"]
+    assert [(p["B"], p["keys"]) for p in result["points"]] == [(2, 8), (3, 40)]
+    assert all(p["base_ms"] > 0 and p["candidate_ms"] > 0 for p in result["points"])

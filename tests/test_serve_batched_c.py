@@ -127,13 +127,43 @@ def test_step_rows_equal_alone_fastdecoder_and_torch(name, scheme, window, kv):
     _check_rows(kernel_model(name, scheme, window, SMALL_VOCAB), kv, ["default"] * 4)
 
 
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
 @pytest.mark.parametrize("heads, window", [((3, 1), None), ((6, 2), 6), ((4, 1), None), ((5, 1), None)],
                          ids=["3-per-kv", "3-per-kv-window6", "4-per-kv", "5-per-kv"])
-def test_step_rows_of_grouped_query_heads(heads, window):
-    """3 and 4 query heads per key/value head (the default model and SmolLM2 have 3): with the f16 cache the
-    batched step reads each key once for its group's heads (kernels.c attention_group); 5 per group takes the
+def test_step_rows_of_grouped_query_heads(heads, window, kv):
+    """3 and 4 query heads per key/value head (the default model and SmolLM2 have 3): with an f16 or q8_0 cache
+    the batched step reads each key once for its group's heads (kernels.c attention_group); 5 per group takes the
     per-head path. Every row is still exactly its step alone and FastDecoder's."""
-    _check_rows(kernel_model("tiny-gqa", "q8_0", window, SMALL_VOCAB, heads), "f16", ["default"] * 4)
+    _check_rows(kernel_model("tiny-gqa", "q8_0", window, SMALL_VOCAB, heads), kv, ["default"] * 4)
+
+
+@pytest.mark.parametrize("kv", ["f16", "q8_0"])
+@pytest.mark.parametrize("heads", [(3, 1), (4, 1)], ids=["3-per-kv", "4-per-kv"])
+def test_grouped_attention_outputs_equal_fastdecoders_bit_for_bit(heads, kv):
+    """The attention output itself (the last layer's, before o_proj), batched against FastDecoder row by row: the
+    logits above hide most last-bit differences (the output's int8 activation codes seldom flip), so a changed
+    rounding in attention_group (an fmadd for a mul and an add, say) shows here and not there. Early steps take the
+    grouped jobs (few keys: serial), later ones the per-head jobs."""
+    model = kernel_model("tiny-gqa", "q8_0", None, SMALL_VOCAB, heads)
+    steps = 40
+    g = torch.Generator().manual_seed(2)
+    toks = torch.randint(0, model.config.vocab_size, (len(STARTS), steps), generator=g).tolist()
+    bd = BatchDecoder(model)
+    cache = SlotKVCache(model.config, 4, 256, torch.float32, "cpu", kv)
+    cache.ensure(steps)
+    fast = [cpu.FastDecoder(model, kv) for _ in STARTS]
+    fcache = [f.make_cache(1, steps) for f in fast]
+    compared = 0
+    for t in range(steps):
+        rows = [r for r in range(len(STARTS)) if t >= STARTS[r]]
+        bd.step([toks[r][t - STARTS[r]] for r in rows], [(2, 0, 3, 1)[r] for r in rows],
+                [t - STARTS[r] for r in rows], cache, ["default"] * len(rows))
+        att = bd._scratch["att"][:len(rows)].clone()  # (B, H * hd): the last layer's attention rows
+        for i, r in enumerate(rows):
+            fast[r](torch.tensor([[toks[r][t - STARTS[r]]]]), fcache[r], rope_mode="default")
+            assert torch.equal(att[i], fast[r]._scratch["att"]), (kv, r, t)
+            compared += 1
+    assert compared == sum(steps - s for s in STARTS)
 
 
 @pytest.mark.parametrize("kv", [None, "f16"])
@@ -184,10 +214,11 @@ def test_step_checks_under_forced_isa(isa):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, kernels.ISA_ENV: isa}
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
-                        "-k", "step_rows and (tiny-q8_0-None-None or q4_k or 3-per-kv-window6)"],
+                        "-k", "(step_rows and (tiny-q8_0-None-None or q4_k or 3-per-kv-window6)) or "
+                              "attention_outputs"],
                        cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "3 passed" in r.stdout, r.stdout[-500:]
+    assert "8 passed" in r.stdout, r.stdout[-500:]
 
 
 # ---- through the serving engine ------------------------------------------------------------------------------------

@@ -1982,6 +1982,122 @@ axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n
         if (c == 0) prefetch_span(pv, (size_t)n * rb, pv_bytes, pv_bytes);  /* a longer next job's last rows */
     }
 }
+#if defined(__AVX2__)
+/* 8 int8 codes as 8 floats */
+static inline __m256 cvt8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* dot_q8_0 for the G query heads of one key/value group of a q8_0 cache (hd % 32 == 0), KB keys at a time as
+ * dots_f16_heads: per 32-value block, the G x KB chains of dot_i8 side by side in registers (each key chunk
+ * converted once for the G heads), reduced by hsum8x8 in dot_i8's order, times each key's f16 block scale, added
+ * to the key's sum block by block (mul, then add: dot_q8_0's `s += dot * d` without contraction). So every score
+ * is dot_q8_0(...) * scale, bit for bit. kd: the keys' block scales (nb = hd / 32 per row). pk, pk_bytes: the
+ * next job's key codes, prefetched as in dots_f16_heads (NULL: none). */
+static inline __attribute__((always_inline)) void
+dots_q8_0_heads(const int G, const int8_t *k, const uint16_t *kd, const float *q, int n, int hd, float scale,
+                float *sc, size_t ld, const int8_t *pk, size_t pk_bytes) {
+#if defined(__AVX512VL__)
+    enum { KB = 8 };
+#else
+    enum { KB = 4 };
+#endif
+    const int nb = hd / 32;
+    const __m256 vs = _mm256_set1_ps(scale);
+    int t = 0;
+    for (; t + KB <= n; t += KB) {
+        const int8_t *kt = k + (size_t)t * hd;
+        prefetch_span((const uint16_t *)pk, (size_t)t * hd, (size_t)(t + KB) * hd, pk_bytes);
+        __m256 s[4];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) s[g] = _mm256_setzero_ps();
+        for (int b = 0; b < nb; b++) {
+            __m256 a[4][8];
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++)
+#pragma GCC unroll 8
+                for (int u = 0; u < KB; u++) a[g][u] = _mm256_setzero_ps();
+#pragma GCC unroll 4
+            for (int i = b * 32; i < b * 32 + 32; i += 8) {
+                __m256 qv[4];
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) qv[g] = _mm256_loadu_ps(q + (size_t)g * hd + i);
+#pragma GCC unroll 8
+                for (int u = 0; u < KB; u++) {
+                    const __m256 kv = cvt8_i8(kt + (size_t)u * hd + i);
+#pragma GCC unroll 4
+                    for (int g = 0; g < G; g++) a[g][u] = _mm256_fmadd_ps(kv, qv[g], a[g][u]);
+                }
+            }
+            float dk[8];
+            for (int u = 0; u < 8; u++) dk[u] = f16_to_f32(kd[(size_t)(t + u % KB) * nb + b]);
+            const __m256 dv = _mm256_loadu_ps(dk);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                if (KB == 8) {
+                    s[g] = _mm256_add_ps(s[g], _mm256_mul_ps(hsum8x8(a[g]), dv));
+                } else {
+                    const __m256 h[8] = {a[g][0], a[g][1], a[g][2], a[g][3], a[g][0], a[g][1], a[g][2], a[g][3]};
+                    s[g] = _mm256_add_ps(s[g], _mm256_mul_ps(hsum8x8(h), dv));
+                }
+            }
+        }
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            if (KB == 8) _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(s[g], vs));
+            else _mm_storeu_ps(sc + g * ld + t, _mm256_castps256_ps128(_mm256_mul_ps(s[g], vs)));
+        }
+    }
+    prefetch_span((const uint16_t *)pk, (size_t)t * hd, pk_bytes, pk_bytes);
+    for (; t < n; t++)
+        for (int g = 0; g < G; g++)
+            sc[g * ld + t] = dot_q8_0(k + (size_t)t * hd, kd + (size_t)t * nb, q + (size_t)g * hd, hd) * scale;
+}
+
+/* axpy_q8_0 for the G heads of a group: out[g] = sum over t of p[g][t] * d[t] * v[t] block by block, each value
+ * chunk converted once for the G heads; each output's chain is axpy_q8_0's (fmadd of the product p * d, keys in
+ * order from 0), so it is bit-identical. p: the probabilities sc * inv. AVX-512VL: a 32-column block of the G
+ * heads at a time, else half a block. pv, pv_bytes: the next job's value codes, prefetched a row per row of the
+ * first pass (NULL: none). */
+static inline __attribute__((always_inline)) void
+axpys_q8_0_heads(const int G, const int8_t *v, const uint16_t *vd, const float *p, size_t ld, int n, int hd,
+                 float *out, const int8_t *pv, size_t pv_bytes) {
+    const int nb = hd / 32;
+#if defined(__AVX512VL__)
+    enum { E = 4 };
+#else
+    enum { E = 2 };
+#endif
+    for (int c = 0; c < hd; c += 8 * E) {
+        const int b = c / 32;
+        __m256 o[4][E];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int e = 0; e < E; e++) o[g][e] = _mm256_setzero_ps();
+        const int8_t *vc = v + c;
+        for (int t = 0; t < n; t++, vc += hd) {
+            if (c == 0) prefetch_span((const uint16_t *)pv, (size_t)t * hd, (size_t)(t + 1) * hd, pv_bytes);
+            __m256 x[E];
+#pragma GCC unroll 4
+            for (int e = 0; e < E; e++) x[e] = cvt8_i8(vc + 8 * e);
+            const float d = f16_to_f32(vd[(size_t)t * nb + b]);
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m256 pd = _mm256_set1_ps(p[g * ld + t] * d);
+#pragma GCC unroll 4
+                for (int e = 0; e < E; e++) o[g][e] = _mm256_fmadd_ps(pd, x[e], o[g][e]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++)
+#pragma GCC unroll 4
+            for (int e = 0; e < E; e++) _mm256_storeu_ps(out + (size_t)g * hd + c + 8 * e, o[g][e]);
+        if (c == 0) prefetch_span((const uint16_t *)pv, (size_t)n * hd, pv_bytes, pv_bytes);
+    }
+}
+#define HAVE_Q8_ROWS 1
+#endif
 #define HAVE_F16_ROWS 1
 #endif
 
@@ -2062,10 +2178,10 @@ static float max_scores(const float *s, int n) {
     return mx;
 }
 
-/* job j = (row j / KV, key/value group j % KV) of an f16 cache (hd % 32 == 0, 2..4 query heads per group): the
- * group's RoPE and stores (rope_store_group), then the attention of its G query heads over the row's visible
- * keys, each key and value row read once for the G heads (dots_f16_heads / axpys_f16_heads). Each head's result
- * is batch_attention's, bit for bit. */
+/* job j = (row j / KV, key/value group j % KV) of an f16 or q8_0 cache (hd % 32 == 0, 2..4 query heads per
+ * group): the group's RoPE and stores (rope_store_group), then the attention of its G query heads over the row's
+ * visible keys, each key and value row read once for the G heads (dots_f16_heads / axpys_f16_heads, or the
+ * q8_0 pair). Each head's result is batch_attention's, bit for bit. */
 static inline __attribute__((always_inline)) void attention_group_g(const int G, const batch_attn_job *a, int j,
                                                                     int next) {
     const pl_model *m = a->m;
@@ -2075,22 +2191,31 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
     const size_t base = slot_row0(b, a->layer, KV, r, g) + lo;
     rope_store_group(m, b, a->layer, r, g);
     /* the keys and values of job `next` (this thread's next one, or -1), asked for while this one computes */
-    const uint16_t *pk = NULL, *pv = NULL;
+    const size_t rb = kv_row_bytes(b->kv_type, hd);
+    const uint8_t *pk = NULL, *pv = NULL;
     size_t pbytes = 0;
     if (next >= 0) {
         const int r2 = next / KV, g2 = next % KV, lo2 = b->lo[r2];
         const size_t base2 = slot_row0(b, a->layer, KV, r2, g2) + lo2;
-        pk = (const uint16_t *)b->k + base2 * hd;
-        pv = (const uint16_t *)b->v + base2 * hd;
-        pbytes = (size_t)(b->pos[r2] - lo2 + 1) * hd * 2;
+        pk = (const uint8_t *)b->k + base2 * rb;
+        pv = (const uint8_t *)b->v + base2 * rb;
+        pbytes = (size_t)(b->pos[r2] - lo2 + 1) * rb;
     }
     const float scale = 1.0f / sqrtf((float)hd);
     const float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd) + (size_t)h0 * hd;
     const size_t ld = b->max_keys;
     float *sc = b->scores + ((size_t)r * H + h0) * ld, *out = b->att + (size_t)r * H * hd + (size_t)h0 * hd;
-    float qr[4 * 512];
-    round_f16_n(q, G * hd, qr);
-    dots_f16_heads(G, (const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc, ld, pk, pbytes);
+#ifdef HAVE_Q8_ROWS
+    const int q8 = b->kv_type == 3;
+    const uint16_t *kd = (const uint16_t *)b->k_scale + base * (hd / 32), *vd = (const uint16_t *)b->v_scale + base * (hd / 32);
+    if (q8) dots_q8_0_heads(G, (const int8_t *)b->k + base * hd, kd, q, n, hd, scale, sc, ld, (const int8_t *)pk, pbytes);
+    else
+#endif
+    {
+        float qr[4 * 512];
+        round_f16_n(q, G * hd, qr);
+        dots_f16_heads(G, (const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc, ld, (const uint16_t *)pk, pbytes);
+    }
     for (int h = 0; h < G; h++) {  /* softmax: probabilities sc * inv in place */
         float *s = sc + h * ld;
         const float mx = max_scores(s, n);
@@ -2099,13 +2224,21 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
         for (; t + 8 <= n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(inv)));
         for (; t < n; t++) s[t] *= inv;
     }
-    axpys_f16_heads(G, (const uint16_t *)b->v + base * hd, sc, ld, n, hd, out, pv, pbytes);
+#ifdef HAVE_Q8_ROWS
+    if (q8) { axpys_q8_0_heads(G, (const int8_t *)b->v + base * hd, vd, sc, ld, n, hd, out, (const int8_t *)pv, pbytes); return; }
+#endif
+    axpys_f16_heads(G, (const uint16_t *)b->v + base * hd, sc, ld, n, hd, out, (const uint16_t *)pv, pbytes);
 }
 
 /* whether the batched step runs attention_group (RoPE, stores and attention per (row, group) in one job) */
 static int grouped_attention_ok(const pl_model *m, const pl_batch *b) {
     const int G = m->n_heads / m->n_kv;
-    return b->kv_type == 1 && m->head_dim % 32 == 0 && G >= 2 && G <= 4;
+#ifdef HAVE_Q8_ROWS
+    const int kv_ok = b->kv_type == 1 || b->kv_type == 3;
+#else
+    const int kv_ok = b->kv_type == 1;
+#endif
+    return kv_ok && m->head_dim % 32 == 0 && G >= 2 && G <= 4;
 }
 
 /* chunk c: jobs [c * per, (c + 1) * per) of the B * KV (row, group) jobs, in order, so that each job's successor
