@@ -2206,9 +2206,10 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
     const size_t ld = b->max_keys;
     float *sc = b->scores + ((size_t)r * H + h0) * ld, *out = b->att + (size_t)r * H * hd + (size_t)h0 * hd;
 #ifdef HAVE_Q8_ROWS
-    const int q8 = b->kv_type == 3;
-    const uint16_t *kd = (const uint16_t *)b->k_scale + base * (hd / 32), *vd = (const uint16_t *)b->v_scale + base * (hd / 32);
-    if (q8) dots_q8_0_heads(G, (const int8_t *)b->k + base * hd, kd, q, n, hd, scale, sc, ld, (const int8_t *)pk, pbytes);
+    const int q8 = b->kv_type == 3;  /* int8 codes, with f16 block scales in k_scale / v_scale (hd / 32 a row) */
+    if (q8)
+        dots_q8_0_heads(G, (const int8_t *)b->k + base * hd, (const uint16_t *)b->k_scale + base * (hd / 32), q, n,
+                        hd, scale, sc, ld, (const int8_t *)pk, pbytes);
     else
 #endif
     {
@@ -2225,7 +2226,11 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
         for (; t < n; t++) s[t] *= inv;
     }
 #ifdef HAVE_Q8_ROWS
-    if (q8) { axpys_q8_0_heads(G, (const int8_t *)b->v + base * hd, vd, sc, ld, n, hd, out, (const int8_t *)pv, pbytes); return; }
+    if (q8) {
+        axpys_q8_0_heads(G, (const int8_t *)b->v + base * hd, (const uint16_t *)b->v_scale + base * (hd / 32), sc, ld,
+                         n, hd, out, (const int8_t *)pv, pbytes);
+        return;
+    }
 #endif
     axpys_f16_heads(G, (const uint16_t *)b->v + base * hd, sc, ld, n, hd, out, (const uint16_t *)pv, pbytes);
 }
