@@ -1883,74 +1883,116 @@ static inline __m256 hsum8x8(const __m256 *a) {
 /* prefetch bytes [from, to) of p (clipped to `end`), a cache line at a time: the next job's key or value rows,
  * asked for a few lines at a time while this job computes (a burst of a whole job's lines fills the load queue
  * and stalls the core until they arrive) */
-static inline __attribute__((always_inline)) void prefetch_span(const uint16_t *p, size_t from, size_t to, size_t end) {
+static inline __attribute__((always_inline)) void prefetch_span(const void *p, size_t from, size_t to, size_t end) {
     if (p == NULL) return;
     to = to < end ? to : end;
     for (size_t o = from; o < to; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T1);
 }
 
-/* dots_f16 for the G query heads of one key/value group (G a constant after inlining, 1..4): KB keys at a time,
- * the G x KB dot products side by side in registers (AVX-512VL's 32 vector registers hold 3 heads x 8 keys; AVX2's
- * 16 hold 3 x 4), each key chunk converted once, straight from the cache row, for the G heads; each head's KB sums
- * reduced together by hsum8x8 (4 keys: their vectors twice, the first 4 sums kept). Every key's chain and sum are
- * dot_f16's (the same fmadds in the same order, the same additions), so each score is bit-identical to
- * dots_f16's. q: G rows of hd (hd <= 512, hd % 8 == 0); sc: G rows of ld. pk, pk_bytes: the next job's key rows,
- * prefetched KB rows per KB rows computed (NULL: none). ~2x the version that converted 8 key rows into a buffer
- * first and read them back per head. */
+/* 8 int8 codes as 8 floats (exact) */
+static inline __m256 cvt8_i8(const int8_t *p) {
+#if defined(__AVX2__)
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else  /* AVX without AVX2: two 4-lane widenings (the grouped q8_0 path itself needs AVX2: HAVE_Q8_ROWS) */
+    const __m128i x = _mm_loadl_epi64((const __m128i *)p);
+    const __m128i lo = _mm_cvtepi8_epi32(x), hi = _mm_cvtepi8_epi32(_mm_srli_si128(x, 4));
+    return _mm256_cvtepi32_ps(_mm256_insertf128_si256(_mm256_castsi128_si256(lo), hi, 1));
+#endif
+}
+
+/* 8 cache values of a row from column i as floats: f16 (Q8 = 0) or q8_0 codes (Q8 = 1, the block scale apart) */
+static inline __attribute__((always_inline)) __m256 kv_chunk(const int Q8, const uint8_t *row, int i) {
+    return Q8 ? cvt8_i8((const int8_t *)row + i) : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2 * i)));
+}
+
+/* The scores of the G query heads of one key/value group (G a constant after inlining, 1..4) against n keys of an
+ * f16 cache (Q8 = 0: dot_f16 per key) or a q8_0 cache (Q8 = 1: dot_q8_0 per key, kd the keys' f16 block scales,
+ * hd / 32 a row), times `scale`. KB keys at a time, the G x KB dot products side by side in registers
+ * (AVX-512VL's 32 vector registers hold 3 heads x 8 keys; AVX2's 16 hold 3 x 4), each key chunk converted once,
+ * straight from the cache row, for the G heads; each head's KB sums reduced together by hsum8x8 (4 keys: their
+ * vectors twice, the first 4 sums kept). f16: one chain over the row. q8_0: one chain per 32-value block, each
+ * block's sum times the key's block scale and added to the key's total (mul, then add: dot_q8_0's `s += dot * d`
+ * without contraction). Every chain and sum is the per-key function's (the same fmadds in the same order, the same
+ * additions), so each score is bit-identical to it. q: G rows of hd (hd <= 512, hd % 32 == 0); sc: G rows of ld.
+ * pk, pk_bytes: the next job's key rows, prefetched KB rows per KB rows computed (NULL: none). ~2x the version
+ * that converted 8 key rows into a buffer first and read them back per head. */
 static inline __attribute__((always_inline)) void
-dots_f16_heads(const int G, const uint16_t *k, const float *q, int n, int hd, float scale, float *sc, size_t ld,
-               const uint16_t *pk, size_t pk_bytes) {
+dots_heads(const int Q8, const int G, const void *k, const uint16_t *kd, const float *q, int n, int hd,
+           float scale, float *sc, size_t ld, const void *pk, size_t pk_bytes) {
 #if defined(__AVX512VL__)
     enum { KB = 8 };
 #else
     enum { KB = 4 };
 #endif
+    const int nb = hd / 32, blk = Q8 ? 32 : hd;  /* values summed before a block scale (f16: the row, none) */
+    const size_t rb = (size_t)hd * (Q8 ? 1 : 2);  /* bytes of a key row */
     const __m256 vs = _mm256_set1_ps(scale);
-    const size_t rb = (size_t)hd * 2;  /* bytes of a key row */
     int t = 0;
     for (; t + KB <= n; t += KB) {
-        const uint16_t *kt = k + (size_t)t * hd;
+        const uint8_t *kt = (const uint8_t *)k + t * rb;
         prefetch_span(pk, t * rb, (t + KB) * rb, pk_bytes);
-        __m256 a[4][8];
+        __m256 s[4];
 #pragma GCC unroll 4
-        for (int g = 0; g < G; g++)
+        for (int g = 0; g < G; g++) s[g] = _mm256_setzero_ps();
+        for (int b0 = 0; b0 < hd; b0 += blk) {
+            __m256 a[4][8];
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++)
 #pragma GCC unroll 8
-            for (int u = 0; u < KB; u++) a[g][u] = _mm256_setzero_ps();
-        for (int i = 0; i < hd; i += 8) {
-            __m256 qv[4];
+                for (int u = 0; u < KB; u++) a[g][u] = _mm256_setzero_ps();
 #pragma GCC unroll 4
-            for (int g = 0; g < G; g++) qv[g] = _mm256_loadu_ps(q + (size_t)g * hd + i);
+            for (int i = b0; i < b0 + blk; i += 8) {
+                __m256 qv[4];
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) qv[g] = _mm256_loadu_ps(q + (size_t)g * hd + i);
 #pragma GCC unroll 8
-            for (int u = 0; u < KB; u++) {
-                const __m256 kv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kt + (size_t)u * hd + i)));
+                for (int u = 0; u < KB; u++) {
+                    const __m256 kv = kv_chunk(Q8, kt + u * rb, i);
 #pragma GCC unroll 4
-                for (int g = 0; g < G; g++) a[g][u] = _mm256_fmadd_ps(kv, qv[g], a[g][u]);
+                    for (int g = 0; g < G; g++) a[g][u] = _mm256_fmadd_ps(kv, qv[g], a[g][u]);
+                }
+            }
+            __m256 dv = _mm256_setzero_ps();
+            if (Q8) {
+                float dk[8];
+                for (int u = 0; u < 8; u++) dk[u] = f16_to_f32(kd[(size_t)(t + u % KB) * nb + b0 / 32]);
+                dv = _mm256_loadu_ps(dk);
+            }
+#pragma GCC unroll 4
+            for (int g = 0; g < G; g++) {
+                const __m256 h8[8] = {a[g][0], a[g][1], a[g][2], a[g][3], a[g][0], a[g][1], a[g][2], a[g][3]};
+                const __m256 h = hsum8x8(KB == 8 ? a[g] : h8);
+                s[g] = Q8 ? _mm256_add_ps(s[g], _mm256_mul_ps(h, dv)) : h;
             }
         }
 #pragma GCC unroll 4
         for (int g = 0; g < G; g++) {
-            if (KB == 8) {
-                _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(hsum8x8(a[g]), vs));
-            } else {
-                const __m256 h[8] = {a[g][0], a[g][1], a[g][2], a[g][3], a[g][0], a[g][1], a[g][2], a[g][3]};
-                _mm_storeu_ps(sc + g * ld + t, _mm256_castps256_ps128(_mm256_mul_ps(hsum8x8(h), vs)));
-            }
+            if (KB == 8) _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(s[g], vs));
+            else _mm_storeu_ps(sc + g * ld + t, _mm256_castps256_ps128(_mm256_mul_ps(s[g], vs)));
         }
     }
     prefetch_span(pk, t * rb, pk_bytes, pk_bytes);
     for (; t < n; t++)
-        for (int g = 0; g < G; g++) sc[g * ld + t] = dot_f16(k + (size_t)t * hd, q + (size_t)g * hd, hd) * scale;
+        for (int g = 0; g < G; g++) {
+            const uint8_t *row = (const uint8_t *)k + t * rb;
+            const float *qg = q + (size_t)g * hd;
+            sc[g * ld + t] = (Q8 ? dot_q8_0((const int8_t *)row, kd + (size_t)t * nb, qg, hd)
+                                 : dot_f16((const uint16_t *)row, qg, hd)) * scale;
+        }
 }
 
-/* axpys_f16 for the G heads of a group: out[g] = sum over t of p[g][t] * v[t], each value row loaded and
- * converted once for the G heads. p: the probabilities sc * inv, already multiplied (axpys_f16's sc[t] * inv);
- * each output's chain is axpys_f16's, so it is bit-identical. AVX-512VL: 32 columns of the G heads at a time
- * (4G accumulators), else 16. pv, pv_bytes: the next job's value rows, prefetched a row per row of the first
- * pass (NULL: none). */
+/* The weighted sums of the G heads of a group over n value rows of an f16 (Q8 = 0: axpy_f16 per row) or q8_0
+ * cache (Q8 = 1: axpy_q8_0 per row, vd the rows' f16 block scales): out[g] = sum over t of p[g][t] * v[t], each
+ * value chunk loaded and converted once for the G heads. p: the probabilities sc * inv, already multiplied
+ * (axpys_f16's sc[t] * inv); q8_0 takes p * d per row and block, as axpy_q8_0 does. Each output's chain is the
+ * per-row function's (fmadds over the rows in order from 0), so it is bit-identical. AVX-512VL: 32 columns (a
+ * q8_0 block) of the G heads at a time (4G accumulators), else 16. pv, pv_bytes: the next job's value rows,
+ * prefetched a row per row of the first pass (NULL: none). */
 static inline __attribute__((always_inline)) void
-axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n, int hd, float *out,
-                const uint16_t *pv, size_t pv_bytes) {
-    const size_t rb = (size_t)hd * 2;  /* bytes of a value row */
+axpys_heads(const int Q8, const int G, const void *v, const uint16_t *vd, const float *p, size_t ld, int n, int hd,
+            float *out, const void *pv, size_t pv_bytes) {
+    const int nb = hd / 32;
+    const size_t rb = (size_t)hd * (Q8 ? 1 : 2);  /* bytes of a value row */
 #if defined(__AVX512VL__)
     enum { E = 4 };  /* 8-column vectors per head and pass */
 #else
@@ -1962,17 +2004,18 @@ axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n
         for (int g = 0; g < G; g++)
 #pragma GCC unroll 4
             for (int e = 0; e < E; e++) o[g][e] = _mm256_setzero_ps();
-        const uint16_t *vc = v + c;
-        for (int t = 0; t < n; t++, vc += hd) {
+        const uint8_t *vt = v;
+        for (int t = 0; t < n; t++, vt += rb) {
             if (c == 0) prefetch_span(pv, t * rb, (t + 1) * rb, pv_bytes);
             __m256 x[E];
 #pragma GCC unroll 4
-            for (int e = 0; e < E; e++) x[e] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vc + 8 * e)));
+            for (int e = 0; e < E; e++) x[e] = kv_chunk(Q8, vt, c + 8 * e);
+            const float d = Q8 ? f16_to_f32(vd[(size_t)t * nb + c / 32]) : 1.0f;
 #pragma GCC unroll 4
             for (int g = 0; g < G; g++) {
-                const __m256 pv = _mm256_broadcast_ss(p + g * ld + t);
+                const __m256 pg = _mm256_set1_ps(Q8 ? p[g * ld + t] * d : p[g * ld + t]);
 #pragma GCC unroll 4
-                for (int e = 0; e < E; e++) o[g][e] = _mm256_fmadd_ps(pv, x[e], o[g][e]);
+                for (int e = 0; e < E; e++) o[g][e] = _mm256_fmadd_ps(pg, x[e], o[g][e]);
             }
         }
 #pragma GCC unroll 4
@@ -1983,120 +2026,7 @@ axpys_f16_heads(const int G, const uint16_t *v, const float *p, size_t ld, int n
     }
 }
 #if defined(__AVX2__)
-/* 8 int8 codes as 8 floats */
-static inline __m256 cvt8_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-
-/* dot_q8_0 for the G query heads of one key/value group of a q8_0 cache (hd % 32 == 0), KB keys at a time as
- * dots_f16_heads: per 32-value block, the G x KB chains of dot_i8 side by side in registers (each key chunk
- * converted once for the G heads), reduced by hsum8x8 in dot_i8's order, times each key's f16 block scale, added
- * to the key's sum block by block (mul, then add: dot_q8_0's `s += dot * d` without contraction). So every score
- * is dot_q8_0(...) * scale, bit for bit. kd: the keys' block scales (nb = hd / 32 per row). pk, pk_bytes: the
- * next job's key codes, prefetched as in dots_f16_heads (NULL: none). */
-static inline __attribute__((always_inline)) void
-dots_q8_0_heads(const int G, const int8_t *k, const uint16_t *kd, const float *q, int n, int hd, float scale,
-                float *sc, size_t ld, const int8_t *pk, size_t pk_bytes) {
-#if defined(__AVX512VL__)
-    enum { KB = 8 };
-#else
-    enum { KB = 4 };
-#endif
-    const int nb = hd / 32;
-    const __m256 vs = _mm256_set1_ps(scale);
-    int t = 0;
-    for (; t + KB <= n; t += KB) {
-        const int8_t *kt = k + (size_t)t * hd;
-        prefetch_span((const uint16_t *)pk, (size_t)t * hd, (size_t)(t + KB) * hd, pk_bytes);
-        __m256 s[4];
-#pragma GCC unroll 4
-        for (int g = 0; g < G; g++) s[g] = _mm256_setzero_ps();
-        for (int b = 0; b < nb; b++) {
-            __m256 a[4][8];
-#pragma GCC unroll 4
-            for (int g = 0; g < G; g++)
-#pragma GCC unroll 8
-                for (int u = 0; u < KB; u++) a[g][u] = _mm256_setzero_ps();
-#pragma GCC unroll 4
-            for (int i = b * 32; i < b * 32 + 32; i += 8) {
-                __m256 qv[4];
-#pragma GCC unroll 4
-                for (int g = 0; g < G; g++) qv[g] = _mm256_loadu_ps(q + (size_t)g * hd + i);
-#pragma GCC unroll 8
-                for (int u = 0; u < KB; u++) {
-                    const __m256 kv = cvt8_i8(kt + (size_t)u * hd + i);
-#pragma GCC unroll 4
-                    for (int g = 0; g < G; g++) a[g][u] = _mm256_fmadd_ps(kv, qv[g], a[g][u]);
-                }
-            }
-            float dk[8];
-            for (int u = 0; u < 8; u++) dk[u] = f16_to_f32(kd[(size_t)(t + u % KB) * nb + b]);
-            const __m256 dv = _mm256_loadu_ps(dk);
-#pragma GCC unroll 4
-            for (int g = 0; g < G; g++) {
-                if (KB == 8) {
-                    s[g] = _mm256_add_ps(s[g], _mm256_mul_ps(hsum8x8(a[g]), dv));
-                } else {
-                    const __m256 h[8] = {a[g][0], a[g][1], a[g][2], a[g][3], a[g][0], a[g][1], a[g][2], a[g][3]};
-                    s[g] = _mm256_add_ps(s[g], _mm256_mul_ps(hsum8x8(h), dv));
-                }
-            }
-        }
-#pragma GCC unroll 4
-        for (int g = 0; g < G; g++) {
-            if (KB == 8) _mm256_storeu_ps(sc + g * ld + t, _mm256_mul_ps(s[g], vs));
-            else _mm_storeu_ps(sc + g * ld + t, _mm256_castps256_ps128(_mm256_mul_ps(s[g], vs)));
-        }
-    }
-    prefetch_span((const uint16_t *)pk, (size_t)t * hd, pk_bytes, pk_bytes);
-    for (; t < n; t++)
-        for (int g = 0; g < G; g++)
-            sc[g * ld + t] = dot_q8_0(k + (size_t)t * hd, kd + (size_t)t * nb, q + (size_t)g * hd, hd) * scale;
-}
-
-/* axpy_q8_0 for the G heads of a group: out[g] = sum over t of p[g][t] * d[t] * v[t] block by block, each value
- * chunk converted once for the G heads; each output's chain is axpy_q8_0's (fmadd of the product p * d, keys in
- * order from 0), so it is bit-identical. p: the probabilities sc * inv. AVX-512VL: a 32-column block of the G
- * heads at a time, else half a block. pv, pv_bytes: the next job's value codes, prefetched a row per row of the
- * first pass (NULL: none). */
-static inline __attribute__((always_inline)) void
-axpys_q8_0_heads(const int G, const int8_t *v, const uint16_t *vd, const float *p, size_t ld, int n, int hd,
-                 float *out, const int8_t *pv, size_t pv_bytes) {
-    const int nb = hd / 32;
-#if defined(__AVX512VL__)
-    enum { E = 4 };
-#else
-    enum { E = 2 };
-#endif
-    for (int c = 0; c < hd; c += 8 * E) {
-        const int b = c / 32;
-        __m256 o[4][E];
-#pragma GCC unroll 4
-        for (int g = 0; g < G; g++)
-#pragma GCC unroll 4
-            for (int e = 0; e < E; e++) o[g][e] = _mm256_setzero_ps();
-        const int8_t *vc = v + c;
-        for (int t = 0; t < n; t++, vc += hd) {
-            if (c == 0) prefetch_span((const uint16_t *)pv, (size_t)t * hd, (size_t)(t + 1) * hd, pv_bytes);
-            __m256 x[E];
-#pragma GCC unroll 4
-            for (int e = 0; e < E; e++) x[e] = cvt8_i8(vc + 8 * e);
-            const float d = f16_to_f32(vd[(size_t)t * nb + b]);
-#pragma GCC unroll 4
-            for (int g = 0; g < G; g++) {
-                const __m256 pd = _mm256_set1_ps(p[g * ld + t] * d);
-#pragma GCC unroll 4
-                for (int e = 0; e < E; e++) o[g][e] = _mm256_fmadd_ps(pd, x[e], o[g][e]);
-            }
-        }
-#pragma GCC unroll 4
-        for (int g = 0; g < G; g++)
-#pragma GCC unroll 4
-            for (int e = 0; e < E; e++) _mm256_storeu_ps(out + (size_t)g * hd + c + 8 * e, o[g][e]);
-        if (c == 0) prefetch_span((const uint16_t *)pv, (size_t)n * hd, pv_bytes, pv_bytes);
-    }
-}
-#define HAVE_Q8_ROWS 1
+#define HAVE_Q8_ROWS 1  /* dot_i8 / axpy_i8, which the q8_0 grouped path must equal, are vector code with AVX2 only */
 #endif
 #define HAVE_F16_ROWS 1
 #endif
@@ -2180,8 +2110,8 @@ static float max_scores(const float *s, int n) {
 
 /* job j = (row j / KV, key/value group j % KV) of an f16 or q8_0 cache (hd % 32 == 0, 2..4 query heads per
  * group): the group's RoPE and stores (rope_store_group), then the attention of its G query heads over the row's
- * visible keys, each key and value row read once for the G heads (dots_f16_heads / axpys_f16_heads, or the
- * q8_0 pair). Each head's result is batch_attention's, bit for bit. */
+ * visible keys, each key and value row read once for the G heads (dots_heads / axpys_heads). Each head's
+ * result is batch_attention's, bit for bit. */
 static inline __attribute__((always_inline)) void attention_group_g(const int G, const batch_attn_job *a, int j,
                                                                     int next) {
     const pl_model *m = a->m;
@@ -2205,17 +2135,18 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
     const float *q = b->qkv + (size_t)r * pad16((H + 2 * KV) * hd) + (size_t)h0 * hd;
     const size_t ld = b->max_keys;
     float *sc = b->scores + ((size_t)r * H + h0) * ld, *out = b->att + (size_t)r * H * hd + (size_t)h0 * hd;
+    const uint8_t *k = (const uint8_t *)b->k + base * rb, *v = (const uint8_t *)b->v + base * rb;
 #ifdef HAVE_Q8_ROWS
     const int q8 = b->kv_type == 3;  /* int8 codes, with f16 block scales in k_scale / v_scale (hd / 32 a row) */
-    if (q8)
-        dots_q8_0_heads(G, (const int8_t *)b->k + base * hd, (const uint16_t *)b->k_scale + base * (hd / 32), q, n,
-                        hd, scale, sc, ld, (const int8_t *)pk, pbytes);
-    else
+#else
+    const int q8 = 0;
 #endif
-    {
+    if (q8) {
+        dots_heads(1, G, k, (const uint16_t *)b->k_scale + base * (hd / 32), q, n, hd, scale, sc, ld, pk, pbytes);
+    } else {
         float qr[4 * 512];
         round_f16_n(q, G * hd, qr);
-        dots_f16_heads(G, (const uint16_t *)b->k + base * hd, qr, n, hd, scale, sc, ld, (const uint16_t *)pk, pbytes);
+        dots_heads(0, G, k, NULL, qr, n, hd, scale, sc, ld, pk, pbytes);
     }
     for (int h = 0; h < G; h++) {  /* softmax: probabilities sc * inv in place */
         float *s = sc + h * ld;
@@ -2225,14 +2156,8 @@ static inline __attribute__((always_inline)) void attention_group_g(const int G,
         for (; t + 8 <= n; t += 8) _mm256_storeu_ps(s + t, _mm256_mul_ps(_mm256_loadu_ps(s + t), _mm256_set1_ps(inv)));
         for (; t < n; t++) s[t] *= inv;
     }
-#ifdef HAVE_Q8_ROWS
-    if (q8) {
-        axpys_q8_0_heads(G, (const int8_t *)b->v + base * hd, (const uint16_t *)b->v_scale + base * (hd / 32), sc, ld,
-                         n, hd, out, (const int8_t *)pv, pbytes);
-        return;
-    }
-#endif
-    axpys_f16_heads(G, (const uint16_t *)b->v + base * hd, sc, ld, n, hd, out, (const uint16_t *)pv, pbytes);
+    if (q8) axpys_heads(1, G, v, (const uint16_t *)b->v_scale + base * (hd / 32), sc, ld, n, hd, out, pv, pbytes);
+    else axpys_heads(0, G, v, NULL, sc, ld, n, hd, out, pv, pbytes);
 }
 
 /* whether the batched step runs attention_group (RoPE, stores and attention per (row, group) in one job) */
